@@ -1,0 +1,11 @@
+"""The fused ops as typed Python functions (each backed by a ``torch.ops.effnet`` op).
+
+* :func:`dwconv_bn_act` — depthwise conv + folded BatchNorm + SiLU (+ SE squeeze)
+* :func:`se_gate` — pooled [N, C] -> SE gate [N, C] (float32)
+* :func:`se_excite` — y * gate broadcast over H x W
+"""
+
+from .dwconv import dwconv_bn_act
+from .se import se_excite, se_gate
+
+__all__ = ["dwconv_bn_act", "se_gate", "se_excite"]

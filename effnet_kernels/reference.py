@@ -1,0 +1,172 @@
+"""Eager PyTorch implementation of every op: the ``torch`` backend, runs everywhere.
+
+Functions take already-validated, normalised arguments (see :mod:`effnet_kernels.ops`):
+``stride`` is ``(sh, sw)``, ``padding`` is ``(left, right, top, bottom)``, ``silu`` a bool.
+They compute in float32 (float64 when given float64, which tests use) and round once
+at the end, the accumulation contract the fused kernels keep too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .ops._checks import memory_format_of
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _bn_input(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(padded x, weight, depthwise conv output) in the compute dtype."""
+    cdt = _compute_dtype(x)
+    xp = F.pad(x.to(cdt), tuple(padding))
+    w = weight.to(cdt)
+    z = F.conv2d(xp, w, stride=tuple(stride), groups=x.shape[1])
+    return xp, w, z
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(like.dtype)[None, :, None, None]
+
+
+def dwconv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    silu: bool,
+    squeeze: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """y = act(dwconv(pad(x), weight) * scale + shift); mean = y's spatial mean (fp32)."""
+    _, _, z = _bn_input(x, weight, stride, padding)
+    u = z * _per_channel(scale, z) + _per_channel(shift, z)
+    y = F.silu(u) if silu else u
+    mean = None
+    if squeeze:
+        mean = y.mean(dim=(2, 3)) if y.shape[2] * y.shape[3] > 0 else y.new_zeros(y.shape[:2])
+        mean = mean.to(torch.float32) if x.dtype != torch.float64 else mean
+    out = y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+    return out, mean
+
+
+def _silu_grad(u: Tensor) -> Tensor:
+    s = torch.sigmoid(u)
+    return s * (1 + u * (1 - s))
+
+
+def dwconv_bn_act_backward(
+    grad_y: Optional[Tensor],
+    grad_mean: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``dwconv_bn_act`` w.r.t. (x, weight, scale, shift), recomputing z."""
+    xp, w, z = _bn_input(x, weight, stride, padding)
+    g = torch.zeros_like(z)
+    if grad_y is not None:
+        g = g + grad_y.to(z.dtype)
+    if grad_mean is not None and grad_mean.numel() > 0 and z.shape[2] * z.shape[3] > 0:
+        g = g + grad_mean.to(z.dtype)[:, :, None, None] / (z.shape[2] * z.shape[3])
+    if silu:
+        u = z * _per_channel(scale, z) + _per_channel(shift, z)
+        g = g * _silu_grad(u)
+    grad_scale = (g * z).sum(dim=(0, 2, 3))
+    grad_shift = g.sum(dim=(0, 2, 3))
+    gz = g * _per_channel(scale, z)
+    c = x.shape[1]
+    grad_xp = torch.nn.grad.conv2d_input(xp.shape, w, gz, stride=tuple(stride), groups=c)
+    left, _, top, _ = padding
+    grad_x = grad_xp[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+    grad_w = torch.nn.grad.conv2d_weight(xp, w.shape, gz, stride=tuple(stride), groups=c)
+    return (
+        grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
+        grad_w.to(weight.dtype),
+        grad_scale.to(scale.dtype),
+        grad_shift.to(shift.dtype),
+    )
+
+
+def _se_hidden(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor) -> tuple[Tensor, Tensor]:
+    cdt = _compute_dtype(pooled)
+    p = pooled.to(cdt)
+    a = p @ w_reduce.to(cdt).t() + b_reduce.to(cdt)
+    return p, a
+
+
+def se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor) -> Tensor:
+    """gate = sigmoid(W_e . silu(W_r . pooled + b_r) + b_e), float32 [N, C]."""
+    _, a = _se_hidden(pooled, w_reduce, b_reduce)
+    v = F.silu(a) @ w_expand.to(a.dtype).t() + b_expand.to(a.dtype)
+    gate = torch.sigmoid(v)
+    return gate if pooled.dtype == torch.float64 else gate.to(torch.float32)
+
+
+def se_gate_backward(
+    grad_gate: Tensor, pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``se_gate`` w.r.t. (pooled, w_reduce, b_reduce, w_expand, b_expand)."""
+    p, a = _se_hidden(pooled, w_reduce, b_reduce)
+    h = F.silu(a)
+    we = w_expand.to(a.dtype)
+    gate = torch.sigmoid(h @ we.t() + b_expand.to(a.dtype))
+    dv = grad_gate.to(a.dtype) * gate * (1 - gate)
+    grad_we = dv.t() @ h
+    grad_be = dv.sum(0)
+    da = (dv @ we) * _silu_grad(a)
+    grad_wr = da.t() @ p
+    grad_br = da.sum(0)
+    grad_p = da @ w_reduce.to(a.dtype)
+    return (
+        grad_p.to(pooled.dtype),
+        grad_wr.to(w_reduce.dtype),
+        grad_br.to(b_reduce.dtype),
+        grad_we.to(w_expand.dtype),
+        grad_be.to(b_expand.dtype),
+    )
+
+
+def se_excite(y: Tensor, gate: Tensor) -> Tensor:
+    """y * gate[:, :, None, None] in y's dtype and memory format."""
+    cdt = _compute_dtype(y)
+    out = y.to(cdt) * gate.to(cdt)[:, :, None, None]
+    return out.to(y.dtype).contiguous(memory_format=memory_format_of(y))
+
+
+def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``se_excite`` w.r.t. (y, gate)."""
+    cdt = _compute_dtype(y)
+    g = grad_out.to(cdt)
+    grad_y = g * gate.to(cdt)[:, :, None, None]
+    grad_gate = (g * y.to(cdt)).sum(dim=(2, 3))
+    return grad_y.to(y.dtype).contiguous(memory_format=memory_format_of(y)), grad_gate.to(gate.dtype)
+
+
+IMPLEMENTATIONS = {
+    "dwconv_bn_act": dwconv_bn_act,
+    "dwconv_bn_act_backward": dwconv_bn_act_backward,
+    "se_gate": se_gate,
+    "se_gate_backward": se_gate_backward,
+    "se_excite": se_excite,
+    "se_excite_backward": se_excite_backward,
+}
+
+backends.register_backend(
+    "torch",
+    unavailable=lambda: [],
+    unsupported=lambda op, t: [],
+    load=lambda: IMPLEMENTATIONS,
+)

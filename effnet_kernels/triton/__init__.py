@@ -1,0 +1,49 @@
+"""The ``triton`` backend: Triton kernels for the fused ops.
+
+Importing this package registers the backend; Triton itself is imported only when a
+kernel is first needed. With ``TRITON_INTERPRET=1`` the kernels also accept CPU
+tensors (Triton's interpreter), which is how CI tests them without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import backends
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` (kernels run on CPU tensors in Triton's interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _unavailable() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton==3.6.0)"]
+    if not interpreter_enabled() and not torch.cuda.is_available():
+        return ["no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"]
+    return []
+
+
+def _unsupported(op: str, t: torch.Tensor) -> list[str]:
+    reasons = []
+    if t.device.type == "cpu":
+        if not interpreter_enabled():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1")
+    elif t.device.type != "cuda":
+        reasons.append(f"tensors on {t.device.type} are not supported (CUDA, or CPU with TRITON_INTERPRET=1)")
+    if t.dtype not in SUPPORTED_DTYPES and t.dtype != torch.float64:
+        reasons.append(f"dtype {t.dtype} is not supported")
+    return reasons
+
+
+def _load() -> dict:
+    return {}
+
+
+backends.register_backend("triton", unavailable=_unavailable, unsupported=_unsupported, load=_load)
