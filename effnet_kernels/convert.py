@@ -1,0 +1,151 @@
+"""``convert(model)``: swap MBConv blocks for fused ones in place; ``revert(model)``: undo it.
+
+The replacement (:class:`effnet_kernels.nn.MBConv`) adopts the original block's
+children, Parameters and buffers (no copies) under the same names, so ``state_dict()``
+keys, optimizer state and outputs stay the same. Blocks an adapter cannot fuse are left
+alone and the report says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from .backends import check_backend_name
+from .integrations._common import NotFusable
+from .nn import MBConv
+
+logger = logging.getLogger("effnet_kernels")
+
+_ADAPTERS = ("native", "efficientnet_pytorch", "torchvision", "timm")
+_REPORT_ATTR = "_effnet_conversion_report"
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: blocks swapped, left alone (with the reason), already fused."""
+
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    already_fused: list[str] = field(default_factory=list)
+    filtered_out: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.swapped)} blocks fused"]
+        if self.already_fused:
+            parts.append(f"{len(self.already_fused)} already fused")
+        if self.filtered_out:
+            parts.append(f"{len(self.filtered_out)} excluded by filter_fn")
+        if self.skipped:
+            why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+            parts.append(f"{len(self.skipped)} left unfused ({why})")
+        return "effnet_kernels.convert: " + ", ".join(parts)
+
+
+def _adapters():
+    for name in _ADAPTERS:
+        yield importlib.import_module(f".integrations.{name}", __package__)
+
+
+def _match(module: nn.Module, adapters) -> Optional[Callable]:
+    for adapter in adapters:
+        types = adapter.block_types()
+        if types and type(module) in types:
+            return adapter.plan
+    return None
+
+
+def convert(
+    model: nn.Module,
+    *,
+    backend: Optional[str] = "auto",
+    filter_fn: Optional[FilterFn] = None,
+) -> nn.Module:
+    """Swap every fusable MBConv block of ``model`` for a fused :class:`effnet_kernels.MBConv`, in place.
+
+    Recognised blocks: :class:`effnet_kernels.blocks.MBConvBlock`, efficientnet_pytorch
+    ``MBConvBlock``, torchvision ``MBConv``, timm ``InvertedResidual`` and
+    ``DepthwiseSeparableConv``. Converting twice changes nothing.
+
+    Args:
+        model: the model (or a single block).
+        backend: ``"auto"`` (defer to :func:`effnet_kernels.use_backend`, then
+            ``EFFNET_KERNELS_BACKEND``, then the fastest available), ``"torch"``,
+            ``"triton"`` or ``"cuda"``.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; blocks it rejects stay.
+
+    Returns:
+        ``model`` itself (converted in place), or the replacement when ``model`` is
+        itself a block. The :class:`ConversionReport` is logged at INFO and available
+        from :func:`conversion_report`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        check_backend_name(backend)
+    adapters = list(_adapters())
+    report = ConversionReport()
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        if isinstance(module, MBConv):
+            report.already_fused.append(name or "<model>")
+            return module
+        planner = _match(module, adapters)
+        if planner is not None:
+            if filter_fn is not None and not filter_fn(module, name):
+                report.filtered_out.append(name or "<model>")
+                return module
+            try:
+                fused = MBConv.from_plan(planner(module), backend)
+            except NotFusable as exc:
+                report.skipped[name or "<model>"] = str(exc)
+                return module
+            report.swapped.append(name or "<model>")
+            return fused
+        for child_name, child in list(module.named_children()):
+            new = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    result = visit(model, "")
+    object.__setattr__(result, _REPORT_ATTR, report)
+    logger.info("%s", report)
+    return result
+
+
+def conversion_report(model: nn.Module) -> Optional[ConversionReport]:
+    """The report of the last :func:`convert` call on ``model`` (None if never converted)."""
+    return getattr(model, _REPORT_ATTR, None)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Give back the original blocks (their classes and modules) in place of fused ones.
+
+    For export (ONNX, TorchScript) or to compare. The Parameters and buffers are the
+    same objects throughout. Returns ``model`` (or the original block when ``model``
+    itself is a fused block).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+    def unwrap(fused: MBConv) -> nn.Module:
+        original = fused.plan.original
+        for child_name, child in fused.named_children():
+            setattr(original, child_name, child)
+        original.train(fused.training)
+        return original
+
+    if isinstance(model, MBConv):
+        return unwrap(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, MBConv):
+                setattr(parent, child_name, unwrap(child))
+    return model

@@ -1,0 +1,51 @@
+"""Adapter for ``efficientnet_pytorch.model.MBConvBlock`` (lukemelas/EfficientNet-PyTorch).
+
+Handles static and dynamic TF "same" padding (``Conv2dStaticSamePadding`` with its
+``static_padding`` module, ``Conv2dDynamicSamePadding``), ``forward(x, drop_connect_rate)``
+and the block's residual rule (``id_skip and stride == 1 and in == out``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn import MBConvPlan
+from ._common import NotFusable, conv_padding, dw_spec, loaded_module, require_activation, se_spec
+
+NAME = "efficientnet_pytorch"
+
+
+def block_types() -> tuple[type, ...]:
+    mod = loaded_module("efficientnet_pytorch.model")
+    return (mod.MBConvBlock,) if mod is not None else ()
+
+
+def _padding(conv: nn.Conv2d):
+    kind = type(conv).__name__
+    if kind == "Conv2dDynamicSamePadding":
+        return "same"
+    if kind == "Conv2dStaticSamePadding":
+        pad = conv.static_padding
+        extra = tuple(pad.padding) if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)
+        if not isinstance(pad, (nn.ZeroPad2d, nn.Identity)):
+            raise NotFusable(f"static padding module {type(pad).__name__} is not ZeroPad2d")
+        return conv_padding(conv, extra)  # type: ignore[arg-type]
+    return conv_padding(conv)
+
+
+def plan(block: nn.Module) -> MBConvPlan:
+    """Describe an efficientnet_pytorch ``MBConvBlock`` for fusion."""
+    args = block._block_args
+    act = block._swish
+    pre: tuple[nn.Module, ...] = ()
+    if args.expand_ratio != 1:
+        pre = (block._expand_conv, block._bn0, act)
+    dw = dw_spec(block._depthwise_conv, block._bn1, _padding(block._depthwise_conv), require_activation(act, "block"))
+    se = None
+    if block.has_se:
+        se = se_spec(block._se_reduce, act, block._se_expand, nn.Sigmoid())  # the block applies torch.sigmoid
+    residual = bool(block.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
+    return MBConvPlan(
+        pre=pre, dw=dw, se=se, post=(block._project_conv, block._bn2),
+        residual=residual, original=block, source=NAME,
+    )

@@ -1,0 +1,34 @@
+"""Adapter for this package's own eager blocks (:mod:`effnet_kernels.blocks`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn import MBConvPlan, SESpec
+from ._common import conv_padding, dw_spec, require_activation
+
+NAME = "effnet_kernels"
+
+
+def block_types() -> tuple[type, ...]:
+    from ..blocks import MBConvBlock
+
+    return (MBConvBlock,)
+
+
+def plan_native(block: nn.Module) -> MBConvPlan:
+    """Describe an :class:`effnet_kernels.blocks.MBConvBlock` for fusion."""
+    pre: tuple[nn.Module, ...] = ()
+    if hasattr(block, "expand_conv"):
+        pre = (block.expand_conv, block.expand_bn, block.expand_act)
+    dw = dw_spec(block.dw_conv, block.dw_bn, conv_padding(block.dw_conv), require_activation(block.dw_act, "depthwise"))
+    se = SESpec(block.se.conv_reduce, block.se.conv_expand) if getattr(block, "se", None) is not None else None
+    if se is not None:
+        require_activation(block.se.act, "SE")
+    return MBConvPlan(
+        pre=pre, dw=dw, se=se, post=(block.project_conv, block.project_bn),
+        residual=bool(block.has_residual), original=block, source=NAME,
+    )
+
+
+plan = plan_native

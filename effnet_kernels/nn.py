@@ -1,0 +1,312 @@
+"""Fused modules: :class:`MBConv`, :class:`SqueezeExcite`, :class:`FusedDWConvBNAct`.
+
+Every fused module wraps ordinary PyTorch submodules (``nn.Conv2d``, ``nn.BatchNorm2d``)
+and keeps them as its children under their original names, so ``state_dict()`` keys,
+Parameters and optimizer state are those of the eager module it replaces.
+
+* **eval** with running statistics: BatchNorm is folded (``scale``, ``shift`` in fp32) and
+  the depthwise conv + BN + SiLU (+ SE squeeze), the SE gate and the excite run through
+  :mod:`effnet_kernels.ops` on the selected backend.
+* **train** (or BatchNorm without running statistics): the eager forward runs, so batch
+  statistics, running-stat updates (momentum, unbiased variance, ``num_batches_tracked``)
+  and stochastic depth behave exactly as in the original module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .backends import check_backend_name
+
+Tensor = torch.Tensor
+Padding = Union[tuple[int, int, int, int], str]  # (left, right, top, bottom) or "same" (TF, dynamic)
+
+__all__ = ["MBConv", "SqueezeExcite", "FusedDWConvBNAct", "fold_batchnorm", "tf_same_padding"]
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` in float32 such that ``bn(z + conv_bias) == z * scale + shift`` in eval.
+
+    ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``
+    (+ ``conv_bias * scale``). Differentiable w.r.t. gamma, beta and the conv bias.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
+    var = bn.running_var.to(torch.float32)
+    mean = bn.running_mean.to(torch.float32)
+    inv_std = torch.rsqrt(var + bn.eps)
+    scale = inv_std if bn.weight is None else bn.weight.to(torch.float32) * inv_std
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(torch.float32)
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(torch.float32) * scale
+    return scale, shift
+
+
+def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
+    """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
+    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+def tf_same_padding(h: int, w: int, kernel_size: int, stride: Sequence[int]) -> tuple[int, int, int, int]:
+    """TensorFlow "SAME" padding ``(left, right, top, bottom)`` for an ``h x w`` input."""
+    def one(size: int, s: int) -> tuple[int, int]:
+        total = max((math.ceil(size / s) - 1) * s + kernel_size - size, 0)
+        return total // 2, total - total // 2
+
+    top, bottom = one(h, stride[0])
+    left, right = one(w, stride[1])
+    return (left, right, top, bottom)
+
+
+@dataclass
+class DWConvSpec:
+    """The fusable middle of a block: depthwise conv, its BatchNorm, activation, padding."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    padding: Padding  # (left, right, top, bottom) or "same"
+    activation: str  # "silu" | "identity"
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        s = self.conv.stride
+        return (int(s[0]), int(s[1]))
+
+    def resolve_padding(self, x: Tensor) -> tuple[int, int, int, int]:
+        if self.padding == "same":
+            return tf_same_padding(x.shape[2], x.shape[3], self.conv.kernel_size[0], self.stride)
+        return self.padding  # type: ignore[return-value]
+
+    def fused(self, x: Tensor, squeeze: bool, backend: Optional[str]):
+        scale, shift = fold_batchnorm(self.bn, self.conv.bias)
+        return ops.dwconv_bn_act(
+            x, self.conv.weight, scale, shift, stride=self.stride, padding=self.resolve_padding(x),
+            activation=self.activation, squeeze=squeeze, backend=backend,
+        )
+
+
+@dataclass
+class SESpec:
+    """The fusable SE path: 1x1 reduce conv, SiLU, 1x1 expand conv, sigmoid gate."""
+
+    conv_reduce: nn.Conv2d
+    conv_expand: nn.Conv2d
+
+    def gate(self, pooled: Tensor, backend: Optional[str]) -> Tensor:
+        return ops.se_gate(pooled, self.conv_reduce.weight, self.conv_reduce.bias,
+                           self.conv_expand.weight, self.conv_expand.bias, backend=backend)
+
+
+@dataclass
+class MBConvPlan:
+    """How a block is computed when fused; module references are the block's own children.
+
+    ``pre`` (expand conv + BN + act) and ``post`` (project conv + BN) run as the given
+    modules (cuDNN); ``dw`` and ``se`` run fused. ``original`` is the eager block whose
+    forward serves training and which :func:`effnet_kernels.revert` gives back.
+    """
+
+    pre: tuple[nn.Module, ...]
+    dw: DWConvSpec
+    se: Optional[SESpec]
+    post: tuple[nn.Module, ...]
+    residual: bool
+    original: nn.Module
+    source: str  # which library the block came from, for reports
+
+
+class MBConv(nn.Module):
+    """Fused MBConv (inverted residual) block: expand -> dwconv+BN+SiLU -> SE -> project (+ residual).
+
+    Build one standalone with the arguments below (the same structure as
+    :class:`effnet_kernels.blocks.MBConvBlock`, whose submodule names it keeps), or get
+    one from :func:`effnet_kernels.convert`, which wraps an existing block's modules.
+
+    Args:
+        in_channels, out_channels: block input / output channels.
+        kernel_size: depthwise kernel (odd: 3, 5, 7).
+        stride: depthwise stride, 1 or 2.
+        expand_ratio: expansion of the 1x1 expand conv (1 = no expand conv).
+        se_ratio: SE reduction relative to ``in_channels`` (``None``/0: no SE).
+        drop_path_rate: stochastic depth probability (training only).
+        bn_eps, bn_momentum: BatchNorm settings (defaults as EfficientNet: 1e-3, 0.01).
+        backend: ``None``/``"auto"`` (defer to :func:`effnet_kernels.use_backend`, the
+            environment, then auto), or ``"torch"``, ``"triton"``, ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        expand_ratio: float = 6,
+        se_ratio: Optional[float] = 0.25,
+        drop_path_rate: float = 0.0,
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        backend: Optional[str] = None,
+    ) -> None:
+        from .blocks import MBConvBlock
+        from .integrations.native import plan_native
+
+        block = MBConvBlock(in_channels, out_channels, kernel_size, stride, expand_ratio, se_ratio,
+                            drop_path_rate=drop_path_rate, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        super().__init__()
+        self._adopt(plan_native(block), backend)
+
+    @classmethod
+    def from_plan(cls, plan: MBConvPlan, backend: Optional[str] = None) -> "MBConv":
+        """Wrap the block described by ``plan`` (used by the conversion adapters)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._adopt(plan, backend)
+        return self
+
+    def _adopt(self, plan: MBConvPlan, backend: Optional[str]) -> None:
+        original = plan.original
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, param in original.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in original.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+        self.training = original.training
+        self.plan = plan
+        if backend is not None:
+            check_backend_name(backend)
+        self.backend = None if backend == "auto" else backend
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes of the wrapped block (e.g. efficientnet_pytorch's ``_block_args``)
+        # stay reachable, so code that inspects blocks keeps working after convert().
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            plan = self.__dict__.get("plan")
+            if plan is None or name.startswith("__"):
+                raise
+            return getattr(plan.original, name)
+
+    def fused_active(self) -> bool:
+        """True when the next forward runs through the fused ops (eval with running stats)."""
+        return not self.training and bn_uses_running_stats(self.plan.dw.bn)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Fused forward in eval; the original block's eager forward in training.
+
+        Extra arguments (efficientnet_pytorch's ``drop_connect_rate``) go to the eager
+        forward; stochastic depth is a training-only operation, so eval ignores them.
+        """
+        plan = self.plan
+        if not self.fused_active():
+            plan.original.training = self.training
+            return plan.original(x, *args, **kwargs)
+        h = x
+        for m in plan.pre:
+            h = m(h)
+        if plan.se is not None:
+            y, pooled = plan.dw.fused(h, squeeze=True, backend=self.backend)
+            y = ops.se_excite(y, plan.se.gate(pooled, self.backend), backend=self.backend)
+        else:
+            y = plan.dw.fused(h, squeeze=False, backend=self.backend)
+        for m in plan.post:
+            y = m(y)
+        if plan.residual:
+            y = y + x
+        return y
+
+    def extra_repr(self) -> str:
+        return f"fused from {self.plan.source}, backend={self.backend or 'auto'}"
+
+
+class FusedDWConvBNAct(nn.Module):
+    """Depthwise conv + BatchNorm + activation (+ SE squeeze) as one module.
+
+    Children ``conv`` (depthwise ``nn.Conv2d``, no padding of its own) and ``bn``
+    (``nn.BatchNorm2d``). ``forward(x, squeeze=False)`` returns ``y`` or ``(y, mean)``.
+
+    Args:
+        channels: C.
+        kernel_size: odd k.
+        stride: 1 or 2.
+        padding: ``None`` (k // 2), an int, ``(ph, pw)``, ``(left, right, top, bottom)``,
+            or ``"same"`` (TensorFlow SAME, computed from each input's size).
+        activation: ``"silu"`` or ``"identity"``.
+        eps, momentum: BatchNorm settings.
+        backend: see :class:`MBConv`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: Union[None, int, Sequence[int], str] = None,
+        activation: str = "silu",
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        from .ops._checks import normalize_activation, normalize_padding
+
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        normalize_activation(activation)
+        self.conv = nn.Conv2d(channels, channels, kernel_size, stride=stride, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+        pad: Padding = "same" if padding == "same" else normalize_padding(padding, kernel_size)  # type: ignore[arg-type]
+        self.spec = DWConvSpec(self.conv, self.bn, pad, activation)
+        if backend is not None:
+            check_backend_name(backend)
+        self.backend = None if backend == "auto" else backend
+
+    def forward(self, x: Tensor, squeeze: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if not self.training and bn_uses_running_stats(self.bn):
+            return self.spec.fused(x, squeeze, self.backend)
+        z = F.conv2d(F.pad(x, self.spec.resolve_padding(x)), self.conv.weight, self.conv.bias,
+                     self.conv.stride, groups=self.conv.groups)
+        y = self.bn(z)
+        if self.spec.activation == "silu":
+            y = F.silu(y)
+        if squeeze:
+            return y, y.float().mean(dim=(2, 3))
+        return y
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation with the fused gate and excite: ``x * sigmoid(W_e silu(W_r mean(x)))``.
+
+    Children ``conv_reduce`` and ``conv_expand`` (1x1 ``nn.Conv2d`` with bias), the
+    names timm and :class:`effnet_kernels.blocks.SqueezeExcite` use.
+    ``forward(x, pooled=None)``: pass ``pooled`` (the ``[N, C]`` float32 mean of ``x``,
+    e.g. from :func:`effnet_kernels.ops.dwconv_bn_act` with ``squeeze=True``) to skip
+    the pooling pass.
+    """
+
+    def __init__(self, channels: int, reduced_channels: int, backend: Optional[str] = None) -> None:
+        super().__init__()
+        if reduced_channels < 1:
+            raise ValueError(f"reduced_channels must be >= 1, got {reduced_channels}")
+        self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
+        self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
+        self.spec = SESpec(self.conv_reduce, self.conv_expand)
+        if backend is not None:
+            check_backend_name(backend)
+        self.backend = None if backend == "auto" else backend
+
+    def forward(self, x: Tensor, pooled: Optional[Tensor] = None) -> Tensor:
+        if pooled is None:
+            pooled = x.float().mean(dim=(2, 3))
+        gate = self.spec.gate(pooled, self.backend)
+        return ops.se_excite(x, gate, backend=self.backend)
