@@ -37,6 +37,13 @@ def check_tensor(t: object, name: str, ndim: int | tuple[int, ...], dtypes=FLOAT
     return t
 
 
+def require_tensors(**tensors: object) -> None:
+    """Each keyword argument must be a torch.Tensor (checked before reaching the dispatcher)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_same_device(ref: torch.Tensor, ref_name: str, **others: torch.Tensor | None) -> None:
     """Every tensor in ``others`` must live on ``ref``'s device."""
     for name, t in others.items():

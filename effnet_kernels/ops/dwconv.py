@@ -129,6 +129,7 @@ def dwconv_bn_act(
         TypeError, ValueError: an argument has the wrong type, dtype, shape or value.
         BackendUnavailableError: the requested backend cannot serve this input.
     """
+    _checks.require_tensors(x=x, weight=weight, scale=scale, shift=shift)
     _checks.check_tensor(weight, "weight", 4)
     stride_pair = _checks.normalize_stride(stride)
     pad4 = _checks.normalize_padding(padding, weight.shape[-1])

@@ -85,6 +85,7 @@ def se_gate(
     Returns:
         The gate, ``[N, C]`` float32.
     """
+    _checks.require_tensors(pooled=pooled, w_reduce=w_reduce, b_reduce=b_reduce, w_expand=w_expand, b_expand=b_expand)
     w_reduce = _checks.squeeze_weight_2d(w_reduce, "w_reduce")
     w_expand = _checks.squeeze_weight_2d(w_expand, "w_expand")
     return torch.ops.effnet.se_gate.default(
@@ -141,4 +142,5 @@ def se_excite(y: Tensor, gate: Tensor, *, backend: Optional[str] = None) -> Tens
         gate: ``[N, C]`` (float32 from :func:`se_gate`, or y's dtype).
         backend: see :func:`effnet_kernels.ops.dwconv_bn_act`.
     """
+    _checks.require_tensors(y=y, gate=gate)
     return torch.ops.effnet.se_excite.default(y, gate, backends.requested_backend(backend))

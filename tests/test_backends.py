@@ -1,0 +1,108 @@
+"""Backend selection: argument > use_backend() > EFFNET_KERNELS_BACKEND > auto, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effnet_kernels as ek
+from effnet_kernels import backends
+
+
+@pytest.fixture
+def spy_backend(monkeypatch):
+    """Replace the "triton" slot with a CPU backend that records calls and defers to the reference."""
+    from effnet_kernels import reference
+
+    calls = []
+
+    def impl(op):
+        def run(*args):
+            calls.append(op)
+            return reference.IMPLEMENTATIONS[op](*args)
+        return run
+
+    backends._ensure_registered()
+    saved = backends._REGISTRY["triton"]
+    backends.register_backend("triton", unavailable=lambda: [], unsupported=lambda op, t: [],
+                              load=lambda: {op: impl(op) for op in ("dwconv_bn_act", "se_gate", "se_excite")})
+    yield calls
+    backends._REGISTRY["triton"] = saved
+
+
+def small():
+    return torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.rand(4) + 0.5, torch.randn(4)
+
+
+def test_available_backends_reports_each_with_reasons():
+    status = ek.available_backends()
+    assert set(status) == {"torch", "triton", "cuda"}
+    assert status["torch"].available and status["torch"].reasons == ()
+    for name in ("triton", "cuda"):
+        s = status[name]
+        assert s.available or s.reasons, f"{name} unavailable without a reason"
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available
+        assert any("GPU" in r for r in status["cuda"].reasons)
+
+
+def test_explicit_unavailable_backend_raises_with_reasons(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    with pytest.raises(ek.BackendUnavailableError, match="backend 'cuda' cannot run dwconv_bn_act.*GPU"):
+        ek.ops.dwconv_bn_act(*small(), backend="cuda")
+    with pytest.raises(ek.BackendUnavailableError, match="backend 'cuda' cannot run se_excite"):
+        ek.ops.se_excite(torch.randn(1, 4, 2, 2), torch.rand(1, 4), backend="cuda")
+
+
+def test_auto_falls_back_to_reference_on_cpu():
+    y = ek.ops.dwconv_bn_act(*small(), backend="auto")
+    assert y.shape == (1, 4, 5, 5)
+
+
+def test_precedence_argument_context_env(spy_backend, monkeypatch):
+    args = small()
+    ek.ops.dwconv_bn_act(*args, backend="triton")
+    assert spy_backend == ["dwconv_bn_act"]
+    with ek.use_backend("triton"):
+        ek.ops.dwconv_bn_act(*args)
+        assert len(spy_backend) == 2
+        ek.ops.dwconv_bn_act(*args, backend="torch")  # argument beats context
+        assert len(spy_backend) == 2
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    ek.ops.se_excite(torch.randn(1, 4, 2, 2), torch.rand(1, 4))
+    assert spy_backend[-1] == "se_excite"
+    with ek.use_backend("torch"):  # context beats environment
+        ek.ops.se_excite(torch.randn(1, 4, 2, 2), torch.rand(1, 4))
+    assert len(spy_backend) == 3
+
+
+def test_bad_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ek.use_backend("gpu"):
+            pass
+    monkeypatch.setenv(backends.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="EFFNET_KERNELS_BACKEND must be one of"):
+        ek.ops.dwconv_bn_act(*small())
+
+
+def test_backward_uses_reference_when_backend_lacks_it(spy_backend):
+    x, w, s, b = small()
+    x.requires_grad_()
+    y = ek.ops.dwconv_bn_act(x, w, s, b, backend="triton")
+    y.sum().backward()
+    assert spy_backend == ["dwconv_bn_act"]  # forward on the spy, backward by the reference
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_failing_probe_is_reported_not_raised():
+    backends._ensure_registered()
+    saved = backends._REGISTRY["cuda"]
+    def boom():
+        raise OSError("driver exploded")
+    backends.register_backend("cuda", unavailable=boom, unsupported=lambda op, t: [], load=dict)
+    try:
+        status = ek.available_backends()["cuda"]
+        assert not status.available and "driver exploded" in status.reasons[0]
+    finally:
+        backends._REGISTRY["cuda"] = saved

@@ -1,0 +1,71 @@
+"""benchmarks.report: markdown tables and plots from a hand-made results CSV."""
+
+import pytest
+
+from benchmarks import report
+from benchmarks.records import NETWORK_COLUMNS, OPS_COLUMNS, append_rows
+
+BASE = {"gpu": "H100", "driver": "580", "torch": "2.11", "cuda": "13.0", "cudnn": "91000", "triton": "3.6",
+        "commit": "abc", "resolution": 224, "batch": 256, "dtype": "fp16", "mode": "infer", "copy_gb_per_s": 3000.0,
+        "act_mb_per_img": 90.0, "bound_img_per_s": 33333.0}
+
+
+def _row(model, provider, layout, ips, status="ok"):
+    row = {**BASE, "model": model, "provider": provider, "layout": layout, "status": status}
+    if ips is not None:
+        row.update(img_per_s=ips, frac_of_bound=ips / 33333.0, ms_p50=256 / ips * 1e3)
+    return row
+
+
+@pytest.fixture
+def csv_path(tmp_path):
+    path = tmp_path / "results.csv"
+    append_rows(path, [
+        _row("b1", "eager", "channels_last", 1000.0),
+        _row("b0", "eager", "channels_last", 999.0),  # superseded below
+        _row("b0", "eager", "channels_last", 2000.0),
+        _row("b0", "eager", "nchw", 1000.0),
+        _row("b0", "fused-cuda", "channels_last", 5000.0),
+        _row("b0", "fused-triton", "channels_last", None, "failed: output differs from eager"),
+    ], NETWORK_COLUMNS)
+    return path
+
+
+def test_table_has_latest_values_speedups_and_status(csv_path):
+    from benchmarks.records import read_rows
+
+    md = report.network_tables(read_rows(csv_path))
+    assert "### H100 · infer · fp16 · batch 256" in md
+    b0 = next(line for line in md.splitlines() if line.startswith("| b0 |"))
+    cells = [c.strip() for c in b0.strip("|").split("|")]
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    by = dict(zip(cols, cells))
+    assert by["eager@channels_last"] == "2,000 (1.00x, 6%)"
+    assert by["eager@nchw"] == "1,000 (0.50x, 3%)"
+    assert by["fused-cuda@channels_last"] == "5,000 (2.50x, 15%)"
+    assert by["fused-triton@channels_last"] == "failed"
+    assert by["act MB/img"] == "90.0"
+    assert md.index("| b0 |") < md.index("| b1 |")
+
+
+def test_main_writes_markdown_and_plots(csv_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    md = tmp_path / "out" / "RESULTS.md"
+    ops = tmp_path / "ops.csv"
+    append_rows(ops, [{"gpu": "H100", "op": "dwconv", "shape": "32x96x112x112/k3s2", "dtype": "fp16",
+                       "layout": "channels_last", "provider": "cuda", "us_p50": 50.0, "gb_per_s": 2500.0,
+                       "frac_of_copy": 0.83, "speedup_vs_eager": 3.1, "status": "ok"}], OPS_COLUMNS)
+    assert report.main(["--csv", str(csv_path), "--ops-csv", str(ops), "--md", str(md),
+                        "--plots-dir", str(tmp_path / "plots")]) == 0
+    text = md.read_text()
+    assert "## Op benchmarks" in text and "| H100 | dwconv | 32x96x112x112/k3s2 |" in text and "3.10x" in text
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["plot_H100_infer_fp16_bs256.png"]
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](../plots/plot_H100_infer_fp16_bs256.png)" in text
+
+
+def test_main_without_csv_fails_cleanly(tmp_path, capsys):
+    assert report.main(["--csv", str(tmp_path / "nope.csv"), "--ops-csv", str(tmp_path / "nope2.csv")]) == 2
+    assert "--csv" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""convert() on efficientnet_pytorch models: same logits, keys, training step; revert restores."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import effnet_kernels as ek
+
+from .test_nn import randomize_bn
+
+efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
+from efficientnet_pytorch import EfficientNet  # noqa: E402
+from efficientnet_pytorch.model import MBConvBlock  # noqa: E402
+
+
+def build(name: str, image_size=None) -> nn.Module:
+    return randomize_bn(EfficientNet.from_name(f"efficientnet-{name}", image_size=image_size)).eval()
+
+
+@pytest.mark.parametrize("name", ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"])
+def test_converted_logits_match(name):
+    model = build(name, image_size=64)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    n_blocks = len(model._blocks)
+    ek.convert(model)
+    report = ek.conversion_report(model)
+    assert len(report.swapped) == n_blocks and not report.skipped
+    assert all(isinstance(b, ek.MBConv) for b in model._blocks)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_dynamic_same_padding_and_odd_input():
+    model = build("b0")  # no image_size: Conv2dDynamicSamePadding
+    assert type(model._blocks[1]._depthwise_conv).__name__ == "Conv2dDynamicSamePadding"
+    x = torch.randn(1, 3, 45, 37)
+    with torch.no_grad():
+        ref = model(x)
+        ek.convert(model)
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_are_shared_not_copied():
+    model = build("b0", image_size=32)
+    before = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    ek.convert(model)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(before[k] is after[k] for k in before)
+    assert all(buffers[k] is b for k, b in model.named_buffers())
+
+
+def test_train_step_matches_unconverted_b0():
+    """Same loss, gradients and running statistics after one SGD step (stochastic depth on)."""
+    ref_model = build("b0", image_size=32).train()
+    model = ek.convert(copy.deepcopy(ref_model)).train()
+    x, target = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
+
+    def step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(123)  # the same drop-connect masks in both models
+        loss = nn.functional.cross_entropy(m(x), target)
+        opt.zero_grad()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+        opt.step()
+        return loss, grads
+
+    loss_ref, grads_ref = step(ref_model)
+    loss, grads = step(model)
+    torch.testing.assert_close(loss, loss_ref)
+    for k in grads_ref:
+        torch.testing.assert_close(grads[k], grads_ref[k], msg=k)
+    state_ref, state = ref_model.state_dict(), model.state_dict()
+    assert list(state) == list(state_ref)
+    for k in state_ref:
+        torch.testing.assert_close(state[k], state_ref[k], msg=k)
+    # and back in eval the converted model (now fused) still agrees
+    x_eval = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = model.eval()(x_eval), ref_model.eval()(x_eval)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_convert_twice_changes_nothing_and_revert_restores():
+    model = build("b0", image_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    ek.convert(model)
+    fused_blocks = list(model._blocks)
+    ek.convert(model)
+    report = ek.conversion_report(model)
+    assert report.swapped == [] and len(report.already_fused) == len(fused_blocks)
+    assert all(a is b for a, b in zip(model._blocks, fused_blocks))
+    ek.revert(model)
+    assert all(type(b) is MBConvBlock for b in model._blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+    model.set_swish(memory_efficient=False)  # the original API works after revert
+
+
+def test_block_attributes_stay_reachable():
+    model = ek.convert(build("b0", image_size=32))
+    block = model._blocks[3]
+    assert block._block_args.kernel_size == 3 and block.has_se is True
+    model.set_swish(memory_efficient=False)  # EfficientNet.set_swish walks the (fused) blocks
+
+
+def test_filter_fn_excludes_blocks():
+    model = build("b0", image_size=32)
+    ek.convert(model, filter_fn=lambda module, name: not name.endswith(".0"))
+    report = ek.conversion_report(model)
+    assert report.filtered_out == ["_blocks.0"]
+    assert type(model._blocks[0]) is MBConvBlock and isinstance(model._blocks[1], ek.MBConv)
+
+
+def test_unfusable_block_is_left_with_reason():
+    model = build("b0", image_size=32)
+    model._blocks[2]._bn1 = nn.GroupNorm(1, model._blocks[2]._bn1.num_features)
+    ek.convert(model)
+    report = ek.conversion_report(model)
+    assert "_blocks.2" in report.skipped and "GroupNorm" in report.skipped["_blocks.2"]
+    assert type(model._blocks[2]) is MBConvBlock
+    assert "left unfused" in str(report)
+
+
+def test_convert_a_single_block_returns_replacement():
+    block = build("b0", image_size=32)._blocks[1]
+    fused = ek.convert(block, backend="torch")
+    assert isinstance(fused, ek.MBConv) and fused.backend == "torch"
+    assert ek.revert(fused) is block
+
+
+def test_convert_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ek.convert("resnet")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ek.convert(nn.Linear(2, 2), backend="tpu")
+
+
+def test_compile_fullgraph_converted_efficientnet_pytorch_block():
+    block = ek.convert(build("b0", image_size=32)._blocks[1])
+    x = torch.randn(2, 16, 16, 16)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)

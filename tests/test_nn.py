@@ -1,0 +1,139 @@
+"""The fused modules: eval through the fused ops equals the eager modules; train is BatchNorm2d."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effnet_kernels as ek
+from effnet_kernels.blocks import MBConvBlock
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters everywhere."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_fold_batchnorm_matches_module():
+    bn = randomize_bn(nn.BatchNorm2d(5, eps=1e-3)).eval()
+    bias = torch.randn(5)
+    scale, shift = ek.nn.fold_batchnorm(bn, bias)
+    z = torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(z * scale[:, None, None] + shift[:, None, None], bn(z + bias[:, None, None]))
+
+
+def test_fold_batchnorm_without_stats_raises():
+    with pytest.raises(ValueError, match="running statistics"):
+        ek.nn.fold_batchnorm(nn.BatchNorm2d(3, track_running_stats=False))
+
+
+@pytest.mark.parametrize("padding", [None, (0, 1, 0, 1), "same"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_dwconv_module_eval_matches_eager(padding, stride):
+    m = ek.FusedDWConvBNAct(6, kernel_size=5, stride=stride, padding=padding, eps=1e-3)
+    randomize_bn(m).eval()
+    x = torch.randn(2, 6, 9, 8)
+    pad = ek.nn.tf_same_padding(9, 8, 5, (stride, stride)) if padding == "same" else \
+        (2, 2, 2, 2) if padding is None else padding
+    eager = F.silu(m.bn(F.conv2d(F.pad(x, pad), m.conv.weight, stride=stride, groups=6)))
+    y, mean = m(x, squeeze=True)
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, eager.mean((2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dwconv_module_train_is_batchnorm2d():
+    m = ek.FusedDWConvBNAct(4, kernel_size=3, momentum=0.3)
+    ref_bn = copy.deepcopy(m.bn)
+    x = torch.randn(3, 4, 6, 6)
+    y = m.train()(x)
+    z = F.conv2d(x, m.conv.weight, padding=1, groups=4)
+    torch.testing.assert_close(y, F.silu(ref_bn.train()(z)))
+    torch.testing.assert_close(m.bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(m.bn.running_var, ref_bn.running_var)  # unbiased running variance
+    assert int(m.bn.num_batches_tracked) == 1
+
+
+def test_fused_dwconv_module_rejects_even_kernel():
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ek.FusedDWConvBNAct(4, kernel_size=4)
+
+
+def test_squeeze_excite_module():
+    se = ek.SqueezeExcite(12, 3)
+    x = torch.randn(2, 12, 5, 5)
+    ref = x * torch.sigmoid(se.conv_expand(F.silu(se.conv_reduce(x.mean((2, 3), keepdim=True)))))
+    torch.testing.assert_close(se(x), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(se(x, pooled=x.mean((2, 3))), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reduced_channels must be >= 1"):
+        ek.SqueezeExcite(4, 0)
+
+
+@pytest.mark.parametrize("expand,stride,cin,cout,se", [(1, 1, 16, 16, 0.25), (6, 2, 8, 16, 0.25), (6, 1, 8, 8, None),
+                                                       (4, 1, 12, 12, 0.25)])
+def test_standalone_mbconv_matches_eager_block(expand, stride, cin, cout, se):
+    m = ek.MBConv(cin, cout, kernel_size=3, stride=stride, expand_ratio=expand, se_ratio=se, drop_path_rate=0.1)
+    randomize_bn(m).eval()
+    eager = ek.revert(copy.deepcopy(m))
+    assert type(eager) is MBConvBlock
+    x = torch.randn(2, cin, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert list(m.state_dict()) == list(eager.state_dict())
+
+
+def test_mbconv_train_mode_is_eager_and_updates_running_stats():
+    m = randomize_bn(ek.MBConv(8, 8, expand_ratio=6, drop_path_rate=0.0))
+    eager = copy.deepcopy(ek.revert(copy.deepcopy(m)))
+    x = torch.randn(4, 8, 6, 6)
+    m.train(), eager.train()
+    y, ye = m(x), eager(x)
+    torch.testing.assert_close(y, ye)
+    for (name, b), (_, be) in zip(m.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, be, msg=name)
+    assert int(m.dw_bn.num_batches_tracked) == 1
+
+
+def test_mbconv_eval_without_running_stats_uses_batch_statistics():
+    m = ek.MBConv(8, 8, expand_ratio=2)
+    m.dw_bn.track_running_stats = False
+    m.dw_bn.running_mean = m.dw_bn.running_var = None
+    m.eval()
+    assert not m.fused_active()
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(m(x), m.plan.original(x))
+
+
+def test_mbconv_gradients_in_eval_flow_to_parameters():
+    """Eval-mode autograd through the fused ops reaches conv weights and BN affine params."""
+    m = randomize_bn(ek.MBConv(8, 8, expand_ratio=2)).eval()
+    eager = ek.revert(copy.deepcopy(m))
+    x = torch.randn(2, 8, 6, 6)
+    m(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    for (name, p), (_, pe) in zip(m.named_parameters(), eager.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_mbconv_backend_argument_is_validated():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ek.MBConv(8, 8, backend="fastest")
+
+
+def test_compile_fullgraph_converted_block():
+    m = randomize_bn(ek.MBConv(8, 16, stride=2, expand_ratio=6)).eval()
+    x = torch.randn(2, 8, 9, 9)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,220 @@
+"""The Triton ``dwconv_bn_act`` kernel on CPU tensors, in Triton's interpreter.
+
+Parity against the independent fp64 nn-module references of ``test_ops_parity`` over
+op x dtype x kernel x stride x padding x layout at tiny shapes, awkward shapes, both
+squeeze reductions (atomic and the deterministic two-stage one), several tiles and
+channel blocks, the 64-bit offset variant, and ``opcheck``. The interpreter runs one
+fixed config (no tuning); tests that need many tiles shrink it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import effnet_kernels as ek
+from effnet_kernels import backends
+
+from .parity import assert_parity
+from .test_ops_parity import LAYOUTS, dwconv_truth, run_dwconv_case
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """``TRITON_INTERPRET=1`` for this module only (lets the triton backend take CPU tensors).
+
+    The kernels choose compiled vs interpreted per launch from the tensors' device, so
+    setting the variable late (after triton is imported) is enough, and restoring it
+    keeps later GPU tests (and torch.compile's own Triton kernels) compiled.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    backends._reset_caches()
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    backends._reset_caches()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrink the interpreter's config so tiny shapes span several tiles and channel blocks."""
+    from effnet_kernels.triton import _tuning, dwconv
+
+    cfg = _tuning.Config(block_a=16, block_b=8)
+    monkeypatch.setattr(dwconv, "INTERPRETER_CONFIG", cfg)
+    return cfg
+
+
+@pytest.fixture
+def tile_sums(monkeypatch):
+    """Count launches of the deterministic squeeze's second stage (the per-tile sum)."""
+    from effnet_kernels.triton import dwconv
+
+    launches = []
+    real = dwconv._sum_tiles_kernel
+
+    class Spy:
+        def on(self, t):
+            launches.append(t.device)
+            return real.on(t)
+
+    monkeypatch.setattr(dwconv, "_sum_tiles_kernel", Spy())
+    return launches
+
+
+def asym_padding(k: int) -> tuple[int, int, int, int]:
+    """A 4-sided padding (left, right, top, bottom) with four different sides."""
+    p = k // 2
+    return (p, p + 1, max(p - 1, 0), p + 2)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pad", ["same", "asym"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_parity_grid(k, stride, pad, dtype, layout):
+    padding = None if pad == "same" else asym_padding(k)
+    run_dwconv_case("triton", "cpu", (2, 13, 9, 8), k, stride, padding, dtype, layout, silu=True, squeeze=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,k,stride,padding",
+    [((1, 1, 5, 7), 5, 2, None), ((2, 4, 1, 1), 3, 2, None), ((2, 4, 1, 1), 7, 1, None),
+     ((1, 3, 7, 4), 3, (1, 2), (0, 1, 0, 1)), ((1, 24, 6, 5), 3, 1, (0, 0, 0, 0))],
+    ids=["C1", "1x1-s2", "1x1-k7", "stride-pair-tf-same", "no-padding"],
+)
+def test_awkward_shapes(shape, k, stride, padding, dtype):
+    for layout in LAYOUTS:
+        for silu, squeeze in ((True, True), (False, False)):
+            run_dwconv_case("triton", "cpu", shape, k, stride, padding, dtype, layout, silu, squeeze)
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_empty_batch(squeeze):
+    x = torch.randn(0, 8, 6, 6).contiguous(memory_format=CL)
+    w, s, b = torch.randn(8, 1, 3, 3), torch.rand(8) + 0.5, torch.randn(8)
+    out = ek.ops.dwconv_bn_act(x, w, s, b, stride=2, squeeze=squeeze, backend="triton")
+    y = out[0] if squeeze else out
+    assert tuple(y.shape) == (0, 8, 3, 3)
+    if squeeze:
+        assert tuple(out[1].shape) == (0, 8) and out[1].dtype == torch.float32
+
+
+def test_large_batch():
+    """Samples are folded into grid axis 0 with the tiles: many samples, several tiles each."""
+    run_dwconv_case("triton", "cpu", (67, 3, 9, 9), 3, 1, None, torch.float16, "channels_last", True, True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_several_tiles_and_channel_blocks(small_tiles, tile_sums, layout, deterministic):
+    """C = 13 over blocks of 8 and 72 pixels over tiles of 16: masks, atomics, two-stage sum."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for k, stride in ((3, 1), (5, 2)):
+            run_dwconv_case("triton", "cpu", (2, 13, 9, 8), k, stride, asym_padding(k), torch.float32, layout,
+                            silu=True, squeeze=True)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    # stride 1: 5 tiles per sample -> second stage when deterministic; stride 2: 1 tile -> direct store
+    assert len(tile_sums) == (1 if deterministic else 0)
+
+
+def test_deterministic_squeeze_is_bitwise_reproducible(small_tiles, tile_sums):
+    x = torch.randn(3, 21, 11, 9).contiguous(memory_format=CL)
+    w, s, b = torch.randn(21, 1, 5, 5), torch.rand(21) + 0.5, torch.randn(21)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert len(tile_sums) == 2, "the two-stage reduction did not run"
+    (y0, m0), (y1, m1) = runs
+    assert torch.equal(m0, m1) and torch.equal(y0, y1)
+    y_ref, m_ref = dwconv_truth_from_scale(x, w, s, b)
+    assert_parity(m0, m_ref, None, torch.float32, what="mean")
+    assert_parity(y0, y_ref, None, torch.float32, what="y")
+
+
+def dwconv_truth_from_scale(x, w, scale, shift, stride=1, padding=None):
+    """fp64 truth for an already-folded (scale, shift), via a BatchNorm2d that reproduces them."""
+    c, k = x.shape[1], w.shape[-1]
+    bn = torch.nn.BatchNorm2d(c, eps=0.0).double().eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1.0)
+        bn.running_mean.zero_()
+        bn.weight.copy_(scale.double())
+        bn.bias.copy_(shift.double())
+    pad4 = (k // 2,) * 4 if padding is None else padding
+    return dwconv_truth(x, w, bn, stride, pad4, True)
+
+
+def test_int64_offsets_variant(monkeypatch):
+    """The 64-bit-offset specialisation computes the same thing (forced on a small tensor)."""
+    from effnet_kernels.triton import dwconv
+
+    real = dwconv.prepare_dwconv
+
+    def forced(*args):
+        lp = real(*args)
+        lp.int64 = True
+        return lp
+
+    monkeypatch.setattr(dwconv, "prepare_dwconv", forced)
+    for layout in ("nchw", "channels_last"):
+        run_dwconv_case("triton", "cpu", (2, 13, 9, 8), 3, 2, (0, 1, 0, 1), torch.bfloat16, layout, True, True)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_b0_sized_channels(n):
+    """B0's widest depthwise layer (C = 1152, k = 3, 7 x 7) exercises many channel blocks."""
+    run_dwconv_case("triton", "cpu", (n, 1152, 7, 7), 3, 1, None, torch.float16, "channels_last", True, True)
+
+
+def test_output_keeps_memory_format_and_has_no_nans():
+    for x in (torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7).contiguous(memory_format=CL),
+              torch.randn(2, 7, 6, 12)[:, :6, :5, ::2]):
+        w, s, b = torch.randn(6, 1, 3, 3), torch.rand(6) + 0.5, torch.randn(6)
+        y = ek.ops.dwconv_bn_act(x, w, s, b, backend="triton")
+        assert y.is_contiguous(memory_format=ek.ops._checks.memory_format_of(x))
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(layout, squeeze):
+    x = torch.randn(2, 6, 7, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    args = (x, torch.randn(6, 1, 3, 3, requires_grad=True), torch.rand(6) + 0.5, torch.randn(6),
+            [2, 1], [1, 0, 2, 1], True, squeeze, "triton")
+    torch.library.opcheck(torch.ops.effnet.dwconv_bn_act.default, args)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    backends._reset_caches()
+    try:
+        x, w, s, b = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.rand(4) + 0.5, torch.randn(4)
+        with pytest.raises(ek.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            ek.ops.dwconv_bn_act(x, w, s, b, backend="triton")
+    finally:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        backends._reset_caches()
