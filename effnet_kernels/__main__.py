@@ -1,0 +1,162 @@
+"""Command line: ``python -m effnet_kernels {info,demo,bench}``.
+
+* ``info``  — Python, torch, Triton, CUDA/GPU versions and each backend, available or why not.
+* ``demo``  — safe on a CPU: builds B0, converts it (and an efficientnet_pytorch B0 when that
+  package is installed), prints parity and time per available backend.
+* ``bench`` — on a GPU, the full benchmark (``benchmarks/`` in the repository; see
+  ``python -m effnet_kernels bench --help``); without a GPU it says so and runs the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def _version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception as exc:  # a broken install is information, not a crash
+        return f"import failed: {exc}"
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    """Print versions, the GPU, and each backend with the reasons it is or is not available."""
+    from . import __version__, available_backends
+
+    print(f"effnet_kernels {__version__}")
+    print(f"python  {platform.python_version()} ({sys.executable})")
+    print(f"torch   {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"triton  {_version('triton')}")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        print(f"GPU     {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), cuDNN {torch.backends.cudnn.version()}")
+    else:
+        print("GPU     none visible to torch")
+    print("backends:")
+    for status in available_backends().values():
+        print(f"  {status}")
+    return 0
+
+
+def _time_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _demo_backends(device: torch.device) -> list[str]:
+    from . import available_backends
+
+    names = []
+    for name, status in available_backends().items():
+        if not status.available:
+            print(f"  {name:7s} skipped: {'; '.join(status.reasons)}")
+        elif device.type == "cpu" and name == "triton":
+            print("  triton  skipped: the Triton interpreter is a correctness tool, far too slow for a whole network")
+        else:
+            names.append(name)
+    return names
+
+
+def _compare(title: str, model: torch.nn.Module, x: torch.Tensor, repeats: int) -> None:
+    from . import conversion_report, convert
+
+    print(f"\n{title}: input {tuple(x.shape)} on {x.device}")
+    with torch.no_grad():
+        ref = model(x)
+        eager_ms = _time_ms(lambda: model(x), repeats)
+        print(f"  {'eager':7s} {eager_ms:8.2f} ms  (reference)")
+        for name in _demo_backends(x.device):
+            fused = convert(copy.deepcopy(model), backend=name)
+            out = fused(x)
+            err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            ms = _time_ms(lambda: fused(x), repeats)
+            print(f"  {name:7s} {ms:8.2f} ms  max rel. error vs eager {err:.2e}  "
+                  f"({len(conversion_report(fused).swapped)} blocks fused)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build B0, convert it with every available backend, print parity and time."""
+    from . import models
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("No GPU is visible: this is the CPU demo (correctness and a rough CPU time only; "
+              "the fused kernels are GPU kernels, so CPU times say nothing about their speed).")
+    torch.manual_seed(0)
+    size = args.resolution
+    model = models.efficientnet("b0").to(device).eval()
+    _randomize_batchnorm(model)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    _compare("effnet_kernels.models B0", model, x, args.repeats)
+    if importlib.util.find_spec("efficientnet_pytorch") is not None:
+        from efficientnet_pytorch import EfficientNet
+
+        ext = EfficientNet.from_name("efficientnet-b0", image_size=size).to(device).eval()
+        _randomize_batchnorm(ext)
+        _compare("efficientnet_pytorch B0 (TF 'same' padding)", ext, x, args.repeats)
+    else:
+        print("\nefficientnet_pytorch is not installed: skipping its B0")
+    return 0
+
+
+def _randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Give BatchNorm non-trivial statistics, so parity is not checked against identity BNs."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """The GPU benchmark; on a machine without a GPU, say so and run the demo instead."""
+    if not torch.cuda.is_available():
+        print("No GPU is visible: the benchmark needs a CUDA GPU. Running the CPU demo instead.\n")
+        return cmd_demo(argparse.Namespace(batch=2, resolution=64, repeats=3))
+    try:
+        from benchmarks import network
+    except ImportError as exc:
+        print(f"The benchmark code lives in the repository's benchmarks/ folder; run this from the "
+              f"repository root ({exc}).", file=sys.stderr)
+        return 2
+    return int(network.main(list(rest)) or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effnet_kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and backend availability")
+    demo = sub.add_parser("demo", help="parity and time of converted B0 per backend (safe on a CPU)")
+    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--resolution", type=int, default=64)
+    demo.add_argument("--repeats", type=int, default=5)
+    sub.add_parser("bench", help="full-network GPU benchmark (CPU: the demo)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
