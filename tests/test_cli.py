@@ -1,0 +1,43 @@
+"""``python -m effnet_kernels`` info / demo / bench on a machine without a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from effnet_kernels import __main__ as cli
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch: available", "triton:", "cuda:"):
+        assert name in out
+    assert f"torch   {torch.__version__}" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
+def test_demo_says_no_gpu_and_reports_parity(capsys):
+    assert cli.main(["demo", "--batch", "1", "--resolution", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "No GPU is visible" in out
+    assert "16 blocks fused" in out
+    errors = [float(line.split("eager ")[1].split()[0]) for line in out.splitlines() if "max rel. error" in line]
+    assert errors and max(errors) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_bench_without_gpu_runs_the_demo(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: seen.setdefault("demo", args) and 0)
+    assert cli.main(["bench", "--models", "b0"]) == 0
+    assert "demo" in seen
+    assert "the benchmark needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_unknown_command_fails():
+    proc = subprocess.run([sys.executable, "-m", "effnet_kernels", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
