@@ -86,8 +86,27 @@ class DWConvSpec:
             return tf_same_padding(x.shape[2], x.shape[3], self.conv.kernel_size[0], self.stride)
         return self.padding  # type: ignore[return-value]
 
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """``fold_batchnorm`` of this conv + BN, cached while no tensor it reads changes.
+
+        The cache is keyed on each source tensor's storage and version counter (bumped by
+        every in-place update: optimizer steps, ``load_state_dict``, ``.to()``), and is
+        bypassed when autograd needs the graph or under ``torch.compile``.
+        """
+        sources = (self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var, self.conv.bias)
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+        ):
+            return fold_batchnorm(self.bn, self.conv.bias)
+        key = (self.bn.eps,) + tuple((t.data_ptr(), t._version) if t is not None else None for t in sources)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, fold_batchnorm(self.bn, self.conv.bias))
+            self.__dict__["_fold_cache"] = cache
+        return cache[1]
+
     def fused(self, x: Tensor, squeeze: bool, backend: Optional[str]):
-        scale, shift = fold_batchnorm(self.bn, self.conv.bias)
+        scale, shift = self.folded()
         return ops.dwconv_bn_act(
             x, self.conv.weight, scale, shift, stride=self.stride, padding=self.resolve_padding(x),
             activation=self.activation, squeeze=squeeze, backend=backend,

@@ -137,3 +137,23 @@ def test_compile_fullgraph_converted_block():
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_bn_cache_follows_in_place_updates():
+    """The cached (scale, shift) is recomputed after BN statistics or parameters change."""
+    m = randomize_bn(ek.MBConv(8, 8, expand_ratio=2)).eval()
+    eager = ek.revert(copy.deepcopy(m))
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        first = m(x)
+        assert m(x).equal(first)  # served from the cache
+        spec = m.plan.dw
+        cached = spec.folded()
+        assert spec.folded()[0] is cached[0]
+        for bn in (m.dw_bn, eager.dw_bn):
+            bn.running_var.mul_(2.0)
+            bn.weight.add_(0.1)
+        assert spec.folded()[0] is not cached[0]
+        torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
+        m.load_state_dict(eager.state_dict())  # copy_ into the same tensors
+        torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
