@@ -193,3 +193,26 @@ def test_fused_torch_provider_converts_and_passes_the_gate(tmp_path):
     assert rows["fused-torch"]["status"] == "ok"
     assert float(rows["fused-torch"]["max_rel_err"]) < 1e-4
     assert not math.isnan(float(rows["fused-torch"]["img_per_s"]))
+
+
+class Greedy(StandIn):
+    """Runs out of (pretend) memory above batch 2."""
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
+        return super().forward(x)
+
+
+def test_batch_shrinks_to_what_fits(tmp_path, monkeypatch):
+    monkeypatch.setitem(models._BUILDERS, "greedy", lambda: (Greedy(), 16))
+    out = tmp_path / "r.csv"
+    argv = ["--models", "greedy", "--batches", "8", "--dtypes", "fp32", "--providers", "eager", "--out", str(out)] + FAST
+    assert network.main(argv) == 0
+    (row,) = read_rows(out)
+    assert row["batch"] == "2" and row["status"] == "ok"
+    assert row["note"] == "batch 8 did not fit (out of memory)"
+    out2 = tmp_path / "r2.csv"
+    assert network.main(argv[:-len(FAST)] + ["--out", str(out2), "--no-fit"] + FAST) == 1
+    (row,) = read_rows(out2)
+    assert row["batch"] == "8" and row["status"].startswith("failed: reference: OutOfMemoryError")

@@ -85,3 +85,11 @@ def test_main_appends_csv(tmp_path, monkeypatch):
     assert [(r["op"], r["provider"]) for r in rows] == [("dwconv", "eager"), ("dwconv", "torch"),
                                                          ("se", "eager"), ("se", "torch")]
     assert {r["commit"] for r in rows} == {"c0ffee"} and {r["status"] for r in rows} == {"ok"}
+
+
+def test_main_time_budget_stops_before_running(tmp_path):
+    out = tmp_path / "ops.csv"
+    argv = ["--models", "b0", "--batch", "1", "--resolution", "16", "--dtypes", "fp32", "--providers", "eager",
+            "--device", "cpu", "--out", str(out), "--copy-mb", "1", "--time-budget", "1e-9", "--quiet"]
+    assert ops.main(argv) == 0
+    assert not out.exists()

@@ -65,3 +65,18 @@ def test_format_value():
 
 def test_read_missing_file_is_empty(tmp_path):
     assert read_rows(tmp_path / "missing.csv") == []
+
+
+def test_merge_cli_appends_returned_files(tmp_path, capsys):
+    from benchmarks.records import main
+
+    returned, results = tmp_path / "out", tmp_path / "results"
+    returned.mkdir()
+    append_rows(results / "results.csv", [{"a": 1, "b": 2}], ["a", "b"])
+    append_rows(returned / "results.csv", [{"a": 3, "b": 4}, {"a": 5}], ["a", "b"])
+    append_rows(returned / "ops.csv", [{"op": "se"}], ["op"])
+    assert main([str(returned / "results.csv"), str(returned / "ops.csv"), "--into", str(results)]) == 0
+    assert read_rows(results / "results.csv") == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}, {"a": "5", "b": ""}]
+    assert read_rows(results / "ops.csv") == [{"op": "se"}]
+    assert main([str(tmp_path / "missing.csv"), "--into", str(results)]) == 2
+    assert "sources" in capsys.readouterr().err

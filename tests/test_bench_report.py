@@ -35,7 +35,7 @@ def test_table_has_latest_values_speedups_and_status(csv_path):
     from benchmarks.records import read_rows
 
     md = report.network_tables(read_rows(csv_path))
-    assert "### H100 · infer · fp16 · batch 256" in md
+    assert "#### H100 · infer · fp16 · batch 256" in md
     b0 = next(line for line in md.splitlines() if line.startswith("| b0 |"))
     cells = [c.strip() for c in b0.strip("|").split("|")]
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
@@ -53,13 +53,19 @@ def test_main_writes_markdown_and_plots(csv_path, tmp_path):
     pytest.importorskip("matplotlib")
     md = tmp_path / "out" / "RESULTS.md"
     ops = tmp_path / "ops.csv"
-    append_rows(ops, [{"gpu": "H100", "op": "dwconv", "shape": "32x96x112x112/k3s2", "dtype": "fp16",
-                       "layout": "channels_last", "provider": "cuda", "us_p50": 50.0, "gb_per_s": 2500.0,
-                       "frac_of_copy": 0.83, "speedup_vs_eager": 3.1, "status": "ok"}], OPS_COLUMNS)
+    op = {"gpu": "H100", "op": "dwconv", "shape": "32x96x112x112/k3s2", "dtype": "fp16", "layout": "channels_last"}
+    append_rows(ops, [
+        {**op, "provider": "eager", "us_p50": 20.0, "gb_per_s": 500.0, "frac_of_copy": 0.166, "speedup_vs_eager": 1.0,
+         "status": "ok"},
+        {**op, "provider": "cuda", "us_p50": 5.0, "gb_per_s": 2500.0, "frac_of_copy": 0.83, "speedup_vs_eager": 4.0,
+         "status": "ok"},
+    ], OPS_COLUMNS)
     assert report.main(["--csv", str(csv_path), "--ops-csv", str(ops), "--md", str(md),
                         "--plots-dir", str(tmp_path / "plots")]) == 0
     text = md.read_text()
-    assert "## Op benchmarks" in text and "| H100 | dwconv | 32x96x112x112/k3s2 |" in text and "3.10x" in text
+    assert "### Op benchmarks" in text and "#### H100 · fp16 · channels_last" in text
+    assert "| dwconv | 32x96x112x112/k3s2 | 20.0 (500 GB/s, 17%, 1.00x) | 5.0 (2500 GB/s, 83%, 4.00x) |" in text
+    assert "dwconv cuda 4.00x (1 shapes)" in text
     pngs = list((tmp_path / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["plot_H100_infer_fp16_bs256.png"]
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -69,3 +75,22 @@ def test_main_writes_markdown_and_plots(csv_path, tmp_path):
 def test_main_without_csv_fails_cleanly(tmp_path, capsys):
     assert report.main(["--csv", str(tmp_path / "nope.csv"), "--ops-csv", str(tmp_path / "nope2.csv")]) == 2
     assert "--csv" in capsys.readouterr().err
+
+
+def test_readme_section_is_replaced_and_links_follow(csv_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nMore.\n")
+    md = tmp_path / "benchmarks" / "results" / "RESULTS.md"
+    argv = ["--csv", str(csv_path), "--ops-csv", str(tmp_path / "none.csv"), "--md", str(md),
+            "--plots-dir", str(md.parent), "--readme", str(readme)]
+    assert report.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n<!-- results:begin -->\n### Network benchmarks")
+    assert text.endswith("<!-- results:end -->\n\nMore.\n") and "old table" not in text
+    assert "](benchmarks/results/plot_H100_infer_fp16_bs256.png)" in text
+    assert "](plot_H100_infer_fp16_bs256.png)" in md.read_text()
+    assert report.main(argv) == 0  # idempotent
+    assert readme.read_text() == text
+    readme.write_text("no markers\n")
+    assert report.main(argv) == 2

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite for the fused ops (``pytest benchmarks/microbench --benchmark-json=...``)."""
