@@ -43,7 +43,11 @@ def _unsupported(op: str, t: torch.Tensor) -> list[str]:
 
 
 def _load() -> dict:
-    return {}
+    from .dwconv import dwconv_bn_act
+    from .se_excite import se_excite
+    from .se_gate import se_gate
+
+    return {"dwconv_bn_act": dwconv_bn_act, "se_gate": se_gate, "se_excite": se_excite}
 
 
 backends.register_backend("triton", unavailable=_unavailable, unsupported=_unsupported, load=_load)

@@ -1,0 +1,87 @@
+"""Kernel objects that run compiled on CUDA tensors and interpreted on CPU tensors.
+
+``triton.jit`` decides once, when a module is imported, whether a kernel is compiled
+or interpreted (from ``TRITON_INTERPRET``). Here the choice is made per launch: CPU
+tensors, or any tensor while ``TRITON_INTERPRET=1``, get the interpreter; CUDA tensors
+otherwise get the compiled kernel. So CPU tests can turn the interpreter on for their
+duration only, and GPU tests in the same process still run real compiled kernels.
+
+For that, kernels must not call Triton's standard library functions that are
+themselves ``@triton.jit`` functions (``tl.zeros``, ``tl.sigmoid``, ``tl.sum``, ...): they
+are compiled-only or interpreted-only depending on ``TRITON_INTERPRET`` when Triton was
+imported. Kernels here use builtins instead (``tl.full``, ``tl.exp``) and
+:data:`SUM` with ``tl.reduce``, which the interpreter recognises and runs with numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+import triton
+from triton.language.standard import _sum_combine
+
+from . import interpreter_enabled
+
+# Combine function for ``tl.reduce(x, axis, SUM)``: the one ``tl.sum`` uses, which
+# Triton's interpreter maps to numpy.sum (a custom one would run element by element).
+SUM = _sum_combine
+
+
+class DeviceKernel:
+    """A Triton kernel function, compiled for CUDA launches and interpreted for CPU ones (built lazily).
+
+    ``kernel.on(tensor)[grid](*args, num_warps=...)`` launches it the way
+    ``triton.jit`` kernels are launched.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._compiled = None
+        self._interpreted = None
+
+    def on(self, t: torch.Tensor):
+        """The variant of this kernel for a launch on ``t``: interpreted (see :func:`interpreted`) or compiled."""
+        if interpreted(t):
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted
+        if self._compiled is None:
+            self._compiled = triton.runtime.jit.JITFunction(self.fn)
+        return self._compiled
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """Whether kernels launched on ``t`` run in Triton's interpreter (CPU, or TRITON_INTERPRET=1)."""
+    return t.device.type == "cpu" or interpreter_enabled()
+
+
+def device_kernel(fn: Callable) -> DeviceKernel:
+    """Decorator: make ``fn`` (written as a ``@triton.jit`` kernel) a :class:`DeviceKernel`."""
+    return DeviceKernel(fn)
+
+
+def device_guard(t: torch.Tensor) -> ContextManager:
+    """Make ``t``'s CUDA device current for a launch (a no-op when it already is, or on CPU)."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``max(n, 1)``."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def needs_bf16_rtne(out: torch.Tensor) -> bool:
+    """Whether a kernel storing bfloat16 into ``out`` must round to nearest even by hand.
+
+    Triton 3.6's interpreter rounds float32 -> bfloat16 casts toward zero (compiled
+    kernels round to nearest even), so kernels that store bfloat16 take a constexpr
+    ``BF16_RTNE`` and, when set, round with integer arithmetic:
+    ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16`` (exact for finite values).
+    """
+    return out.dtype == torch.bfloat16 and interpreted(out)

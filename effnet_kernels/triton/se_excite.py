@@ -1,0 +1,81 @@
+"""Triton ``se_excite``: out = y * gate[:, :, None, None], in y's dtype and memory format.
+
+The dense tensor is seen as a matrix of rows x columns with the gate constant along
+one axis, so a tile loads its gate values once and broadcasts them:
+
+* channels_last: rows are the N*H*W pixels, columns the C channels (contiguous,
+  vectorised); the gate of row ``i``, column ``c`` is ``gate[i // (H*W), c]``;
+* NCHW: rows are the N*C planes, columns the H*W pixels; the gate of row ``i`` is
+  ``gate.view(-1)[i]``.
+
+The product is taken in float32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import prepare_se_excite
+from ._jit import device_guard, device_kernel, needs_bf16_rtne, next_pow2
+
+Tensor = torch.Tensor
+
+_TILE_ELEMENTS = 4096
+_MAX_BLOCK_COLS = 256
+
+
+@device_kernel
+def _se_excite_kernel(
+    y_ptr, g_ptr, o_ptr, ROWS, COLS, HW, COL_BLOCKS,
+    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid // COL_BLOCKS) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (pid % COL_BLOCKS) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    if INT64:
+        rows = rows.to(tl.int64)
+    ok = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    if CHANNELS_LAST:
+        gate = tl.load(g_ptr + (rows // HW)[:, None] * COLS + cols[None, :], mask=ok, other=0.0)
+    else:
+        gate = tl.load(g_ptr + rows, mask=rows < ROWS, other=0.0)[:, None]
+    offs = rows[:, None] * COLS + cols[None, :]
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0)
+    out = y.to(tl.float32) * gate.to(tl.float32)
+    if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
+        out = ((out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16)
+        out = out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def se_excite(y: Tensor, gate: Tensor) -> Tensor:
+    """Triton implementation of ``effnet::se_excite`` (signature of the reference).
+
+    Args:
+        y: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (made dense in its
+            own memory format).
+        gate: ``[N, C]`` any float dtype.
+
+    Returns:
+        ``y * gate[:, :, None, None]`` in y's dtype and memory format.
+    """
+    lp = prepare_se_excite(y, gate)
+    if lp.out.numel() == 0:
+        return lp.out
+    n, c, h, w = lp.y.shape
+    hw = h * w
+    rows, cols = (n * hw, c) if lp.layout == "nhwc" else (n * c, hw)
+    block_cols = min(next_pow2(cols), _MAX_BLOCK_COLS)
+    block_rows = max(_TILE_ELEMENTS // block_cols, 1)
+    col_blocks = triton.cdiv(cols, block_cols)
+    grid = (triton.cdiv(rows, block_rows) * col_blocks,)
+    with device_guard(lp.y):
+        _se_excite_kernel.on(lp.y)[grid](
+            lp.y, lp.gate, lp.out, rows, cols, hw, col_blocks,
+            CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64, BF16_RTNE=needs_bf16_rtne(lp.out),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=4,
+        )
+    return lp.out

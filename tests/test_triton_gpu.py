@@ -1,0 +1,202 @@
+"""The compiled Triton kernels on a CUDA GPU (``pytest -m gpu``; skipped without one).
+
+Every depthwise / SE layer shape of EfficientNet B0-B7 at native resolution against
+fp64 references computed on the GPU, large batch, the deterministic squeeze, offsets
+past 2^31 elements, and the tuner's cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effnet_kernels as ek
+
+from .parity import assert_parity
+from .test_ops_parity import se_truth
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+CL = torch.channels_last
+HAVE_GPU = torch.cuda.is_available()
+
+
+def _model_shapes():
+    from effnet_kernels.models import MODEL_NAMES, depthwise_shapes, layer_shapes
+
+    dw = depthwise_shapes()
+    layers = [s for name in MODEL_NAMES for s in layer_shapes(name)]
+    se = sorted({(s.mid_channels, s.se_reduced) for s in layers if s.se_reduced})
+    excite = sorted({(s.mid_channels, s.Ho, s.Wo) for s in layers})
+    return dw, se, excite
+
+
+# Building B0-B7 on the meta device takes seconds: only where these tests can run.
+DW_SHAPES, SE_SHAPES, EXCITE_SHAPES = _model_shapes() if HAVE_GPU else ([], [], [])
+B0_DW = [(32, 112, 112, 3, 1), (96, 112, 112, 3, 2), (144, 56, 56, 5, 2), (240, 28, 28, 3, 2),
+         (480, 14, 14, 5, 1), (672, 14, 14, 5, 2), (1152, 7, 7, 3, 1)]
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kernels():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set: these tests are for the compiled kernels")
+
+
+def tf_same(size: int, k: int, stride: int) -> tuple[int, int]:
+    """TF "same" padding (before, after) of one dimension."""
+    total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def fp64_dwconv(x, w, scale, shift, stride, pad4):
+    """fp64 depthwise conv + affine + SiLU and its spatial mean, on x's device."""
+    z = F.conv2d(F.pad(x.double(), pad4), w.double(), stride=stride, groups=x.shape[1])
+    y = F.silu(z * scale.double()[:, None, None] + shift.double()[:, None, None])
+    return y, y.mean(dim=(2, 3))
+
+
+def plain_dwconv(x, w, scale, shift, stride, pad4):
+    """The same chain in plain PyTorch in x's dtype (the parity rule's error budget)."""
+    z = F.conv2d(F.pad(x, pad4), w.to(x.dtype), stride=stride, groups=x.shape[1])
+    y = F.silu(z * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None])
+    return y, y.float().mean(dim=(2, 3))
+
+
+def check_dwconv(n, c, h, w, k, stride, dtype, layout, pad4=None):
+    pad4 = pad4 or (*tf_same(w, k, stride), *tf_same(h, k, stride))
+    x = torch.randn(n, c, h, w, device=DEV).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    weight = torch.randn(c, 1, k, k, device=DEV) * 0.3
+    scale, shift = torch.rand(c, device=DEV) + 0.5, torch.randn(c, device=DEV) * 0.5
+    y, mean = ek.ops.dwconv_bn_act(x, weight, scale, shift, stride=stride, padding=pad4, squeeze=True,
+                                   backend="triton")
+    assert y.is_contiguous(memory_format=CL if layout == "channels_last" and c > 1 else torch.contiguous_format)
+    y_ref, m_ref = fp64_dwconv(x, weight, scale, shift, stride, pad4)
+    y_plain, m_plain = plain_dwconv(x, weight, scale, shift, stride, pad4)
+    assert_parity(y, y_ref, y_plain, dtype, what="y")
+    assert_parity(mean, m_ref, m_plain, dtype, what="mean")
+
+
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=lambda s: "C{}-{}x{}-k{}-s{}".format(*s))
+def test_dwconv_efficientnet_layers(shape):
+    """Every depthwise layer of B0-B7 at native resolution, fp16 channels_last, TF-same padding."""
+    c, h, w, k, stride = shape
+    check_dwconv(2, c, h, w, k, stride, torch.float16, "channels_last")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", B0_DW, ids=lambda s: "C{}-{}x{}-k{}-s{}".format(*s))
+def test_dwconv_b0_layers_dtypes_layouts(shape, dtype, layout):
+    c, h, w, k, stride = shape
+    check_dwconv(2, c, h, w, k, stride, dtype, layout)
+
+
+def test_dwconv_nchw_fp16_b0():
+    for c, h, w, k, stride in B0_DW:
+        check_dwconv(2, c, h, w, k, stride, torch.float16, "nchw")
+
+
+@pytest.mark.parametrize("shape", [(144, 56, 56, 3, 1), (672, 14, 14, 5, 2)])
+def test_dwconv_large_batch(shape):
+    c, h, w, k, stride = shape
+    check_dwconv(256, c, h, w, k, stride, torch.float16, "channels_last")
+
+
+def test_dwconv_deterministic_squeeze_bitwise():
+    x = torch.randn(16, 144, 56, 56, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
+    w = torch.randn(144, 1, 3, 3, device=DEV)
+    s, b = torch.rand(144, device=DEV) + 0.5, torch.randn(144, device=DEV)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")[1] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    _, m_fast = ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")
+    _, m_ref = fp64_dwconv(x, w, s, b, 1, (1, 1, 1, 1))
+    assert_parity(runs[0], m_ref, None, torch.float32, what="deterministic mean")
+    assert_parity(m_fast, m_ref, None, torch.float32, what="atomic mean")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dwconv_offsets_past_int32(layout):
+    """x and y of 2^31+ elements: the int64 specialisation; checked on the last rows."""
+    n, c, h, w = 1, 16, 11600, 11600  # 2.15e9 elements, 4.3 GB in fp16
+    x = torch.randn(n, c, h, w, device=DEV, dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    weight = torch.randn(c, 1, 3, 3, device=DEV) * 0.3
+    s, b = torch.rand(c, device=DEV) + 0.5, torch.randn(c, device=DEV)
+    y, mean = ek.ops.dwconv_bn_act(x, weight, s, b, squeeze=True, backend="triton")
+    rows = 20
+    crop = x[:, :, h - rows:, :]
+    y_ref, _ = fp64_dwconv(crop, weight, s, b, 1, (1, 1, 0, 1))
+    y_plain, _ = plain_dwconv(crop, weight, s, b, 1, (1, 1, 0, 1))
+    assert_parity(y[:, :, h - rows + 1:, :], y_ref, y_plain, torch.float16, what="y tail")
+    torch.testing.assert_close(mean, y.float().mean(dim=(2, 3)), atol=1e-3, rtol=1e-3)
+    del x, y
+    g = torch.rand(n, c, device=DEV)
+    big = torch.randn(n, c, h, w, device=DEV, dtype=torch.float16)
+    if layout == "channels_last":
+        big = big.contiguous(memory_format=CL)
+    out = ek.ops.se_excite(big, g, backend="triton")
+    tail = big[:, :, -4:, :]
+    assert_parity(out[:, :, -4:, :], tail.double() * g.double()[:, :, None, None],
+                  tail * g.half()[:, :, None, None], torch.float16, what="excite tail")
+
+
+@pytest.mark.parametrize("cr", SE_SHAPES, ids=lambda cr: f"C{cr[0]}-R{cr[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_se_gate_efficientnet_layers(cr, dtype):
+    c, r = cr
+    pooled = torch.randn(37, c, device=DEV).to(dtype)  # 3 blocks of 16 samples
+    wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
+    we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
+    gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="triton")
+    truth = se_truth(pooled.cpu(), wr.cpu(), br.cpu(), we.cpu(), be.cpu())
+    assert_parity(gate.cpu(), truth, None, torch.float32, what="gate")
+
+
+def test_se_excite_efficientnet_layers():
+    for c, h, w in EXCITE_SHAPES:
+        for layout in ("nchw", "channels_last"):
+            y = torch.randn(2, c, h, w, device=DEV, dtype=torch.float16)
+            if layout == "channels_last":
+                y = y.contiguous(memory_format=CL)
+            g = torch.rand(2, c, device=DEV)
+            out = ek.ops.se_excite(y, g, backend="triton")
+            assert out.is_contiguous(memory_format=CL if layout == "channels_last" else torch.contiguous_format)
+            assert_parity(out, y.double() * g.double()[:, :, None, None], y * g.half()[:, :, None, None],
+                          torch.float16, what=f"excite C{c} {h}x{w} {layout}")
+
+
+def test_tuner_times_a_new_shape_class_once():
+    from effnet_kernels.triton import _tuning
+
+    _tuning.clear_cache()
+    x = torch.randn(8, 240, 28, 28, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
+    w, s, b = torch.randn(240, 1, 5, 5, device=DEV), torch.rand(240, device=DEV) + 0.5, torch.randn(240, device=DEV)
+    t0 = time.perf_counter()
+    ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    assert len(_tuning._cache) == 1
+    t0 = time.perf_counter()
+    ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")
+    torch.cuda.synchronize()
+    second = time.perf_counter() - t0
+    assert len(_tuning._cache) == 1
+    print(f"first call (tuning + compiling) {first:.2f} s, second {second * 1e3:.2f} ms")
+    assert first < 60 and second < first
