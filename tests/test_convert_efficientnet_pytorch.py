@@ -113,7 +113,8 @@ def test_convert_twice_changes_nothing_and_revert_restores():
 def test_block_attributes_stay_reachable():
     model = ek.convert(build("b0", image_size=32))
     block = model._blocks[3]
-    assert block._block_args.kernel_size == 3 and block.has_se is True
+    assert block._block_args.kernel_size == 5 and block.has_se is True
+    assert block._block_args is block.plan.original._block_args
     model.set_swish(memory_efficient=False)  # EfficientNet.set_swish walks the (fused) blocks
 
 
