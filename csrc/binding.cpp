@@ -1,0 +1,184 @@
+// pybind11 module effnet_kernels._C: the raw-pointer boundary of the CUDA backend.
+//
+// Functions take device pointers and the CUDA stream as Python ints (tensor.data_ptr(),
+// torch.cuda.current_stream().cuda_stream), sizes as ints, and return None on success or
+// an error message string, which effnet_kernels/cuda.py raises as an exception naming
+// the op. No libtorch headers and no libtorch linkage: one build serves every torch.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "effnet_ext.h"
+
+// Written by effnet_kernels/_build.py into the build directory: EFFNET_NVCC_VERSION,
+// EFFNET_ARCHS, EFFNET_SOURCE_HASH.
+#if __has_include("effnet_build_info.h")
+#include "effnet_build_info.h"
+#endif
+
+#ifndef EFFNET_NVCC_VERSION
+#define EFFNET_NVCC_VERSION "unknown"
+#endif
+#ifndef EFFNET_ARCHS
+#define EFFNET_ARCHS "unknown"
+#endif
+#ifndef EFFNET_SOURCE_HASH
+#define EFFNET_SOURCE_HASH "unknown"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t p) {
+  return reinterpret_cast<P*>(p);
+}
+
+py::object result(const char* err) {
+  if (err == nullptr) return py::none();
+  return py::str(err);
+}
+
+effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift,
+                               uintptr_t mean, uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc,
+                               int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo, int k,
+                               int stride_h, int stride_w, int pad_top, int pad_left, bool silu, bool squeeze,
+                               bool deterministic, int device, uintptr_t stream) {
+  effnet::DWConvArgs a;
+  a.x = ptr<const void>(x);
+  a.y = ptr<void>(y);
+  a.weight = ptr<const float>(weight);
+  a.scale = ptr<const float>(scale);
+  a.shift = ptr<const float>(shift);
+  a.mean = ptr<float>(mean);
+  a.partials = ptr<float>(partials);
+  a.partials_numel = partials_numel;
+  a.dtype = dtype;
+  a.nhwc = nhwc;
+  a.n = n;
+  a.c = c;
+  a.h = h;
+  a.w = w;
+  a.ho = ho;
+  a.wo = wo;
+  a.k = k;
+  a.stride_h = stride_h;
+  a.stride_w = stride_w;
+  a.pad_top = pad_top;
+  a.pad_left = pad_left;
+  a.silu = silu;
+  a.squeeze = squeeze;
+  a.deterministic = deterministic;
+  a.device = device;
+  a.stream = ptr<void>(stream);
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "effnet_kernels CUDA kernels (raw-pointer interface; see effnet_kernels/cuda.py)";
+
+  m.def(
+      "dwconv_partials_numel",
+      [](int dtype, bool nhwc, int64_t n, int64_t c, int64_t ho, int64_t wo, int k, int stride_w, bool squeeze,
+         bool deterministic) {
+        effnet::DWConvArgs a;
+        a.dtype = dtype;
+        a.nhwc = nhwc;
+        a.n = n;
+        a.c = c;
+        a.h = a.w = 1;
+        a.ho = ho;
+        a.wo = wo;
+        a.k = k;
+        a.stride_w = stride_w;
+        a.squeeze = squeeze;
+        a.deterministic = deterministic;
+        return effnet::dwconv_partials_numel(a);
+      },
+      "Floats of scratch the deterministic squeeze needs (0 when none).", py::arg("dtype"), py::arg("nhwc"),
+      py::arg("n"), py::arg("c"), py::arg("ho"), py::arg("wo"), py::arg("k"), py::arg("stride_w"),
+      py::arg("squeeze"), py::arg("deterministic"));
+
+  m.def(
+      "dwconv_bn_act",
+      [](uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift, uintptr_t mean,
+         uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc, int64_t n, int64_t c, int64_t h,
+         int64_t w, int64_t ho, int64_t wo, int k, int stride_h, int stride_w, int pad_top, int pad_left,
+         bool silu, bool squeeze, bool deterministic, int device, uintptr_t stream) {
+        return result(effnet::dwconv_bn_act(dwconv_args(x, y, weight, scale, shift, mean, partials, partials_numel,
+                                                        dtype, nhwc, n, c, h, w, ho, wo, k, stride_h, stride_w,
+                                                        pad_top, pad_left, silu, squeeze, deterministic, device,
+                                                        stream)));
+      },
+      "Depthwise conv + BN + SiLU (+ squeeze); returns None or an error message.", py::arg("x"), py::arg("y"),
+      py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("partials"),
+      py::arg("partials_numel"), py::arg("dtype"), py::arg("nhwc"), py::arg("n"), py::arg("c"), py::arg("h"),
+      py::arg("w"), py::arg("ho"), py::arg("wo"), py::arg("k"), py::arg("stride_h"), py::arg("stride_w"),
+      py::arg("pad_top"), py::arg("pad_left"), py::arg("silu"), py::arg("squeeze"), py::arg("deterministic"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "se_gate",
+      [](uintptr_t pooled, uintptr_t w_reduce, uintptr_t b_reduce, uintptr_t w_expand, uintptr_t b_expand,
+         uintptr_t hidden, uintptr_t gate, int pooled_dtype, int weight_dtype, int64_t n, int64_t c, int64_t r,
+         int device, uintptr_t stream) {
+        effnet::SEGateArgs a;
+        a.pooled = ptr<const void>(pooled);
+        a.w_reduce = ptr<const void>(w_reduce);
+        a.b_reduce = ptr<const void>(b_reduce);
+        a.w_expand = ptr<const void>(w_expand);
+        a.b_expand = ptr<const void>(b_expand);
+        a.hidden = ptr<float>(hidden);
+        a.gate = ptr<float>(gate);
+        a.pooled_dtype = pooled_dtype;
+        a.weight_dtype = weight_dtype;
+        a.n = n;
+        a.c = c;
+        a.r = r;
+        a.device = device;
+        a.stream = ptr<void>(stream);
+        return result(effnet::se_gate(a));
+      },
+      "SE gate [N, C] fp32; returns None or an error message.", py::arg("pooled"), py::arg("w_reduce"),
+      py::arg("b_reduce"), py::arg("w_expand"), py::arg("b_expand"), py::arg("hidden"), py::arg("gate"),
+      py::arg("pooled_dtype"), py::arg("weight_dtype"), py::arg("n"), py::arg("c"), py::arg("r"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "se_excite",
+      [](uintptr_t y, uintptr_t gate, uintptr_t out, int dtype, bool nhwc, int64_t n, int64_t c, int64_t h,
+         int64_t w, int device, uintptr_t stream) {
+        effnet::SEExciteArgs a;
+        a.y = ptr<const void>(y);
+        a.gate = ptr<const float>(gate);
+        a.out = ptr<void>(out);
+        a.dtype = dtype;
+        a.nhwc = nhwc;
+        a.n = n;
+        a.c = c;
+        a.h = h;
+        a.w = w;
+        a.device = device;
+        a.stream = ptr<void>(stream);
+        return result(effnet::se_excite(a));
+      },
+      "y * gate; returns None or an error message.", py::arg("y"), py::arg("gate"), py::arg("out"),
+      py::arg("dtype"), py::arg("nhwc"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "build_info",
+      []() {
+        py::dict d;
+        d["nvcc_version"] = EFFNET_NVCC_VERSION;
+        d["archs"] = EFFNET_ARCHS;
+        d["source_hash"] = EFFNET_SOURCE_HASH;
+        d["abi_version"] = effnet::kAbiVersion;
+        d["cudart_version"] = effnet::cudart_version();
+        return d;
+      },
+      "How this module was built: nvcc version, archs, source hash, ABI version, CUDA runtime version.");
+}

@@ -1,0 +1,109 @@
+// Device helpers shared by the kernels: dtype conversion, 16-byte packs, activation,
+// launch-error checking. No libtorch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace effnet {
+
+constexpr int kThreads = 256;  // threads per block for every kernel here
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// SiLU in fp32 with the accurate expf (x * sigmoid(x) as PyTorch computes it).
+__device__ __forceinline__ float silu(float u) { return u / (1.0f + expf(-u)); }
+__device__ __forceinline__ float sigmoid(float u) { return 1.0f / (1.0f + expf(-u)); }
+
+// Elements of T in one 16-byte access.
+template <typename T>
+struct PackWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+// 16 bytes of raw elements (V = PackWidth<T> of them), kept packed in registers and
+// converted to float where used: half the registers of a float copy for fp16/bf16.
+using RawPack = uint4;
+
+template <typename T>
+__device__ __forceinline__ float pack_elem(const RawPack& r, int i) {
+  return to_float(reinterpret_cast<const T*>(&r)[i]);
+}
+
+// Load V consecutive elements starting at p. With vec (p 16-byte aligned, all V in
+// range) one 16-byte load; otherwise `valid` scalar loads, zeros beyond.
+template <typename T, int V>
+__device__ __forceinline__ RawPack load_pack(const T* __restrict__ p, bool vec, int64_t valid) {
+  static_assert(V * sizeof(T) == 16, "a pack is 16 bytes");
+  if (vec) return __ldg(reinterpret_cast<const RawPack*>(p));
+  RawPack r = make_uint4(0u, 0u, 0u, 0u);
+  T* e = reinterpret_cast<T*>(&r);
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (i < valid) e[i] = p[i];
+  return r;
+}
+
+// Raw bits of one element, widened to 32 bits.
+__device__ __forceinline__ uint32_t bits_of(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// Store V floats rounded to T at p (vector or `valid` scalar stores, as load_pack). The
+// 16-byte pack is assembled as four 32-bit words and written with one st.global.v4.
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&v)[V], bool vec, int64_t valid) {
+  static_assert(V * sizeof(T) == 16, "a pack is 16 bytes");
+  if (vec) {
+    uint32_t w[4];
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = bits_of(from_float<T>(v[i]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = bits_of(from_float<T>(v[2 * i])) | (bits_of(from_float<T>(v[2 * i + 1])) << 16);
+    }
+    __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      if (i < valid) p[i] = from_float<T>(v[i]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+__host__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Make `device` current for this (the extension's own) CUDA runtime.
+const char* set_device(int device);
+
+// nullptr after a good launch, else CUDA's message.
+__host__ __forceinline__ const char* launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace effnet

@@ -1,0 +1,80 @@
+// Host-side interface of the effnet_kernels CUDA extension.
+//
+// Plain C++ (no CUDA, no libtorch headers): the pybind11 binding includes only this.
+// Every entry point returns nullptr on success or a static error message (CUDA's own
+// message for CUDA errors). Tensors are raw device pointers to dense data; streams
+// are cudaStream_t values passed as void*.
+#pragma once
+
+#include <cstdint>
+
+namespace effnet {
+
+// Bump whenever the Python <-> C++ calling convention changes; effnet_kernels/_build.py
+// holds the same number and refuses a module built with another one.
+constexpr int kAbiVersion = 2;
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct DWConvArgs {
+  const void* x = nullptr;       // [N, C, H, W] dense NCHW, or dense NHWC when nhwc
+  void* y = nullptr;             // [N, C, Ho, Wo], same layout and dtype as x
+  const float* weight = nullptr; // [C, k * k]
+  const float* scale = nullptr;  // [C]
+  const float* shift = nullptr;  // [C]
+  float* mean = nullptr;         // [N, C], zero-filled; only read when squeeze
+  float* partials = nullptr;     // deterministic squeeze scratch, dwconv_partials_numel() floats
+  int64_t partials_numel = 0;
+  int dtype = kFloat32;
+  bool nhwc = false;
+  int64_t n = 0, c = 0, h = 0, w = 0, ho = 0, wo = 0;
+  int k = 3, stride_h = 1, stride_w = 1, pad_top = 0, pad_left = 0;
+  bool silu = true;
+  bool squeeze = false;
+  bool deterministic = false;
+  int device = 0;
+  void* stream = nullptr;
+};
+
+// y = act(dwconv(x) * scale + shift) (+ mean = spatial mean of y in fp32).
+const char* dwconv_bn_act(const DWConvArgs& args);
+
+// Floats of scratch dwconv_bn_act needs in args.partials (0 unless squeeze && deterministic).
+int64_t dwconv_partials_numel(const DWConvArgs& args);
+
+struct SEGateArgs {
+  const void* pooled = nullptr;   // [N, C], dtype pooled_dtype
+  const void* w_reduce = nullptr; // [R, C], dtype weight_dtype (all four weights share it)
+  const void* b_reduce = nullptr; // [R]
+  const void* w_expand = nullptr; // [C, R]
+  const void* b_expand = nullptr; // [C]
+  float* hidden = nullptr;        // [N, R] fp32 scratch
+  float* gate = nullptr;          // [N, C] fp32 output
+  int pooled_dtype = kFloat32;
+  int weight_dtype = kFloat32;
+  int64_t n = 0, c = 0, r = 0;
+  int device = 0;
+  void* stream = nullptr;
+};
+
+// gate = sigmoid(W_e silu(W_r pooled + b_r) + b_e).
+const char* se_gate(const SEGateArgs& args);
+
+struct SEExciteArgs {
+  const void* y = nullptr;     // [N, C, H, W] dense NCHW, or dense NHWC when nhwc
+  const float* gate = nullptr; // [N, C] fp32
+  void* out = nullptr;         // like y
+  int dtype = kFloat32;
+  bool nhwc = false;
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  int device = 0;
+  void* stream = nullptr;
+};
+
+// out = y * gate[:, :, None, None].
+const char* se_excite(const SEExciteArgs& args);
+
+// CUDA runtime version the module was compiled against (CUDART_VERSION).
+int cudart_version();
+
+}  // namespace effnet
