@@ -5,8 +5,9 @@ A backend is a name plus three callables, registered with :func:`register_backen
 * ``unavailable()`` -> reasons the backend cannot run on this machine at all
   (package missing, no GPU, extension not built); ``[]`` means available.
   Evaluated once and cached.
-* ``unsupported(op, tensor)`` -> reasons this backend cannot serve this op for an
-  input like ``tensor`` (device, dtype); ``[]`` means it can.
+* ``unsupported(op, tensor, args)`` -> reasons this backend cannot serve this op for
+  an input like ``tensor`` (device, dtype) with these op arguments (``args``, the op's
+  arguments without the backend name, e.g. to check a kernel size); ``[]`` means it can.
 * ``load()`` -> a mapping ``{op_name: implementation}``, imported on first use so
   that ``import effnet_kernels`` never imports Triton or the CUDA extension.
 
@@ -65,7 +66,7 @@ class BackendStatus:
 class _Backend:
     name: str
     unavailable: Callable[[], list[str]]
-    unsupported: Callable[[str, torch.Tensor], list[str]]
+    unsupported: Callable[[str, torch.Tensor, tuple], list[str]]
     load: Callable[[], Mapping[str, Callable]]
     _unavailable_cache: list[str] | None = None
     _impls: Mapping[str, Callable] | None = None
@@ -86,14 +87,18 @@ class _Backend:
                     self._impls = dict(self.load())
         return self._impls
 
-    def reasons(self, op: str, tensor: torch.Tensor) -> list[str]:
+    def reasons(self, op: str, tensor: torch.Tensor, args: tuple = ()) -> list[str]:
         reasons = self.reasons_unavailable()
         if reasons:
             return reasons
-        reasons = list(self.unsupported(op, tensor))
+        reasons = list(self.unsupported(op, tensor, args))
         if reasons:
             return reasons
-        if op not in self.impls():
+        try:
+            impls = self.impls()
+        except BackendUnavailableError as exc:  # load() found it cannot run after all (e.g. a failed JIT build)
+            return [str(exc)]
+        if op not in impls:
             return [f"backend {self.name!r} does not implement {op!r}"]
         return []
 
@@ -112,7 +117,7 @@ def register_backend(
     name: str,
     *,
     unavailable: Callable[[], list[str]],
-    unsupported: Callable[[str, torch.Tensor], list[str]],
+    unsupported: Callable[[str, torch.Tensor, tuple], list[str]],
     load: Callable[[], Mapping[str, Callable]],
 ) -> None:
     """Register (or replace) a backend under ``name``; see the module docstring."""
@@ -184,14 +189,14 @@ def requested_backend(backend: str | None) -> str:
     return "auto"
 
 
-def resolve(op: str, requested: str, tensor: torch.Tensor) -> Callable:
-    """The implementation of ``op`` that serves ``tensor`` under the request ``requested``."""
+def resolve(op: str, requested: str, tensor: torch.Tensor, args: tuple = ()) -> Callable:
+    """The implementation of ``op`` that serves ``tensor`` (and ``args``) under the request ``requested``."""
     _ensure_registered()
     if requested != "auto":
         backend = _REGISTRY.get(requested)
         if backend is None:
             raise BackendUnavailableError(f"backend {requested!r} is not registered")
-        reasons = backend.reasons(op, tensor)
+        reasons = backend.reasons(op, tensor, args)
         if reasons:
             raise BackendUnavailableError(
                 f"effnet_kernels: backend {requested!r} cannot run {op} on a "
@@ -203,7 +208,7 @@ def resolve(op: str, requested: str, tensor: torch.Tensor) -> Callable:
         backend = _REGISTRY.get(name)
         if backend is None:
             continue
-        reasons = backend.reasons(op, tensor)
+        reasons = backend.reasons(op, tensor, args)
         if not reasons:
             return backend.impls()[op]
         tried.append(f"{name}: {'; '.join(reasons)}")
@@ -212,7 +217,7 @@ def resolve(op: str, requested: str, tensor: torch.Tensor) -> Callable:
     )
 
 
-def resolve_backward(op: str, requested: str, tensor: torch.Tensor) -> Callable:
+def resolve_backward(op: str, requested: str, tensor: torch.Tensor, args: tuple = ()) -> Callable:
     """Like :func:`resolve` for a backward op, which a backend may leave unimplemented.
 
     The requested backend serves the backward when it implements it; otherwise the
@@ -220,9 +225,9 @@ def resolve_backward(op: str, requested: str, tensor: torch.Tensor) -> Callable:
     """
     _ensure_registered()
     backend = _REGISTRY.get(requested)
-    if backend is not None and not backend.reasons(op, tensor):
+    if backend is not None and not backend.reasons(op, tensor, args):
         return backend.impls()[op]
-    return resolve(op, "auto", tensor)
+    return resolve(op, "auto", tensor, args)
 
 
 _registered = False

@@ -167,6 +167,6 @@ IMPLEMENTATIONS = {
 backends.register_backend(
     "torch",
     unavailable=lambda: [],
-    unsupported=lambda op, t: [],
+    unsupported=lambda op, t, args=(): [],
     load=lambda: IMPLEMENTATIONS,
 )

@@ -24,7 +24,7 @@ def spy_backend(monkeypatch):
 
     backends._ensure_registered()
     saved = backends._REGISTRY["triton"]
-    backends.register_backend("triton", unavailable=lambda: [], unsupported=lambda op, t: [],
+    backends.register_backend("triton", unavailable=lambda: [], unsupported=lambda op, t, args=(): [],
                               load=lambda: {op: impl(op) for op in ("dwconv_bn_act", "se_gate", "se_excite")})
     yield calls
     backends._REGISTRY["triton"] = saved
@@ -100,9 +100,28 @@ def test_failing_probe_is_reported_not_raised():
     saved = backends._REGISTRY["cuda"]
     def boom():
         raise OSError("driver exploded")
-    backends.register_backend("cuda", unavailable=boom, unsupported=lambda op, t: [], load=dict)
+    backends.register_backend("cuda", unavailable=boom, unsupported=lambda op, t, args=(): [], load=dict)
     try:
         status = ek.available_backends()["cuda"]
         assert not status.available and "driver exploded" in status.reasons[0]
     finally:
         backends._REGISTRY["cuda"] = saved
+
+
+def test_auto_falls_through_on_argument_reasons(monkeypatch):
+    """A backend can refuse a call by its arguments (e.g. a kernel size); auto then takes the next one."""
+    seen = []
+
+    def refuse_k7(op, t, args=()):
+        seen.append(op)
+        return ["k=7 not compiled"] if op == "dwconv_bn_act" and args[1].shape[-1] == 7 else []
+
+    backends._ensure_registered()
+    monkeypatch.setitem(backends._REGISTRY, "triton", backends._Backend(
+        "triton", lambda: [], refuse_k7, lambda: {"dwconv_bn_act": lambda *a: ("spy", None)}))
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    x, s, b = torch.randn(1, 4, 9, 9), torch.rand(4) + 0.5, torch.randn(4)
+    y = ek.ops.dwconv_bn_act(x, torch.randn(4, 1, 7, 7), s, b)  # refused by the spy: the reference serves it
+    assert isinstance(y, torch.Tensor) and y.shape == (1, 4, 9, 9)
+    with pytest.raises(ek.BackendUnavailableError, match="k=7 not compiled"):
+        ek.ops.dwconv_bn_act(x, torch.randn(4, 1, 7, 7), s, b, backend="triton")

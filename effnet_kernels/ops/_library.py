@@ -40,9 +40,9 @@ def define(
         check(*op_args)
         anchor = next(a for a in op_args if isinstance(a, torch.Tensor))
         if is_backward:
-            impl = backends.resolve_backward(name, requested, anchor)
+            impl = backends.resolve_backward(name, requested, anchor, tuple(op_args))
         else:
-            impl = backends.resolve(name, requested, anchor)
+            impl = backends.resolve(name, requested, anchor, tuple(op_args))
         out = impl(*op_args)
         return finish(out, *op_args) if finish is not None else out
 

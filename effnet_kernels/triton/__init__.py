@@ -30,7 +30,7 @@ def _unavailable() -> list[str]:
     return []
 
 
-def _unsupported(op: str, t: torch.Tensor) -> list[str]:
+def _unsupported(op: str, t: torch.Tensor, args: tuple = ()) -> list[str]:
     reasons = []
     if t.device.type == "cpu":
         if not interpreter_enabled():
