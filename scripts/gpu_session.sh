@@ -75,7 +75,7 @@ if want build; then
 fi
 
 if want tests; then
-    step tests "${T_TESTS:-100}" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml" ${PYTEST_ARGS:-} tests
+    step tests "${T_TESTS:-100}" "$PY" -m pytest -m "gpu or adapters" -q -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml" ${PYTEST_ARGS:-} tests
 fi
 
 if want sanitizer && [[ "${SANITIZER:-0}" != 0 ]]; then

@@ -12,6 +12,8 @@ import effnet_kernels as ek
 
 from .test_nn import randomize_bn
 
+pytestmark = pytest.mark.adapters
+
 
 def _check_model(model: nn.Module, fused_type_names: set[str], size: int = 64, expect_swapped=None) -> None:
     model = randomize_bn(model).eval()
