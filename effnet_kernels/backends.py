@@ -14,7 +14,9 @@ A backend is a name plus three callables, registered with :func:`register_backen
 Selection order: the ``backend=`` argument > :func:`use_backend` context >
 ``EFFNET_KERNELS_BACKEND`` > ``"auto"``. An explicitly requested backend that cannot
 serve an input raises :class:`BackendUnavailableError` listing its reasons; ``"auto"``
-walks :data:`AUTO_ORDER` and takes the first backend that can.
+tries first the backend measured fastest for the call's shape class
+(:mod:`effnet_kernels.auto_table`, GPU tensors only), then walks :data:`AUTO_ORDER`, and
+takes the first backend that can serve the call.
 """
 
 from __future__ import annotations
@@ -203,8 +205,15 @@ def resolve(op: str, requested: str, tensor: torch.Tensor, args: tuple = ()) -> 
                 f"{tensor.dtype} tensor on {tensor.device}: " + "; ".join(reasons)
             )
         return backend.impls()[op]
+    order = AUTO_ORDER.get(tensor.device.type, ("torch",))
+    if tensor.device.type != "cpu":
+        from .auto_table import preferred_backend
+
+        measured = preferred_backend(op, args)
+        if measured in order:
+            order = (measured,) + tuple(n for n in order if n != measured)
     tried = []
-    for name in AUTO_ORDER.get(tensor.device.type, ("torch",)):
+    for name in order:
         backend = _REGISTRY.get(name)
         if backend is None:
             continue
