@@ -97,8 +97,34 @@ __host__ __forceinline__ bool aligned16(const void* p) {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Make `device` current for this (the extension's own) CUDA runtime.
-const char* set_device(int device);
+// Makes `device` current for one entry point and restores the caller's device when it
+// goes out of scope. The current device is per-thread driver state that this module's
+// (static) CUDA runtime shares with torch's: an op on cuda:1 must not leave torch's
+// current device switched to 1.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaError_t err = cudaGetDevice(&prev_);
+    if (err == cudaSuccess && prev_ != device) {
+      err = cudaSetDevice(device);
+      switched_ = err == cudaSuccess;
+    }
+    error_ = err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  }
+  ~DeviceGuard() {
+    // A failed restore must not surface as the next call's launch error.
+    if (switched_ && cudaSetDevice(prev_) != cudaSuccess) cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  // nullptr when `device` is current, else CUDA's message.
+  const char* error() const { return error_; }
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+  const char* error_ = nullptr;
+};
 
 // nullptr after a good launch, else CUDA's message.
 __host__ __forceinline__ const char* launch_error() {

@@ -24,13 +24,6 @@ EFFNET_EXTERN_DWCONV(float)
 EFFNET_EXTERN_DWCONV(__half)
 EFFNET_EXTERN_DWCONV(__nv_bfloat16)
 
-const char* set_device(int device) {
-  int current = -1;
-  cudaError_t err = cudaGetDevice(&current);
-  if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 int cudart_version() { return CUDART_VERSION; }
 
 namespace {
@@ -50,7 +43,9 @@ const char* check_args(const DWConvArgs& a) {
   if (a.k != 3 && a.k != 5 && a.k != 7) return "dwconv_bn_act: the CUDA kernels support kernel sizes 3, 5 and 7";
   if ((a.stride_h != 1 && a.stride_h != 2) || (a.stride_w != 1 && a.stride_w != 2))
     return "dwconv_bn_act: stride must be 1 or 2";
-  if (a.n < 0 || a.c < 0 || a.h < 1 || a.w < 1 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act: invalid sizes";
+  // H or W may be 0 when the padding alone covers the kernel (every output is act(shift)):
+  // the kernels then read no input at all.
+  if (a.n < 0 || a.c < 0 || a.h < 0 || a.w < 0 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act: invalid sizes";
   if (a.pad_top < 0 || a.pad_left < 0) return "dwconv_bn_act: padding must be non-negative";
   return nullptr;
 }
@@ -76,7 +71,8 @@ int64_t dwconv_partials_numel(const DWConvArgs& a) {
 const char* dwconv_bn_act(const DWConvArgs& a) {
   if (const char* err = check_args(a)) return err;
   if (a.n == 0 || a.c == 0) return nullptr;
-  if (const char* err = set_device(a.device)) return err;
+  const DeviceGuard device(a.device);  // both launches below run on a.device
+  if (const char* err = device.error()) return err;
   const bool deterministic = a.squeeze && a.deterministic;
   const int64_t need = dwconv_partials_numel(a);
   if (deterministic && (a.partials == nullptr || a.partials_numel < need))

@@ -15,16 +15,18 @@ template <typename TP, typename TW>
 __global__ void __launch_bounds__(kThreads)
 se_reduce_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ hidden, int64_t n, int64_t c, int64_t r) {
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (warp >= n * r) return;  // uniform per warp
-  const int64_t i = warp / r, j = warp % r;
-  const TP* prow = pooled + i * c;
-  const TW* wrow = w + j * c;
-  float s = 0.0f;
-  for (int64_t k = lane; k < c; k += 32) s = fmaf(to_float(prow[k]), to_float(wrow[k]), s);
-  s = warp_sum(s);
-  if (lane == 0) hidden[warp] = silu(s + to_float(b[j]));
+  // Grid-stride over warps (uniform per warp): blocks_for() caps the grid.
+  for (int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; warp < n * r;
+       warp += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = warp / r, j = warp % r;
+    const TP* prow = pooled + i * c;
+    const TW* wrow = w + j * c;
+    float s = 0.0f;
+    for (int64_t k = lane; k < c; k += 32) s = fmaf(to_float(prow[k]), to_float(wrow[k]), s);
+    s = warp_sum(s);
+    if (lane == 0) hidden[warp] = silu(s + to_float(b[j]));
+  }
 }
 
 // gate[n, c] = sigmoid(sum_r hidden[n, r] * w_expand[c, r] + b_expand[c]); one warp per (n, c).
@@ -32,16 +34,17 @@ template <typename TW>
 __global__ void __launch_bounds__(kThreads)
 se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ gate, int64_t n, int64_t c, int64_t r) {
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (warp >= n * c) return;
-  const int64_t i = warp / c, j = warp % c;
-  const float* hrow = hidden + i * r;
-  const TW* wrow = w + j * r;
-  float s = 0.0f;
-  for (int64_t k = lane; k < r; k += 32) s = fmaf(hrow[k], to_float(wrow[k]), s);
-  s = warp_sum(s);
-  if (lane == 0) gate[warp] = sigmoid(s + to_float(b[j]));
+  for (int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; warp < n * c;
+       warp += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = warp / c, j = warp % c;
+    const float* hrow = hidden + i * r;
+    const TW* wrow = w + j * r;
+    float s = 0.0f;
+    for (int64_t k = lane; k < r; k += 32) s = fmaf(hrow[k], to_float(wrow[k]), s);
+    s = warp_sum(s);
+    if (lane == 0) gate[warp] = sigmoid(s + to_float(b[j]));
+  }
 }
 
 // out = y * gate, element e of a dense tensor in NCHW (gate index e / HW) or NHWC
@@ -91,7 +94,8 @@ const char* se_gate(const SEGateArgs& a) {
   if (!valid_dtype(a.pooled_dtype) || !valid_dtype(a.weight_dtype)) return "se_gate: unsupported dtype code";
   if (a.n < 0 || a.c < 0 || a.r < 1) return "se_gate: invalid sizes";
   if (a.n == 0 || a.c == 0) return nullptr;
-  if (const char* err = set_device(a.device)) return err;
+  const DeviceGuard device(a.device);
+  if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   return DTYPE_SWITCH(a.weight_dtype, TW, [&] {
     const char* err = DTYPE_SWITCH(a.pooled_dtype, TP, [&] {
@@ -113,7 +117,8 @@ const char* se_excite(const SEExciteArgs& a) {
   const int64_t hw = a.h * a.w;
   const int64_t total = a.n * a.c * hw;
   if (total == 0) return nullptr;
-  if (const char* err = set_device(a.device)) return err;
+  const DeviceGuard device(a.device);
+  if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const int64_t v = a.dtype == kFloat32 ? 4 : 8;
   const bool vec = ((a.nhwc ? a.c : hw) % v == 0) && aligned16(a.y) && aligned16(a.out);

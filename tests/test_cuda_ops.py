@@ -153,6 +153,13 @@ def test_64bit_offsets(layout):
     assert_parity(y[:, :, -4:, :], y_ref, y_plain, torch.float16, what="last rows")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_empty_height_covered_by_padding(dtype):
+    """H = 0 (or W = 0) with padding >= k: every output is act(shift); the kernels read no input."""
+    check_dwconv(torch.randn(2, 5, 0, 3, device=DEV).to(dtype), 3, 1, (1, 1, 2, 1))
+    check_dwconv(torch.randn(1, 16, 4, 0, device=DEV).to(dtype).contiguous(memory_format=CL), 3, 2, (2, 1, 1, 1))
+
+
 # ------------------------------------------------------------------ squeeze reductions
 def _deterministic(flag: bool):
     prev = torch.are_deterministic_algorithms_enabled()
@@ -233,6 +240,36 @@ def test_se_gate_dtypes(pooled_dtype, weights):
     gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")
     # The kernel reads every input exactly and accumulates in fp32: the fp32 rule applies.
     assert_parity(gate.cpu(), gate_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")
+
+
+def test_se_gate_beyond_the_block_cap():
+    """N * C > 2**20 blocks x 8 warps: the gate kernels must loop over warps (the grid is capped)."""
+    n, c, r = 4400, 2000, 8
+    assert n * c > (1 << 20) * 8
+    pooled = torch.randn(n, c, device=DEV)
+    wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
+    we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
+    gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")
+    p64, wr64, br64, we64, be64 = (t.double() for t in (pooled, wr, br, we, be))
+    truth = torch.sigmoid(F.silu(p64 @ wr64.T + br64) @ we64.T + be64)
+    assert_parity(gate, truth, None, torch.float32, what="gate (all rows)")
+    assert_parity(gate[-64:], truth[-64:], None, torch.float32, what="gate (last rows)")
+
+
+def test_ops_on_another_gpu_keep_the_current_device():
+    """The extension switches to the tensors' device for a call and switches back (torch must not see it)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.cuda.set_device(0)
+    dev1 = torch.device("cuda", 1)
+    x = torch.randn(2, 8, 6, 6, device=dev1)
+    w, s, b = torch.randn(8, 1, 3, 3, device=dev1), torch.rand(8, device=dev1) + 0.5, torch.randn(8, device=dev1)
+    y, mean = ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="cuda")
+    assert torch.cuda.current_device() == 0
+    ek.ops.se_excite(y, torch.sigmoid(mean), backend="cuda")
+    assert torch.cuda.current_device() == 0
+    ref = ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="torch")
+    torch.testing.assert_close(y, ref[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])

@@ -1,0 +1,507 @@
+"""A line-by-line Python emulation of the CUDA kernels' thread -> element mapping (CPU only).
+
+No GPU is needed: each kernel of ``csrc/`` is re-enacted block by block and thread by
+thread (threads of a block run one after the other between ``__syncthreads``), with the
+launch shapes ported from ``dwconv_shape`` / ``blocks_for`` and every global access
+bounds-checked. For awkward shapes (C = 1, C not a multiple of the 16-byte pack, H = W = 1,
+asymmetric padding, stride 2, more strips/batches than the grid holds) it checks that
+
+* every output element is written exactly once and nothing outside is touched;
+* 16-byte accesses are used only at 16-byte aligned addresses;
+* the values (conv + BN + SiLU, the squeeze mean from either reduction, the SE gate, the
+  excitation) equal an fp64 reference;
+* the grid's y (the deterministic partial rows) equals what the built module reports.
+
+The grid limit (65535, or ``blocks_for``'s cap) is a parameter, so the loops that take
+over beyond it run here with small shapes. Keep this file in step with ``csrc/``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+K_THREADS = 256
+GRID_LIMIT = 65535
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def tile_w(sw: int) -> int:
+    return 4 if sw == 1 else 2
+
+
+def pack_width(elem: int) -> int:
+    return 16 // elem
+
+
+# ------------------------------------------------------------------ memory with checks
+class Buf:
+    """A flat device buffer: bounds-checked reads/writes, write counts, 16-byte alignment checks."""
+
+    def __init__(self, data: np.ndarray, elem: int, base_bytes: int = 0, name: str = "buf"):
+        self.a = np.array(data, dtype=np.float64).reshape(-1)
+        self.writes = np.zeros(self.a.size, dtype=np.int64)
+        self.elem, self.base, self.name = elem, base_bytes, name
+
+    def _check(self, i: int, count: int = 1) -> None:
+        assert 0 <= i and i + count <= self.a.size, f"{self.name}: access [{i}, {i + count}) outside [0, {self.a.size})"
+
+    def _aligned(self, i: int) -> None:
+        assert (self.base + i * self.elem) % 16 == 0, f"{self.name}: 16-byte access at misaligned element {i}"
+
+    def ld(self, i: int) -> float:
+        self._check(i)
+        return float(self.a[i])
+
+    def st(self, i: int, v: float) -> None:
+        self._check(i)
+        self.a[i] = v
+        self.writes[i] += 1
+
+    def atomic_add(self, i: int, v: float) -> None:
+        self._check(i)
+        self.a[i] += v
+
+    # load_pack / store_pack of device_utils.cuh
+    def load_pack(self, i: int, V: int, vec: bool, valid: int) -> np.ndarray:
+        out = np.zeros(V)
+        if vec:
+            self._check(i, V)
+            self._aligned(i)
+            return self.a[i:i + V].copy()
+        for j in range(V):
+            if j < valid:
+                out[j] = self.ld(i + j)
+        return out
+
+    def store_pack(self, i: int, v: np.ndarray, V: int, vec: bool, valid: int) -> None:
+        if vec:
+            self._check(i, V)
+            self._aligned(i)
+            self.a[i:i + V] = v
+            self.writes[i:i + V] += 1
+            return
+        for j in range(V):
+            if j < valid:
+                self.st(i + j, v[j])
+
+
+def silu(u):
+    return u / (1.0 + np.exp(-u))
+
+
+# ------------------------------------------------------------------ dwconv launch shape (dwconv_kernels.cuh)
+def dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit=GRID_LIMIT):
+    strips = ho * ceil_div(wo, tile_w(SW))
+    if nhwc:
+        V = pack_width(elem)
+        nvec = ceil_div(c, V)
+        bx = nvec if nvec < 128 // V else 128 // V
+        by = K_THREADS // bx
+        gy = ceil_div(strips, by)
+        grid = (ceil_div(nvec, bx), min(gy, limit), min(n, limit))
+        smem = 4 * (K * K * bx * V + (by * bx * V if squeeze else 0))
+    else:
+        bx = min(ceil_div(strips, 32) * 32, K_THREADS)
+        by = K_THREADS // bx
+        gy = ceil_div(strips, bx)
+        grid = (ceil_div(n * c, by), min(gy, limit), 1)
+        smem = 4 * K_THREADS if squeeze else 0
+    assert bx * by <= K_THREADS and all(g >= 1 for g in grid), (grid, bx, by)
+    assert smem <= 48 * 1024, "more than 48 KiB of dynamic shared memory needs an opt-in"
+    return grid, (bx, by), smem
+
+
+class P:
+    """DWConvParams."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def publish_squeeze(red, rows, cols, first_index, index_limit, p, partial_row, nthreads):
+    nc = p.n * p.c
+    for tid in range(nthreads):
+        for j in range(tid, cols, nthreads):
+            idx = first_index + j
+            if idx >= index_limit:
+                continue
+            s = sum(red[r * cols + j] for r in range(rows))
+            if p.partials is not None:
+                p.partials.st(partial_row * nc + idx, s)
+            else:
+                p.mean.atomic_add(idx, s * p.inv_hw)
+
+
+def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
+    TW = tile_w(SW)
+    SEG = (TW - 1) * SW + K
+    bxd, byd = block
+    CB = bxd * V
+    strips_per_row = ceil_div(p.wo, TW)
+    strips = p.ho * strips_per_row
+    for bz in range(grid[2]):
+        for byi in range(grid[1]):
+            for bxi in range(grid[0]):
+                cb0 = bxi * CB
+                w_s = np.zeros(K * K * CB)
+                for i in range(K * K * CB):  # all threads' strided loop, merged
+                    ch, tap = i // (K * K), i % (K * K)
+                    w_s[tap * CB + ch] = p.weight.ld(cb0 * K * K + i) if cb0 + ch < p.c else 0.0
+                n = bz
+                while n < p.n:
+                    sq = np.zeros((byd, bxd, V))
+                    for ty in range(byd):
+                        for tx in range(bxd):
+                            c0 = cb0 + tx * V
+                            valid = p.c - c0
+                            if valid <= 0:
+                                continue
+                            s = byi * byd + ty
+                            while s < strips:
+                                ho = s // strips_per_row
+                                wo0 = (s % strips_per_row) * TW
+                                hi0 = ho * p.stride_h - p.pad_top
+                                wi0 = wo0 * SW - p.pad_left
+                                acc = np.zeros((TW, V))
+                                for kh in range(K):
+                                    hi = hi0 + kh
+                                    if hi < 0 or hi >= p.h:
+                                        continue
+                                    xrow = ((n * p.h + hi) * p.w) * p.c + c0
+                                    seg = [p.x.load_pack(xrow + (wi0 + j) * p.c, V, p.vec, valid)
+                                           if 0 <= wi0 + j < p.w else np.zeros(V) for j in range(SEG)]
+                                    for kw in range(K):
+                                        wv = w_s[(kh * K + kw) * CB + tx * V:(kh * K + kw) * CB + tx * V + V]
+                                        for t in range(TW):
+                                            acc[t] += seg[t * SW + kw] * wv
+                                for t in range(TW):
+                                    wo = wo0 + t
+                                    if wo >= p.wo:
+                                        break
+                                    sc = np.array([p.scale.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
+                                    sh = np.array([p.shift.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
+                                    u = acc[t] * sc + sh
+                                    out = silu(u) if p.silu else u
+                                    if squeeze:
+                                        sq[ty, tx] += out
+                                    p.y.store_pack(((n * p.ho + ho) * p.wo + wo) * p.c + c0, out, V, p.vec, valid)
+                                s += grid[1] * byd
+                    if squeeze:
+                        red = sq.reshape(byd, CB).reshape(-1)  # red_s[ty * CB + tx * V + v]
+                        publish_squeeze(red, byd, CB, n * p.c + cb0, n * p.c + p.c, p, byi, bxd * byd)
+                    n += grid[2]
+
+
+def dwconv_nchw(p, K, SW, squeeze, grid, block):
+    TW = tile_w(SW)
+    SEG = (TW - 1) * SW + K
+    bxd, byd = block
+    nc = p.n * p.c
+    strips_per_row = ceil_div(p.wo, TW)
+    strips = p.ho * strips_per_row
+    for byi in range(grid[1]):
+        for bxi in range(grid[0]):
+            red = np.zeros(K_THREADS)
+            for ty in range(byd):
+                plane = bxi * byd + ty
+                valid = plane < nc
+                c = plane % p.c if valid else 0
+                xb, yb = plane * p.h * p.w, plane * p.ho * p.wo
+                for tx in range(bxd):
+                    sq = 0.0
+                    if valid:
+                        sc, sh = p.scale.ld(c), p.shift.ld(c)
+                        s = byi * bxd + tx
+                        while s < strips:
+                            ho = s // strips_per_row
+                            wo0 = (s % strips_per_row) * TW
+                            hi0 = ho * p.stride_h - p.pad_top
+                            wi0 = wo0 * SW - p.pad_left
+                            acc = np.zeros(TW)
+                            for kh in range(K):
+                                hi = hi0 + kh
+                                if hi < 0 or hi >= p.h:
+                                    continue
+                                seg = [p.x.ld(xb + hi * p.w + wi0 + j) if 0 <= wi0 + j < p.w else 0.0 for j in range(SEG)]
+                                for kw in range(K):
+                                    wv = p.weight.ld(c * K * K + kh * K + kw)
+                                    for t in range(TW):
+                                        acc[t] += seg[t * SW + kw] * wv
+                            for t in range(TW):
+                                wo = wo0 + t
+                                if wo >= p.wo:
+                                    break
+                                u = acc[t] * sc + sh
+                                out = silu(u) if p.silu else u
+                                sq += out
+                                p.y.st(yb + ho * p.wo + wo, out)
+                            s += grid[1] * bxd
+                    red[ty * bxd + tx] = sq
+            if squeeze:
+                for tid in range(byd):
+                    pl = bxi * byd + tid
+                    if pl < nc:
+                        s = sum(red[tid * bxd + r] for r in range(bxd))
+                        if p.partials is not None:
+                            p.partials.st(byi * nc + pl, s)
+                        else:
+                            p.mean.atomic_add(pl, s * p.inv_hw)
+
+
+def emulate_dwconv(x, weight, scale, shift, stride, pad4, silu_on, squeeze, deterministic, nhwc, elem,
+                   limit=GRID_LIMIT, x_base_bytes=0):
+    """Run the emulated kernels on float64 numpy copies; returns (y NCHW, mean, partial rows)."""
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    left, right, top, bottom = pad4
+    ho = (h + top + bottom - k) // stride[0] + 1
+    wo = (w + left + right - k) // stride[1] + 1
+    xd = x.permute(0, 2, 3, 1) if nhwc else x
+    y = Buf(np.full(n * c * ho * wo, np.nan), elem, name="y")
+    xb = Buf(xd.contiguous().numpy(), elem, base_bytes=x_base_bytes, name="x")
+    V = pack_width(elem)
+    vec = nhwc and (c * elem) % 16 == 0 and xb.base % 16 == 0 and y.base % 16 == 0
+    grid, block, _ = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
+    mean = Buf(np.zeros(n * c), 4, name="mean")
+    partials = Buf(np.full(grid[1] * n * c, np.nan), 4, name="partials") if (squeeze and deterministic) else None
+    p = P(x=xb, y=y, weight=Buf(weight.reshape(c, k * k).numpy(), 4, name="weight"), scale=Buf(scale.numpy(), 4),
+          shift=Buf(shift.numpy(), 4), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
+          stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), silu=silu_on, vec=vec)
+    if nhwc:
+        dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V)
+    else:
+        dwconv_nchw(p, k, stride[1], squeeze, grid, block)
+    if partials is not None:  # reduce_partials_kernel
+        assert (partials.writes == 1).all(), "every partial row is written exactly once before the reduction"
+        nc = n * c
+        blocks = min(ceil_div(nc, K_THREADS), limit)
+        for b in range(blocks):
+            for t in range(K_THREADS):
+                i = b * K_THREADS + t
+                while i < nc:
+                    mean.st(i, sum(partials.ld(r * nc + i) for r in range(grid[1])) / (ho * wo))
+                    i += blocks * K_THREADS
+        assert (mean.writes == 1).all()
+    assert (y.writes == 1).all(), f"output elements written {sorted(set(y.writes.tolist()))} times"
+    yt = torch.from_numpy(y.a.reshape((n, ho, wo, c) if nhwc else (n, c, ho, wo)))
+    if nhwc:
+        yt = yt.permute(0, 3, 1, 2)
+    return yt, torch.from_numpy(mean.a.reshape(n, c)), grid[1], vec
+
+
+def dwconv_truth(x, weight, scale, shift, stride, pad4, silu_on):
+    z = F.conv2d(F.pad(x, pad4), weight, stride=stride, groups=x.shape[1])
+    u = z * scale[None, :, None, None] + shift[None, :, None, None]
+    y = F.silu(u) if silu_on else u
+    return y, y.mean(dim=(2, 3))
+
+
+DWCONV_CASES = [
+    # (n, c, h, w), k, stride, (left, right, top, bottom)
+    ((2, 13, 7, 9), 3, (1, 1), (1, 1, 1, 1)),     # C not a multiple of any pack, Wo % 4 != 0
+    ((1, 1, 5, 6), 5, (2, 2), (2, 2, 2, 2)),      # C = 1
+    ((2, 16, 1, 1), 3, (1, 1), (1, 1, 1, 1)),     # H = W = 1
+    ((1, 24, 9, 8), 5, (2, 2), (1, 2, 1, 2)),     # TF-same asymmetric padding, stride 2
+    ((1, 8, 6, 11), 7, (1, 2), (2, 1, 0, 3)),     # unequal strides, 4-sided padding, right halo
+    ((1, 8, 4, 4), 3, (2, 1), (0, 0, 0, 0)),      # no padding at all
+    ((1, 136, 3, 5), 3, (1, 1), (1, 1, 1, 1)),    # two channel blocks (fp16: 128 + 8)
+    ((1, 4, 2, 3), 3, (1, 1), (3, 0, 0, 4)),      # outputs entirely inside the padding
+    ((2, 5, 0, 3), 3, (1, 1), (1, 1, 2, 1)),      # H = 0: padding alone covers the kernel
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("elem", [4, 2], ids=["fp32", "16bit"])
+@pytest.mark.parametrize("case", DWCONV_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}s{c[2][0]}{c[2][1]}")
+def test_dwconv_emulation_writes_each_output_once_with_the_right_value(case, elem, layout, deterministic):
+    shape, k, stride, pad4 = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    c = shape[1]
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    scale = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(c, generator=g, dtype=torch.float64)
+    y, mean, _, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, True, True, deterministic,
+                                   layout == "nhwc", elem)
+    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_dwconv_emulation_loops_beyond_the_grid_limit(layout):
+    """Grid limit 1 or 2: grid.y (strip groups) and grid.z (batch) are clamped and the kernels loop.
+
+    (3, 12, 30, 40) at stride 1 has 300 strips: NCHW needs 2 blocks of 256 along them,
+    fp32 NHWC (3 threads along C, 85 strips per block) needs 4, and 3 samples > 2.
+    """
+    shape, k, stride, pad4 = (3, 12, 30, 40), 3, (1, 1), (1, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(12, 1, k, k, generator=g, dtype=torch.float64)
+    scale, shift = torch.rand(12, generator=g, dtype=torch.float64) + 0.5, torch.randn(12, generator=g, dtype=torch.float64)
+    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, False)
+    for det, limit in ((False, 1), (True, 2)):
+        y, mean, rows, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, False, True, det,
+                                          layout == "nhwc", 4, limit=limit)
+        assert rows == limit, "the shape must need more blocks along the strips than the limit"
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dwconv_emulation_vector_path_only_when_aligned():
+    """A pointer 4 bytes off a 16-byte boundary must take the scalar path (an aligned access would assert)."""
+    shape = (1, 16, 4, 5)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(16, 1, 3, 3, dtype=torch.float64)
+    s, b = torch.ones(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    _, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), True, False, False, True, 2, x_base_bytes=0)
+    assert vec
+    y, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), True, False, False, True, 2, x_base_bytes=4)
+    assert not vec
+    torch.testing.assert_close(y, dwconv_truth(x, w, s, b, (1, 1), (1, 1, 1, 1), True)[0])
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("dtype_code,elem", [(0, 4), (1, 2), (2, 2)])
+def test_emulated_launch_shape_matches_the_module(dtype_code, elem, nhwc):
+    """grid.y of the port of dwconv_shape == the partial rows the compiled module reports."""
+    try:
+        import effnet_kernels._C as C
+    except ImportError as exc:
+        pytest.skip(f"effnet_kernels._C is not built in place: {exc}")
+    for (n, c, ho, wo) in ((2, 13, 7, 9), (1, 1, 1, 1), (3, 1152, 7, 7), (2, 32, 112, 112), (1, 8, 3000, 3000)):
+        for k in (3, 5, 7):
+            for sw in (1, 2):
+                rows = C.dwconv_partials_numel(dtype_code, nhwc, n, c, ho, wo, k, sw, True, True) // (n * c)
+                grid, _, _ = dwconv_shape(nhwc, elem, k, sw, True, n, c, ho, wo)
+                assert rows == grid[1], (n, c, ho, wo, k, sw)
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("elem", [4, 2])
+def test_dwconv_launch_shapes_of_efficientnet_are_legal(nhwc, elem):
+    """Every B0-B7 depthwise layer (batch 256): block <= 256 threads, grid within limits, smem <= 48 KiB."""
+    from effnet_kernels.models import MODEL_NAMES, layer_shapes
+
+    for name in MODEL_NAMES:
+        for layer in layer_shapes(name, batch=256):
+            grid, block, smem = dwconv_shape(nhwc, elem, layer.kernel, layer.stride, True, 256, layer.mid_channels,
+                                             layer.Ho, layer.Wo)
+            assert grid[0] < 2**31 and grid[1] <= GRID_LIMIT and grid[2] <= GRID_LIMIT
+
+
+# ------------------------------------------------------------------ se_gate (se.cu)
+def blocks_for(work, per_block, cap=1 << 20):
+    return min(ceil_div(work, per_block), cap)
+
+
+def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20):
+    n, c = pooled.shape
+    r = wr.shape[0]
+    warps_per_block = K_THREADS // 32
+    hidden = Buf(np.full(n * r, np.nan), 4, name="hidden")
+    gate = Buf(np.full(n * c, np.nan), 4, name="gate")
+    P_, WR, BR, WE, BE = (Buf(t.numpy(), 4) for t in (pooled, wr, br, we, be))
+    # se_reduce_kernel: grid-stride over warps, one warp per (n, r)
+    blocks = blocks_for(n * r, warps_per_block, cap)
+    for b in range(blocks):
+        for wi in range(warps_per_block):
+            warp = b * warps_per_block + wi
+            while warp < n * r:
+                i, j = warp // r, warp % r
+                s = sum(P_.ld(i * c + kk) * WR.ld(j * c + kk) for kk in range(c))
+                hidden.st(warp, silu(s + BR.ld(j)))
+                warp += blocks * warps_per_block
+    blocks = blocks_for(n * c, warps_per_block, cap)
+    for b in range(blocks):
+        for wi in range(warps_per_block):
+            warp = b * warps_per_block + wi
+            while warp < n * c:
+                i, j = warp // c, warp % c
+                s = sum(hidden.ld(i * r + kk) * WE.ld(j * r + kk) for kk in range(r))
+                gate.st(warp, 1.0 / (1.0 + math.exp(-(s + BE.ld(j)))))
+                warp += blocks * warps_per_block
+    assert (hidden.writes == 1).all() and (gate.writes == 1).all(), "every hidden/gate element written once"
+    return torch.from_numpy(gate.a.reshape(n, c))
+
+
+@pytest.mark.parametrize("cap", [1 << 20, 1, 3])
+def test_se_gate_emulation_covers_every_output(cap):
+    """cap = blocks_for's limit; 1 and 3 stand for N * C beyond 2**20 blocks of 8 warps."""
+    n, c, r = 5, 37, 6
+    g = torch.Generator().manual_seed(2)
+    pooled = torch.randn(n, c, generator=g, dtype=torch.float64)
+    wr, br = torch.randn(r, c, generator=g, dtype=torch.float64), torch.randn(r, generator=g, dtype=torch.float64)
+    we, be = torch.randn(c, r, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    gate = emulate_se_gate(pooled, wr, br, we, be, cap)
+    truth = torch.sigmoid(F.silu(pooled @ wr.T + br) @ we.T + be)
+    torch.testing.assert_close(gate, truth, rtol=1e-12, atol=1e-12)
+
+
+def test_se_gate_kernels_loop_over_warps():
+    """The source keeps the grid-stride loops the emulation above relies on (blocks_for caps the grid)."""
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "se.cu").read_text()
+    assert src.count("warp += static_cast<int64_t>(gridDim.x) * kWarps") == 2, \
+        "se_reduce_kernel and se_expand_kernel must loop over warps: blocks_for caps the grid at 2**20 blocks"
+
+
+# ------------------------------------------------------------------ se_excite (se.cu)
+def emulate_se_excite(y, gate, nhwc, elem, y_base=0, out_base=0, cap=1 << 20):
+    n, c, h, w = y.shape
+    hw = h * w
+    total = n * c * hw
+    V = pack_width(elem)
+    vec = ((c if nhwc else hw) % V == 0) and y_base % 16 == 0 and out_base % 16 == 0
+    yd = (y.permute(0, 2, 3, 1) if nhwc else y).contiguous().numpy()
+    Y = Buf(yd, elem, base_bytes=y_base, name="y")
+    G = Buf(gate.numpy(), 4, name="gate")
+    O = Buf(np.full(total, np.nan), elem, base_bytes=out_base, name="out")
+    blocks = blocks_for(total // V if vec else total, K_THREADS, cap)
+    step = blocks * K_THREADS
+    for first in range(step):
+        if vec:
+            i = first
+            while i < total // V:
+                e = i * V
+                pk = Y.load_pack(e, V, True, V)
+                if nhwc:
+                    gidx = (e // (hw * c)) * c + e % c
+                    o = pk * np.array([G.ld(gidx + v) for v in range(V)])
+                else:
+                    o = pk * G.ld(e // hw)
+                O.store_pack(e, o, V, True, V)
+                i += step
+        else:
+            e = first
+            while e < total:
+                gidx = (e // (hw * c)) * c + e % c if nhwc else e // hw
+                O.st(e, Y.ld(e) * G.ld(gidx))
+                e += step
+    assert (O.writes == 1).all()
+    out = torch.from_numpy(O.a.reshape((n, h, w, c) if nhwc else (n, c, h, w)))
+    return (out.permute(0, 3, 1, 2) if nhwc else out), vec
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("elem", [4, 2])
+@pytest.mark.parametrize("shape", [(3, 24, 4, 4), (3, 24, 3, 5), (2, 1, 1, 1), (1, 13, 2, 8), (2, 16, 1, 1)])
+@pytest.mark.parametrize("bases", [(0, 0), (4, 0), (0, 8)])
+def test_se_excite_emulation(shape, elem, nhwc, bases):
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    gate = torch.rand(shape[:2], generator=g, dtype=torch.float64)
+    out, vec = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
+    assert not vec or bases == (0, 0)
+    torch.testing.assert_close(out, y * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
