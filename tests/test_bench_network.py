@@ -216,3 +216,31 @@ def test_batch_shrinks_to_what_fits(tmp_path, monkeypatch):
     assert network.main(argv[:-len(FAST)] + ["--out", str(out2), "--no-fit"] + FAST) == 1
     (row,) = read_rows(out2)
     assert row["batch"] == "8" and row["status"].startswith("failed: reference: OutOfMemoryError")
+
+
+def test_roofline_columns_equal_a_direct_count_per_element_size(tmp_path):
+    from benchmarks.roofline import measure
+
+    out = tmp_path / "r.csv"
+    argv = ["--models", "standin", "--batches", "2", "--dtypes", "fp32,fp16", "--providers", "eager",
+            "--out", str(out)] + FAST
+    assert network.main(argv) == 0
+    for row in read_rows(out):
+        direct = measure(StandIn(), 16, 4 if row["dtype"] == "fp32" else 2)
+        assert float(row["act_mb_per_img"]) == pytest.approx(direct.mb_per_image, rel=1e-5)
+        assert float(row["gflops_per_img"]) == pytest.approx(direct.gflops_per_image, rel=1e-5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--models", "b0,b7", "--batches", "1,256", "--dtypes", "fp16", "--dry-run"],
+    ["--models=b0", "--providers", "eager@nchw,fused-cuda", "--time-budget", "100", "--quiet", "--out", "x.csv"],
+    ["--help"],
+])
+def test_cli_bench_forwards_its_arguments_to_the_network_benchmark(monkeypatch, argv):
+    from effnet_kernels import __main__ as cli
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(network, "main", lambda args: seen.append(list(args)) or 7)
+    assert cli.main(["bench"] + argv) == 7
+    assert seen == [argv]

@@ -61,3 +61,111 @@ def test_env(monkeypatch):
     assert env.measure_copy_bandwidth("cpu", 1 << 20, iters=3) > 0
     with pytest.raises(ValueError, match="nbytes"):
         env.measure_copy_bandwidth("cpu", 0)
+
+
+def test_time_calls_cuda_path_brackets_only_timed_calls_and_syncs_before_reading(monkeypatch):
+    """CUDA branch with a fake Event: warm-up calls are not timed, each timed call sits between
+    its own start/end events on the current stream, and no elapsed time is read before a sync."""
+    log = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            FakeEvent.count += 1
+            self.id = FakeEvent.count
+
+        def record(self, stream=None):
+            assert stream is None  # the current stream
+            log.append(("record", self.id))
+
+        def elapsed_time(self, end):
+            assert log[-1] == ("sync",) or log[-1][0] == "elapsed", "elapsed_time read before synchronize"
+            log.append(("elapsed", self.id))
+            return float(end.id - self.id) * (self.id % 7 + 1)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync",)))
+    cfg = TimingConfig(warmup_iters=2, warmup_s=0.0, min_time_s=0.0, min_iters=4, max_iters=4)
+    t = time_calls(lambda i: log.append(("call", i)), 3, "cuda", cfg)
+    assert t.iters == 4
+    warm = log[:4]
+    assert warm == [("call", 0), ("sync",), ("call", 1), ("sync",)]  # warm-up: untimed, synchronised
+    timed = [e for e in log[4:] if e[0] in ("record", "call")]
+    for k in range(4):
+        start, call, end = timed[3 * k: 3 * k + 3]
+        assert start[0] == "record" and end[0] == "record" and call == ("call", (2 + k) % 3)
+    first_elapsed = next(n for n, e in enumerate(log) if e[0] == "elapsed")
+    assert log[first_elapsed - 1] == ("sync",)
+    assert sum(e[0] == "elapsed" for e in log) == 4
+
+
+def test_capture_graphs_warms_up_on_a_side_stream_then_captures_into_one_pool(monkeypatch):
+    """The documented capture recipe, checked with fakes: side stream waits for the current
+    one, every input is warmed up on it, the current stream waits for it, then one graph per
+    input is captured, all in one memory pool."""
+    from benchmarks.timing import capture_graphs
+
+    log, state = [], {"stream": "current", "capturing": None}
+
+    class FakeStream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    class StreamCtx:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            self.prev, state["stream"] = state["stream"], self.s.name
+
+        def __exit__(self, *exc):
+            state["stream"] = self.prev
+
+    class FakeGraph:
+        def replay(self):
+            log.append(("replay", id(self)))
+
+    class GraphCtx:
+        def __init__(self, graph, pool=None):
+            self.graph, self.pool = graph, pool
+
+        def __enter__(self):
+            state["capturing"] = self.graph
+            log.append(("capture", self.pool))
+
+        def __exit__(self, *exc):
+            state["capturing"] = None
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", StreamCtx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream("current"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync",)))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool-1")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", GraphCtx)
+
+    class FakeInput:
+        device = torch.device("cuda")
+
+        def __init__(self, k):
+            self.k = k
+
+    def fn(x):
+        log.append(("fn", x.k, state["stream"], state["capturing"] is not None))
+        return f"out{x.k}"
+
+    replays, outs = capture_graphs(fn, [FakeInput(0), FakeInput(1)], warmup=2)
+    assert outs == ["out0", "out1"] and len(replays) == 2
+    assert log[0] == ("wait", "side", "current")
+    warm = [e for e in log if e[0] == "fn" and not e[3]]
+    assert warm == [("fn", 0, "side", False), ("fn", 1, "side", False)] * 2
+    first_capture = log.index(("capture", "pool-1"))
+    assert log.index(("wait", "current", "side")) < first_capture
+    assert all(log.index(e) < first_capture for e in warm)
+    assert [e for e in log if e[0] == "capture"] == [("capture", "pool-1")] * 2
+    assert [e[1] for e in log if e[0] == "fn" and e[3]] == [0, 1]
