@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -96,3 +97,207 @@ def test_se_excite_compiles(channels_last, int64):
                             dict(CHANNELS_LAST=channels_last, INT64=int64, BF16_RTNE=False, BLOCK_ROWS=16,
                                  BLOCK_COLS=256))
     assert any(".v4." in op for op in global_accesses(compiled.asm["ptx"], "st"))
+
+
+# --------------------------------------------------------------------------------------
+# Launches exactly as a GPU run makes them: the real launchers (tuner included) run on CPU
+# tensors while every kernel launch is bound by Triton's own binder (the one
+# JITFunction.run uses: same specialisation of ints and pointers, same constexprs, same
+# cache key) and recorded instead of run; each distinct launch is then compiled for sm_90.
+# --------------------------------------------------------------------------------------
+
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90
+
+
+class LaunchRecorder:
+    def __init__(self):
+        from triton.runtime.jit import create_function_from_signature
+
+        self._make_binder = create_function_from_signature
+        self.backend = triton.compiler.make_backend(SM90)
+        self.kernels = {}  # DeviceKernel -> (JITFunction, binder)
+        self.launches = {}  # (kernel name, cache key) -> (JITFunction, signature, constexprs, attrs, options)
+        self.grids = []
+
+    def on(self, kernel):
+        def at(grid):
+            return lambda *args, **kwargs: self.record(kernel, grid, args, kwargs)
+
+        return type("Launcher", (), {"__getitem__": lambda _, grid: at(grid)})()
+
+    def record(self, kernel, grid, args, kwargs):
+        from triton import knobs
+        from triton.runtime.jit import compute_cache_key
+
+        if kernel not in self.kernels:  # built as DeviceKernel.on builds it for a CUDA launch
+            jf = triton.runtime.jit.JITFunction(kernel.fn, do_not_specialize=list(kernel.do_not_specialize))
+            self.kernels[kernel] = jf, self._make_binder(jf.signature, jf.params, self.backend)
+        jf, binder = self.kernels[kernel]
+        kwargs = dict(kwargs, debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode)
+        bound, specialization, options = binder(*args, **kwargs)
+        grid = grid(bound) if callable(grid) else tuple(grid)
+        assert all(isinstance(g, int) and g >= 1 for g in grid) and grid[0] < 2**31, grid
+        assert all(g < 65536 for g in grid[1:]), f"grid {grid}: axes 1 and 2 are limited to 65535"
+        self.grids.append((jf.__name__, grid))
+        key = (jf.__name__, compute_cache_key({}, specialization, options))
+        if key not in self.launches:
+            options, signature, constexprs, attrs = jf._pack_args(self.backend, kwargs, bound, specialization, options)
+            self.launches[key] = jf, signature, constexprs, attrs, options
+
+    def compile_all(self):
+        """Compile every distinct launch for sm_90; yields (what, CompiledKernel)."""
+        for (name, _), (jf, signature, constexprs, attrs, options) in self.launches.items():
+            src = triton.compiler.ASTSource(fn=jf, signature=signature, constexprs=constexprs, attrs=attrs)
+            consts = {jf.arg_names[path[0]]: v for path, v in constexprs.items()}
+            yield f"{name} {signature} {consts} num_warps={options.num_warps}", triton.compile(
+                src, target=SM90, options=options.__dict__)
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Make the Triton launchers act as on a GPU (tuning on, every candidate run once) and record their launches."""
+    import triton.testing
+
+    from effnet_kernels.triton import _jit, _tuning
+
+    rec = LaunchRecorder()
+    monkeypatch.setattr(_jit.DeviceKernel, "on", lambda kernel, t: rec.on(kernel))
+    monkeypatch.setattr(_jit, "interpreted", lambda t: False)
+    monkeypatch.setattr(dwconv, "interpreted", lambda t: False)
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: True)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), fn(), 1.0)[-1])
+    _tuning.clear_cache()
+    yield rec
+    _tuning.clear_cache()
+
+
+def cpu_input(shape, dtype, channels_last):
+    x = torch.empty(shape, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def run_dwconv(shape, k, stride, dtype, channels_last, squeeze, deterministic=False, force_int64=False):
+    """The real Triton dwconv launcher on an uninitialised CPU tensor (launches are recorded, not run)."""
+    from effnet_kernels import _launch
+
+    c = shape[1]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    real = _launch.needs_int64
+    if force_int64:
+        _launch.needs_int64 = lambda *tensors: True
+    try:
+        dwconv.dwconv_bn_act(cpu_input(shape, dtype, channels_last), torch.empty(c, 1, k, k), torch.empty(c),
+                             torch.empty(c), (stride, stride), (k // 2,) * 4, True, squeeze)
+    finally:
+        _launch.needs_int64 = real
+        torch.use_deterministic_algorithms(prev)
+
+
+def check_compiled(rec, expect):
+    assert len(rec.launches) == expect, f"{len(rec.launches)} distinct launches, expected {expect}"
+    for what, compiled in rec.compile_all():
+        assert compiled.metadata.shared <= H100_MAX_SHARED, f"{what}: {compiled.metadata.shared} B of shared memory"
+        assert compiled.metadata.num_warps * 32 <= 1024, what
+
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_every_candidate_config_compiles(recorded_launches, channels_last):
+    """The whole tuning space (C = 72, 13 x 13: no candidate is clamped), atomic squeeze, as the tuner launches it."""
+    run_dwconv((32, 72, 13, 13), 3, 1, torch.float16, channels_last, squeeze=True)
+    check_compiled(recorded_launches, 5 if channels_last else 4)
+
+
+def test_tiny_shape_classes_are_not_tuned(recorded_launches):
+    """Below dwconv.TUNE_MIN_ELEMENTS a launch is latency-bound: one config, one compile, cached."""
+    from effnet_kernels.triton import _tuning
+
+    run_dwconv((2, 72, 13, 13), 3, 1, torch.float16, True, squeeze=True)
+    assert len(recorded_launches.launches) == 1 and len(recorded_launches.grids) == 1
+    assert len(_tuning._cache) == 1
+    run_dwconv((32, 72, 13, 13), 3, 1, torch.float16, True, squeeze=True)
+    assert len(recorded_launches.launches) == 5 and len(_tuning._cache) == 2
+
+
+@pytest.mark.parametrize(
+    "dtype,channels_last,mode,k,stride",
+    [(torch.float16, True, "none", 5, 2), (torch.float16, True, "det", 7, 1), (torch.float16, False, "det", 3, 2),
+     (torch.bfloat16, True, "atomic", 3, 1), (torch.bfloat16, False, "none", 7, 2), (torch.float32, True, "det", 5, 1),
+     (torch.float32, False, "atomic", 5, 2)],
+    ids=str,
+)
+def test_dwconv_variants_compile(recorded_launches, monkeypatch, dtype, channels_last, mode, k, stride):
+    """dtype x layout x squeeze mode (two-stage: both kernels) x k x stride, with the untuned default config."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((2, 144, 40, 40), k, stride, dtype, channels_last, mode != "none", deterministic=mode == "det")
+    check_compiled(recorded_launches, 2 if mode == "det" else 1)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_int64_variants_compile(recorded_launches, monkeypatch, channels_last):
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((2, 144, 40, 40), 3, 1, torch.bfloat16, channels_last, True, force_int64=True)
+    run_dwconv((2, 144, 40, 40), 5, 2, torch.float16, channels_last, True, deterministic=True, force_int64=True)
+    y = cpu_input((2, 40, 7, 7), torch.float16, channels_last)
+    from effnet_kernels import _launch
+
+    monkeypatch.setattr(_launch, "needs_int64", lambda *tensors: True)
+    se_excite.se_excite(y, torch.empty(2, 40))
+    check_compiled(recorded_launches, 4)
+
+
+def test_real_launch_keeps_the_fast_path_vectorised(recorded_launches, monkeypatch):
+    """With launch-time specialisation as Triton does it (C = 144), channels_last loads and stores are 16 bytes."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((2, 144, 28, 28), 3, 1, torch.float16, True, True)
+    ((_, compiled),) = list(recorded_launches.compile_all())
+    ptx = compiled.asm["ptx"]
+    assert any(".v4." in op for op in global_accesses(ptx, "ld")), "input loads along C are not 16-byte vectors"
+    assert any(".v4." in op for op in global_accesses(ptx, "st")), "output stores along C are not 16-byte vectors"
+
+
+def test_spatial_sizes_share_one_compiled_kernel(recorded_launches, monkeypatch):
+    """H, W, Ho, Wo, tiles and padding do not multiply compiles (each costs 1-9 s of a GPU session)."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for hw in (112, 56, 57, 28, 14, 7):
+        run_dwconv((2, 96, hw, hw), 3, 1, torch.float16, True, squeeze=False)
+    assert len(recorded_launches.launches) == 1
+
+
+def test_se_kernels_compile(recorded_launches):
+    """se_gate for N not a multiple of 16, R not a power of two, C up to 3840; se_excite per layout and dtype."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for n, c, r in ((37, 3840, 160), (5, 1152, 48), (3, 40, 10)):
+            se_gate.se_gate(torch.empty(n, c, dtype=dtype), torch.empty(r, c), torch.empty(r), torch.empty(c, r),
+                            torch.empty(c))
+    for dtype in (torch.float16, torch.bfloat16):
+        for channels_last in (True, False):
+            se_excite.se_excite(cpu_input((2, 144, 14, 14), dtype, channels_last), torch.empty(2, 144))
+    check_compiled(recorded_launches, 9 + 4)
+
+
+def test_awkward_shapes_compile(recorded_launches, monkeypatch):
+    """Sizes of 1 become compile-time constants in Triton's specialisation (C = 1, N = 1, R = 1, 1 x 1
+    planes): the runtime-bounded ``while`` loops and masks must still compile."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for shape, k in (((1, 1, 5, 7), 5), ((2, 4, 1, 1), 3), ((1, 1, 40, 40), 3)):
+        for deterministic in (False, True):
+            run_dwconv(shape, k, 1, torch.float32, False, True, deterministic=deterministic)
+    se_gate.se_gate(torch.empty(1, 1), torch.empty(1, 1), torch.empty(1), torch.empty(1, 1), torch.empty(1))
+    se_gate.se_gate(torch.empty(17, 7), torch.empty(3, 7), torch.empty(3), torch.empty(7, 3), torch.empty(7))
+    for channels_last in (False, True):
+        se_excite.se_excite(cpu_input((2, 5, 1, 1), torch.float16, channels_last), torch.empty(2, 5))
+    for what, compiled in recorded_launches.compile_all():
+        assert compiled.metadata.shared <= H100_MAX_SHARED, what
+    assert len(recorded_launches.launches) >= 6

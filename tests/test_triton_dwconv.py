@@ -218,3 +218,30 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     finally:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         backends._reset_caches()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-stage"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_gpu_candidate_config(monkeypatch, layout, deterministic):
+    """Each config of the GPU tuning space computes the right thing (here in the interpreter).
+
+    C = 72 and 13 x 13 = 169 output pixels are multiples of no BLOCK_C / BLOCK_P in the
+    space (masks on both axes; several tiles per sample, so the atomic or two-stage squeeze).
+    """
+    from effnet_kernels._launch import prepare_dwconv
+    from effnet_kernels.triton import _tuning, dwconv
+
+    x = torch.empty(1, 72, 13, 13)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    lp = prepare_dwconv(x, torch.empty(72, 1, 3, 3), torch.empty(72), torch.empty(72), (1, 1), (1, 1, 1, 1), True, True)
+    candidates = dwconv._candidates(lp)
+    assert len(candidates) == (5 if layout == "channels_last" else 4), "the clamp must not shrink this space"
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for cfg in candidates:
+            monkeypatch.setattr(_tuning, "choose", lambda *args, cfg=cfg: cfg)
+            run_dwconv_case("triton", "cpu", (1, 72, 13, 13), 3, 1, None, torch.float16, layout, True, True)
+    finally:
+        torch.use_deterministic_algorithms(prev)

@@ -1,8 +1,12 @@
 """The compiled Triton kernels on a CUDA GPU (``pytest -m gpu``; skipped without one).
 
 Every depthwise / SE layer shape of EfficientNet B0-B7 at native resolution against
-fp64 references computed on the GPU, large batch, the deterministic squeeze, offsets
-past 2^31 elements, and the tuner's cache.
+fp64 references computed on the GPU, every config of the tuning space, large batch, the
+deterministic squeeze, offsets past 2^31 elements, and the tuner.
+
+Compiles are the cost here (1-9 s of host CPU each, and the GPU session is short): the
+parity tests run untuned (``EFFNET_KERNELS_TRITON_TUNE=0``, one config per shape class:
+~60 compiles for the module); only the tuner's own test tunes.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ B0_DW = [(32, 112, 112, 3, 1), (96, 112, 112, 3, 2), (144, 56, 56, 5, 2), (240, 
 
 
 @pytest.fixture(autouse=True)
-def _compiled_kernels():
+def _compiled_kernels(monkeypatch):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("TRITON_INTERPRET is set: these tests are for the compiled kernels")
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "0")  # untuned: one compile per shape class, not five
 
 
 def tf_same(size: int, k: int, stride: int) -> tuple[int, int]:
@@ -94,9 +101,13 @@ def test_dwconv_efficientnet_layers(shape):
     check_dwconv(2, c, h, w, k, stride, torch.float16, "channels_last")
 
 
+# k3 s1 over many tiles, k5 s2, and one tile per sample (the squeeze stored, not added)
+B0_SUBSET = [B0_DW[0], B0_DW[2], B0_DW[6]]
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", B0_DW, ids=lambda s: "C{}-{}x{}-k{}-s{}".format(*s))
+@pytest.mark.parametrize("shape", B0_SUBSET, ids=lambda s: "C{}-{}x{}-k{}-s{}".format(*s))
 def test_dwconv_b0_layers_dtypes_layouts(shape, dtype, layout):
     c, h, w, k, stride = shape
     check_dwconv(2, c, h, w, k, stride, dtype, layout)
@@ -105,6 +116,24 @@ def test_dwconv_b0_layers_dtypes_layouts(shape, dtype, layout):
 def test_dwconv_nchw_fp16_b0():
     for c, h, w, k, stride in B0_DW:
         check_dwconv(2, c, h, w, k, stride, torch.float16, "nchw")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dwconv_every_candidate_config(monkeypatch, layout):
+    """Each config the tuner may pick, compiled and run: C = 136 and 30 x 30 output pixels are
+    multiples of no tile size (masks on both axes, several tiles: the atomic squeeze)."""
+    from effnet_kernels._launch import prepare_dwconv
+    from effnet_kernels.triton import _tuning, dwconv
+
+    x = torch.empty(1, 136, 30, 30, device=DEV)
+    x = x if layout == "nchw" else x.contiguous(memory_format=CL)
+    c_vec = torch.empty(136, device=DEV)
+    lp = prepare_dwconv(x, torch.empty(136, 1, 3, 3, device=DEV), c_vec, c_vec, (1, 1), (1, 1, 1, 1), True, True)
+    candidates = dwconv._candidates(lp)
+    assert len(candidates) == (5 if layout == "channels_last" else 4)
+    for cfg in candidates:
+        monkeypatch.setattr(_tuning, "choose", lambda *args, cfg=cfg: cfg)
+        check_dwconv(3, 136, 30, 30, 3, 1, torch.float16, layout)
 
 
 @pytest.mark.parametrize("shape", [(144, 56, 56, 3, 1), (672, 14, 14, 5, 2)])
@@ -158,9 +187,16 @@ def test_dwconv_offsets_past_int32(layout):
 
 
 @pytest.mark.parametrize("cr", SE_SHAPES, ids=lambda cr: f"C{cr[0]}-R{cr[1]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_se_gate_efficientnet_layers(cr, dtype):
-    c, r = cr
+def test_se_gate_efficientnet_layers(cr):
+    check_se_gate(*cr, torch.float32)
+
+
+@pytest.mark.parametrize("cr", [(96, 4), (1152, 48), (3840, 160)], ids=lambda cr: f"C{cr[0]}-R{cr[1]}")
+def test_se_gate_fp16_pooled(cr):
+    check_se_gate(*cr, torch.float16)
+
+
+def check_se_gate(c, r, dtype):
     pooled = torch.randn(37, c, device=DEV).to(dtype)  # 3 blocks of 16 samples
     wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
     we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
@@ -182,21 +218,34 @@ def test_se_excite_efficientnet_layers():
                           torch.float16, what=f"excite C{c} {h}x{w} {layout}")
 
 
-def test_tuner_times_a_new_shape_class_once():
+def test_tuner_times_a_new_shape_class_once(monkeypatch):
+    """The tuned first call (every candidate compiled and timed) returns the right y and mean: its
+    trial launches' atomics go to a scratch mean, not the caller's."""
     from effnet_kernels.triton import _tuning
 
+    monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "1")
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "inf")
     _tuning.clear_cache()
     x = torch.randn(8, 240, 28, 28, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
-    w, s, b = torch.randn(240, 1, 5, 5, device=DEV), torch.rand(240, device=DEV) + 0.5, torch.randn(240, device=DEV)
+    w = torch.randn(240, 1, 3, 3, device=DEV) * 0.3
+    s, b = torch.rand(240, device=DEV) + 0.5, torch.randn(240, device=DEV)
+    pad = (1, 1, 1, 1)  # k = 3: the cheapest compiles (k = 5 takes 2-3x longer per candidate)
     t0 = time.perf_counter()
-    ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")
+    y1, m1 = ek.ops.dwconv_bn_act(x, w, s, b, padding=pad, squeeze=True, backend="triton")
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     assert len(_tuning._cache) == 1
     t0 = time.perf_counter()
-    ek.ops.dwconv_bn_act(x, w, s, b, squeeze=True, backend="triton")
+    y2, m2 = ek.ops.dwconv_bn_act(x, w, s, b, padding=pad, squeeze=True, backend="triton")
     torch.cuda.synchronize()
     second = time.perf_counter() - t0
     assert len(_tuning._cache) == 1
-    print(f"first call (tuning + compiling) {first:.2f} s, second {second * 1e3:.2f} ms")
+    print(f"first call (tuning + compiling) {first:.2f} s, second {second * 1e3:.2f} ms, "
+          f"chose {next(iter(_tuning._cache.values()))}, {_tuning._spent_s:.1f} s tuning")
     assert first < 60 and second < first
+    y_ref, m_ref = fp64_dwconv(x, w, s, b, 1, pad)
+    y_plain, m_plain = plain_dwconv(x, w, s, b, 1, pad)
+    for y, m in ((y1, m1), (y2, m2)):
+        assert_parity(y, y_ref, y_plain, torch.float16, what="y")
+        assert_parity(m, m_ref, m_plain, torch.float16, what="mean")
+    _tuning.clear_cache()

@@ -80,3 +80,39 @@ def test_tuning_is_off_on_cpu_and_by_environment(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "0")
         assert not _tuning.tuning_enabled(torch.empty(1, device="cuda"))
+
+
+def test_tuning_stops_when_the_process_budget_is_spent(fake_gpu, monkeypatch, capsys):
+    """Compiling every candidate costs seconds: past the budget new shape classes get the default, uncached."""
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "1e-12")
+    t = torch.empty(1)
+    assert _tuning.choose("first", t, lambda: ([A, B, C], A), fake_gpu.append) == B, "the first class is tuned"
+    assert len(fake_gpu) == 3
+    assert _tuning.choose("second", t, lambda: ([A, B, C], C), fake_gpu.append) == C
+    assert len(fake_gpu) == 3 and "second" not in _tuning._cache
+    assert _tuning.choose("first", t, lambda: ([A, B, C], A), fake_gpu.append) == B, "tuned classes stay cached"
+    assert capsys.readouterr().err.count("tuning budget used up") == 1
+    _tuning.choose("third", t, lambda: ([A, B, C], C), fake_gpu.append)
+    assert "tuning budget" not in capsys.readouterr().err, "said once per process"
+
+
+def test_budget_zero_and_default(fake_gpu, monkeypatch):
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "0")
+    assert _tuning.choose("k", torch.empty(1), lambda: ([A, B, C], C), fake_gpu.append) == C and fake_gpu == []
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "inf")
+    assert _tuning.choose("k", torch.empty(1), lambda: ([A, B, C], C), fake_gpu.append) == B
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "not a number")
+    assert _tuning.tuning_budget_s() == _tuning.DEFAULT_BUDGET_S
+    monkeypatch.delenv(_tuning.BUDGET_ENV_VAR)
+    assert _tuning.tuning_budget_s() == _tuning.DEFAULT_BUDGET_S
+
+
+def test_a_failing_trial_still_counts_against_the_budget(fake_gpu, monkeypatch):
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "1e-12")
+
+    def run(cfg):
+        raise RuntimeError("out of resources")
+
+    assert _tuning.choose("k", torch.empty(1), lambda: ([A, B], C), run) == C
+    assert _tuning._spent_s > 0
+    assert _tuning.choose("k2", torch.empty(1), lambda: ([A, B], C), fake_gpu.append) == C and fake_gpu == []

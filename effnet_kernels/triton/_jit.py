@@ -16,7 +16,7 @@ imported. Kernels here use builtins instead (``tl.full``, ``tl.exp``) and
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import triton
@@ -36,8 +36,12 @@ class DeviceKernel:
     ``triton.jit`` kernels are launched.
     """
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, do_not_specialize: Sequence[str] = ()) -> None:
         self.fn = fn
+        # Integer arguments that only bound loops or masks along a non-vectorised axis: left
+        # unspecialised (no "== 1" constant, no "divisible by 16" hint), so shapes that differ
+        # only in them share one compiled kernel instead of compiling (1-9 s each) per value class.
+        self.do_not_specialize = tuple(do_not_specialize)
         self._compiled = None
         self._interpreted = None
 
@@ -50,7 +54,7 @@ class DeviceKernel:
                 self._interpreted = InterpretedFunction(self.fn)
             return self._interpreted
         if self._compiled is None:
-            self._compiled = triton.runtime.jit.JITFunction(self.fn)
+            self._compiled = triton.runtime.jit.JITFunction(self.fn, do_not_specialize=list(self.do_not_specialize))
         return self._compiled
 
 
@@ -59,9 +63,14 @@ def interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or interpreter_enabled()
 
 
-def device_kernel(fn: Callable) -> DeviceKernel:
-    """Decorator: make ``fn`` (written as a ``@triton.jit`` kernel) a :class:`DeviceKernel`."""
-    return DeviceKernel(fn)
+def device_kernel(fn: Optional[Callable] = None, *, do_not_specialize: Sequence[str] = ()):
+    """Decorator: make ``fn`` (written as a ``@triton.jit`` kernel) a :class:`DeviceKernel`.
+
+    ``@device_kernel`` or ``@device_kernel(do_not_specialize=("H", ...))`` (as ``triton.jit``'s).
+    """
+    if fn is None:
+        return lambda f: DeviceKernel(f, do_not_specialize)
+    return DeviceKernel(fn, do_not_specialize)
 
 
 def device_guard(t: torch.Tensor) -> ContextManager:

@@ -53,7 +53,8 @@ _NO_SQUEEZE, _SQUEEZE_ATOMIC, _SQUEEZE_STORE = 0, 1, 2
 INTERPRETER_CONFIG = _tuning.Config(block_a=64, block_b=32, num_warps=4)
 
 
-@device_kernel
+# spatial sizes only bound masks and the row axis: not specialised, so they share one compile
+@device_kernel(do_not_specialize=("H", "W", "HO", "WO", "TILES", "pad_top", "pad_left"))
 def _dwconv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, red_ptr,
     C, H, W, HO, WO, TILES,
@@ -64,6 +65,8 @@ def _dwconv_bn_act_kernel(
     BF16_RTNE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if INT64:  # before any product: tile * BLOCK_P, n * stride, ...
+        pid = pid.to(tl.int64)
     n = pid // TILES
     tile = pid % TILES
     p1 = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -77,14 +80,13 @@ def _dwconv_bn_act_kernel(
         c = c1[:, None]
         acc = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
     c_ok = c < C
-    tile_ok = (p < HO * WO) & c_ok
     oh = p // WO
     ow = p % WO
     if INT64:
-        n = n.to(tl.int64)
+        tile_ok = (oh < HO) & c_ok  # = p < HO * WO (p >= 0) without the 32-bit product
         c = c.to(tl.int64)
-        oh = oh.to(tl.int64)
-        ow = ow.to(tl.int64)
+    else:
+        tile_ok = (p < HO * WO) & c_ok
     ih0 = oh * SH - pad_top
     iw0 = ow * SW - pad_left
     x_tile = x_ptr + n * sxn + c * sxc + iw0 * sxw
@@ -154,10 +156,20 @@ def _candidates(lp: DWConvLaunch) -> list[_tuning.Config]:
     return out
 
 
+# Shape classes whose output has fewer elements than this (bounded above by the class's
+# powers of two) are not tuned: such a launch takes ~launch latency whatever the tiles, so
+# timing 5 candidates would only buy 5 compiles (1-9 s each of host CPU).
+TUNE_MIN_ELEMENTS = 1 << 20
+
+
 def _space(lp: DWConvLaunch) -> tuple[list[_tuning.Config], _tuning.Config]:
     """(GPU candidates, the config to use untuned): the interpreter's fixed one, or the first candidate."""
     candidates = _candidates(lp)
-    return candidates, INTERPRETER_CONFIG if interpreted(lp.x) else candidates[0]
+    if interpreted(lp.x):
+        return candidates, INTERPRETER_CONFIG
+    if next_pow2(lp.n) * next_pow2(lp.c) * next_pow2(lp.ho * lp.wo) < TUNE_MIN_ELEMENTS:
+        return candidates[:1], candidates[0]  # one candidate: cached untimed
+    return candidates, candidates[0]
 
 
 def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:

@@ -26,17 +26,17 @@ _TILE_ELEMENTS = 4096
 _MAX_BLOCK_COLS = 256
 
 
-@device_kernel
+@device_kernel(do_not_specialize=("ROWS", "HW", "COL_BLOCKS"))  # row-axis ints (COLS stays specialised)
 def _se_excite_kernel(
     y_ptr, g_ptr, o_ptr, ROWS, COLS, HW, COL_BLOCKS,
     CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if INT64:  # before the products: (pid // COL_BLOCKS) * BLOCK_ROWS may pass 2^31 too
+        pid = pid.to(tl.int64)
     rows = (pid // COL_BLOCKS) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = (pid % COL_BLOCKS) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    if INT64:
-        rows = rows.to(tl.int64)
     ok = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
     if CHANNELS_LAST:
         gate = tl.load(g_ptr + (rows // HW)[:, None] * COLS + cols[None, :], mask=ok, other=0.0)

@@ -29,7 +29,7 @@ BLOCK_N = 16  # samples per program; tl.dot needs >= 16 rows
 _TILE_ELEMENTS = 8192
 
 
-@device_kernel
+@device_kernel(do_not_specialize=("N", "R"))  # N only masks rows; R bounds the tiny weight tiles
 def _se_gate_kernel(
     p_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, g_ptr, N, C, R,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
