@@ -15,6 +15,7 @@
 #   MICROBENCH=1       run the pytest-benchmark suite benchmarks/microbench [0]
 #   SESSION_BUDGET     seconds for the whole script; a step gets at most what is left [540]
 #                      (run it with the device tool's timeout_s=600)
+#   TESTS_TRITON_TUNE  Triton tuning during the tests step [0]
 #   T_BUILD T_TESTS T_SANITIZER T_OPS T_NET256 T_NET1 T_COMPILE T_MICRO   per-step seconds
 #                      [150, 90, 90, 50, 170, 60, 100, 90]
 #   OPS_ARGS           args for python -m benchmarks.ops [--models b0,...,b7 --batch 32 --dtypes fp16 (fast timing)]
@@ -93,7 +94,10 @@ if want tests; then
         workers=(-n "${PYTEST_WORKERS:-3}")
     fi
     # stop starting tests 25 s before the step is killed: a killed pytest writes no junit XML
-    step tests "$budget" env EFFNET_PYTEST_DEADLINE=$(( $(date +%s) + budget - 25 )) \
+    # parity tests need correct kernels, not tuned ones: one config per shape class (the
+    # tuner's own test turns tuning back on for itself)
+    step tests "$budget" env EFFNET_KERNELS_TRITON_TUNE="${TESTS_TRITON_TUNE:-0}" \
+        EFFNET_PYTEST_DEADLINE=$(( $(date +%s) + budget - 25 )) \
         "$PY" -m pytest -m "gpu or adapters" -q -rfE --durations=15 -p no:cacheprovider -p benchmarks.pytest_deadline \
         "${workers[@]}" --junitxml="$OUT/junit_gpu.xml" ${PYTEST_ARGS:-} tests
 fi
