@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,26 @@ def tf_same_padding(h: int, w: int, kernel_size: int, stride: Sequence[int]) -> 
     return (left, right, top, bottom)
 
 
+def cached_fold(owner: object, conv: nn.Conv2d, bn: nn.BatchNorm2d, compute: Callable[[], Any]) -> Any:
+    """``compute()`` (a fold of ``conv`` + ``bn``), cached on ``owner`` while no tensor it reads changes.
+
+    The cache is keyed on each source tensor's storage and version counter (bumped by every
+    in-place update: optimizer steps, ``load_state_dict``, ``.to()``), and is bypassed when
+    autograd needs the graph or under ``torch.compile``.
+    """
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+    ):
+        return compute()
+    key = (bn.eps,) + tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in sources)
+    cache = owner.__dict__.get("_fold_cache")
+    if cache is None or cache[0] != key:
+        cache = (key, compute())
+        owner.__dict__["_fold_cache"] = cache
+    return cache[1]
+
+
 @dataclass
 class DWConvSpec:
     """The fusable middle of a block: depthwise conv, its BatchNorm, activation, padding."""
@@ -87,23 +107,8 @@ class DWConvSpec:
         return self.padding  # type: ignore[return-value]
 
     def folded(self) -> tuple[Tensor, Tensor]:
-        """``fold_batchnorm`` of this conv + BN, cached while no tensor it reads changes.
-
-        The cache is keyed on each source tensor's storage and version counter (bumped by
-        every in-place update: optimizer steps, ``load_state_dict``, ``.to()``), and is
-        bypassed when autograd needs the graph or under ``torch.compile``.
-        """
-        sources = (self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var, self.conv.bias)
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
-        ):
-            return fold_batchnorm(self.bn, self.conv.bias)
-        key = (self.bn.eps,) + tuple((t.data_ptr(), t._version) if t is not None else None for t in sources)
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, fold_batchnorm(self.bn, self.conv.bias))
-            self.__dict__["_fold_cache"] = cache
-        return cache[1]
+        """``fold_batchnorm`` of this conv + BN (see :func:`cached_fold`)."""
+        return cached_fold(self, self.conv, self.bn, lambda: fold_batchnorm(self.bn, self.conv.bias))
 
     def fused(self, x: Tensor, squeeze: bool, backend: Optional[str]):
         scale, shift = self.folded()
@@ -126,18 +131,50 @@ class SESpec:
 
 
 @dataclass
+class PointwiseSpec:
+    """A 1x1 conv + BatchNorm (+ SiLU) run as one cuDNN conv with the BN folded into it.
+
+    In eval with running statistics the conv runs with ``weight * scale`` and bias
+    ``shift`` (folded in fp32, cached); otherwise ``fallback`` (the original modules) runs.
+    """
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    activation: str  # "silu" | "identity"
+    fallback: tuple[nn.Module, ...]
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        def compute() -> tuple[Tensor, Tensor]:
+            scale, shift = fold_batchnorm(self.bn, self.conv.bias)
+            w = self.conv.weight
+            return (w.to(torch.float32) * scale[:, None, None, None]).to(w.dtype), shift.to(w.dtype)
+
+        return cached_fold(self, self.conv, self.bn, compute)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not bn_uses_running_stats(self.bn):
+            for m in self.fallback:
+                x = m(x)
+            return x
+        weight, bias = self.folded()
+        y = F.conv2d(x, weight, bias)
+        return F.silu(y) if self.activation == "silu" else y
+
+
+@dataclass
 class MBConvPlan:
     """How a block is computed when fused; module references are the block's own children.
 
-    ``pre`` (expand conv + BN + act) and ``post`` (project conv + BN) run as the given
-    modules (cuDNN); ``dw`` and ``se`` run fused. ``original`` is the eager block whose
+    ``pre`` (expand conv + BN + act) and ``post`` (project conv + BN) run in cuDNN, as one
+    conv with the BN folded in (:class:`PointwiseSpec`) where the adapter recognised the
+    pattern, else as the given modules; ``dw`` and ``se`` run fused. ``original`` is the eager block whose
     forward serves training and which :func:`effnet_kernels.revert` gives back.
     """
 
-    pre: tuple[nn.Module, ...]
+    pre: tuple[Callable[[Tensor], Tensor], ...]  # modules, or a PointwiseSpec
     dw: DWConvSpec
     se: Optional[SESpec]
-    post: tuple[nn.Module, ...]
+    post: tuple[Callable[[Tensor], Tensor], ...]
     residual: bool
     original: nn.Module
     source: str  # which library the block came from, for reports

@@ -156,3 +156,13 @@ def test_compile_fullgraph_converted_efficientnet_pytorch_block():
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+def test_expand_and_project_batchnorm_folded_into_convs():
+    from effnet_kernels.nn import PointwiseSpec
+
+    model = ek.convert(build("b0", image_size=32))
+    for i, block in enumerate(model._blocks):
+        assert isinstance(block.plan.post[0], PointwiseSpec), i
+        if block._block_args.expand_ratio != 1:
+            assert isinstance(block.plan.pre[0], PointwiseSpec), i

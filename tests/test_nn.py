@@ -157,3 +157,45 @@ def test_folded_bn_cache_follows_in_place_updates():
         torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
         m.load_state_dict(eager.state_dict())  # copy_ into the same tensors
         torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_convs_run_with_batchnorm_folded():
+    """In eval the expand and project BNs are folded into their 1x1 convs: the BN modules never run."""
+    from effnet_kernels.nn import PointwiseSpec
+
+    m = randomize_bn(ek.MBConv(8, 16, expand_ratio=6)).eval()
+    assert isinstance(m.plan.pre[0], PointwiseSpec) and m.plan.pre[0].activation == "silu"
+    assert isinstance(m.plan.post[0], PointwiseSpec) and m.plan.post[0].activation == "identity"
+    eager = ek.revert(copy.deepcopy(m))
+    ran = []
+    for bn in (m.expand_bn, m.project_bn):
+        bn.register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-5)
+        assert ran == []
+        # the folded weights follow in-place updates of the project BN
+        for bn in (m.project_bn, eager.project_bn):
+            bn.running_mean.add_(0.5)
+        torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_falls_back_without_running_stats():
+    m = ek.MBConv(8, 8, expand_ratio=2).eval()
+    m.expand_bn.track_running_stats = False
+    m.expand_bn.running_mean = m.expand_bn.running_var = None
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ek.revert(copy.deepcopy(m))(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_folding_is_skipped_for_non_plain_convs():
+    from effnet_kernels.integrations._common import pointwise
+
+    conv, bn = nn.Conv2d(4, 8, 1, padding=1), nn.BatchNorm2d(8)
+    assert pointwise(conv, bn, "silu", (conv, bn)) == (conv, bn)
+    conv3 = nn.Conv2d(4, 8, 3)
+    assert pointwise(conv3, bn, "silu", (conv3, bn)) == (conv3, bn)
+    assert pointwise(nn.Conv2d(4, 8, 1), bn, None, (conv, bn)) == (conv, bn)
+    assert len(pointwise(nn.Conv2d(4, 8, 1), bn, "identity", (conv, bn))) == 1

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..nn import DWConvSpec, Padding, SESpec
+from ..nn import DWConvSpec, Padding, PointwiseSpec, SESpec
 
 _SILU_NAMES = {"SiLU", "Swish", "SwishMe", "MemoryEfficientSwish", "SwishAuto"}
 _SIGMOID_NAMES = {"Sigmoid", "GateSigmoid"}
@@ -91,3 +91,23 @@ def se_spec(conv_reduce: nn.Module, act: nn.Module, conv_expand: nn.Module, gate
     if not is_sigmoid(gate):
         raise NotFusable(f"SE gate {type(gate).__name__} is not a sigmoid")
     return SESpec(conv_reduce, conv_expand)
+
+
+def pointwise(conv: nn.Module, bn: nn.Module, activation: Optional[str], fallback: tuple[nn.Module, ...],
+              padding: Padding | None = None) -> tuple:
+    """``(PointwiseSpec,)`` for a plain 1x1 conv + BatchNorm (+ SiLU/identity), else ``fallback``.
+
+    "Plain" is stride 1, one group, no padding (``padding`` overrides the conv's own, e.g.
+    an external pad module; TF "same" is zero for a 1x1 stride-1 conv).
+    """
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or activation is None:
+        return tuple(fallback)
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1:
+        return tuple(fallback)
+    if padding is None:
+        padding = conv_padding(conv)
+    if padding != "same" and tuple(padding) != (0, 0, 0, 0):
+        return tuple(fallback)
+    if conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
+        return tuple(fallback)
+    return (PointwiseSpec(conv, bn, activation, tuple(fallback)),)

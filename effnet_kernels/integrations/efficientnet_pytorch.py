@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan
-from ._common import NotFusable, conv_padding, dw_spec, loaded_module, require_activation, se_spec
+from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, pointwise, require_activation, se_spec
 
 NAME = "efficientnet_pytorch"
 
@@ -37,15 +37,18 @@ def plan(block: nn.Module) -> MBConvPlan:
     """Describe an efficientnet_pytorch ``MBConvBlock`` for fusion."""
     args = block._block_args
     act = block._swish
-    pre: tuple[nn.Module, ...] = ()
+    pre: tuple = ()
     if args.expand_ratio != 1:
-        pre = (block._expand_conv, block._bn0, act)
+        pre = pointwise(block._expand_conv, block._bn0, activation_kind(act), (block._expand_conv, block._bn0, act),
+                        padding=_padding(block._expand_conv))
     dw = dw_spec(block._depthwise_conv, block._bn1, _padding(block._depthwise_conv), require_activation(act, "block"))
     se = None
     if block.has_se:
         se = se_spec(block._se_reduce, act, block._se_expand, nn.Sigmoid())  # the block applies torch.sigmoid
     residual = bool(block.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
     return MBConvPlan(
-        pre=pre, dw=dw, se=se, post=(block._project_conv, block._bn2),
+        pre=pre, dw=dw, se=se,
+        post=pointwise(block._project_conv, block._bn2, "identity", (block._project_conv, block._bn2),
+                       padding=_padding(block._project_conv)),
         residual=residual, original=block, source=NAME,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan, SESpec
-from ._common import conv_padding, dw_spec, require_activation
+from ._common import activation_kind, conv_padding, dw_spec, pointwise, require_activation
 
 NAME = "effnet_kernels"
 
@@ -18,15 +18,17 @@ def block_types() -> tuple[type, ...]:
 
 def plan_native(block: nn.Module) -> MBConvPlan:
     """Describe an :class:`effnet_kernels.blocks.MBConvBlock` for fusion."""
-    pre: tuple[nn.Module, ...] = ()
+    pre: tuple = ()
     if hasattr(block, "expand_conv"):
-        pre = (block.expand_conv, block.expand_bn, block.expand_act)
+        pre = pointwise(block.expand_conv, block.expand_bn, activation_kind(block.expand_act),
+                        (block.expand_conv, block.expand_bn, block.expand_act))
     dw = dw_spec(block.dw_conv, block.dw_bn, conv_padding(block.dw_conv), require_activation(block.dw_act, "depthwise"))
     se = SESpec(block.se.conv_reduce, block.se.conv_expand) if getattr(block, "se", None) is not None else None
     if se is not None:
         require_activation(block.se.act, "SE")
     return MBConvPlan(
-        pre=pre, dw=dw, se=se, post=(block.project_conv, block.project_bn),
+        pre=pre, dw=dw, se=se,
+        post=pointwise(block.project_conv, block.project_bn, "identity", (block.project_conv, block.project_bn)),
         residual=bool(block.has_residual), original=block, source=NAME,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan
-from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, se_spec
+from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, pointwise, se_spec
 
 NAME = "timm"
 _BLOCK_MODULES = ("timm.models._efficientnet_blocks", "timm.models.efficientnet_blocks")
@@ -48,6 +48,15 @@ def _norm_act(bn: nn.Module, where: str) -> str:
     return kind
 
 
+def _folded(conv: nn.Module, bn: nn.Module, where: str) -> tuple:
+    """``conv`` + timm norm(-act) layer as a folded :class:`PointwiseSpec`, else the two modules."""
+    try:
+        kind = _norm_act(bn, where)
+    except NotFusable:
+        kind = None
+    return pointwise(conv, bn, kind, (conv, bn), padding=_padding(conv))
+
+
 def plan(block: nn.Module) -> MBConvPlan:
     """Describe a timm ``InvertedResidual`` / ``DepthwiseSeparableConv`` for fusion."""
     if getattr(block, "conv_s2d", None) is not None:
@@ -65,8 +74,8 @@ def plan(block: nn.Module) -> MBConvPlan:
             raise NotFusable(f"SE module {type(se_mod).__name__} is not timm's SqueezeExcite")
         se = se_spec(se_mod.conv_reduce, se_mod.act1, se_mod.conv_expand, se_mod.gate)
     if inverted:
-        pre: tuple[nn.Module, ...] = (block.conv_pw, block.bn1)
-        post: tuple[nn.Module, ...] = (block.conv_pwl, block.bn3)
+        pre: tuple = _folded(block.conv_pw, block.bn1, "expand")
+        post: tuple = _folded(block.conv_pwl, block.bn3, "project")
     else:
-        pre, post = (), (block.conv_pw, block.bn2)
+        pre, post = (), _folded(block.conv_pw, block.bn2, "project")
     return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=bool(block.has_skip), original=block, source=NAME)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan
-from ._common import NotFusable, conv_padding, dw_spec, loaded_module, require_activation, se_spec
+from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, pointwise, require_activation, se_spec
 
 NAME = "torchvision"
 
@@ -23,6 +23,17 @@ def _conv_norm_act(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     return parts[0], parts[1], parts[2] if len(parts) == 3 else nn.Identity()
 
 
+def _folded(layers: list[nn.Module]) -> tuple:
+    """A ``Conv2dNormActivation`` 1x1 layer as a folded :class:`PointwiseSpec`, else the layers as they are."""
+    if len(layers) != 1:
+        return tuple(layers)
+    try:
+        conv, norm, act = _conv_norm_act(layers[0])
+    except NotFusable:
+        return tuple(layers)
+    return pointwise(conv, norm, activation_kind(act), tuple(layers))
+
+
 def plan(block: nn.Module) -> MBConvPlan:
     """Describe a torchvision ``MBConv`` for fusion."""
     layers = list(block.block.children())
@@ -32,13 +43,13 @@ def plan(block: nn.Module) -> MBConvPlan:
     idx = layers.index(se_layer)
     if idx not in (1, 2):
         raise NotFusable("SqueezeExcitation is not after the depthwise layer")
-    pre = tuple(layers[:idx - 1])
+    pre = _folded(layers[:idx - 1])
     dw_conv, dw_bn, dw_act = _conv_norm_act(layers[idx - 1])
     dw = dw_spec(dw_conv, dw_bn, conv_padding(dw_conv), require_activation(dw_act, "depthwise"))
     se = se_spec(se_layer.fc1, se_layer.activation, se_layer.fc2, se_layer.scale_activation)
     if not isinstance(se_layer.avgpool, nn.AdaptiveAvgPool2d):
         raise NotFusable("SqueezeExcitation pooling is not AdaptiveAvgPool2d")
     return MBConvPlan(
-        pre=pre, dw=dw, se=se, post=tuple(layers[idx + 1:]),
+        pre=pre, dw=dw, se=se, post=_folded(layers[idx + 1:]),
         residual=bool(block.use_res_connect), original=block, source=NAME,
     )
