@@ -51,6 +51,15 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tu
     return scale, shift
 
 
+def pinned_backend(backend: Optional[str]) -> Optional[str]:
+    """The backend a fused module pins its ops to: ``None`` for ``None``/``"auto"`` (defer to
+    :func:`effnet_kernels.use_backend`, the environment, then auto), else the validated name."""
+    if backend is None:
+        return None
+    check_backend_name(backend)
+    return None if backend == "auto" else backend
+
+
 def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
@@ -238,9 +247,7 @@ class MBConv(nn.Module):
             self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
         self.training = original.training
         self.plan = plan
-        if backend is not None:
-            check_backend_name(backend)
-        self.backend = None if backend == "auto" else backend
+        self.backend = pinned_backend(backend)
 
     def __getattr__(self, name: str) -> Any:
         # Attributes of the wrapped block (e.g. efficientnet_pytorch's ``_block_args``)
@@ -323,9 +330,7 @@ class FusedDWConvBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
         pad: Padding = "same" if padding == "same" else normalize_padding(padding, kernel_size)  # type: ignore[arg-type]
         self.spec = DWConvSpec(self.conv, self.bn, pad, activation)
-        if backend is not None:
-            check_backend_name(backend)
-        self.backend = None if backend == "auto" else backend
+        self.backend = pinned_backend(backend)
 
     def forward(self, x: Tensor, squeeze: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         if not self.training and bn_uses_running_stats(self.bn):
@@ -357,9 +362,7 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
         self.spec = SESpec(self.conv_reduce, self.conv_expand)
-        if backend is not None:
-            check_backend_name(backend)
-        self.backend = None if backend == "auto" else backend
+        self.backend = pinned_backend(backend)
 
     def forward(self, x: Tensor, pooled: Optional[Tensor] = None) -> Tensor:
         if pooled is None:

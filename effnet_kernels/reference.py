@@ -76,9 +76,7 @@ def dwconv_bn_act_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``dwconv_bn_act`` w.r.t. (x, weight, scale, shift), recomputing z."""
     xp, w, z = _bn_input(x, weight, stride, padding)
-    g = torch.zeros_like(z)
-    if grad_y is not None:
-        g = g + grad_y.to(z.dtype)
+    g = grad_y.to(z.dtype) if grad_y is not None else torch.zeros_like(z)
     if grad_mean is not None and grad_mean.numel() > 0 and z.shape[2] * z.shape[3] > 0:
         g = g + grad_mean.to(z.dtype)[:, :, None, None] / (z.shape[2] * z.shape[3])
     if silu:
