@@ -75,26 +75,35 @@ def _demo_backends(device: torch.device) -> list[str]:
     return names
 
 
-def _compare(title: str, model: torch.nn.Module, x: torch.Tensor, repeats: int) -> None:
+def _compare(title: str, model: torch.nn.Module, x: torch.Tensor, repeats: int) -> bool:
+    """Print each available backend's time and parity (DESIGN's rule vs fp64); False if any fails."""
     from . import conversion_report, convert
+    from .testing import model_parity, sensitivity
 
     print(f"\n{title}: input {tuple(x.shape)} on {x.device}")
+    reference = copy.deepcopy(model).to(torch.float64)
+    ok = True
     with torch.no_grad():
-        ref = model(x)
+        sens = sensitivity(model, x, torch.randn_like(x))
+        print(f"  BatchNorm calibrated on this batch: an unrelated input changes the output by {sens:.2g} (relative)")
         eager_ms = _time_ms(lambda: model(x), repeats)
         print(f"  {'eager':7s} {eager_ms:8.2f} ms  (reference)")
         for name in _demo_backends(x.device):
             fused = convert(copy.deepcopy(model), backend=name)
-            out = fused(x)
-            err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            result = model_parity(model, fused, x, reference=reference)
             ms = _time_ms(lambda: fused(x), repeats)
-            print(f"  {name:7s} {ms:8.2f} ms  max rel. error vs eager {err:.2e}  "
+            verdict = "ok" if result.ok else "FAILED"
+            ok = ok and result.ok
+            print(f"  {name:7s} {ms:8.2f} ms  rel. error vs fp64 {result.rel_err:.2e} (eager fp32: "
+                  f"{result.eager_err / max(result.ref_scale, 1e-30):.2e}) parity {verdict}  "
                   f"({len(conversion_report(fused).swapped)} blocks fused)")
+    return ok
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build B0, convert it with every available backend, print parity and time."""
+    """Build B0, convert it with every available backend, print parity and time; 1 if parity fails."""
     from . import models
+    from .testing import calibrate_batchnorm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -102,28 +111,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "the fused kernels are GPU kernels, so CPU times say nothing about their speed).")
     torch.manual_seed(0)
     size = args.resolution
-    model = models.efficientnet("b0").to(device).eval()
-    _randomize_batchnorm(model)
-    x = torch.randn(args.batch, 3, size, size, device=device)
-    _compare("effnet_kernels.models B0", model, x, args.repeats)
+    x = torch.randn(max(args.batch, 2), 3, size, size, device=device)
+    model = calibrate_batchnorm(models.efficientnet("b0").to(device).eval(), x)
+    ok = _compare("effnet_kernels.models B0", model, x, args.repeats)
     if importlib.util.find_spec("efficientnet_pytorch") is not None:
         from efficientnet_pytorch import EfficientNet
 
-        ext = EfficientNet.from_name("efficientnet-b0", image_size=size).to(device).eval()
-        _randomize_batchnorm(ext)
-        _compare("efficientnet_pytorch B0 (TF 'same' padding)", ext, x, args.repeats)
+        ext = calibrate_batchnorm(EfficientNet.from_name("efficientnet-b0", image_size=size).to(device).eval(), x)
+        ok = _compare("efficientnet_pytorch B0 (TF 'same' padding)", ext, x, args.repeats) and ok
     else:
         print("\nefficientnet_pytorch is not installed: skipping its B0")
-    return 0
-
-
-def _randomize_batchnorm(model: torch.nn.Module) -> None:
-    """Give BatchNorm non-trivial statistics, so parity is not checked against identity BNs."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    return 0 if ok else 1
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -146,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and backend availability")
     demo = sub.add_parser("demo", help="parity and time of converted B0 per backend (safe on a CPU)")
-    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--batch", type=int, default=2, help="batch size (at least 2: BatchNorm is calibrated on it)")
     demo.add_argument("--resolution", type=int, default=64)
     demo.add_argument("--repeats", type=int, default=5)
     sub.add_parser("bench", help="full-network GPU benchmark (CPU: the demo)", add_help=False)

@@ -21,12 +21,25 @@ def test_info_lists_every_backend(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
 def test_demo_says_no_gpu_and_reports_parity(capsys):
-    assert cli.main(["demo", "--batch", "1", "--resolution", "32", "--repeats", "1"]) == 0
+    assert cli.main(["demo", "--batch", "2", "--resolution", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "No GPU is visible" in out
     assert "16 blocks fused" in out
-    errors = [float(line.split("eager ")[1].split()[0]) for line in out.splitlines() if "max rel. error" in line]
-    assert errors and max(errors) < 1e-5
+    lines = [line for line in out.splitlines() if "rel. error vs fp64" in line]
+    assert len(lines) == 2 and all("parity ok" in line for line in lines), out
+    errors = [float(line.split("vs fp64 ")[1].split()[0]) for line in lines]
+    assert max(errors) < 1e-4
+    sens = [float(line.split("output by ")[1].split()[0]) for line in out.splitlines() if "unrelated input" in line]
+    assert len(sens) == 2 and min(sens) > 1e-2  # the demo's models depend on their input
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
+def test_negative_control_demo_reports_a_planted_defect(capsys):
+    from .defects import planted
+
+    with planted("gate_skew"):
+        assert cli.main(["demo", "--batch", "2", "--resolution", "32", "--repeats", "1"]) == 1
+    assert "parity FAILED" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

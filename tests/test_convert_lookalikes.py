@@ -10,6 +10,7 @@ are registered under those libraries' module names so the adapters find them.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import types
 
@@ -21,6 +22,8 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels.nn import PointwiseSpec
 
+from .defects import planted
+from .model_checks import assert_converted_matches, calibrated
 from .test_nn import randomize_bn
 
 
@@ -84,11 +87,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 
 class Conv2dSame(nn.Conv2d):
-    """timm's dynamic TF-"same" conv: pads in forward from the input size."""
+    """timm's dynamic TF-"same" conv: pads in forward from the input size (timm's own arithmetic,
+    written out here so the test does not share ``effnet_kernels.nn.tf_same_padding``)."""
 
     def forward(self, x):
-        pad = ek.nn.tf_same_padding(x.shape[2], x.shape[3], self.kernel_size[0], self.stride)
-        return F.conv2d(F.pad(x, pad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        def same(size, k, s):
+            return max((math.ceil(size / s) - 1) * s + k - size, 0)
+
+        ph, pw = same(x.shape[2], self.kernel_size[0], self.stride[0]), same(x.shape[3], self.kernel_size[1], self.stride[1])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class TimmSqueezeExcite(nn.Module):
@@ -159,17 +167,27 @@ def lookalike_libraries(monkeypatch):
 
 
 def _check(model, x, n_fused):
-    model = randomize_bn(model).eval()
+    model = calibrated(model, x)
+    eager = copy.deepcopy(model)
     keys = list(model.state_dict())
-    with torch.no_grad():
-        ref = model(x)
-        ek.convert(model)
-        report = ek.conversion_report(model)
-        assert len(report.swapped) == n_fused and not report.skipped, report
-        out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ek.convert(model, backend="torch")
+    report = ek.conversion_report(model)
+    assert len(report.swapped) == n_fused and not report.skipped, report
+    assert_converted_matches(eager, model, x, dtypes=(torch.float32, torch.bfloat16), expect_blocks=n_fused)
     assert list(model.state_dict()) == keys
     return model
+
+
+@pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "gate_skew", "excite_skip", "drop_residual", "tf_same_swap"])
+def test_negative_control_lookalike_checks_reject_defect(lookalike_libraries, defect):
+    """The adapters' parity check fails under each planted defect (TF "same" padding included)."""
+    x = torch.randn(2, 16, 11, 10)
+    model = nn.Sequential(DepthwiseSeparableConv(16, 16, 3, 1, True), InvertedResidual(16, 24, 5, 2, 6, True),
+                          InvertedResidual(24, 24, 3, 1, 6, True))
+    model = _check(model, x, 3)  # clean: passes
+    eager = ek.revert(copy.deepcopy(model))
+    with planted(defect), pytest.raises(AssertionError):
+        assert_converted_matches(eager, model, x)
 
 
 def test_torchvision_lookalike(lookalike_libraries):

@@ -20,6 +20,7 @@ import effnet_kernels as ek
 from effnet_kernels import cuda as cuda_backend
 from effnet_kernels.models import MODEL_NAMES, layer_shapes
 
+from .defects import planted
 from .parity import assert_parity
 from .test_ops_parity import dwconv_plain, make_input, random_bn, run_dwconv_case, se_truth
 
@@ -360,3 +361,24 @@ def test_prebuilt_module_is_current_and_covers_this_gpu():
     from effnet_kernels import _build
 
     assert _build.archs_cover(info["archs"], major * 10 + minor), info
+
+
+# ------------------------------------------------------------------ negative controls
+@pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_negative_control_dwconv_check_rejects_defect(defect, layout):
+    """check_dwconv must reject a cuda backend with a planted defect (both kernel families)."""
+    x = make_input((2, 144, 56, 56), torch.float16, layout, DEV)
+    check_dwconv(x, 5, 2, (1, 2, 1, 2))
+    with planted(defect, "cuda"), pytest.raises(AssertionError):
+        check_dwconv(x, 5, 2, (1, 2, 1, 2))
+
+
+def test_negative_control_se_gate_check_rejects_defect():
+    n, c, r = 3, 3840, 160
+    pooled = torch.randn(n, c, device=DEV)
+    wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
+    we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
+    with planted("gate_skew", "cuda"), pytest.raises(AssertionError, match="gate"):
+        gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")
+        assert_parity(gate.cpu(), gate_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")

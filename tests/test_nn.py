@@ -12,6 +12,9 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels.blocks import MBConvBlock
 
+from .defects import DEFECTS, planted
+from .model_checks import assert_converted_matches, calibrated
+
 
 def randomize_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters everywhere."""
@@ -82,14 +85,52 @@ def test_squeeze_excite_module():
 @pytest.mark.parametrize("expand,stride,cin,cout,se", [(1, 1, 16, 16, 0.25), (6, 2, 8, 16, 0.25), (6, 1, 8, 8, None),
                                                        (4, 1, 12, 12, 0.25)])
 def test_standalone_mbconv_matches_eager_block(expand, stride, cin, cout, se):
+    x = torch.randn(2, cin, 8, 8)
     m = ek.MBConv(cin, cout, kernel_size=3, stride=stride, expand_ratio=expand, se_ratio=se, drop_path_rate=0.1)
-    randomize_bn(m).eval()
+    calibrated(m, x)
     eager = ek.revert(copy.deepcopy(m))
     assert type(eager) is MBConvBlock
-    x = torch.randn(2, cin, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert_converted_matches(eager, m, x, dtypes=(torch.float32, torch.bfloat16), expect_blocks=1)
     assert list(m.state_dict()) == list(eager.state_dict())
+
+
+@pytest.fixture
+def block_pair():
+    """(eager block, fused block, x): a calibrated MBConv with expand, SE and residual."""
+    x = torch.randn(2, 16, 9, 8)
+    fused = calibrated(ek.MBConv(16, 16, kernel_size=5, stride=1, expand_ratio=4, backend="torch"), x)
+    return ek.revert(copy.deepcopy(fused)), fused, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("defect", [d for d in DEFECTS if d not in ("grad_drop_squeeze", "tf_same_swap")])
+def test_negative_control_block_check_rejects_defect(block_pair, defect, dtype):
+    """The block check fails under each planted defect (TF padding: see the FusedDWConvBNAct control)."""
+    eager, fused, x = block_pair
+    assert_converted_matches(eager, fused, x, dtypes=(dtype,))  # clean: passes
+    if defect == "squeeze_skew" and dtype == torch.bfloat16:
+        pytest.skip("a 1% squeeze skew is below bf16 rounding of the block output; the fp32 variant catches it")
+    with planted(defect), pytest.raises(AssertionError):
+        assert_converted_matches(eager, fused, x, dtypes=(dtype,))
+
+
+@pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "tf_same_swap"])
+def test_negative_control_dwconv_module_rejects_defect(defect):
+    """FusedDWConvBNAct with TF "same" padding (asymmetric at stride 2 on even sizes) vs its eager path."""
+    m = ek.FusedDWConvBNAct(6, kernel_size=3, stride=2, padding="same", eps=1e-3, backend="torch")
+    x = torch.randn(2, 6, 10, 8)
+    calibrated(m, x)
+
+    def check():
+        y, mean = m.eval()(x, squeeze=True)
+        # TF "same" for 10x8, k3, stride 2: one pixel of padding, on the right and at the bottom
+        eager = F.silu(m.bn(F.conv2d(F.pad(x, (0, 1, 0, 1)), m.conv.weight, stride=2, groups=6)))
+        torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean, eager.mean((2, 3)), rtol=1e-5, atol=1e-6)
+
+    check()
+    with planted(defect), pytest.raises(AssertionError):
+        check()
 
 
 def test_mbconv_train_mode_is_eager_and_updates_running_stats():

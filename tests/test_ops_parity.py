@@ -15,6 +15,7 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels.nn import fold_batchnorm
 
+from .defects import planted
 from .parity import assert_parity
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -283,3 +284,32 @@ def test_se_backward(backend_device, dtype):
     for i, (g, rr, p) in enumerate(zip(got, ref, base)):
         assert g.dtype == dtype
         assert_parity(g.cpu(), rr.cpu(), p.cpu(), dtype, kind="backward", what=f"grad #{i}")
+
+
+# Negative controls: each op check above must reject a backend with a planted defect
+# (tests/defects.py), in every dtype; on a GPU the same controls run for triton and cuda.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew"])
+def test_negative_control_dwconv_check_rejects_defect(backend_device, defect, dtype):
+    backend, device = backend_device
+    case = (backend, device, (3, 13, 9, 8), 3, 2, (0, 1, 0, 1), dtype, "channels_last", True, True)
+    run_dwconv_case(*case)  # clean: passes
+    with planted(defect, backend), pytest.raises(AssertionError):
+        run_dwconv_case(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_control_dwconv_backward_check_rejects_defect(backend_device, dtype):
+    backend, _ = backend_device
+    with planted("grad_drop_squeeze", backend), pytest.raises(AssertionError, match="grad"):
+        test_dwconv_backward(backend_device, dtype, squeeze=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_control_se_checks_reject_defects(backend_device, dtype):
+    backend, _ = backend_device
+    with planted("gate_skew", backend), pytest.raises(AssertionError, match="gate"):
+        test_se_gate(backend_device, dtype, 2, 16, 4, False)
+    with planted("excite_skip", backend), pytest.raises(AssertionError, match="excite"):
+        test_se_excite(backend_device, dtype, "channels_last", "fp32")

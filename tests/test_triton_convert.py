@@ -1,10 +1,14 @@
 """An efficientnet_pytorch B0 converted with backend="triton" matches the unconverted model.
 
-Runs the Triton kernels in the interpreter on CPU tensors (small input: the interpreter is slow).
+Runs the Triton kernels in the interpreter on CPU tensors (small input: the interpreter is
+slow). The model's BatchNorm is calibrated on the test batch (its output depends on the
+input, asserted), and parity is DESIGN's rule against fp64, end to end and block by block;
+the negative control plants a defect in the triton backend that the block check must reject.
 """
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import pytest
@@ -13,27 +17,41 @@ import torch
 import effnet_kernels as ek
 from effnet_kernels import backends
 
-from .test_nn import randomize_bn
+from .defects import planted
+from .model_checks import assert_blockwise_parity, assert_converted_matches, calibrated
 from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module-scoped TRITON_INTERPRET=1)
 
 pytestmark = pytest.mark.interpreter
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 
 
-def test_efficientnet_pytorch_b0_converted_with_triton_matches():
+@pytest.fixture(scope="module")
+def b0_pair():
     from efficientnet_pytorch import EfficientNet
 
-    model = randomize_bn(EfficientNet.from_name("efficientnet-b0", image_size=32)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        ek.convert(model, backend="triton")
-        assert len(ek.conversion_report(model).swapped) == 16
-        calls = []
-        backends._ensure_registered()
-        impls = backends._REGISTRY["triton"].impls()
-        counting = {op: (lambda f, name: lambda *a: calls.append(name) or f(*a))(fn, op) for op, fn in impls.items()}
-        with mock.patch.dict(impls, counting):
-            out = model(x)
-    assert calls.count("dwconv_bn_act") == 16 and calls.count("se_gate") == 16 and calls.count("se_excite") == 16
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.manual_seed(2024)
+    x = torch.randn(2, 3, 32, 32)
+    eager = calibrated(EfficientNet.from_name("efficientnet-b0", image_size=32), x)
+    return eager, ek.convert(copy.deepcopy(eager), backend="triton"), x
+
+
+def test_efficientnet_pytorch_b0_converted_with_triton_matches(b0_pair):
+    eager, model, x = b0_pair
+    assert len(ek.conversion_report(model).swapped) == 16
+    calls = []
+    backends._ensure_registered()
+    impls = backends._REGISTRY["triton"].impls()
+    counting = {op: (lambda f, name: lambda *a: calls.append(name) or f(*a))(fn, op) for op, fn in impls.items()}
+    with mock.patch.dict(impls, counting):
+        assert_converted_matches(eager, model, x, expect_blocks=16)
+    # one network forward + one block-by-block pass: every fused op ran in Triton, twice per block
+    assert calls.count("dwconv_bn_act") == 32 and calls.count("se_gate") == 32 and calls.count("se_excite") == 32
+
+
+@pytest.mark.parametrize("defect", ["pad_shift", "gate_skew"])
+def test_negative_control_triton_block_check_rejects_defect(b0_pair, defect):
+    eager, model, x = b0_pair
+    names = ["_blocks.1", "_blocks.3"]  # stride-2 blocks, k3 and k5
+    assert_blockwise_parity(eager, model, x, torch.float32, names=names)
+    with planted(defect, backend="triton"), pytest.raises(AssertionError, match="break the parity rule"):
+        assert_blockwise_parity(eager, model, x, torch.float32, names=names)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import effnet_kernels as ek
 
+from .defects import planted
 from .parity import assert_parity
 from .test_ops_parity import se_truth
 
@@ -249,3 +250,17 @@ def test_tuner_times_a_new_shape_class_once(monkeypatch):
         assert_parity(y, y_ref, y_plain, torch.float16, what="y")
         assert_parity(m, m_ref, m_plain, torch.float16, what="mean")
     _tuning.clear_cache()
+
+
+# Negative controls: the checks above must reject a triton backend with a planted defect.
+@pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew"])
+def test_negative_control_layer_check_rejects_defect(defect):
+    c, h, w, k, stride = B0_DW[2]  # k5 s2 with asymmetric TF padding
+    check_dwconv(2, c, h, w, k, stride, torch.float16, "channels_last")
+    with planted(defect, "triton"), pytest.raises(AssertionError):
+        check_dwconv(2, c, h, w, k, stride, torch.float16, "channels_last")
+
+
+def test_negative_control_se_gate_check_rejects_defect():
+    with planted("gate_skew", "triton"), pytest.raises(AssertionError, match="gate"):
+        check_se_gate(1152, 48, torch.float32)

@@ -1,0 +1,322 @@
+"""Evidence that can fail: sensitive models and the parity rule for whole networks and blocks.
+
+A whole-model parity check only means something when the model's output depends on its
+input. With random BatchNorm running statistics it hardly does (B0's logits for two
+unrelated batches differ by ~2e-7 relative), so every whole-model check here works on a
+model whose BatchNorm statistics were *calibrated* on a real forward pass
+(:func:`calibrate_batchnorm`) and asserts its sensitivity (:func:`sensitivity`).
+
+The parity rule (DESIGN.md): the error of the model under test against an fp64 run of the
+eager model is at most ``factor`` (2 forward) times the error of eager PyTorch in the same
+precision against that fp64 run, plus a small floor (:func:`parity_limit`). Deep
+calibrated networks amplify rounding, so :func:`blockwise_parity` also compares block by
+block, giving each fused block exactly the input its eager twin saw.
+
+Used by the test suite, ``python -m effnet_kernels demo`` and the benchmark's gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "calibrate_batchnorm",
+    "sensitivity",
+    "assert_sensitive",
+    "ParityResult",
+    "parity_limit",
+    "max_abs_err",
+    "model_parity",
+    "blockwise_parity",
+    "fused_block_names",
+    "FLOOR",
+    "FORWARD_FACTOR",
+    "BACKWARD_FACTOR",
+]
+
+FORWARD_FACTOR = 2.0
+BACKWARD_FACTOR = 3.0
+# Floor, relative to max |fp64 reference|, so that a result eager PyTorch gets exactly
+# right (error 0) does not demand 0 of the model under test. Far below any planted
+# defect's effect (a 1% gate skew in one block moves B0's logits by ~1e-3 relative).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def calibrate_batchnorm(model: nn.Module, x: Tensor, *, jitter: float = 0.1, seed: int = 0) -> nn.Module:
+    """Jitter every BatchNorm's affine lightly, then set its running statistics from a forward pass of ``x``.
+
+    The affine parameters are jittered first (``weight *= 1 + jitter * N(0, 1)``,
+    ``bias += jitter * N(0, 1)``, from a generator seeded with ``seed``), so folding them is
+    never a no-op. Then each BatchNorm's running mean and variance become exactly the
+    statistics of its input over the batch ``x`` (a cumulative average over one batch; the
+    other modules stay in their current mode, so dropout and stochastic depth stay off in
+    an eval model). The model's output then depends on its input, which makes parity
+    checks on it meaningful. Calibrate on the batch the check runs on (or one like it):
+    late stages see few pixels, and statistics from a small unrelated batch fit less well.
+
+    Args:
+        model: any module; modified in place (its training flags are restored).
+        x: a representative input batch (random is fine; at least 2 samples).
+        jitter: relative size of the affine jitter (0 to keep the affine as is).
+        seed: seed of the jitter.
+
+    Returns:
+        ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 2:
+        raise ValueError(f"x must be a batch of at least 2 samples to calibrate BatchNorm, got shape {list(x.shape)}")
+    if not math.isfinite(jitter) or jitter < 0:
+        raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
+    if jitter > 0:
+        # jitter first, calibrate after: statistics calibrated before a jitter no longer match
+        # the activations, and channels of tiny variance amplify each mismatch ~1/sqrt(eps)
+        # per layer (B7's residual stream grows to ~1e6 and fp32 rounding decides its logits)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, _BN) and m.affine:
+                    c = m.num_features
+                    m.weight.mul_((1 + jitter * torch.randn(c, generator=gen)).to(m.weight))
+                    m.bias.add_((jitter * torch.randn(c, generator=gen)).to(m.bias))
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    saved = [(m, m.training, m.momentum) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly its statistics
+            m.train()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+    return model
+
+
+def _first_tensor(out: Any) -> Tensor:
+    """The tensor a model returns (Hugging Face outputs: ``logits``; tuples: the first)."""
+    if isinstance(out, Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(out, attr, None)
+        if isinstance(value, Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+
+
+def sensitivity(model: nn.Module, x: Tensor, other: Tensor) -> float:
+    """``max |f(x) - f(other)| / max |f(x)|``: how much the output depends on the input."""
+    with torch.no_grad():
+        a = _first_tensor(model(x)).double()
+        b = _first_tensor(model(other)).double()
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return float((a - b).abs().max()) / scale if scale > 0 else math.inf
+
+
+def assert_sensitive(model: nn.Module, x: Tensor, tolerance: float, *, margin: float = 100.0) -> float:
+    """Assert that an unrelated input moves the output by ``margin`` x ``tolerance`` or more.
+
+    ``tolerance`` is the relative error (max abs error / max abs output) the parity check
+    allows; an unrelated input is a fresh ``torch.randn_like(x)``. Returns the sensitivity.
+    """
+    s = sensitivity(model, x, torch.randn_like(x))
+    assert s >= margin * tolerance, (
+        f"the model is not sensitive to its input: an unrelated input changes the output by "
+        f"{s:.3g} (relative), less than {margin:g} x the tolerance {tolerance:.3g}; a parity check on it is blind"
+    )
+    return s
+
+
+def max_abs_err(out: Tensor, ref64: Tensor) -> float:
+    """``max |out - ref64|`` in float64 (``inf`` for a shape mismatch or non-finite ``out``)."""
+    if tuple(out.shape) != tuple(ref64.shape):
+        return math.inf
+    if out.numel() == 0:
+        return 0.0
+    o = out.detach().to(device=ref64.device, dtype=torch.float64)
+    if not bool(torch.isfinite(o).all()):
+        return math.inf
+    return float((o - ref64.detach().double()).abs().max())
+
+
+def parity_limit(eager_err: float, ref_scale: float, dtype: torch.dtype, factor: float = FORWARD_FACTOR) -> float:
+    """``factor * eager_err + FLOOR[dtype] * ref_scale``: the most error the rule allows."""
+    floor = FLOOR.get(dtype, FLOOR[torch.float32])
+    return factor * eager_err + floor * ref_scale
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One comparison by the parity rule (errors are max abs errors against fp64)."""
+
+    what: str
+    err: float  # model under test vs fp64
+    eager_err: float  # eager PyTorch in the same precision vs fp64
+    limit: float
+    ref_scale: float  # max |fp64 reference|
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.limit
+
+    @property
+    def rel_err(self) -> float:
+        return self.err / self.ref_scale if self.ref_scale > 0 else (0.0 if self.err == 0 else math.inf)
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAILED"
+        return (f"{self.what}: error {self.err:.3g} (rel. {self.rel_err:.3g}) vs limit {self.limit:.3g} "
+                f"(eager in the same precision: {self.eager_err:.3g}) {verdict}")
+
+
+def _judge(what: str, out: Tensor, plain: Tensor, ref64: Tensor, dtype: torch.dtype, factor: float) -> ParityResult:
+    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+    eager_err = max_abs_err(plain, ref64)
+    return ParityResult(what, max_abs_err(out, ref64), eager_err, parity_limit(eager_err, scale, dtype, factor), scale)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _fp64_twin(eager: nn.Module) -> nn.Module:
+    return copy.deepcopy(eager).to(torch.float64)
+
+
+def model_parity(
+    eager: nn.Module,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    context: Callable[[], ContextManager] = contextlib.nullcontext,
+    factor: float = FORWARD_FACTOR,
+    reference: Optional[nn.Module] = None,
+) -> ParityResult:
+    """Whole-model parity: ``model(x)`` vs fp64 eager, judged against ``eager(x)`` in the same precision.
+
+    Args:
+        eager: the unconverted model, in the precision under test (e.g. ``.to(torch.bfloat16)``,
+            or fp32 with an autocast ``context``).
+        model: the model under test (typically ``convert(copy.deepcopy(eager))``).
+        x: the input, already in the precision both models take.
+        dtype: the precision under test, for the floor (default: ``eager``'s parameter dtype).
+        context: a context both models run in (e.g. autocast); the fp64 reference runs outside it.
+        factor: the rule's factor (2 forward).
+        reference: an fp64 copy of ``eager`` to reuse (default: made here).
+    """
+    dtype = dtype or _dtype_of(eager)
+    ref_model = reference if reference is not None else _fp64_twin(eager)
+    with torch.no_grad():
+        ref64 = _first_tensor(ref_model(x.to(torch.float64))).double()
+        with context():
+            plain = _first_tensor(eager(x))
+            out = _first_tensor(model(x))
+    return _judge("network output", out, plain, ref64, dtype, factor)
+
+
+def fused_block_names(model: nn.Module) -> list[str]:
+    """Qualified names of the fused blocks (:class:`effnet_kernels.MBConv`) in ``model``."""
+    from .nn import MBConv
+
+    return [name for name, m in model.named_modules() if isinstance(m, MBConv)]
+
+
+def _to64(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.detach().to(torch.float64)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to64(v) for v in value)
+    return value
+
+
+def blockwise_parity(
+    eager: nn.Module,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    names: Optional[Iterable[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+    context: Callable[[], ContextManager] = contextlib.nullcontext,
+    factor: float = FORWARD_FACTOR,
+    reference: Optional[nn.Module] = None,
+) -> list[ParityResult]:
+    """Block-by-block parity: each block of ``model`` gets exactly the input its eager twin saw.
+
+    ``eager`` runs once on ``x`` (inside ``context``) with hooks that record each named
+    block's input. Then, per block, the block of ``model`` with that name, the eager
+    block and an fp64 copy of the eager block each run on that recorded input (the fp64
+    copy on its fp64 cast), and :func:`parity_limit` judges the block of ``model``.
+
+    Args:
+        eager: the unconverted model (same module names as ``model``).
+        model: the model under test.
+        x: the network input.
+        names: the blocks to compare (default: every fused block of ``model``).
+        dtype, context, factor, reference: as in :func:`model_parity`.
+
+    Returns:
+        One :class:`ParityResult` per block, in ``names`` order (empty when there are none).
+    """
+    dtype = dtype or _dtype_of(eager)
+    names = list(fused_block_names(model) if names is None else names)
+    eager_blocks = dict(eager.named_modules())
+    model_blocks = dict(model.named_modules())
+    missing = [n for n in names if n not in eager_blocks or n not in model_blocks]
+    if missing:
+        raise ValueError(f"names: blocks {missing} are not in both models")
+    ref_model = reference if reference is not None else _fp64_twin(eager)
+    ref_blocks = dict(ref_model.named_modules())
+    seen: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name: str):
+        def hook(_module, args, kwargs):
+            seen.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [eager_blocks[n].register_forward_pre_hook(recorder(n), with_kwargs=True) for n in names]
+    try:
+        with torch.no_grad(), context():
+            eager(x)
+    finally:
+        for h in handles:
+            h.remove()
+    results = []
+    with torch.no_grad():
+        for n in names:
+            if n not in seen:
+                raise ValueError(f"names: block {n!r} did not run in the eager forward")
+            args, kwargs = seen[n]
+            ref64 = _first_tensor(ref_blocks[n](*_to64(args), **kwargs)).double()
+            with context():
+                plain = _first_tensor(eager_blocks[n](*args, **kwargs))
+                out = _first_tensor(model_blocks[n](*args, **kwargs))
+            results.append(_judge(n, out, plain, ref64, dtype, factor))
+    return results
+
+
+def failures(results: Sequence[ParityResult]) -> list[ParityResult]:
+    """The results that broke the rule."""
+    return [r for r in results if not r.ok]

@@ -1,0 +1,150 @@
+"""Planted defects: the negative controls every parity suite must reject.
+
+``planted(defect, backend)`` is a context manager under which one known bug is live:
+
+* backend defects wrap the implementation a backend (``torch`` on the CPU; ``triton`` or
+  ``cuda`` in the GPU suites) serves for one op, so a suite sees exactly what a buggy
+  kernel would return:
+
+  - ``pad_shift``: the depthwise conv pads one pixel off (a column of padding moves from
+    one side to the other; the output keeps its shape),
+  - ``skip_silu``: the depthwise step skips its SiLU,
+  - ``squeeze_skew``: the SE squeeze (spatial mean) comes out 1% high,
+  - ``gate_skew``: the SE gate comes out scaled by 0.99,
+  - ``excite_skip``: the excite returns its input ungated,
+  - ``grad_drop_squeeze``: the depthwise backward ignores the gradient that reaches it
+    through the SE squeeze (``grad_mean``);
+
+* module defects:
+
+  - ``drop_residual``: fused blocks forget their residual connection,
+  - ``tf_same_swap``: TensorFlow "same" padding puts the extra pixel on the left/top
+    instead of the right/bottom (the classic EfficientNet porting bug).
+
+A suite's negative-control test runs its own check under each defect and asserts that the
+check fails (``pytest.raises(AssertionError)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+from unittest import mock
+
+from effnet_kernels import backends
+from effnet_kernels import nn as ek_nn
+
+__all__ = ["BACKEND_DEFECTS", "MODULE_DEFECTS", "DEFECTS", "planted"]
+
+
+def _shift_padding(padding):
+    left, right, top, bottom = padding
+    if right > 0:
+        return (left + 1, right - 1, top, bottom)
+    if left > 0:
+        return (left - 1, right + 1, top, bottom)
+    if bottom > 0:
+        return (left, right, top + 1, bottom - 1)
+    if top > 0:
+        return (left, right, top - 1, bottom + 1)
+    return (left + 1, right, top, bottom)  # no padding at all: pad one column too many
+
+
+def _pad_shift(impl: Callable) -> Callable:
+    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
+        return impl(x, weight, scale, shift, stride, _shift_padding(padding), silu, squeeze)
+
+    return dwconv
+
+
+def _skip_silu(impl: Callable) -> Callable:
+    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
+        return impl(x, weight, scale, shift, stride, padding, False, squeeze)
+
+    return dwconv
+
+
+def _squeeze_skew(impl: Callable) -> Callable:
+    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
+        y, mean = impl(x, weight, scale, shift, stride, padding, silu, squeeze)
+        return y, (mean * 1.01 if mean is not None else None)
+
+    return dwconv
+
+
+def _gate_skew(impl: Callable) -> Callable:
+    def se_gate(*args):
+        return impl(*args) * 0.99
+
+    return se_gate
+
+
+def _excite_skip(impl: Callable) -> Callable:
+    def se_excite(y, gate):
+        return impl(y, gate.new_ones(gate.shape))
+
+    return se_excite
+
+
+def _grad_drop_squeeze(impl: Callable) -> Callable:
+    def backward(grad_y, grad_mean, *args):
+        return impl(grad_y, None, *args)
+
+    return backward
+
+
+BACKEND_DEFECTS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
+    "pad_shift": ("dwconv_bn_act", _pad_shift),
+    "skip_silu": ("dwconv_bn_act", _skip_silu),
+    "squeeze_skew": ("dwconv_bn_act", _squeeze_skew),
+    "gate_skew": ("se_gate", _gate_skew),
+    "excite_skip": ("se_excite", _excite_skip),
+    "grad_drop_squeeze": ("dwconv_bn_act_backward", _grad_drop_squeeze),
+}
+
+
+def _swapped_tf_same_padding(h, w, kernel_size, stride):
+    left, right, top, bottom = _true_tf_same_padding(h, w, kernel_size, stride)
+    return (right, left, bottom, top)
+
+
+_true_tf_same_padding = ek_nn.tf_same_padding
+
+
+def _forward_without_residual(forward: Callable) -> Callable:
+    def wrapped(self, *args, **kwargs):
+        plan = self.plan
+        saved, plan.residual = plan.residual, False
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            plan.residual = saved
+
+    return wrapped
+
+
+MODULE_DEFECTS = ("drop_residual", "tf_same_swap")
+DEFECTS = tuple(BACKEND_DEFECTS) + MODULE_DEFECTS
+
+
+@contextlib.contextmanager
+def planted(defect: str, backend: str = "torch") -> Iterator[None]:
+    """Make ``defect`` live while inside: in ``backend``'s implementation of the op for backend
+    defects (in the ``torch`` reference's when ``backend`` leaves that op to it, as kernel
+    backends do with backward ops), in the fused module for module defects."""
+    if defect in BACKEND_DEFECTS:
+        op, wrap = BACKEND_DEFECTS[defect]
+        backends._ensure_registered()
+        impls = backends._REGISTRY[backend].impls()
+        if op not in impls:  # e.g. a backward the backend leaves to the reference: plant it there
+            impls = backends._REGISTRY["torch"].impls()
+        with mock.patch.dict(impls, {op: wrap(impls[op])}):
+            yield
+    elif defect == "drop_residual":
+        with mock.patch.object(ek_nn.MBConv, "forward", _forward_without_residual(ek_nn.MBConv.forward)):
+            yield
+    elif defect == "tf_same_swap":
+        with mock.patch.object(ek_nn, "tf_same_padding", _swapped_tf_same_padding):
+            yield
+    else:
+        raise ValueError(f"defect must be one of {DEFECTS}, got {defect!r}")
