@@ -4,11 +4,14 @@ Shared by :mod:`benchmarks.ops` (the CSV runner) and ``benchmarks/microbench`` (
 pytest-benchmark suite). Two ops:
 
 * ``dwconv``: depthwise conv + BatchNorm + SiLU + SE squeeze (spatial mean).
-  Eager chain: ``conv2d(groups=C)`` + ``batch_norm`` + ``silu`` + ``mean``; fused:
-  ``effnet_kernels.ops.dwconv_bn_act(..., squeeze=True)``.
-* ``se``: the SE excitation. Eager chain: ``mean`` pool + 1x1 conv + SiLU + 1x1 conv +
-  ``sigmoid`` + ``mul``; fused: ``se_gate`` + ``se_excite`` on the pooled means that the
-  fused ``dwconv`` already produced (so the fused side does not re-read ``y`` to pool).
+  Eager chain: ``conv2d(groups=C)`` + ``batch_norm`` + ``silu`` + ``mean`` (the SE pool
+  of an eager network: ``y.mean((2, 3), keepdim=True)`` in y's dtype); fused:
+  ``effnet_kernels.ops.dwconv_bn_act(..., squeeze=True)`` (fp32 means).
+* ``se``: the SE excitation after the squeeze. Eager chain: 1x1 conv + SiLU + 1x1 conv +
+  ``sigmoid`` + ``mul`` on the mean the eager ``dwconv`` chain already computed
+  (``pooled_eager``); fused: ``se_gate`` + ``se_excite`` on the fp32 means the fused
+  ``dwconv`` already produced (``pooled``). Neither side re-reads ``y`` to pool: the pool is
+  timed once, in ``dwconv``, on both sides.
 
 Minimum bytes: every activation tensor read once and written once (dwconv: x, y and the
 fp32 means; se: y, the output and the fp32 means); weights are not counted.
@@ -112,7 +115,9 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
         }
     r = case.reduced
     return {
-        "x": x, "pooled": x.float().mean((2, 3)),
+        # the squeeze each side's dwconv step already produced: fp32 [N, C] (fused) and
+        # x.dtype [N, C, 1, 1] (eager, exactly what the eager dwconv chain returns)
+        "x": x, "pooled": x.float().mean((2, 3)), "pooled_eager": x.mean((2, 3), keepdim=True),
         "w_reduce": rnd(r, case.c, scale=case.c ** -0.5), "b_reduce": rnd(r, scale=0.1),
         "w_expand": rnd(case.c, r, scale=r ** -0.5), "b_expand": rnd(case.c, scale=0.1),
     }
@@ -137,7 +142,7 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
             def eager_dw():
                 z = F.conv2d(x, w, stride=case.stride, padding=pad, groups=case.c)
                 y = F.silu(F.batch_norm(z, *args, training=False, eps=BN_EPS))
-                return y, y.mean((2, 3), dtype=torch.float32)
+                return y, y.mean((2, 3), keepdim=True)  # the SE pool of an eager network
 
             return eager_dw
         scale, shift = _folded(inp)
@@ -146,10 +151,10 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
     if provider == "eager":
         wr, br = inp["w_reduce"][:, :, None, None].to(x.dtype), inp["b_reduce"].to(x.dtype)
         we, be = inp["w_expand"][:, :, None, None].to(x.dtype), inp["b_expand"].to(x.dtype)
+        pooled_eager = inp["pooled_eager"]  # computed by the eager dwconv chain, not here
 
         def eager_se():
-            s = x.mean((2, 3), keepdim=True)
-            s = F.conv2d(F.silu(F.conv2d(s, wr, br)), we, be)
+            s = F.conv2d(F.silu(F.conv2d(pooled_eager, wr, br)), we, be)
             return x * torch.sigmoid(s)
 
         return eager_se

@@ -7,6 +7,11 @@ learnt is lost. With this plugin (``-p benchmarks.pytest_deadline``) and
 is skipped instead ("not run: session deadline ..."), so pytest finishes on its own,
 in time, and reports what did run. Works under pytest-xdist too (the deadline is an
 absolute time, the same for every worker). Without the variable it does nothing.
+
+``EFFNET_PYTEST_NO_CUDA_BUILD=<reason>`` (set by the GPU session when its build step left
+no usable extension): the CUDA extension is not JIT-built again in every test process.
+Any attempt fails at once with ``<reason>``, so the cuda-backend tests fail quickly instead
+of each spending minutes repeating the build that already failed.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import pytest
 
 DEADLINE_ENV = "EFFNET_PYTEST_DEADLINE"
+NO_BUILD_ENV = "EFFNET_PYTEST_NO_CUDA_BUILD"
 SKIP_REASON = "not run: session deadline passed"
 
 
@@ -29,6 +35,18 @@ def deadline() -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+def pytest_configure(config) -> None:
+    reason = os.environ.get(NO_BUILD_ENV, "").strip()
+    if not reason:
+        return
+    from effnet_kernels import _build
+
+    def no_jit_build(*args, **kwargs):
+        raise _build.BuildError(f"not JIT-building effnet_kernels._C in this test run ({NO_BUILD_ENV}): {reason}")
+
+    _build.jit_build = no_jit_build
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -93,3 +93,82 @@ def test_main_time_budget_stops_before_running(tmp_path):
             "--device", "cpu", "--out", str(out), "--copy-mb", "1", "--time-budget", "1e-9", "--quiet"]
     assert ops.main(argv) == 0
     assert not out.exists()
+
+
+def _aten_ops(fn) -> list[str]:
+    """The aten overloads ``fn()`` dispatches (names like ``mean.dim``), in call order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+POOLS = {"mean", "sum", "avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_se_reuses_the_mean_the_eager_dwconv_chain_computed(dtype):
+    # the pool is timed once, in the dwconv chain, on both sides: the eager SE baseline is
+    # reduce/expand + sigmoid + mul on that mean, never a second pass over y
+    gen = torch.Generator("cpu").manual_seed(0)
+    dw = OpCase("dwconv", "t", 2, 6, 8, 8, k=3, stride=1)
+    dw_ops = _aten_ops(op_cases.make_call(dw, "eager", op_cases.make_inputs(dw, dtype, torch.channels_last, torch.device("cpu"), gen)))
+    assert [o for o in dw_ops if o in POOLS] == ["mean"], dw_ops
+    se = OpCase("se", "t", 2, 6, 8, 8, reduced=2)
+    inp = op_cases.make_inputs(se, dtype, torch.channels_last, torch.device("cpu"), gen)
+    se_ops = _aten_ops(op_cases.make_call(se, "eager", inp))
+    assert not POOLS & set(se_ops), se_ops
+    assert se_ops.count("convolution") == 2 and {"silu", "sigmoid", "mul"} <= set(se_ops), se_ops
+    # the mean it starts from is exactly what the eager dwconv chain returns for its y
+    dw_inp = op_cases.make_inputs(dw, dtype, torch.channels_last, torch.device("cpu"), gen)
+    y, mean = op_cases.make_call(dw, "eager", dw_inp)()
+    assert mean.dtype == y.dtype and mean.shape == (2, 6, 1, 1)
+    assert inp["pooled_eager"].dtype == dtype and inp["pooled_eager"].shape == (2, 6, 1, 1)
+    torch.testing.assert_close(inp["pooled_eager"], inp["x"].mean((2, 3), keepdim=True), rtol=0, atol=0)
+    # and both sides of the dwconv comparison still pass the gate on their means
+    rows = ops.run_case(dw, "fp32" if dtype == torch.float32 else "bf16", "nchw", ["eager", "torch"],
+                        torch.device("cpu"), FAST, 1.0)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+
+
+def test_gate_checks_the_eager_dwconv_means_too(monkeypatch):
+    real = op_cases.make_call
+
+    def wrong_eager_mean(case, provider, inp):
+        call = real(case, provider, inp)
+        if provider != "eager":
+            return call
+        return lambda: (call()[0], call()[1] * 1.05)
+
+    monkeypatch.setattr(ops, "make_call", wrong_eager_mean)
+    rows = ops.run_case(OpCase("dwconv", "t", 1, 4, 6, 6), "fp32", "nchw", ["eager"], torch.device("cpu"), FAST, 1.0)
+    assert rows[0]["status"].startswith("failed: output differs from eager"), rows
+
+
+def test_cudnn_benchmark_is_on_for_cuda_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    ops.configure_device(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    ops.configure_device(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+    # main() sets it before anything runs (a CUDA run with nothing to time: no GPU needed)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    seen = {}
+
+    def versions(device):
+        seen["bench"] = torch.backends.cudnn.benchmark  # the first thing main() does on the device
+        return {}
+
+    monkeypatch.setattr(ops, "collect_versions", versions)
+    monkeypatch.setattr(ops, "measure_copy_bandwidth", lambda device, nbytes: 1.0)
+    monkeypatch.setattr(ops, "cases_for_models", lambda *a, **k: [])
+    assert ops.main(["--models", "b0", "--device", "cuda", "--out", str(tmp_path / "ops.csv"), "--quiet"]) == 0
+    assert seen == {"bench": True} and torch.backends.cudnn.benchmark is True
