@@ -3,8 +3,9 @@
     python -m benchmarks.auto_table [benchmarks/results/ops.csv ...] [--out PATH]
 
 For every shape class (:func:`effnet_kernels.auto_table.shape_class`) it compares the
-``triton`` and ``cuda`` rows with status ``ok`` measured on the same GPU, shape, dtype
-and layout, and records the backend with the smaller total median time. Classes where
+``triton`` and ``cuda`` rows with status ``ok`` measured in the same run (``run_id``) on
+the same GPU, shape, dtype and layout (times from different runs are never compared), and
+records the backend with the smaller total median time. Classes where
 only one backend has measurements take that one; classes with none are left out (auto
 then uses its fixed order).
 """
@@ -49,7 +50,7 @@ def classes_of_row(row: dict) -> list[str]:
 
 def build_table(rows: Iterable[dict]) -> tuple[dict[str, str], list[str]]:
     """(``{class: fastest backend}``, GPUs measured) from op-benchmark rows."""
-    # (class, gpu, shape, dtype, layout) -> {backend: us}
+    # (class, gpu, run, shape, dtype, layout) -> {backend: us}
     cases: dict[tuple, dict[str, float]] = defaultdict(dict)
     gpus = set()
     for row in rows:
@@ -62,7 +63,7 @@ def build_table(rows: Iterable[dict]) -> tuple[dict[str, str], list[str]]:
             continue
         gpus.add(row.get("gpu", ""))
         for key in keys:
-            cases[(key, row.get("gpu", ""), row["shape"], row["dtype"], row["layout"])][row["provider"]] = us
+            cases[(key, row.get("gpu", ""), row.get("run_id", ""), row["shape"], row["dtype"], row["layout"])][row["provider"]] = us
     # Totals over the cases where both backends were measured; a class where only one
     # backend ever ran takes that one.
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

@@ -1,19 +1,49 @@
-"""What a benchmark row records about the machine: versions, commit, copy bandwidth."""
+"""What a benchmark row records about the machine and the code: versions, commit, run id, copy bandwidth.
+
+Every row of ``results.csv`` and ``ops.csv`` starts with :data:`VERSION_COLUMNS`
+(:func:`collect_versions`):
+
+* ``gpu``, ``driver``, ``torch``, ``cuda``, ``cudnn``, ``triton``, ``python``: versions;
+  ``nvcc``: ``nvcc --version`` of the toolkit the CUDA extension would be built with
+  (empty when there is no nvcc);
+* ``commit``: ``$EFFNET_COMMIT``, else ``git`` (the device copy of the tree has no ``.git``);
+* ``src_hash``: a hash of the package's sources (every file under ``effnet_kernels/`` and
+  ``csrc/`` but caches and build outputs), so rows from an uncommitted tree can still be
+  told apart; ``cuda_ext``: the source hash the CUDA extension ``effnet_kernels._C`` was
+  built from (its ``build_info()``; empty when it is not built), plus ``!stale`` when it
+  does not match the sources here;
+* ``triton_tune``: the Triton launch-config tuning state (``off``, or ``on budget=<s>``,
+  from ``EFFNET_KERNELS_TRITON_TUNE`` / ``EFFNET_KERNELS_TRITON_TUNE_BUDGET_S``);
+* ``run_id``: which run the row belongs to (:func:`run_id`): ``$EFFNET_RUN_ID`` when set
+  (a GPU session sets one, so the invocations it resumes share it), else one generated per
+  process (``python -m benchmarks.network`` makes one per invocation). Numbers from
+  different runs are never divided by one another (:mod:`benchmarks.report`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import subprocess
 import time
+import uuid
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-__all__ = ["VERSION_COLUMNS", "collect_versions", "git_commit", "measure_copy_bandwidth", "synchronize"]
+__all__ = ["VERSION_COLUMNS", "collect_versions", "git_commit", "measure_copy_bandwidth", "synchronize",
+           "run_id", "new_run_id", "source_hash", "cuda_extension_hash", "nvcc_version", "triton_tuning_state",
+           "RUN_ID_ENV", "COMMIT_ENV"]
 
-VERSION_COLUMNS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton", "commit")
+VERSION_COLUMNS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton", "python", "nvcc", "commit",
+                   "src_hash", "cuda_ext", "triton_tune", "run_id")
 COMMIT_ENV = "EFFNET_COMMIT"
+RUN_ID_ENV = "EFFNET_RUN_ID"
 _REPO = Path(__file__).resolve().parent.parent
+_SOURCE_DIRS = ("effnet_kernels", "csrc")
+_SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".o", ".pyd", ".dll", ".dylib", ".tmp", ".log")
 
 
 def _run(cmd: list[str]) -> str:
@@ -53,8 +83,119 @@ def _triton_version() -> str:
     return str(getattr(triton, "__version__", ""))
 
 
-def collect_versions(device: torch.device | str) -> dict[str, str]:
-    """The :data:`VERSION_COLUMNS` of a result row for ``device``."""
+def new_run_id() -> str:
+    """A fresh run id: UTC time and 6 random hex digits, e.g. ``20250101T120000Z-1a2b3c``."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+_process_run_id: Optional[str] = None
+
+
+def run_id() -> str:
+    """``$EFFNET_RUN_ID`` when set, else one id generated once per process."""
+    global _process_run_id
+    env = os.environ.get(RUN_ID_ENV, "").strip()
+    if env:
+        return env
+    if _process_run_id is None:
+        _process_run_id = new_run_id()
+    return _process_run_id
+
+
+def _source_files(root: Path = _REPO) -> list[Path]:
+    files = []
+    for top in _SOURCE_DIRS:
+        base = root / top
+        if not base.is_dir():
+            continue
+        for path in base.rglob("*"):
+            rel = path.relative_to(root)
+            if any(part == "__pycache__" or part.startswith(".") or part.endswith(".egg-info") or part == "build"
+                   for part in rel.parts):
+                continue
+            if path.is_file() and not path.name.endswith(_SKIP_SUFFIXES):
+                files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def source_hash(root: Path = _REPO) -> str:
+    """12 hex digits of a SHA-256 over the names and contents of the package sources
+    (``effnet_kernels/`` and ``csrc/`` under ``root``; caches and build outputs left out);
+    empty when neither folder exists."""
+    files = _source_files(root)
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"<unreadable>")
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def nvcc_version() -> str:
+    """The version ``nvcc --version`` reports (e.g. ``13.0.88``); empty when there is no nvcc."""
+    try:
+        from effnet_kernels import _build
+
+        nvcc = _build.find_nvcc()
+        return _build.nvcc_version(nvcc) if nvcc else ""
+    except Exception:  # no nvcc, a broken one, or an unparsable answer: record nothing
+        return ""
+
+
+def cuda_extension_hash() -> str:
+    """The source hash the CUDA extension was built from (``_C.build_info()``), without building it.
+
+    The loaded module if there is one, else a prebuilt ``effnet_kernels/_C*.so``, else a
+    JIT build cached for the sources here; ``""`` when none exists. ``!stale`` is appended
+    when the build does not match the sources here.
+    """
+    try:
+        from effnet_kernels import _build, cuda
+    except Exception:
+        return ""
+    info = None
+    try:
+        module = getattr(cuda, "_module", None)
+        if module is None:
+            module, _ = cuda._import_prebuilt()
+        if module is not None:
+            info = module.build_info()
+    except Exception:
+        info = None
+    expected = None
+    try:
+        expected = cuda._expected_hash()
+        if info is None and expected is not None:
+            info = _build.read_record(_build.jit_dir(expected))
+    except Exception:
+        pass
+    if not info:
+        return ""
+    built = str(info.get("source_hash", ""))
+    return built + ("!stale" if expected is not None and built and built != expected else "")
+
+
+def triton_tuning_state() -> str:
+    """``off`` or ``on budget=<seconds>``: what the Triton launch-config tuner will do in this process."""
+    tune_var, budget_var, default = "EFFNET_KERNELS_TRITON_TUNE", "EFFNET_KERNELS_TRITON_TUNE_BUDGET_S", 30.0
+    if os.environ.get(tune_var, "1") in ("0", "", "false", "False"):
+        return "off"
+    try:
+        budget = float(os.environ.get(budget_var, default))
+    except ValueError:
+        budget = default
+    if budget != budget:  # NaN
+        budget = default
+    return f"on budget={budget:g}"
+
+
+def collect_versions(device: torch.device | str, run: Optional[str] = None) -> dict[str, str]:
+    """The :data:`VERSION_COLUMNS` of a result row for ``device`` (``run``: the run id, default :func:`run_id`)."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -65,7 +206,13 @@ def collect_versions(device: torch.device | str) -> dict[str, str]:
         "cuda": torch.version.cuda or "",
         "cudnn": str(cudnn) if cudnn else "",
         "triton": _triton_version(),
+        "python": platform.python_version(),
+        "nvcc": nvcc_version(),
         "commit": git_commit(),
+        "src_hash": source_hash(),
+        "cuda_ext": cuda_extension_hash(),
+        "triton_tune": triton_tuning_state(),
+        "run_id": run or run_id(),
     }
 
 

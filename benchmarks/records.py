@@ -1,5 +1,8 @@
 """CSV result files: fixed leading columns, appended to across runs.
 
+Both files start with the version and provenance columns of :data:`benchmarks.env.VERSION_COLUMNS`
+(versions, commit, source hash, CUDA-extension build, Triton tuning state, ``run_id``).
+
 Appending to a file written with the same header adds rows. When the existing header
 differs (an older or newer column set), the file is rewritten with the union of the
 columns, old rows keeping their values and new columns left empty, so no run is lost.
@@ -18,9 +21,9 @@ from .env import VERSION_COLUMNS
 __all__ = ["NETWORK_COLUMNS", "OPS_COLUMNS", "append_rows", "read_rows", "format_value"]
 
 NETWORK_COLUMNS: tuple[str, ...] = VERSION_COLUMNS + (
-    "model", "resolution", "batch", "dtype", "layout", "provider", "mode",
+    "model", "resolution", "batch", "requested_batch", "dtype", "layout", "provider", "mode",
     "img_per_s", "ms_p20", "ms_p50", "ms_p80", "peak_mem_mb", "status",
-    "max_rel_err", "act_mb_per_img", "gflops_per_img", "copy_gb_per_s",
+    "max_rel_err", "sensitivity", "checks", "act_mb_per_img", "gflops_per_img", "copy_gb_per_s",
     "bound_img_per_s", "frac_of_bound", "iters", "note", "timestamp",
 )
 

@@ -2,11 +2,16 @@
 
 ``python -m benchmarks.report [--csv F] [--ops-csv F] [--md OUT] [--plots-dir DIR]``
 
-Tables: one per (GPU, mode, precision, batch), a row per model and a column per
+Tables: one per (run, GPU, mode, precision, batch), a row per model and a column per
 provider@layout, each cell ``img/s (speedup over eager channels_last, % of the
-bandwidth bound)``. When a configuration was measured more than once, the last row wins.
-Plots (PNG, matplotlib imported only here): images/s per model per provider, and
-the speedup over eager, one figure per (GPU, mode, precision, batch).
+bandwidth bound)``. Numbers from different runs (``run_id``) are never divided by one
+another: a speedup is only shown against the eager row of the same run, and every table
+says which run its rows are from (rows written before run ids existed form a run of their
+own, ``unrecorded``, and get no speedups: nothing says they were measured together). When
+a configuration was measured more than once in a run, the last row wins. Runs are listed
+newest first (run ids start with their UTC start time); ``--runs N`` keeps the N newest.
+Plots (PNG, matplotlib imported only here): images/s per model per provider, and the
+speedup over eager, one figure per (run, GPU, mode, precision, batch).
 """
 
 from __future__ import annotations
@@ -22,13 +27,35 @@ from typing import Iterable, Sequence
 
 from .records import read_rows
 
-__all__ = ["main", "latest", "network_tables", "ops_table", "plot_network", "update_readme", "BASELINE"]
+__all__ = ["main", "latest", "network_tables", "ops_table", "plot_network", "update_readme", "BASELINE", "runs",
+           "run_of", "keep_runs", "UNRECORDED"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = ("eager", "channels_last")
 MARK_START = "<!-- results:begin -->"
 MARK_END = "<!-- results:end -->"
-_KEY = ("gpu", "model", "resolution", "batch", "dtype", "layout", "provider", "mode")
+_KEY = ("run_id", "gpu", "model", "resolution", "batch", "dtype", "layout", "provider", "mode")
+_OP_KEY = ("run_id", "gpu", "op", "shape", "dtype", "layout", "provider")
+UNRECORDED = "unrecorded"
+
+
+def run_of(row: dict) -> str:
+    """The row's run id (:data:`UNRECORDED` for rows written before run ids existed)."""
+    return row.get("run_id") or UNRECORDED
+
+
+def runs(rows: Iterable[dict]) -> list[str]:
+    """The run ids of ``rows``, newest first (:data:`UNRECORDED` last)."""
+    ids = {run_of(r) for r in rows}
+    return sorted(ids - {UNRECORDED}, reverse=True) + ([UNRECORDED] if UNRECORDED in ids else [])
+
+
+def keep_runs(rows: list[dict], newest: int) -> list[dict]:
+    """Only the rows of the ``newest`` most recent runs (all when ``newest`` <= 0)."""
+    if newest <= 0:
+        return rows
+    keep = set(runs(rows)[:newest])
+    return [r for r in rows if run_of(r) in keep]
 
 
 def latest(rows: Iterable[dict], key: Sequence[str] = _KEY) -> list[dict]:
@@ -58,9 +85,11 @@ def _order(values: Iterable[str]) -> list[str]:
 
 
 def _groups(rows: list[dict]) -> "OrderedDict[tuple, list[dict]]":
+    """(run, GPU, mode, precision, batch) -> rows; runs newest first."""
+    order = {run: i for i, run in enumerate(runs(rows))}
     groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
-    for row in sorted(rows, key=lambda r: (r["gpu"], r["mode"], r["dtype"], int(r["batch"] or 0))):
-        groups.setdefault((row["gpu"], row["mode"], row["dtype"], row["batch"]), []).append(row)
+    for row in sorted(rows, key=lambda r: (order[run_of(r)], r["gpu"], r["mode"], r["dtype"], int(r["batch"] or 0))):
+        groups.setdefault((run_of(row), row["gpu"], row["mode"], row["dtype"], row["batch"]), []).append(row)
     return groups
 
 
@@ -74,14 +103,28 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 def _speedups(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """(model, column) -> img/s over the eager channels_last img/s of the same model."""
-    base = {r["model"]: _float(r["img_per_s"]) for r in rows if (r["provider"], r["layout"]) == BASELINE}
+    """(model, column) -> img/s over the eager channels_last img/s of the same model in the same run.
+
+    Rows without a run id get none: they may come from different runs."""
+    base = {(run_of(r), r["model"]): _float(r["img_per_s"]) for r in rows
+            if (r["provider"], r["layout"]) == BASELINE and run_of(r) != UNRECORDED}
     out = {}
     for r in rows:
-        ips, b = _float(r["img_per_s"]), base.get(r["model"])
+        ips, b = _float(r["img_per_s"]), base.get((run_of(r), r["model"]))
         if ips is not None and b:
             out[(r["model"], _column(r))] = ips / b
     return out
+
+
+def _run_line(run: str, group: list[dict]) -> str:
+    if run == UNRECORDED:
+        return "Run: unrecorded (rows written before run ids; no speedups: they may come from different runs)."
+    first = group[0]
+    src = first.get("src_hash") or "?"
+    ext = first.get("cuda_ext") or "not built"
+    return (f"Run `{run}`: every row of this table; python {first.get('python') or '?'}, nvcc "
+            f"{first.get('nvcc') or 'none'}, sources {src}, CUDA extension {ext}, Triton tuning "
+            f"{first.get('triton_tune') or '?'}.")
 
 
 def _cell(row: dict | None, speedup: float | None) -> str:
@@ -107,15 +150,16 @@ def network_tables(rows: list[dict]) -> str:
     if not rows:
         return "_no network results_\n"
     parts = []
-    for (gpu, mode, dtype, batch), group in _groups(rows).items():
+    for (run, gpu, mode, dtype, batch), group in _groups(rows).items():
         first = group[0]
         columns = _columns(group)
         speed = _speedups(group)
         parts.append(
-            f"#### {gpu} · {mode} · {dtype} · batch {batch}\n\n"
+            f"#### {gpu} · {mode} · {dtype} · batch {batch} · run {run}\n\n"
+            f"{_run_line(run, group)} "
             f"torch {first['torch']}, CUDA {first['cuda']}, cuDNN {first['cudnn']}, Triton {first['triton']}, "
             f"driver {first['driver']}, commit {first['commit']}; copy bandwidth {first['copy_gb_per_s']} GB/s. "
-            "Cells: images/s (speedup over eager channels_last, % of the activation-bandwidth bound).\n"
+            "Cells: images/s (speedup over eager channels_last of the same run, % of the activation-bandwidth bound).\n"
         )
         header = ["model", "act MB/img", "bound img/s"] + columns
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -134,14 +178,15 @@ def ops_table(rows: list[dict]) -> str:
     """Markdown: per (GPU, precision, layout), the geometric-mean speedup over eager of each
     provider per op, then one row per (op, shape) with a ``µs (GB/s, % of copy, speedup)``
     cell per provider."""
-    rows = latest(rows, ("gpu", "op", "shape", "dtype", "layout", "provider"))
+    rows = latest(rows, _OP_KEY)
     if not rows:
         return "_no op results_\n"
     parts = []
     groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
-    for r in rows:
-        groups.setdefault((r["gpu"], r["dtype"], r["layout"]), []).append(r)
-    for (gpu, dtype, layout), group in groups.items():
+    order = {run: i for i, run in enumerate(runs(rows))}
+    for r in sorted(rows, key=lambda r: order[run_of(r)]):  # stable: file order within a run
+        groups.setdefault((run_of(r), r["gpu"], r["dtype"], r["layout"]), []).append(r)
+    for (run, gpu, dtype, layout), group in groups.items():
         providers = sorted({r["provider"] for r in group}, key=lambda p: (p != "eager", p))
         summary = []
         for op in _order(r["op"] for r in group):
@@ -151,7 +196,7 @@ def ops_table(rows: list[dict]) -> str:
                 if sp and prov != "eager":
                     gmean = math.exp(sum(math.log(v) for v in sp) / len(sp))
                     summary.append(f"{op} {prov} {gmean:.2f}x ({len(sp)} shapes)")
-        parts.append(f"#### {gpu} · {dtype} · {layout}\n\n"
+        parts.append(f"#### {gpu} · {dtype} · {layout} · run {run}\n\n"
                      + ("Geometric-mean speedup over eager: " + "; ".join(summary) + ".\n\n" if summary else "")
                      + "Cells: µs p50 (GB/s at the minimum bytes, % of the copy bandwidth, speedup over eager).\n")
         header = ["op", "shape"] + providers
@@ -188,7 +233,7 @@ def plot_network(rows: list[dict], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (gpu, mode, dtype, batch), group in _groups(latest(rows)).items():
+    for (run, gpu, mode, dtype, batch), group in _groups(latest(rows)).items():
         ok = [r for r in group if r.get("status") == "ok"]
         if not ok:
             continue
@@ -209,9 +254,9 @@ def plot_network(rows: list[dict], out_dir: Path) -> list[Path]:
         ax1.set_yscale("log")
         ax2.axhline(1.0, color="black", linewidth=0.8)
         ax2.legend(fontsize="small")
-        fig.suptitle(f"{gpu} · {mode} · {dtype} · batch {batch}")
+        fig.suptitle(f"{gpu} · {mode} · {dtype} · batch {batch} · run {run}")
         fig.tight_layout()
-        path = out_dir / f"plot_{_slug(gpu, mode, dtype, 'bs' + str(batch))}.png"
+        path = out_dir / f"plot_{_slug(gpu, mode, dtype, 'bs' + str(batch), run)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -226,13 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None, help="write the markdown here instead of stdout")
     p.add_argument("--plots-dir", type=Path, default=RESULTS, help="where the PNGs go")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--runs", type=int, default=0, help="only the N most recent runs (default 0: all)")
     p.add_argument("--readme", type=Path, default=None,
                    help=f"also put the markdown between {MARK_START} and {MARK_END} in this file (e.g. README.md)")
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if not args.csv.exists() and not args.ops_csv.exists():
         print(f"error: --csv: {args.csv} does not exist (and no --ops-csv {args.ops_csv})", file=sys.stderr)
         return 2
-    net_rows, op_rows = read_rows(args.csv), read_rows(args.ops_csv)
+    net_rows = keep_runs(read_rows(args.csv), args.runs)
+    op_rows = keep_runs(read_rows(args.ops_csv), args.runs)
     text = "### Network benchmarks\n\n" + network_tables(net_rows)
     if op_rows:
         text += "\n### Op benchmarks\n\n" + ops_table(op_rows)

@@ -39,3 +39,35 @@ def test_op_runner_on_gpu(case):
     assert rows[0]["status"] == "ok"
     for r in rows:
         assert not r["status"].startswith("failed"), r
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_network_gate_passes_clean_kernels_and_rejects_planted_defects_on_gpu(tmp_path, backend):
+    """The fused providers' network / fp32 / block-wise checks on real kernels: clean passes,
+    a 1% SE-gate skew and a one-pixel padding shift fail."""
+    from tests.defects import planted
+
+    argv = ["--models", "b0", "--resolution", "64", "--batches", "4", "--dtypes", "fp16",
+            "--providers", f"fused-{backend}", "--device", "cuda"] + FAST
+    clean = tmp_path / "clean.csv"
+    network.main(argv + ["--out", str(clean)])
+    (row,) = read_rows(clean)
+    if row["status"].startswith("skipped"):
+        pytest.skip(row["status"])
+    assert row["status"] == "ok" and "blocks 16/16 ok" in row["checks"], row
+    for defect in ("gate_skew", "pad_shift"):
+        out = tmp_path / f"{defect}.csv"
+        with planted(defect, backend=backend):
+            assert network.main(argv + ["--out", str(out)]) == 1
+        (row,) = read_rows(out)
+        assert row["status"].startswith("failed: "), (defect, row)
+
+
+def test_eager_folded_on_gpu(tmp_path):
+    out = tmp_path / "r.csv"
+    argv = ["--models", "b0", "--resolution", "64", "--batches", "4", "--dtypes", "fp16,fp32",
+            "--providers", "eager,eager-folded", "--device", "cuda", "--out", str(out)] + FAST
+    assert network.main(argv) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["note"].endswith("49 BatchNorms folded") for r in rows if r["provider"] == "eager-folded")

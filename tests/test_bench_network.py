@@ -20,7 +20,8 @@ class StandIn(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
         self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.SiLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        # pooled to 2x2, not 1x1: the logits depend on where things are, so the model is sensitive
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
 
     def forward(self, x):
         return self.head(self.dw(self.stem(x)))
@@ -82,6 +83,8 @@ def test_defaults_and_provider_specs():
     assert args.dtypes == ["fp16", "bf16", "fp32", "tf32"]
     assert ("eager", "nchw") in args.providers and ("eager", "channels_last") in args.providers
     assert ("fused-triton", "channels_last") in args.providers and ("fused-cuda", "channels_last") in args.providers
+    for name in ("eager-folded", "compile-freeze", "fused-triton+compile", "fused-cuda+compile"):
+        assert (name, "channels_last") in args.providers
     assert args.models[:8] == ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"]
     assert network.parse_provider_spec("fused-cuda@nhwc") == ("fused-cuda", "channels_last")
     args = network.parse_args(["--skip-max-autotune", "--batches", "1,8", "--dtypes", "bf16"])
@@ -192,14 +195,18 @@ def test_fused_torch_provider_converts_and_passes_the_gate(tmp_path):
     assert code == 0, rows
     assert rows["fused-torch"]["status"] == "ok"
     assert float(rows["fused-torch"]["max_rel_err"]) < 1e-4
+    # fused providers also pass the tight fp32 gate and the block-wise check, on a sensitive model
+    checks = rows["fused-torch"]["checks"]
+    assert "fp32 " in checks and "blocks 7/7 ok" in checks and float(rows["fused-torch"]["sensitivity"]) > 0.1
+    assert "fp32 " not in rows["eager"]["checks"]
     assert not math.isnan(float(rows["fused-torch"]["img_per_s"]))
 
 
 class Greedy(StandIn):
-    """Runs out of (pretend) memory above batch 2."""
+    """Runs out of (pretend) memory above the BatchNorm calibration batch (8)."""
 
     def forward(self, x):
-        if x.shape[0] > 2:
+        if x.shape[0] > models.CALIBRATION_BATCH:
             raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
         return super().forward(x)
 
@@ -207,15 +214,15 @@ class Greedy(StandIn):
 def test_batch_shrinks_to_what_fits(tmp_path, monkeypatch):
     monkeypatch.setitem(models._BUILDERS, "greedy", lambda: (Greedy(), 16))
     out = tmp_path / "r.csv"
-    argv = ["--models", "greedy", "--batches", "8", "--dtypes", "fp32", "--providers", "eager", "--out", str(out)] + FAST
+    argv = ["--models", "greedy", "--batches", "32", "--dtypes", "fp32", "--providers", "eager", "--out", str(out)] + FAST
     assert network.main(argv) == 0
     (row,) = read_rows(out)
-    assert row["batch"] == "2" and row["status"] == "ok"
-    assert row["note"] == "batch 8 did not fit (out of memory)"
+    assert row["batch"] == "8" and row["requested_batch"] == "32" and row["status"] == "ok"
+    assert row["note"] == "batch 32 did not fit (out of memory)"
     out2 = tmp_path / "r2.csv"
     assert network.main(argv[:-len(FAST)] + ["--out", str(out2), "--no-fit"] + FAST) == 1
     (row,) = read_rows(out2)
-    assert row["batch"] == "8" and row["status"].startswith("failed: reference: OutOfMemoryError")
+    assert row["batch"] == "32" and row["status"].startswith("failed: reference: OutOfMemoryError")
 
 
 def test_roofline_columns_equal_a_direct_count_per_element_size(tmp_path):

@@ -80,3 +80,108 @@ def test_merge_cli_appends_returned_files(tmp_path, capsys):
     assert read_rows(results / "ops.csv") == [{"op": "se"}]
     assert main([str(tmp_path / "missing.csv"), "--into", str(results)]) == 2
     assert "sources" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- provenance columns (benchmarks.env)
+PROVENANCE = ("python", "nvcc", "src_hash", "cuda_ext", "triton_tune", "run_id")
+
+
+def test_both_csvs_start_with_the_version_and_provenance_columns():
+    from benchmarks.env import VERSION_COLUMNS
+
+    for c in PROVENANCE + ("gpu", "torch", "commit"):
+        assert c in VERSION_COLUMNS
+    assert NETWORK_COLUMNS[:len(VERSION_COLUMNS)] == VERSION_COLUMNS == OPS_COLUMNS[:len(VERSION_COLUMNS)]
+    for c in ("requested_batch", "sensitivity", "checks"):
+        assert c in NETWORK_COLUMNS
+
+
+def test_source_hash_follows_contents_and_ignores_caches(tmp_path):
+    from benchmarks.env import source_hash
+
+    (tmp_path / "effnet_kernels" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "effnet_kernels" / "a.py").write_text("x = 1\n")
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel\n")
+    first = source_hash(tmp_path)
+    assert len(first) == 12 and int(first, 16) >= 0
+    (tmp_path / "effnet_kernels" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0junk")
+    (tmp_path / "effnet_kernels" / "_C.so").write_bytes(b"\0binary")
+    assert source_hash(tmp_path) == first
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel, changed\n")
+    assert source_hash(tmp_path) != first
+    assert source_hash(tmp_path / "nowhere") == ""
+
+
+def test_run_id_triton_tuning_and_cuda_extension_state(monkeypatch):
+    from benchmarks import env
+
+    monkeypatch.setenv(env.RUN_ID_ENV, "my-run")
+    assert env.run_id() == "my-run" and env.collect_versions("cpu")["run_id"] == "my-run"
+    assert env.collect_versions("cpu", "other")["run_id"] == "other"
+    monkeypatch.delenv(env.RUN_ID_ENV)
+    assert env.run_id() == env.run_id() != "my-run"  # one per process
+    assert env.new_run_id() != env.new_run_id()
+    monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "0")
+    assert env.triton_tuning_state() == "off"
+    monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "1")
+    monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE_BUDGET_S", "12.5")
+    assert env.triton_tuning_state() == "on budget=12.5"
+    try:
+        from effnet_kernels.triton import _tuning
+    except Exception:
+        pass
+    else:  # the variables env.py reads are the tuner's
+        assert (_tuning.TUNE_ENV_VAR, _tuning.BUDGET_ENV_VAR, _tuning.DEFAULT_BUDGET_S) == (
+            "EFFNET_KERNELS_TRITON_TUNE", "EFFNET_KERNELS_TRITON_TUNE_BUDGET_S", 30.0)
+    from effnet_kernels import _build, cuda
+
+    class Built:
+        @staticmethod
+        def build_info():
+            return {"source_hash": "abc123"}
+
+    monkeypatch.setattr(cuda, "_module", None)
+    monkeypatch.setattr(cuda, "_import_prebuilt", lambda: (None, []))
+    monkeypatch.setattr(_build, "read_record", lambda directory: None)
+    assert env.cuda_extension_hash() == ""  # not built: empty
+    monkeypatch.setattr(cuda, "_expected_hash", lambda: "abc123")
+    monkeypatch.setattr(cuda, "_module", Built())
+    assert env.cuda_extension_hash() == "abc123"
+    monkeypatch.setattr(cuda, "_expected_hash", lambda: "def456")
+    assert env.cuda_extension_hash() == "abc123!stale"
+
+
+def test_network_rows_carry_the_provenance_columns(tmp_path, monkeypatch):
+    import platform
+
+    from torch import nn
+
+    from benchmarks import env, models, network
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    monkeypatch.setitem(models._BUILDERS, "net", lambda: (Net(), 8))
+    monkeypatch.setenv(env.RUN_ID_ENV, "prov-run")
+    monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "0")
+    out = tmp_path / "r.csv"
+    # an older file (no provenance columns) stays readable and keeps its rows
+    append_rows(out, [{"gpu": "H100", "model": "b0", "status": "ok"}], ("gpu", "model", "status"))
+    argv = ["--models", "net", "--batches", "2", "--dtypes", "fp32", "--providers", "eager", "--out", str(out),
+            "--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0", "--min-time-s", "0",
+            "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
+    assert network.main(argv) == 0
+    old, row = read_rows(out)
+    assert old["model"] == "b0" and old["run_id"] == "" and old["python"] == ""
+    assert row["python"] == platform.python_version()
+    assert row["nvcc"] == env.nvcc_version() and row["cuda_ext"] == env.cuda_extension_hash()
+    assert row["src_hash"] == env.source_hash() != ""
+    assert row["triton_tune"] == "off" and row["run_id"] == "prov-run"
+    assert row["requested_batch"] == "2" and float(row["sensitivity"]) > 0.1 and row["checks"].startswith("network ")
