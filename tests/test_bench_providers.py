@@ -11,6 +11,8 @@ from benchmarks import gate, models, network, providers
 from benchmarks.providers import fold_batchnorms
 from benchmarks.records import read_rows
 
+from .test_convert_lookalikes import BatchNormAct2d, Conv2dSame  # timm's layouts
+
 FAST = ["--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0", "--min-time-s", "0",
         "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
 NEW = ("eager-folded", "compile-freeze", "fused-triton+compile", "fused-cuda+compile", "fused-torch+compile")
@@ -29,25 +31,6 @@ class Conv2dNormActivation(nn.Sequential):  # torchvision
     def __init__(self, cin, cout, k=3, stride=1, groups=1, act=True):
         layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=1e-3)]
         super().__init__(*(layers + ([nn.SiLU(inplace=True)] if act else [])))
-
-
-class BatchNormAct2d(nn.BatchNorm2d):  # timm: BN, then drop, then act, in one module
-    def __init__(self, c, apply_act=True):
-        super().__init__(c, eps=1e-3)
-        self.drop = nn.Identity()
-        self.act = nn.SiLU(inplace=True) if apply_act else nn.Identity()
-
-    def forward(self, x):
-        return self.act(self.drop(super().forward(x)))
-
-
-class Conv2dSame(nn.Conv2d):  # timm's dynamic TF-"same" conv
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
-        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class LookAlike(nn.Module):
