@@ -22,6 +22,7 @@ takes the first backend that can serve the call.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from dataclasses import dataclass, field
@@ -160,31 +161,52 @@ def check_backend_name(name: str, argname: str = "backend") -> str:
     return name
 
 
-_context_stack: list[str] = []
+# The innermost use_backend() of this thread / asyncio task (a ContextVar: a new thread
+# starts with the default, an asyncio task with a copy of its creator's context).
+# torch.compile cannot trace ContextVar.get (a graph break, an error under fullgraph), but
+# it traces and guards threading.local attributes: code being compiled reads a per-thread
+# mirror that use_backend keeps in step, so a compiled graph is guarded on the choice of
+# the thread that calls it (asyncio tasks of one thread share the mirror).
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("effnet_kernels_backend", default=None)
+_compiled_mirror = threading.local()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: ops called inside without ``backend=`` use ``name``.
 
+    The choice is local to the current thread and asyncio task (a :mod:`contextvars`
+    variable): other threads and tasks keep theirs. Contexts nest; leaving one restores the
+    outer choice. In ``torch.compile``'d code the choice is per thread, and a change
+    recompiles (a guard).
+
     >>> import effnet_kernels
     >>> with effnet_kernels.use_backend("torch"):
     ...     pass
     """
     check_backend_name(name)
-    _context_stack.append(name)
+    token = _requested.set(name)
+    _compiled_mirror.name = name
     try:
         yield
     finally:
-        _context_stack.pop()
+        _requested.reset(token)
+        _compiled_mirror.name = _requested.get()  # this context's outer choice (not a stack: tasks interleave)
+
+
+def _context_choice() -> str | None:
+    if torch.compiler.is_compiling():
+        return getattr(_compiled_mirror, "name", None)
+    return _requested.get()
 
 
 def requested_backend(backend: str | None) -> str:
     """The backend a call asks for: argument > ``use_backend`` > env var > ``"auto"``."""
     if backend is not None:
         return check_backend_name(backend)
-    if _context_stack:
-        return _context_stack[-1]
+    current = _context_choice()
+    if current is not None:
+        return current
     env = os.environ.get(ENV_VAR)
     if env:
         return check_backend_name(env, ENV_VAR)

@@ -77,6 +77,70 @@ def test_precedence_argument_context_env(spy_backend, monkeypatch):
     assert len(spy_backend) == 3
 
 
+def test_use_backend_nests_and_restores():
+    assert backends.requested_backend(None) == "auto"
+    with ek.use_backend("triton"):
+        with ek.use_backend("torch"):
+            assert backends.requested_backend(None) == "torch"
+        assert backends.requested_backend(None) == "triton"
+    assert backends.requested_backend(None) == "auto"
+    with pytest.raises(RuntimeError), ek.use_backend("cuda"):
+        raise RuntimeError("leaving by an exception restores the outer choice too")
+    assert backends.requested_backend(None) == "auto"
+
+
+def test_use_backend_is_local_to_each_thread():
+    """A server thread's use_backend() is not seen by another thread running at the same time."""
+    import threading
+
+    inside, other_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def serving():
+        with ek.use_backend("triton"):
+            inside.set()
+            other_done.wait(10)
+            seen["serving"] = backends.requested_backend(None)
+
+    def other():
+        inside.wait(10)
+        seen["other"] = backends.requested_backend(None)
+        with ek.use_backend("torch"):
+            seen["other-inner"] = backends.requested_backend(None)
+        other_done.set()
+
+    threads = [threading.Thread(target=serving), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"serving": "triton", "other": "auto", "other-inner": "torch"}
+    assert backends.requested_backend(None) == "auto"
+
+
+def test_use_backend_is_local_to_each_asyncio_task():
+    import asyncio
+
+    async def task(name, started, proceed):
+        with ek.use_backend(name):
+            started.set()
+            await proceed.wait()
+            return backends.requested_backend(None)
+
+    async def main():
+        events = [(asyncio.Event(), asyncio.Event()) for _ in range(2)]
+        tasks = [asyncio.create_task(task(n, *ev)) for n, ev in zip(("triton", "torch"), events)]
+        for started, _ in events:
+            await started.wait()  # both contexts are open at once
+        outside = backends.requested_backend(None)
+        for _, proceed in events:
+            proceed.set()
+        return outside, await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == ("auto", ["triton", "torch"])
+    assert backends.requested_backend(None) == "auto" and backends._compiled_mirror.name is None
+
+
 def test_bad_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with ek.use_backend("gpu"):
@@ -125,3 +189,16 @@ def test_auto_falls_through_on_argument_reasons(monkeypatch):
     assert isinstance(y, torch.Tensor) and y.shape == (1, 4, 9, 9)
     with pytest.raises(ek.BackendUnavailableError, match="k=7 not compiled"):
         ek.ops.dwconv_bn_act(x, torch.randn(4, 1, 7, 7), s, b, backend="triton")
+
+
+def test_use_backend_inside_torch_compile_is_guarded(spy_backend):
+    """Compiled code reads the calling thread's choice, fullgraph, and recompiles when it changes."""
+    args = small()
+    compiled = torch.compile(lambda *a: ek.ops.dwconv_bn_act(*a), backend="eager", fullgraph=True)
+    compiled(*args)
+    assert spy_backend == []  # auto on CPU: the reference
+    with ek.use_backend("triton"):
+        compiled(*args)
+    assert spy_backend == ["dwconv_bn_act"]
+    compiled(*args)
+    assert spy_backend == ["dwconv_bn_act"]
