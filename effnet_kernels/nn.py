@@ -39,16 +39,31 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tu
     """
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
-    var = bn.running_var.to(torch.float32)
-    mean = bn.running_mean.to(torch.float32)
+    dtype = torch.float32
+    var = bn.running_var.to(dtype)
+    mean = bn.running_mean.to(dtype)
     inv_std = torch.rsqrt(var + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight.to(torch.float32) * inv_std
+    scale = inv_std if bn.weight is None else bn.weight.to(dtype) * inv_std
     shift = -mean * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.to(torch.float32)
+        shift = shift + bn.bias.to(dtype)
     if conv_bias is not None:
-        shift = shift + conv_bias.to(torch.float32) * scale
+        shift = shift + conv_bias.to(dtype) * scale
     return scale, shift
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _refuse_kernel_backend(backend: Optional[str], x: Tensor) -> None:
+    """Raise if a kernel backend was asked for explicitly for an input of a dtype the kernels do not take."""
+    from .backends import BackendUnavailableError, requested_backend
+
+    wanted = requested_backend(backend)
+    if wanted in ("triton", "cuda"):
+        raise BackendUnavailableError(
+            f"effnet_kernels: backend {wanted!r} was requested, but its kernels take float32, float16 or "
+            f"bfloat16 inputs, got {x.dtype}; use backend 'auto' or 'torch' (the block then runs its eager forward)")
 
 
 def pinned_backend(backend: Optional[str]) -> Optional[str]:
@@ -63,6 +78,16 @@ def pinned_backend(backend: Optional[str]) -> Optional[str]:
 def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda t: t, "silu": F.silu, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish,
+}
+
+
+def apply_activation(t: Tensor, name: str) -> Tensor:
+    """``t`` through the activation called ``name`` (one of the kernels' activations), eagerly."""
+    return _ACTIVATION_FNS[name](t)
 
 
 def tf_same_padding(h: int, w: int, kernel_size: int, stride: Sequence[int]) -> tuple[int, int, int, int]:
@@ -103,7 +128,7 @@ class DWConvSpec:
     conv: nn.Conv2d
     bn: nn.BatchNorm2d
     padding: Padding  # (left, right, top, bottom) or "same"
-    activation: str  # "silu" | "identity"
+    activation: str  # one of effnet_kernels.ops._checks.ACTIVATIONS
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -129,14 +154,18 @@ class DWConvSpec:
 
 @dataclass
 class SESpec:
-    """The fusable SE path: 1x1 reduce conv, SiLU, 1x1 expand conv, sigmoid gate."""
+    """The fusable SE path: 1x1 reduce conv, activation, 1x1 expand conv, gate."""
 
     conv_reduce: nn.Conv2d
     conv_expand: nn.Conv2d
+    activation: str = "silu"  # "silu" | "relu"
+    gate_kind: str = "sigmoid"  # "sigmoid" | "hardsigmoid"
 
     def gate(self, pooled: Tensor, backend: Optional[str]) -> Tensor:
+        kinds = {} if (self.activation, self.gate_kind) == ("silu", "sigmoid") else \
+            {"activation": self.activation, "gate": self.gate_kind}  # TEMP until ops.se_gate takes them
         return ops.se_gate(pooled, self.conv_reduce.weight, self.conv_reduce.bias,
-                           self.conv_expand.weight, self.conv_expand.bias, backend=backend)
+                           self.conv_expand.weight, self.conv_expand.bias, backend=backend, **kinds)
 
 
 @dataclass
@@ -149,7 +178,7 @@ class PointwiseSpec:
 
     conv: nn.Conv2d
     bn: nn.BatchNorm2d
-    activation: str  # "silu" | "identity"
+    activation: str  # one of effnet_kernels.ops._checks.ACTIVATIONS
     fallback: tuple[nn.Module, ...]
 
     def folded(self) -> tuple[Tensor, Tensor]:
@@ -167,7 +196,7 @@ class PointwiseSpec:
             return x
         weight, bias = self.folded()
         y = F.conv2d(x, weight, bias)
-        return F.silu(y) if self.activation == "silu" else y
+        return apply_activation(y, self.activation)
 
 
 @dataclass
@@ -246,9 +275,88 @@ class MBConv(nn.Module):
         for name, buf in original.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
         self.training = original.training
-        self.plan = plan
         self.backend = pinned_backend(backend)
+        self._use_plan(plan)
 
+    # ------------------------------------------------------------ staying right after surgery
+    # The plan holds references to the block's submodules. Users change those after
+    # convert() (SyncBatchNorm.convert_sync_batchnorm, assigning a child, quantization
+    # fusions, ...), so every forward first compares the modules now at each path the plan
+    # was made from (and the number of children) with the ones it was made from; on any
+    # difference the original block gets this block's current children and the adapter
+    # plans it again, or, if it is no longer fusable, the block runs the original's eager
+    # forward (and the report says why).
+
+    def _use_plan(self, plan: MBConvPlan) -> None:
+        self.plan = plan
+        self.unfusable_reason: Optional[str] = None
+        self._watch()
+
+    def _watch(self) -> None:
+        # (path, module) of every submodule now; references, not ids, so that deepcopy and
+        # pickling (which copy them along with the children) keep them matching
+        self._watched = tuple((tuple(name.split(".")), m) for name, m in self.plan.original.named_modules() if name)
+        self._watched_children = tuple(self._modules)
+
+    def _changed(self) -> bool:
+        """Whether any watched submodule is no longer the module at its path (or children were added/removed)."""
+        if tuple(self._modules) != self._watched_children:
+            return True
+        for parts, module in self._watched:
+            m: Any = self
+            for part in parts:
+                m = m._modules.get(part) if isinstance(m, nn.Module) else None
+            if m is not module:
+                return True
+        return False
+
+    def _sync_original(self) -> nn.Module:
+        """Give the original block this block's current children, Parameters and buffers."""
+        original = self.plan.original
+        for name in [n for n in original._modules if n not in self._modules]:
+            delattr(original, name)
+        for name, child in self._modules.items():
+            if original._modules.get(name) is not child:
+                setattr(original, name, child)
+        for name, param in self._parameters.items():
+            if original._parameters.get(name) is not param:
+                original._parameters[name] = param
+        for name, buf in self._buffers.items():
+            if original._buffers.get(name) is not buf:
+                original._buffers[name] = buf
+        original.training = self.training
+        return original
+
+    def _replan(self) -> None:
+        from .convert import _adapters, _match, logger
+        from .integrations._common import NotFusable
+
+        original = self._sync_original()
+        planner = _match(original, list(_adapters()))
+        reason = None
+        if planner is None:
+            reason = f"{type(original).__name__} is no longer a block type an adapter knows"
+        else:
+            try:
+                plan = planner(original)
+            except NotFusable as exc:
+                reason = str(exc)
+            except Exception as exc:  # an adapter must never break a forward
+                reason = f"adapter error: {type(exc).__name__}: {exc}"
+        if reason is None:
+            self._use_plan(plan)
+            return
+        self.unfusable_reason = reason
+        self._watch()
+        logger.warning("effnet_kernels: a fused block changed after convert() and is no longer fusable (%s); "
+                       "it runs its original eager forward", reason)
+
+    def refresh(self) -> None:
+        """Re-plan now if any submodule changed since the plan was made (forward does this itself)."""
+        if self._changed():
+            self._replan()
+
+    # ------------------------------------------------------------ forward
     def __getattr__(self, name: str) -> Any:
         # Attributes of the wrapped block (e.g. efficientnet_pytorch's ``_block_args``)
         # stay reachable, so code that inspects blocks keeps working after convert().
@@ -260,20 +368,28 @@ class MBConv(nn.Module):
                 raise
             return getattr(plan.original, name)
 
-    def fused_active(self) -> bool:
-        """True when the next forward runs through the fused ops (eval with running stats)."""
-        return not self.training and bn_uses_running_stats(self.plan.dw.bn)
+    def fused_active(self, x: Optional[Tensor] = None) -> bool:
+        """True when the next forward (of ``x``, if given) runs through the fused ops: eval with
+        running statistics, the block still fusable, and ``x`` in a dtype the kernels take."""
+        self.refresh()
+        if self.training or self.unfusable_reason is not None or not bn_uses_running_stats(self.plan.dw.bn):
+            return False
+        return x is None or x.dtype in KERNEL_DTYPES
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Fused forward in eval; the original block's eager forward in training.
 
         Extra arguments (efficientnet_pytorch's ``drop_connect_rate``) go to the eager
-        forward; stochastic depth is a training-only operation, so eval ignores them.
+        forward; stochastic depth is a training-only operation, so eval ignores them. Inputs
+        in a dtype the kernels do not take (float64, for gradcheck) run the eager forward too,
+        unless a kernel backend was asked for explicitly, which raises
+        :class:`effnet_kernels.BackendUnavailableError`.
         """
+        if not self.fused_active(x):
+            if not self.training and x.dtype not in KERNEL_DTYPES:
+                _refuse_kernel_backend(self.backend, x)
+            return self._sync_original()(x, *args, **kwargs)
         plan = self.plan
-        if not self.fused_active():
-            plan.original.training = self.training
-            return plan.original(x, *args, **kwargs)
         h = x
         for m in plan.pre:
             h = m(h)
@@ -304,7 +420,7 @@ class FusedDWConvBNAct(nn.Module):
         stride: 1 or 2.
         padding: ``None`` (k // 2), an int, ``(ph, pw)``, ``(left, right, top, bottom)``,
             or ``"same"`` (TensorFlow SAME, computed from each input's size).
-        activation: ``"silu"`` or ``"identity"``.
+        activation: one of ``effnet_kernels.ops._checks.ACTIVATIONS`` (``"silu"``, ``"identity"``, ...).
         eps, momentum: BatchNorm settings.
         backend: see :class:`MBConv`.
     """
@@ -328,18 +444,26 @@ class FusedDWConvBNAct(nn.Module):
         normalize_activation(activation)
         self.conv = nn.Conv2d(channels, channels, kernel_size, stride=stride, groups=channels, bias=False)
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
-        pad: Padding = "same" if padding == "same" else normalize_padding(padding, kernel_size)  # type: ignore[arg-type]
-        self.spec = DWConvSpec(self.conv, self.bn, pad, activation)
+        self.padding: Padding = "same" if padding == "same" else normalize_padding(padding, kernel_size)  # type: ignore[arg-type]
+        self.activation = activation
+        self._spec = DWConvSpec(self.conv, self.bn, self.padding, activation)
         self.backend = pinned_backend(backend)
 
+    @property
+    def spec(self) -> DWConvSpec:
+        """The fused computation over the *current* ``conv`` and ``bn`` (children may be replaced)."""
+        spec = self._spec
+        if spec.conv is not self.conv or spec.bn is not self.bn or spec.activation != self.activation:
+            spec = self._spec = DWConvSpec(self.conv, self.bn, self.padding, self.activation)
+        return spec
+
     def forward(self, x: Tensor, squeeze: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        if not self.training and bn_uses_running_stats(self.bn):
+        bn = self.bn
+        if not self.training and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn_uses_running_stats(bn):
             return self.spec.fused(x, squeeze, self.backend)
         z = F.conv2d(F.pad(x, self.spec.resolve_padding(x)), self.conv.weight, self.conv.bias,
                      self.conv.stride, groups=self.conv.groups)
-        y = self.bn(z)
-        if self.spec.activation == "silu":
-            y = F.silu(y)
+        y = apply_activation(bn(z), self.activation)
         if squeeze:
             return y, y.float().mean(dim=(2, 3))
         return y
@@ -361,8 +485,12 @@ class SqueezeExcite(nn.Module):
             raise ValueError(f"reduced_channels must be >= 1, got {reduced_channels}")
         self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
-        self.spec = SESpec(self.conv_reduce, self.conv_expand)
         self.backend = pinned_backend(backend)
+
+    @property
+    def spec(self) -> SESpec:
+        """The SE computation over the *current* ``conv_reduce`` and ``conv_expand``."""
+        return SESpec(self.conv_reduce, self.conv_expand)
 
     def forward(self, x: Tensor, pooled: Optional[Tensor] = None) -> Tensor:
         if pooled is None:

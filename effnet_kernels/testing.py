@@ -59,11 +59,13 @@ def calibrate_batchnorm(model: nn.Module, x: Tensor, *, jitter: float = 0.1, see
     The affine parameters are jittered first (``weight *= 1 + jitter * N(0, 1)``,
     ``bias += jitter * N(0, 1)``, from a generator seeded with ``seed``), so folding them is
     never a no-op. Then each BatchNorm's running mean and variance become exactly the
-    statistics of its input over the batch ``x`` (a cumulative average over one batch; the
-    other modules stay in their current mode, so dropout and stochastic depth stay off in
-    an eval model). The model's output then depends on its input, which makes parity
-    checks on it meaningful. Calibrate on the batch the check runs on (or one like it):
-    late stages see few pixels, and statistics from a small unrelated batch fit less well.
+    statistics of its input over the batch ``x`` (a cumulative average over one batch,
+    stored as BatchNorm stores it: the unbiased variance; the other modules stay in their
+    current mode, so dropout and stochastic depth stay off in an eval model). The model's
+    output then depends on its input, which makes parity checks on it meaningful. Calibrate on the batch the check runs on (or one like it), with
+    enough values per channel at the last stage (batch x pixels; 8 or more: e.g. B0 at 64 px
+    with batch 2): statistics taken from 2 values make deep stages amplify their input, up
+    to fp16 overflow.
 
     Args:
         model: any module; modified in place (its training flags are restored).
