@@ -26,11 +26,12 @@ efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 
 @pytest.fixture
 def pair():
-    """(eager, converted, x): a calibrated efficientnet_pytorch B0 at 32x32 and its conversion."""
+    """(eager, converted, x): a calibrated efficientnet_pytorch B0 at 64x64 (8 values per channel at
+    the last stage: fewer make the deep stages amplify rounding) and its conversion."""
     from efficientnet_pytorch import EfficientNet
 
-    x = torch.randn(2, 3, 32, 32)
-    eager = calibrated(EfficientNet.from_name("efficientnet-b0", image_size=32), x)
+    x = torch.randn(2, 3, 64, 64)
+    eager = calibrated(EfficientNet.from_name("efficientnet-b0", image_size=64), x)
     return eager, ek.convert(copy.deepcopy(eager), backend="torch"), x
 
 
