@@ -43,7 +43,7 @@ py::object result(const char* err) {
 effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift,
                                uintptr_t mean, uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc,
                                int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo, int k,
-                               int stride_h, int stride_w, int pad_top, int pad_left, bool silu, bool squeeze,
+                               int stride_h, int stride_w, int pad_top, int pad_left, int act, bool squeeze,
                                bool deterministic, int device, uintptr_t stream) {
   effnet::DWConvArgs a;
   a.x = ptr<const void>(x);
@@ -67,7 +67,7 @@ effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintp
   a.stride_w = stride_w;
   a.pad_top = pad_top;
   a.pad_left = pad_left;
-  a.silu = silu;
+  a.act = act;
   a.squeeze = squeeze;
   a.deterministic = deterministic;
   a.device = device;
@@ -107,24 +107,24 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift, uintptr_t mean,
          uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc, int64_t n, int64_t c, int64_t h,
          int64_t w, int64_t ho, int64_t wo, int k, int stride_h, int stride_w, int pad_top, int pad_left,
-         bool silu, bool squeeze, bool deterministic, int device, uintptr_t stream) {
+         int act, bool squeeze, bool deterministic, int device, uintptr_t stream) {
         return result(effnet::dwconv_bn_act(dwconv_args(x, y, weight, scale, shift, mean, partials, partials_numel,
                                                         dtype, nhwc, n, c, h, w, ho, wo, k, stride_h, stride_w,
-                                                        pad_top, pad_left, silu, squeeze, deterministic, device,
+                                                        pad_top, pad_left, act, squeeze, deterministic, device,
                                                         stream)));
       },
-      "Depthwise conv + BN + SiLU (+ squeeze); returns None or an error message.", py::arg("x"), py::arg("y"),
+      "Depthwise conv + BN + activation (an effnet::Act code) (+ squeeze); returns None or an error message.", py::arg("x"), py::arg("y"),
       py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("partials"),
       py::arg("partials_numel"), py::arg("dtype"), py::arg("nhwc"), py::arg("n"), py::arg("c"), py::arg("h"),
       py::arg("w"), py::arg("ho"), py::arg("wo"), py::arg("k"), py::arg("stride_h"), py::arg("stride_w"),
-      py::arg("pad_top"), py::arg("pad_left"), py::arg("silu"), py::arg("squeeze"), py::arg("deterministic"),
+      py::arg("pad_top"), py::arg("pad_left"), py::arg("act"), py::arg("squeeze"), py::arg("deterministic"),
       py::arg("device"), py::arg("stream"));
 
   m.def(
       "se_gate",
       [](uintptr_t pooled, uintptr_t w_reduce, uintptr_t b_reduce, uintptr_t w_expand, uintptr_t b_expand,
          uintptr_t hidden, uintptr_t gate, int pooled_dtype, int weight_dtype, int64_t n, int64_t c, int64_t r,
-         int device, uintptr_t stream) {
+         int act, int gate_act, int device, uintptr_t stream) {
         effnet::SEGateArgs a;
         a.pooled = ptr<const void>(pooled);
         a.w_reduce = ptr<const void>(w_reduce);
@@ -138,14 +138,16 @@ PYBIND11_MODULE(_C, m) {
         a.n = n;
         a.c = c;
         a.r = r;
+        a.act = act;
+        a.gate_act = gate_act;
         a.device = device;
         a.stream = ptr<void>(stream);
         return result(effnet::se_gate(a));
       },
-      "SE gate [N, C] fp32; returns None or an error message.", py::arg("pooled"), py::arg("w_reduce"),
+      "SE gate [N, C] fp32 (act, gate_act: effnet::Act codes); returns None or an error message.", py::arg("pooled"), py::arg("w_reduce"),
       py::arg("b_reduce"), py::arg("w_expand"), py::arg("b_expand"), py::arg("hidden"), py::arg("gate"),
       py::arg("pooled_dtype"), py::arg("weight_dtype"), py::arg("n"), py::arg("c"), py::arg("r"),
-      py::arg("device"), py::arg("stream"));
+      py::arg("act"), py::arg("gate_act"), py::arg("device"), py::arg("stream"));
 
   m.def(
       "se_excite",

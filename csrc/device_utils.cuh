@@ -1,4 +1,4 @@
-// Device helpers shared by the kernels: dtype conversion, 16-byte packs, activation,
+// Device helpers shared by the kernels: dtype conversion, 16-byte packs, activations,
 // launch-error checking. No libtorch headers.
 #pragma once
 
@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "effnet_ext.h"
 
 namespace effnet {
 
@@ -25,9 +27,22 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// SiLU in fp32 with the accurate expf (x * sigmoid(x) as PyTorch computes it).
-__device__ __forceinline__ float silu(float u) { return u / (1.0f + expf(-u)); }
-__device__ __forceinline__ float sigmoid(float u) { return 1.0f / (1.0f + expf(-u)); }
+// min(max(u, 0), 6), keeping NaN as PyTorch's clamps do.
+__device__ __forceinline__ float relu6(float u) { return u < 0.0f ? 0.0f : (u > 6.0f ? 6.0f : u); }
+
+// The elementwise function ACT (an effnet::Act) in fp32, PyTorch's definitions; SiLU and
+// sigmoid with the accurate expf.
+template <int ACT>
+__device__ __forceinline__ float activate(float u) {
+  static_assert(ACT >= kIdentity && ACT <= kHardSigmoid, "unknown activation code");
+  if constexpr (ACT == kSiLU) return u / (1.0f + expf(-u));
+  if constexpr (ACT == kReLU) return u < 0.0f ? 0.0f : u;
+  if constexpr (ACT == kReLU6) return relu6(u);
+  if constexpr (ACT == kHardSwish) return u * relu6(u + 3.0f) / 6.0f;
+  if constexpr (ACT == kSigmoid) return 1.0f / (1.0f + expf(-u));
+  if constexpr (ACT == kHardSigmoid) return relu6(u + 3.0f) / 6.0f;
+  return u;  // kIdentity
+}
 
 // Elements of T in one 16-byte access.
 template <typename T>

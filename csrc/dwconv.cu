@@ -1,5 +1,6 @@
 // dwconv_bn_act entry point: argument checks, static dispatch to the template instances
-// (compiled in dwconv_{f32,f16,bf16}.cu), and the deterministic squeeze reduction.
+// (dispatch_dwconv<T>, compiled in dwconv_{f32,f16,bf16}.cu), and the deterministic squeeze
+// reduction.
 #include "device_utils.cuh"
 #include "dwconv_kernels.cuh"
 #include "effnet_ext.h"
@@ -7,22 +8,9 @@
 
 namespace effnet {
 
-#define EFFNET_EXTERN_DWCONV(T)                                                                   \
-  extern template const char* launch_dwconv<T, 3, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 3, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  extern template const char* launch_dwconv<T, 3, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 3, 2, true>(const DWConvParams&, bool, cudaStream_t);  \
-  extern template const char* launch_dwconv<T, 5, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 5, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  extern template const char* launch_dwconv<T, 5, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 5, 2, true>(const DWConvParams&, bool, cudaStream_t);  \
-  extern template const char* launch_dwconv<T, 7, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 7, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  extern template const char* launch_dwconv<T, 7, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  extern template const char* launch_dwconv<T, 7, 2, true>(const DWConvParams&, bool, cudaStream_t);
-EFFNET_EXTERN_DWCONV(float)
-EFFNET_EXTERN_DWCONV(__half)
-EFFNET_EXTERN_DWCONV(__nv_bfloat16)
+EFFNET_INSTANTIATE_DWCONV(extern, float)
+EFFNET_INSTANTIATE_DWCONV(extern, __half)
+EFFNET_INSTANTIATE_DWCONV(extern, __nv_bfloat16)
 
 int cudart_version() { return CUDART_VERSION; }
 
@@ -47,6 +35,7 @@ const char* check_args(const DWConvArgs& a) {
   // the kernels then read no input at all.
   if (a.n < 0 || a.c < 0 || a.h < 0 || a.w < 0 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act: invalid sizes";
   if (a.pad_top < 0 || a.pad_left < 0) return "dwconv_bn_act: padding must be non-negative";
+  if (a.act < kIdentity || a.act > kHardSwish) return "dwconv_bn_act: unsupported activation code";
   return nullptr;
 }
 
@@ -97,17 +86,12 @@ const char* dwconv_bn_act(const DWConvArgs& a) {
   p.pad_top = a.pad_top;
   p.pad_left = a.pad_left;
   p.inv_hw = 1.0f / static_cast<float>(a.ho * a.wo);
-  p.silu = a.silu;
   const int elem = a.dtype == kFloat32 ? 4 : 2;
   p.vec = a.nhwc && (a.c * elem) % 16 == 0 && aligned16(a.x) && aligned16(a.y);
 
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const char* err = DTYPE_SWITCH(a.dtype, T, [&] {
-    return KSIZE_SWITCH(a.k, K, [&] {
-      return STRIDE_SWITCH(a.stride_w, SW, [&] {
-        return BOOL_SWITCH(a.squeeze, SQ, [&] { return launch_dwconv<T, K, SW, SQ>(p, a.nhwc, stream); });
-      });
-    });
+    return dispatch_dwconv<T>(p, a.k, a.stride_w, a.squeeze, a.act, a.nhwc, stream);
   });
   if (err != nullptr || !deterministic) return err;
   const int64_t nc = a.n * a.c;

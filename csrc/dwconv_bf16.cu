@@ -2,5 +2,5 @@
 #include "dwconv_kernels.cuh"
 
 namespace effnet {
-EFFNET_INSTANTIATE_DWCONV(__nv_bfloat16)
+EFFNET_INSTANTIATE_DWCONV(, __nv_bfloat16)
 }  // namespace effnet

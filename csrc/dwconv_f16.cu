@@ -2,5 +2,5 @@
 #include "dwconv_kernels.cuh"
 
 namespace effnet {
-EFFNET_INSTANTIATE_DWCONV(__half)
+EFFNET_INSTANTIATE_DWCONV(, __half)
 }  // namespace effnet

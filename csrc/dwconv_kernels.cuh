@@ -1,18 +1,20 @@
-// Depthwise k x k conv + folded BatchNorm + SiLU (+ SE squeeze) kernels.
+// Depthwise k x k conv + folded BatchNorm + activation (+ SE squeeze) kernels.
 //
 // Each thread computes TW = tile_w<SW>() consecutive outputs along W. For every kernel row
 // it loads the (TW - 1) * SW + K input columns that row needs once into registers and
-// reuses them across all K taps and all TW outputs. Accumulation is fp32; BN and SiLU run in
-// the epilogue. The squeeze (per-(n, c) spatial mean of the activated output, in fp32,
-// before rounding) is reduced per block and then either atomically added into `mean` or,
+// reuses them across all K taps and all TW outputs. Accumulation is fp32; BN and the
+// activation (the template argument ACT, an effnet::Act) run in the epilogue. The squeeze
+// (per-(n, c) spatial mean of the activated output, in fp32, before rounding) is reduced
+// per block and then either atomically added into `mean` or,
 // in deterministic mode, written as a per-block partial that dwconv.cu's reduction kernel
 // sums in a fixed order. All global offsets are int64.
 //
-// Only included by the per-dtype instantiation files dwconv_{nhwc,nchw}_{f32,f16,bf16}.cu.
+// Instantiated by the per-dtype files dwconv_{f32,f16,bf16}.cu (EFFNET_INSTANTIATE_DWCONV).
 #pragma once
 
 #include "device_utils.cuh"
 #include "effnet_ext.h"
+#include "static_switch.h"
 
 namespace effnet {
 
@@ -36,7 +38,6 @@ struct DWConvParams {
   int64_t n, c, h, w, ho, wo;
   int stride_h, pad_top, pad_left;
   float inv_hw;  // 1 / (Ho * Wo)
-  bool silu;
   bool vec;  // NHWC: 16-byte accesses along C are legal
 };
 
@@ -65,7 +66,7 @@ __device__ __forceinline__ void publish_squeeze(const float* red, int rows, int 
 // Block: blockDim.x threads along C (V channels each, 16-byte packs), blockDim.y along
 // output strips. grid.x: channel groups, grid.y: strips, grid.z: batch (all loop).
 // Dynamic shared memory: weights [K * K][CB] (+ squeeze [blockDim.y][CB]), CB = blockDim.x * V.
-template <typename T, int K, int SW, bool SQUEEZE>
+template <typename T, int K, int SW, bool SQUEEZE, int ACT>
 __global__ void __launch_bounds__(kThreads, 2) dwconv_nhwc_kernel(const DWConvParams p) {
   constexpr int V = PackWidth<T>::value;
   constexpr int kTileW = tile_w<SW>();
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_nhwc_kernel(const DWConvPa
             const float sc = v < valid ? __ldg(p.scale + c0 + v) : 0.0f;
             const float sh = v < valid ? __ldg(p.shift + c0 + v) : 0.0f;
             const float u = fmaf(acc[t][v], sc, sh);
-            out[v] = p.silu ? silu(u) : u;
+            out[v] = activate<ACT>(u);
             if (SQUEEZE) sq[v] += out[v];
           }
           store_pack<T, V>(y + ((n * p.ho + ho) * p.wo + wo) * p.c + c0, out, p.vec, valid);
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_nhwc_kernel(const DWConvPa
 // ------------------------------------------------------------------------------ NCHW
 // Block: blockDim.x threads along the strips of one (n, c) plane, blockDim.y planes.
 // grid.x: plane groups, grid.y: strips (loops). Dynamic shared memory: squeeze only.
-template <typename T, int K, int SW, bool SQUEEZE>
+template <typename T, int K, int SW, bool SQUEEZE, int ACT>
 __global__ void __launch_bounds__(kThreads) dwconv_nchw_kernel(const DWConvParams p) {
   constexpr int kTileW = tile_w<SW>();
   constexpr int SEG = (kTileW - 1) * SW + K;
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) dwconv_nchw_kernel(const DWConvParam
         const int64_t wo = wo0 + t;
         if (wo >= p.wo) break;
         const float u = fmaf(acc[t], sc, sh);
-        const float out = p.silu ? silu(u) : u;
+        const float out = activate<ACT>(u);
         if (SQUEEZE) sq += out;
         y[ho * p.wo + wo] = from_float<T>(out);
       }
@@ -280,30 +281,33 @@ LaunchShape dwconv_shape(bool nhwc, int64_t n, int64_t c, int64_t ho, int64_t wo
   return s;
 }
 
-template <typename T, int K, int SW, bool SQUEEZE>
+template <typename T, int K, int SW, bool SQUEEZE, int ACT>
 const char* launch_dwconv(const DWConvParams& p, bool nhwc, cudaStream_t stream) {
   const LaunchShape s = dwconv_shape<T, K, SW, SQUEEZE>(nhwc, p.n, p.c, p.ho, p.wo);
   if (nhwc) {
-    dwconv_nhwc_kernel<T, K, SW, SQUEEZE><<<s.grid, s.block, s.smem, stream>>>(p);
+    dwconv_nhwc_kernel<T, K, SW, SQUEEZE, ACT><<<s.grid, s.block, s.smem, stream>>>(p);
   } else {
-    dwconv_nchw_kernel<T, K, SW, SQUEEZE><<<s.grid, s.block, s.smem, stream>>>(p);
+    dwconv_nchw_kernel<T, K, SW, SQUEEZE, ACT><<<s.grid, s.block, s.smem, stream>>>(p);
   }
   return launch_error();
 }
 
-// Explicit instantiations for one dtype: 3 kernel sizes x 2 W-strides x {squeeze, not}.
-#define EFFNET_INSTANTIATE_DWCONV(T)                                                    \
-  template const char* launch_dwconv<T, 3, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 3, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  template const char* launch_dwconv<T, 3, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 3, 2, true>(const DWConvParams&, bool, cudaStream_t);  \
-  template const char* launch_dwconv<T, 5, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 5, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  template const char* launch_dwconv<T, 5, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 5, 2, true>(const DWConvParams&, bool, cudaStream_t);  \
-  template const char* launch_dwconv<T, 7, 1, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 7, 1, true>(const DWConvParams&, bool, cudaStream_t);  \
-  template const char* launch_dwconv<T, 7, 2, false>(const DWConvParams&, bool, cudaStream_t); \
-  template const char* launch_dwconv<T, 7, 2, true>(const DWConvParams&, bool, cudaStream_t);
+// Launch the instance for (k, stride_w, squeeze, act) of element type T (arguments validated).
+template <typename T>
+const char* dispatch_dwconv(const DWConvParams& p, int k, int stride_w, bool squeeze, int act, bool nhwc,
+                            cudaStream_t stream) {
+  return KSIZE_SWITCH(k, K, [&] {
+    return STRIDE_SWITCH(stride_w, SW, [&] {
+      return BOOL_SWITCH(squeeze, SQ, [&] {
+        return ACT_SWITCH(act, ACT, [&] { return launch_dwconv<T, K, SW, SQ, ACT>(p, nhwc, stream); });
+      });
+    });
+  });
+}
+
+// Explicit instantiation for one dtype: 3 kernel sizes x 2 W-strides x {squeeze, not} x 5
+// activations, NHWC and NCHW kernels each. EXTERN = extern for a declaration.
+#define EFFNET_INSTANTIATE_DWCONV(EXTERN, T) \
+  EXTERN template const char* dispatch_dwconv<T>(const DWConvParams&, int, int, bool, int, bool, cudaStream_t);
 
 }  // namespace effnet

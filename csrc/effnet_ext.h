@@ -12,9 +12,24 @@ namespace effnet {
 
 // Bump whenever the Python <-> C++ calling convention changes; effnet_kernels/_build.py
 // holds the same number and refuses a module built with another one.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Elementwise functions, one code each (effnet_kernels/ops/_checks.py ACT_CODES holds the same
+// numbers); a kernel takes its activation as a template argument (ACT_SWITCH, static_switch.h).
+// dwconv_bn_act: kIdentity..kHardSwish; se_gate: kSiLU | kReLU inside, kSigmoid | kHardSigmoid
+// at the output. PyTorch's definitions: hardswish(u) = u * relu6(u + 3) / 6,
+// hardsigmoid(u) = relu6(u + 3) / 6.
+enum Act : int {
+  kIdentity = 0,
+  kSiLU = 1,
+  kReLU = 2,
+  kReLU6 = 3,
+  kHardSwish = 4,
+  kSigmoid = 5,
+  kHardSigmoid = 6,
+};
 
 struct DWConvArgs {
   const void* x = nullptr;       // [N, C, H, W] dense NCHW, or dense NHWC when nhwc
@@ -29,7 +44,7 @@ struct DWConvArgs {
   bool nhwc = false;
   int64_t n = 0, c = 0, h = 0, w = 0, ho = 0, wo = 0;
   int k = 3, stride_h = 1, stride_w = 1, pad_top = 0, pad_left = 0;
-  bool silu = true;
+  int act = kSiLU;  // kIdentity, kSiLU, kReLU, kReLU6 or kHardSwish
   bool squeeze = false;
   bool deterministic = false;
   int device = 0;
@@ -53,11 +68,13 @@ struct SEGateArgs {
   int pooled_dtype = kFloat32;
   int weight_dtype = kFloat32;
   int64_t n = 0, c = 0, r = 0;
+  int act = kSiLU;          // between the FCs: kSiLU or kReLU
+  int gate_act = kSigmoid;  // the gate's function: kSigmoid or kHardSigmoid
   int device = 0;
   void* stream = nullptr;
 };
 
-// gate = sigmoid(W_e silu(W_r pooled + b_r) + b_e).
+// gate = gate_fn(W_e act(W_r pooled + b_r) + b_e).
 const char* se_gate(const SEGateArgs& args);
 
 struct SEExciteArgs {

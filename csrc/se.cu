@@ -10,8 +10,8 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 
-// hidden[n, r] = silu(sum_c pooled[n, c] * w_reduce[r, c] + b_reduce[r]); one warp per (n, r).
-template <typename TP, typename TW>
+// hidden[n, r] = act(sum_c pooled[n, c] * w_reduce[r, c] + b_reduce[r]); one warp per (n, r).
+template <typename TP, typename TW, int ACT>
 __global__ void __launch_bounds__(kThreads)
 se_reduce_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ hidden, int64_t n, int64_t c, int64_t r) {
@@ -25,12 +25,13 @@ se_reduce_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w, const 
     float s = 0.0f;
     for (int64_t k = lane; k < c; k += 32) s = fmaf(to_float(prow[k]), to_float(wrow[k]), s);
     s = warp_sum(s);
-    if (lane == 0) hidden[warp] = silu(s + to_float(b[j]));
+    if (lane == 0) hidden[warp] = activate<ACT>(s + to_float(b[j]));
   }
 }
 
-// gate[n, c] = sigmoid(sum_r hidden[n, r] * w_expand[c, r] + b_expand[c]); one warp per (n, c).
-template <typename TW>
+// gate[n, c] = gate_fn(sum_r hidden[n, r] * w_expand[c, r] + b_expand[c]); one warp per (n, c),
+// GATE (kSigmoid or kHardSigmoid) the gate's function.
+template <typename TW, int GATE>
 __global__ void __launch_bounds__(kThreads)
 se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ gate, int64_t n, int64_t c, int64_t r) {
@@ -43,7 +44,7 @@ se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, con
     float s = 0.0f;
     for (int64_t k = lane; k < r; k += 32) s = fmaf(hrow[k], to_float(wrow[k]), s);
     s = warp_sum(s);
-    if (lane == 0) gate[warp] = sigmoid(s + to_float(b[j]));
+    if (lane == 0) gate[warp] = activate<GATE>(s + to_float(b[j]));
   }
 }
 
@@ -93,21 +94,27 @@ bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat1
 const char* se_gate(const SEGateArgs& a) {
   if (!valid_dtype(a.pooled_dtype) || !valid_dtype(a.weight_dtype)) return "se_gate: unsupported dtype code";
   if (a.n < 0 || a.c < 0 || a.r < 1) return "se_gate: invalid sizes";
+  if (a.act != kSiLU && a.act != kReLU) return "se_gate: unsupported activation code";
+  if (a.gate_act != kSigmoid && a.gate_act != kHardSigmoid) return "se_gate: unsupported gate code";
   if (a.n == 0 || a.c == 0) return nullptr;
   const DeviceGuard device(a.device);
   if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   return DTYPE_SWITCH(a.weight_dtype, TW, [&] {
     const char* err = DTYPE_SWITCH(a.pooled_dtype, TP, [&] {
-      se_reduce_kernel<TP, TW><<<blocks_for(a.n * a.r, kWarps), kThreads, 0, stream>>>(
-          static_cast<const TP*>(a.pooled), static_cast<const TW*>(a.w_reduce), static_cast<const TW*>(a.b_reduce),
-          a.hidden, a.n, a.c, a.r);
-      return launch_error();
+      return TWO_WAY_SWITCH(a.act, kSiLU, kReLU, ACT, [&] {
+        se_reduce_kernel<TP, TW, ACT><<<blocks_for(a.n * a.r, kWarps), kThreads, 0, stream>>>(
+            static_cast<const TP*>(a.pooled), static_cast<const TW*>(a.w_reduce),
+            static_cast<const TW*>(a.b_reduce), a.hidden, a.n, a.c, a.r);
+        return launch_error();
+      });
     });
     if (err != nullptr) return err;
-    se_expand_kernel<TW><<<blocks_for(a.n * a.c, kWarps), kThreads, 0, stream>>>(
-        a.hidden, static_cast<const TW*>(a.w_expand), static_cast<const TW*>(a.b_expand), a.gate, a.n, a.c, a.r);
-    return launch_error();
+    return TWO_WAY_SWITCH(a.gate_act, kSigmoid, kHardSigmoid, GATE, [&] {
+      se_expand_kernel<TW, GATE><<<blocks_for(a.n * a.c, kWarps), kThreads, 0, stream>>>(
+          a.hidden, static_cast<const TW*>(a.w_expand), static_cast<const TW*>(a.b_expand), a.gate, a.n, a.c, a.r);
+      return launch_error();
+    });
   });
 }
 

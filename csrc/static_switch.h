@@ -59,3 +59,37 @@
       return __VA_ARGS__();                         \
     }                                               \
   }()
+
+// dwconv_bn_act's activation: effnet::kIdentity / kSiLU / kReLU / kReLU6 / kHardSwish.
+#define ACT_SWITCH(AVAL, CONST_NAME, ...)                       \
+  [&] {                                                         \
+    if ((AVAL) == ::effnet::kSiLU) {                            \
+      constexpr static int CONST_NAME = ::effnet::kSiLU;        \
+      return __VA_ARGS__();                                     \
+    } else if ((AVAL) == ::effnet::kReLU) {                     \
+      constexpr static int CONST_NAME = ::effnet::kReLU;        \
+      return __VA_ARGS__();                                     \
+    } else if ((AVAL) == ::effnet::kReLU6) {                    \
+      constexpr static int CONST_NAME = ::effnet::kReLU6;       \
+      return __VA_ARGS__();                                     \
+    } else if ((AVAL) == ::effnet::kHardSwish) {                \
+      constexpr static int CONST_NAME = ::effnet::kHardSwish;   \
+      return __VA_ARGS__();                                     \
+    } else {                                                    \
+      constexpr static int CONST_NAME = ::effnet::kIdentity;    \
+      return __VA_ARGS__();                                     \
+    }                                                           \
+  }()
+
+// One of two int constants: CONST_NAME = A when VAL == A, else B (se_gate's kSiLU | kReLU,
+// kSigmoid | kHardSigmoid).
+#define TWO_WAY_SWITCH(VAL, A, B, CONST_NAME, ...) \
+  [&] {                                            \
+    if ((VAL) == (A)) {                            \
+      constexpr static int CONST_NAME = (A);       \
+      return __VA_ARGS__();                        \
+    } else {                                       \
+      constexpr static int CONST_NAME = (B);       \
+      return __VA_ARGS__();                        \
+    }                                              \
+  }()

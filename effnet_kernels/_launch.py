@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops._checks import memory_format_of
+from .ops._checks import ACT_CODES, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -73,7 +73,7 @@ class DWConvLaunch:
     stride_w: int
     pad_top: int
     pad_left: int
-    silu: bool
+    act: int  # the activation's code (ops._checks.ACT_CODES): a Triton constexpr / CUDA template argument
     int64: bool
 
     @property
@@ -89,7 +89,7 @@ def prepare_dwconv(
     shift: Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
-    silu: bool,
+    activation: str,
     squeeze: bool,
 ) -> DWConvLaunch:
     """Lay out inputs and allocate outputs for ``dwconv_bn_act`` (arguments already validated)."""
@@ -113,7 +113,7 @@ def prepare_dwconv(
         n=n, c=c, h=h, w=w, ho=ho, wo=wo, k=k,
         stride_h=stride[0], stride_w=stride[1],
         pad_top=top, pad_left=left,
-        silu=silu,
+        act=ACT_CODES[activation],
         int64=needs_int64(xd, y),
     )
 
@@ -150,9 +150,13 @@ class GateLaunch:
     n: int
     c: int
     r: int
+    act: int  # code of the activation between the FCs (ops._checks.ACT_CODES)
+    gate_act: int  # code of the gate's nonlinearity
 
 
-def prepare_se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor) -> GateLaunch:
+def prepare_se_gate(
+    pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor, activation: str, gate: str
+) -> GateLaunch:
     """Make the SE gate's inputs dense and allocate its float32 output."""
     n, c = pooled.shape
     return GateLaunch(
@@ -163,4 +167,5 @@ def prepare_se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand
         b_expand=b_expand.contiguous(),
         gate=torch.empty((n, c), dtype=torch.float32, device=pooled.device),
         n=n, c=c, r=w_reduce.shape[0],
+        act=ACT_CODES[activation], gate_act=ACT_CODES[gate],
     )

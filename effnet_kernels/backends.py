@@ -106,6 +106,24 @@ class _Backend:
         return []
 
 
+def dtype_reasons(kernels: str, supported: tuple[torch.dtype, ...], tensors: tuple) -> list[str]:
+    """For a backend's ``unsupported``: why ``kernels`` ("the triton kernels") cannot take the
+    dtypes of the tensors among ``tensors`` (the call's arguments; others are ignored), or ``[]``.
+
+    Every tensor counts: a float64 x, weight or scale is the ``torch`` reference's, and
+    ``auto`` falls back to it.
+    """
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    bad = sorted({name(t.dtype) for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in supported})
+    if not bad:
+        return []
+    names = [name(d) for d in supported]
+    want = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    return [f"{kernels} take {want}; got {' and '.join(bad)} (backend='torch' or 'auto' computes it)"]
+
+
 _REGISTRY: dict[str, _Backend] = {}
 
 # The order "auto" tries backends in, per device type. The Triton interpreter is a

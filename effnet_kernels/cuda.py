@@ -195,8 +195,7 @@ def _unsupported(op: str, t: Tensor, args: tuple = ()) -> list[str]:
         reasons.append(f"kernel size {args[1].shape[-1]} is not compiled (3, 5 or 7); the torch and triton backends take any odd k")
     if t.device.type != "cuda":
         reasons.append(f"tensors must be on a CUDA device, got {t.device}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {t.dtype} is not supported (float32, float16 or bfloat16)")
+    reasons.extend(backends.dtype_reasons("the cuda kernels", SUPPORTED_DTYPES, (t, *args)))
     return reasons
 
 
@@ -228,7 +227,7 @@ def dwconv_bn_act(
     shift: Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
-    silu: bool,
+    activation: str,
     squeeze: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """CUDA ``dwconv_bn_act`` (signature of :func:`effnet_kernels.reference.dwconv_bn_act`).
@@ -248,7 +247,7 @@ def dwconv_bn_act(
             "use backend='torch' or 'triton'"
         )
     C = extension()
-    launch = _launch.prepare_dwconv(x, weight, scale, shift, stride, padding, silu, squeeze)
+    launch = _launch.prepare_dwconv(x, weight, scale, shift, stride, padding, activation, squeeze)
     if launch.n == 0 or launch.c == 0:
         return launch.y, launch.mean
     dtype = _DTYPE_CODES[launch.x.dtype]
@@ -264,19 +263,21 @@ def dwconv_bn_act(
             launch.x.data_ptr(), launch.y.data_ptr(), launch.weight.data_ptr(), launch.scale.data_ptr(),
             launch.shift.data_ptr(), _ptr(launch.mean), _ptr(partials), numel, dtype, nhwc,
             launch.n, launch.c, launch.h, launch.w, launch.ho, launch.wo, k, launch.stride_h, launch.stride_w,
-            launch.pad_top, launch.pad_left, launch.silu, squeeze, deterministic, x.device.index or 0, _stream(x),
+            launch.pad_top, launch.pad_left, launch.act, squeeze, deterministic, x.device.index or 0, _stream(x),
         ),
     )
     return launch.y, launch.mean
 
 
-def se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor) -> Tensor:
+def se_gate(
+    pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor, activation: str, gate: str
+) -> Tensor:
     """CUDA ``se_gate`` (signature of :func:`effnet_kernels.reference.se_gate`); fp32 accumulation.
 
     The four weights are read in their own dtype when they share one, else as float32.
     """
     C = extension()
-    launch = _launch.prepare_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand)
+    launch = _launch.prepare_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     weights = (launch.w_reduce, launch.b_reduce, launch.w_expand, launch.b_expand)
     if len({w.dtype for w in weights}) > 1:
         weights = tuple(_launch.fp32_contiguous(w) for w in weights)
@@ -286,7 +287,7 @@ def se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor
         C.se_gate(
             *(w.data_ptr() for w in (launch.pooled, *weights)), hidden.data_ptr(), launch.gate.data_ptr(),
             _DTYPE_CODES[launch.pooled.dtype], _DTYPE_CODES[weights[0].dtype], launch.n, launch.c, launch.r,
-            pooled.device.index or 0, _stream(pooled),
+            launch.act, launch.gate_act, pooled.device.index or 0, _stream(pooled),
         ),
     )
     return launch.gate

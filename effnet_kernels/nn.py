@@ -162,10 +162,8 @@ class SESpec:
     gate_kind: str = "sigmoid"  # "sigmoid" | "hardsigmoid"
 
     def gate(self, pooled: Tensor, backend: Optional[str]) -> Tensor:
-        kinds = {} if (self.activation, self.gate_kind) == ("silu", "sigmoid") else \
-            {"activation": self.activation, "gate": self.gate_kind}  # TEMP until ops.se_gate takes them
-        return ops.se_gate(pooled, self.conv_reduce.weight, self.conv_reduce.bias,
-                           self.conv_expand.weight, self.conv_expand.bias, backend=backend, **kinds)
+        return ops.se_gate(pooled, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
+                           self.conv_expand.bias, activation=self.activation, gate=self.gate_kind, backend=backend)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Eager PyTorch implementation of every op: the ``torch`` backend, runs everywhere.
 
 Functions take already-validated, normalised arguments (see :mod:`effnet_kernels.ops`):
-``stride`` is ``(sh, sw)``, ``padding`` is ``(left, right, top, bottom)``, ``silu`` a bool.
-They compute in float32 (float64 when given float64, which tests use) and round once
-at the end, the accumulation contract the fused kernels keep too.
+``stride`` is ``(sh, sw)``, ``padding`` is ``(left, right, top, bottom)``, ``activation``
+and ``gate`` names from :mod:`effnet_kernels.ops._checks` (``ACTIVATIONS``,
+``SE_ACTIVATIONS``, ``SE_GATES``). They compute in float32 (float64 when given float64:
+this backend is the one that serves float64) and round once at the end, the accumulation
+contract the fused kernels keep too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,41 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype)[None, :, None, None]
 
 
+# Every elementwise function of the ops, by name: PyTorch's own forward, and its derivative
+# as PyTorch's backward defines it (relu: u > 0; relu6 = hardtanh(0, 6): 0 < u < 6;
+# hardswish: 0 below -3, u / 3 + 1/2 up to 3, then 1; hardsigmoid: 1/6 on (-3, 3)).
+ACTIVATION_FNS = {
+    "identity": lambda u: u,
+    "silu": F.silu,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+
+
+def _silu_grad(u: Tensor) -> Tensor:
+    s = torch.sigmoid(u)
+    return s * (1 + u * (1 - s))
+
+
+def _sigmoid_grad(u: Tensor) -> Tensor:
+    s = torch.sigmoid(u)
+    return s * (1 - s)
+
+
+ACTIVATION_GRADS = {
+    "identity": torch.ones_like,
+    "silu": _silu_grad,
+    "relu": lambda u: (u > 0).to(u.dtype),
+    "relu6": lambda u: ((u > 0) & (u < 6)).to(u.dtype),
+    "hardswish": lambda u: torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0)).to(u.dtype),
+    "sigmoid": _sigmoid_grad,
+    "hardsigmoid": lambda u: ((u > -3) & (u < 3)).to(u.dtype) / 6,
+}
+
+
 def dwconv_bn_act(
     x: Tensor,
     weight: Tensor,
@@ -43,24 +80,19 @@ def dwconv_bn_act(
     shift: Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
-    silu: bool,
+    activation: str,
     squeeze: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """y = act(dwconv(pad(x), weight) * scale + shift); mean = y's spatial mean (fp32)."""
+    """y = act(dwconv(pad(x), weight) * scale + shift); mean = y's spatial mean (fp32; fp64 for fp64 x)."""
     _, _, z = _bn_input(x, weight, stride, padding)
     u = z * _per_channel(scale, z) + _per_channel(shift, z)
-    y = F.silu(u) if silu else u
+    y = ACTIVATION_FNS[activation](u)
     mean = None
     if squeeze:
         mean = y.mean(dim=(2, 3)) if y.shape[2] * y.shape[3] > 0 else y.new_zeros(y.shape[:2])
         mean = mean.to(torch.float32) if x.dtype != torch.float64 else mean
     out = y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
     return out, mean
-
-
-def _silu_grad(u: Tensor) -> Tensor:
-    s = torch.sigmoid(u)
-    return s * (1 + u * (1 - s))
 
 
 def dwconv_bn_act_backward(
@@ -72,16 +104,16 @@ def dwconv_bn_act_backward(
     shift: Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
-    silu: bool,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``dwconv_bn_act`` w.r.t. (x, weight, scale, shift), recomputing z."""
     xp, w, z = _bn_input(x, weight, stride, padding)
     g = grad_y.to(z.dtype) if grad_y is not None else torch.zeros_like(z)
     if grad_mean is not None and grad_mean.numel() > 0 and z.shape[2] * z.shape[3] > 0:
         g = g + grad_mean.to(z.dtype)[:, :, None, None] / (z.shape[2] * z.shape[3])
-    if silu:
+    if activation != "identity":
         u = z * _per_channel(scale, z) + _per_channel(shift, z)
-        g = g * _silu_grad(u)
+        g = g * ACTIVATION_GRADS[activation](u)
     grad_scale = (g * z).sum(dim=(0, 2, 3))
     grad_shift = g.sum(dim=(0, 2, 3))
     gz = g * _per_channel(scale, z)
@@ -105,26 +137,29 @@ def _se_hidden(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor) -> tuple[Tens
     return p, a
 
 
-def se_gate(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor) -> Tensor:
-    """gate = sigmoid(W_e . silu(W_r . pooled + b_r) + b_e), float32 [N, C]."""
+def se_gate(
+    pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor, activation: str, gate: str
+) -> Tensor:
+    """gate(W_e . activation(W_r . pooled + b_r) + b_e), float32 [N, C] (float64 for float64 pooled)."""
     _, a = _se_hidden(pooled, w_reduce, b_reduce)
-    v = F.silu(a) @ w_expand.to(a.dtype).t() + b_expand.to(a.dtype)
-    gate = torch.sigmoid(v)
-    return gate if pooled.dtype == torch.float64 else gate.to(torch.float32)
+    v = ACTIVATION_FNS[activation](a) @ w_expand.to(a.dtype).t() + b_expand.to(a.dtype)
+    out = ACTIVATION_FNS[gate](v)
+    return out if pooled.dtype == torch.float64 else out.to(torch.float32)
 
 
 def se_gate_backward(
-    grad_gate: Tensor, pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor
+    grad_gate: Tensor, pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor,
+    activation: str, gate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``se_gate`` w.r.t. (pooled, w_reduce, b_reduce, w_expand, b_expand)."""
     p, a = _se_hidden(pooled, w_reduce, b_reduce)
-    h = F.silu(a)
+    h = ACTIVATION_FNS[activation](a)
     we = w_expand.to(a.dtype)
-    gate = torch.sigmoid(h @ we.t() + b_expand.to(a.dtype))
-    dv = grad_gate.to(a.dtype) * gate * (1 - gate)
+    v = h @ we.t() + b_expand.to(a.dtype)
+    dv = grad_gate.to(a.dtype) * ACTIVATION_GRADS[gate](v)
     grad_we = dv.t() @ h
     grad_be = dv.sum(0)
-    da = (dv @ we) * _silu_grad(a)
+    da = (dv @ we) * ACTIVATION_GRADS[activation](a)
     grad_wr = da.t() @ p
     grad_br = da.sum(0)
     grad_p = da @ w_reduce.to(a.dtype)

@@ -8,12 +8,20 @@
 
   - ``pad_shift``: the depthwise conv pads one pixel off (a column of padding moves from
     one side to the other; the output keeps its shape),
-  - ``skip_silu``: the depthwise step skips its SiLU,
+  - ``skip_silu``: the depthwise step skips its activation (SiLU, ReLU, ReLU6, hard-swish:
+    whichever the call asks for; it returns the BatchNorm output),
   - ``squeeze_skew``: the SE squeeze (spatial mean) comes out 1% high,
   - ``gate_skew``: the SE gate comes out scaled by 0.99,
   - ``excite_skip``: the excite returns its input ungated,
   - ``grad_drop_squeeze``: the depthwise backward ignores the gradient that reaches it
     through the SE squeeze (``grad_mean``);
+
+* op-level backend defects (:data:`OP_DEFECTS`: only the op suites run them; the module and
+  network suites, whose models use SiLU and sigmoid, run :data:`DEFECTS`):
+
+  - ``grad_skip_act``: the depthwise backward skips the activation's derivative,
+  - ``se_act_swap``: the SE gate swaps its functions (SiLU <-> ReLU inside, sigmoid <->
+    hard-sigmoid at the output), so a backend that ignores the requested ones is caught;
 
 * module defects:
 
@@ -34,7 +42,7 @@ from unittest import mock
 from effnet_kernels import backends
 from effnet_kernels import nn as ek_nn
 
-__all__ = ["BACKEND_DEFECTS", "MODULE_DEFECTS", "DEFECTS", "planted"]
+__all__ = ["BACKEND_DEFECTS", "OP_DEFECTS", "MODULE_DEFECTS", "DEFECTS", "planted"]
 
 
 def _shift_padding(padding):
@@ -50,23 +58,27 @@ def _shift_padding(padding):
     return (left + 1, right, top, bottom)  # no padding at all: pad one column too many
 
 
+# Wrappers take a backend implementation's arguments:
+# dwconv_bn_act(x, weight, scale, shift, stride, padding, activation, squeeze),
+# dwconv_bn_act_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation),
+# se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate).
 def _pad_shift(impl: Callable) -> Callable:
-    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
-        return impl(x, weight, scale, shift, stride, _shift_padding(padding), silu, squeeze)
+    def dwconv(x, weight, scale, shift, stride, padding, activation, squeeze):
+        return impl(x, weight, scale, shift, stride, _shift_padding(padding), activation, squeeze)
 
     return dwconv
 
 
 def _skip_silu(impl: Callable) -> Callable:
-    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
-        return impl(x, weight, scale, shift, stride, padding, False, squeeze)
+    def dwconv(x, weight, scale, shift, stride, padding, activation, squeeze):
+        return impl(x, weight, scale, shift, stride, padding, "identity", squeeze)
 
     return dwconv
 
 
 def _squeeze_skew(impl: Callable) -> Callable:
-    def dwconv(x, weight, scale, shift, stride, padding, silu, squeeze):
-        y, mean = impl(x, weight, scale, shift, stride, padding, silu, squeeze)
+    def dwconv(x, weight, scale, shift, stride, padding, activation, squeeze):
+        y, mean = impl(x, weight, scale, shift, stride, padding, activation, squeeze)
         return y, (mean * 1.01 if mean is not None else None)
 
     return dwconv
@@ -91,6 +103,23 @@ def _grad_drop_squeeze(impl: Callable) -> Callable:
         return impl(grad_y, None, *args)
 
     return backward
+
+
+def _grad_skip_act(impl: Callable) -> Callable:
+    def backward(*args):
+        return impl(*args[:-1], "identity")
+
+    return backward
+
+
+_SE_SWAP = {"silu": "relu", "relu": "silu", "sigmoid": "hardsigmoid", "hardsigmoid": "sigmoid"}
+
+
+def _se_act_swap(impl: Callable) -> Callable:
+    def se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+        return impl(pooled, w_reduce, b_reduce, w_expand, b_expand, _SE_SWAP[activation], _SE_SWAP[gate])
+
+    return se_gate
 
 
 BACKEND_DEFECTS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
@@ -123,6 +152,11 @@ def _forward_without_residual(forward: Callable) -> Callable:
     return wrapped
 
 
+OP_DEFECTS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
+    "grad_skip_act": ("dwconv_bn_act_backward", _grad_skip_act),
+    "se_act_swap": ("se_gate", _se_act_swap),
+}
+
 MODULE_DEFECTS = ("drop_residual", "tf_same_swap")
 DEFECTS = tuple(BACKEND_DEFECTS) + MODULE_DEFECTS
 
@@ -132,8 +166,8 @@ def planted(defect: str, backend: str = "torch") -> Iterator[None]:
     """Make ``defect`` live while inside: in ``backend``'s implementation of the op for backend
     defects (in the ``torch`` reference's when ``backend`` leaves that op to it, as kernel
     backends do with backward ops), in the fused module for module defects."""
-    if defect in BACKEND_DEFECTS:
-        op, wrap = BACKEND_DEFECTS[defect]
+    if defect in BACKEND_DEFECTS or defect in OP_DEFECTS:
+        op, wrap = {**BACKEND_DEFECTS, **OP_DEFECTS}[defect]
         backends._ensure_registered()
         impls = backends._REGISTRY[backend].impls()
         if op not in impls:  # e.g. a backward the backend leaves to the reference: plant it there
@@ -147,4 +181,4 @@ def planted(defect: str, backend: str = "torch") -> Iterator[None]:
         with mock.patch.object(ek_nn, "tf_same_padding", _swapped_tf_same_padding):
             yield
     else:
-        raise ValueError(f"defect must be one of {DEFECTS}, got {defect!r}")
+        raise ValueError(f"defect must be one of {DEFECTS + tuple(OP_DEFECTS)}, got {defect!r}")

@@ -202,3 +202,89 @@ def test_use_backend_inside_torch_compile_is_guarded(spy_backend):
     assert spy_backend == ["dwconv_bn_act"]
     compiled(*args)
     assert spy_backend == ["dwconv_bn_act"]
+
+
+# ---------------------------------------------------------------- float64: the torch reference's
+def _fp64_calls():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    w, s, b = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4)
+    gate_args = (torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8), torch.randn(2), torch.randn(8, 2),
+                 torch.randn(8))
+    return [("dwconv_bn_act", (x, w, s, b), dict(activation="hardswish")),
+            ("se_gate", gate_args, dict(activation="relu", gate="hardsigmoid")),
+            ("se_excite", (x, torch.rand(1, 4, dtype=torch.float64)), {})]
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """The real triton backend on CPU tensors (Triton's interpreter)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._reset_caches()
+    yield
+    monkeypatch.undo()
+    backends._reset_caches()
+
+
+def test_float64_explicit_kernel_backend_raises_why(triton_on_cpu):
+    for op, args, kw in _fp64_calls():
+        with pytest.raises(ek.BackendUnavailableError,
+                           match=f"backend 'triton' cannot run {op}.*the triton kernels take float32, float16 or "
+                                 "bfloat16; got float64"):
+            getattr(ek.ops, op)(*args, **kw, backend="triton")
+        with pytest.raises(ek.BackendUnavailableError, match=f"backend 'cuda' cannot run {op}") as info:
+            getattr(ek.ops, op)(*args, **kw, backend="cuda")
+        if torch.cuda.is_available():
+            assert "the cuda kernels take float32, float16 or bfloat16; got float64" in str(info.value)
+
+
+def test_float64_anywhere_is_refused_by_the_kernel_hooks():
+    """A float64 weight or scale counts as much as a float64 x (the kernels read float32 at most)."""
+    from effnet_kernels import cuda as cuda_backend
+    from effnet_kernels import triton as triton_backend
+
+    x = torch.randn(1, 4, 5, 5)
+    w64 = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    for hook, name in ((triton_backend._unsupported, "triton"), (cuda_backend._unsupported, "cuda")):
+        for args in ((x.double(), w64), (x, w64)):
+            reasons = hook("dwconv_bn_act", args[0], args)
+            assert f"the {name} kernels take float32, float16 or bfloat16; got float64" in " ".join(reasons), reasons
+        assert not any("float64" in r for r in hook("dwconv_bn_act", x, (x, w64.float())))
+
+
+def test_float64_auto_falls_back_to_the_reference(triton_on_cpu, monkeypatch):
+    """auto tries triton first here: float64 calls go to torch (exactly the reference), float32 to triton."""
+    from unittest import mock
+
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    impls = backends._REGISTRY["triton"].impls()
+    calls = []
+    spies = {op: (lambda f, name: lambda *a: calls.append(name) or f(*a))(fn, op) for op, fn in impls.items()}
+    with mock.patch.dict(impls, spies):
+        for op, args, kw in _fp64_calls():
+            out = getattr(ek.ops, op)(*args, **kw, backend="auto")
+            assert out.dtype == torch.float64
+            expected = getattr(ek.ops, op)(*args, **kw, backend="torch")
+            assert torch.equal(out, expected), op
+        assert calls == []
+        x, w, s, b = small()
+        ek.ops.dwconv_bn_act(x, w, s, b, activation="relu6", backend="auto")
+        assert calls == ["dwconv_bn_act"]
+
+
+def test_activation_arguments_compile_without_graph_breaks():
+    """The str activation / gate schema arguments trace (fullgraph, forward and backward through AOT autograd)."""
+    x, w, s, b = small()
+    x.requires_grad_()
+    pooled_w = (torch.randn(2, 4), torch.randn(2), torch.randn(4, 2), torch.randn(4))
+
+    def block(x, w, s, b):
+        y, mean = ek.ops.dwconv_bn_act(x, w, s, b, activation="hardswish", squeeze=True)
+        gate = ek.ops.se_gate(mean, *pooled_w, activation="relu", gate="hardsigmoid")
+        return ek.ops.se_excite(y, gate)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x, w, s, b)
+    torch.testing.assert_close(out, block(x, w, s, b), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -82,7 +82,7 @@ def test_no_gpu_every_op_raises_and_available_backends_says_why():
 def test_unsupported_device_and_dtype():
     assert cuda_backend._unsupported("se_excite", torch.empty(2)) == ["tensors must be on a CUDA device, got cpu"]
     reasons = cuda_backend._unsupported("se_excite", torch.empty(2, dtype=torch.float64))
-    assert any("dtype torch.float64 is not supported" in r for r in reasons)
+    assert any("the cuda kernels take float32, float16 or bfloat16; got float64" in r for r in reasons)
 
 
 def test_unsupported_kernel_size_is_a_reason_so_auto_falls_back():
@@ -220,4 +220,43 @@ def test_kernel_size_outside_the_instances_is_refused(monkeypatch):
     monkeypatch.setattr(cuda_backend, "extension", lambda: pytest.fail("must not load the extension"))
     x, _, s, b = small_inputs()
     with pytest.raises(ek.BackendUnavailableError, match=r"kernel sizes \(3, 5, 7\), got 9; use backend='torch'"):
-        cuda_backend.dwconv_bn_act(x, torch.randn(4, 1, 9, 9), s, b, (1, 1), (4, 4, 4, 4), True, False)
+        cuda_backend.dwconv_bn_act(x, torch.randn(4, 1, 9, 9), s, b, (1, 1), (4, 4, 4, 4), "silu", False)
+
+
+def _parameter_names(fn) -> list[str]:
+    """The argument names of a pybind11 function, from its signature line."""
+    import re
+
+    head = fn.__doc__.splitlines()[0]
+    return re.findall(r"(\w+):", head[head.index("(") + 1:head.rindex(")")])
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu6", "hardswish"])
+def test_activation_codes_reach_the_extension_by_name(monkeypatch, activation):
+    """cuda.py passes each function's code in the binding's ``act`` / ``gate_act`` slots (no GPU: calls recorded)."""
+    module, problems = cuda_backend._import_prebuilt()
+    if module is None or problems:
+        pytest.skip(f"effnet_kernels._C is not built in place here: {problems}")
+    from effnet_kernels.ops._checks import ACT_CODES
+
+    calls = {}
+
+    class Recorder:
+        def dwconv_partials_numel(self, *args):
+            return 0
+
+        def __getattr__(self, op):
+            names = _parameter_names(getattr(module, op))
+            return lambda *args: calls.__setitem__(op, dict(zip(names, args)))
+
+    monkeypatch.setattr(cuda_backend, "extension", Recorder)
+    monkeypatch.setattr(cuda_backend, "_stream", lambda t: 0)  # CPU tensors stand in for CUDA ones
+    x, w, s, b = small_inputs()
+    cuda_backend.dwconv_bn_act(x, w, s, b, (1, 1), (1, 1, 1, 1), activation, True)
+    assert len(calls["dwconv_bn_act"]) == len(_parameter_names(module.dwconv_bn_act))
+    assert calls["dwconv_bn_act"]["act"] == ACT_CODES[activation] and calls["dwconv_bn_act"]["squeeze"] is True
+    se_act, gate = ("relu", "hardsigmoid") if activation != "identity" else ("silu", "sigmoid")
+    cuda_backend.se_gate(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), torch.randn(8),
+                         se_act, gate)
+    assert calls["se_gate"]["act"] == ACT_CODES[se_act] and calls["se_gate"]["gate_act"] == ACT_CODES[gate]
+    assert calls["se_gate"]["n"] == 2 and calls["se_gate"]["r"] == 2

@@ -55,6 +55,19 @@ def test_abi_version_matches_the_header():
     assert f"constexpr int kAbiVersion = {_build.ABI_VERSION};" in header
 
 
+def test_activation_codes_match_the_header():
+    """effnet::Act (the kernels' template argument) numbers the functions as ops._checks.ACT_CODES."""
+    import re
+
+    from effnet_kernels.ops._checks import ACT_CODES
+
+    header = (CSRC / "effnet_ext.h").read_text()
+    enum = header[header.index("enum Act : int {"):]
+    enum = enum[:enum.index("};")]
+    codes = {name.lower(): int(v) for name, v in re.findall(r"k(\w+) = (\d+)", enum)}
+    assert codes == {name.replace("_", ""): code for name, code in ACT_CODES.items()}
+
+
 @pytest.mark.parametrize(
     "spec,expected",
     [("80;90", ("80", "90")), ("9.0 8.0", ("80", "90")), ("sm_86,compute_89", ("86", "89")), ("90;90", ("90",))],
@@ -346,13 +359,19 @@ def test_kernel_errors_name_the_op(jit_module):
     from effnet_kernels import cuda
 
     C = jit_module["module"]
-    bad_dtype = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 9, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, True, False, False, 0, 0)
+    bad_dtype = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 9, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, 1, False, False, 0, 0)
     assert bad_dtype == "dwconv_bn_act: unsupported dtype code"
     with pytest.raises(cuda.CudaExtensionError, match="dwconv_bn_act failed: dwconv_bn_act: unsupported dtype"):
         cuda.check("dwconv_bn_act", bad_dtype)
-    bad_k = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 9, 1, 1, 1, 1, True, False, False, 0, 0)
+    bad_k = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 9, 1, 1, 1, 1, 1, False, False, 0, 0)
     assert "kernel sizes 3, 5 and 7" in bad_k
-    assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 4, 0, 0, 0) == "se_gate: invalid sizes"
+    for act in (-1, 5, 6):  # sigmoid and hard-sigmoid are se_gate's gates, not dwconv activations
+        bad_act = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, act, False, False, 0, 0)
+        assert bad_act == "dwconv_bn_act: unsupported activation code", act
+    assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 4, 0, 1, 5, 0, 0) == "se_gate: invalid sizes"
+    assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2, 3, 5, 0, 0) == "se_gate: unsupported activation code"
+    assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2, 2, 1, 0, 0) == "se_gate: unsupported gate code"
+    assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2, 2, 6, 0, 0) is None, "empty work launches nothing"
     assert C.se_excite(0, 0, 0, 5, True, 1, 4, 2, 2, 0, 0) == "se_excite: unsupported dtype code"
     assert C.se_excite(0, 0, 0, 0, True, 0, 4, 2, 2, 0, 0) is None, "empty work launches nothing"
     if not _has_gpu():
@@ -360,6 +379,41 @@ def test_kernel_errors_name_the_op(jit_module):
         assert isinstance(cuda_err, str) and cuda_err, "a missing GPU must surface as CUDA's message"
         with pytest.raises(cuda.CudaExtensionError, match="se_excite failed: "):
             cuda.check("se_excite", cuda_err)
+
+
+# Itanium-mangled template arguments of the kernels' element types.
+_MANGLED_TYPES = {"float": "f", "__half": "6__half", "__nv_bfloat16": "13__nv_bfloat16"}
+
+
+def test_every_activation_instance_is_compiled(jit_module):
+    """The module holds a kernel per (dtype, k, stride, squeeze, activation, layout) of dwconv_bn_act
+    and per (dtypes, activation) / (dtype, gate) of the two se_gate kernels (names read from its fatbin)."""
+    import re
+
+    from effnet_kernels.ops._checks import ACT_CODES, ACTIVATIONS, SE_ACTIVATIONS, SE_GATES
+
+    names = set(re.findall(rb"\.text\.(_ZN6effnet\w+)", Path(jit_module["path"]).read_bytes()))
+    if not names:
+        pytest.skip("the module's fatbin is compressed: kernel names are not readable here")
+    names = {n.decode() for n in names}
+    types = _MANGLED_TYPES.values()  # dwconv kernels have one type argument: no substitutions
+    for layout in ("nhwc", "nchw"):
+        kernel = f"_ZN6effnet{len(layout) + 14}dwconv_{layout}_kernelI"
+        for t in types:
+            for k in (3, 5, 7):
+                for sw in (1, 2):
+                    for sq in (0, 1):
+                        for act in ACTIVATIONS:
+                            name = f"{kernel}{t}Li{k}ELi{sw}ELb{sq}ELi{ACT_CODES[act]}EEEvNS_12DWConvParamsE"
+                            assert name in names, f"missing instance {name}"
+    # se kernels: <pooled type, weight type, act> and <weight type, gate>; a repeated type is
+    # mangled as a substitution, so count the instances per function code instead
+    for kernel, functions, per_code in (("se_reduce", SE_ACTIVATIONS, 9), ("se_expand", SE_GATES, 3)):
+        found = [re.search(rf"{len(kernel) + 7}{kernel}_kernelI\w+?Li(\d)EEEv", n) for n in names]
+        codes = sorted(int(m.group(1)) for m in found if m)
+        assert codes == sorted([ACT_CODES[f] for f in functions] * per_code), (kernel, codes)
+    dwconv = [n for n in names if "dwconv_n" in n]
+    assert len(dwconv) == 2 * 3 * 3 * 2 * 2 * len(ACTIVATIONS), "no other dwconv instances (e.g. sigmoid) are built"
 
 
 def test_deterministic_partials_size(jit_module):

@@ -8,8 +8,9 @@ asymmetric padding, stride 2, more strips/batches than the grid holds) it checks
 
 * every output element is written exactly once and nothing outside is touched;
 * 16-byte accesses are used only at 16-byte aligned addresses;
-* the values (conv + BN + SiLU, the squeeze mean from either reduction, the SE gate, the
-  excitation) equal an fp64 reference;
+* the values (conv + BN + each activation of ``activate<ACT>``, the squeeze mean from either
+  reduction, the SE gate with each inner activation and gate function, the excitation)
+  equal an fp64 reference;
 * the grid's y (the deterministic partial rows) equals what the built module reports.
 
 The grid limit (65535, or ``blocks_for``'s cap) is a parameter, so the loops that take
@@ -17,8 +18,6 @@ over beyond it run here with small shapes. Keep this file in step with ``csrc/``
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -93,8 +92,20 @@ class Buf:
                 self.st(i + j, v[j])
 
 
-def silu(u):
-    return u / (1.0 + np.exp(-u))
+def relu6(u):
+    return np.where(u < 0.0, 0.0, np.where(u > 6.0, 6.0, u))
+
+
+# activate<ACT> of device_utils.cuh, by effnet::Act code (= ops._checks.ACT_CODES)
+ACTIVATE = {
+    0: lambda u: u,                                  # kIdentity
+    1: lambda u: u / (1.0 + np.exp(-u)),             # kSiLU
+    2: lambda u: np.where(u < 0.0, 0.0, u),          # kReLU
+    3: relu6,                                        # kReLU6
+    4: lambda u: u * relu6(u + 3.0) / 6.0,           # kHardSwish
+    5: lambda u: 1.0 / (1.0 + np.exp(-u)),           # kSigmoid
+    6: lambda u: relu6(u + 3.0) / 6.0,               # kHardSigmoid
+}
 
 
 # ------------------------------------------------------------------ dwconv launch shape (dwconv_kernels.cuh)
@@ -189,7 +200,7 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
                                     sc = np.array([p.scale.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
                                     sh = np.array([p.shift.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
                                     u = acc[t] * sc + sh
-                                    out = silu(u) if p.silu else u
+                                    out = ACTIVATE[p.act](u)
                                     if squeeze:
                                         sq[ty, tx] += out
                                     p.y.store_pack(((n * p.ho + ho) * p.wo + wo) * p.c + c0, out, V, p.vec, valid)
@@ -240,7 +251,7 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
                                 if wo >= p.wo:
                                     break
                                 u = acc[t] * sc + sh
-                                out = silu(u) if p.silu else u
+                                out = ACTIVATE[p.act](u)
                                 sq += out
                                 p.y.st(yb + ho * p.wo + wo, out)
                             s += grid[1] * bxd
@@ -256,7 +267,7 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
                             p.mean.atomic_add(pl, s * p.inv_hw)
 
 
-def emulate_dwconv(x, weight, scale, shift, stride, pad4, silu_on, squeeze, deterministic, nhwc, elem,
+def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, deterministic, nhwc, elem,
                    limit=GRID_LIMIT, x_base_bytes=0):
     """Run the emulated kernels on float64 numpy copies; returns (y NCHW, mean, partial rows)."""
     n, c, h, w = x.shape
@@ -274,7 +285,7 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, silu_on, squeeze, dete
     partials = Buf(np.full(grid[1] * n * c, np.nan), 4, name="partials") if (squeeze and deterministic) else None
     p = P(x=xb, y=y, weight=Buf(weight.reshape(c, k * k).numpy(), 4, name="weight"), scale=Buf(scale.numpy(), 4),
           shift=Buf(shift.numpy(), 4), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
-          stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), silu=silu_on, vec=vec)
+          stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), act=act, vec=vec)
     if nhwc:
         dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V)
     else:
@@ -297,11 +308,23 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, silu_on, squeeze, dete
     return yt, torch.from_numpy(mean.a.reshape(n, c)), grid[1], vec
 
 
-def dwconv_truth(x, weight, scale, shift, stride, pad4, silu_on):
+TORCH_ACT = {0: lambda u: u, 1: F.silu, 2: F.relu, 3: F.relu6, 4: F.hardswish, 5: torch.sigmoid, 6: F.hardsigmoid}
+
+
+def dwconv_truth(x, weight, scale, shift, stride, pad4, act):
     z = F.conv2d(F.pad(x, pad4), weight, stride=stride, groups=x.shape[1])
     u = z * scale[None, :, None, None] + shift[None, :, None, None]
-    y = F.silu(u) if silu_on else u
+    y = TORCH_ACT[act](u)
     return y, y.mean(dim=(2, 3))
+
+
+def test_activation_codes_are_the_packages():
+    from effnet_kernels.ops._checks import ACT_CODES
+
+    assert sorted(ACT_CODES.values()) == sorted(ACTIVATE) == sorted(TORCH_ACT)
+    u = torch.linspace(-9, 9, 361, dtype=torch.float64)
+    for name, code in ACT_CODES.items():
+        torch.testing.assert_close(torch.from_numpy(ACTIVATE[code](u.numpy())), TORCH_ACT[code](u), msg=name)
 
 
 DWCONV_CASES = [
@@ -330,9 +353,27 @@ def test_dwconv_emulation_writes_each_output_once_with_the_right_value(case, ele
     weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
     scale = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
     shift = torch.randn(c, generator=g, dtype=torch.float64)
-    y, mean, _, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, True, True, deterministic,
+    y, mean, _, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, 1, True, deterministic,
                                    layout == "nhwc", elem)
-    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, True)
+    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, 1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("act", [0, 2, 3, 4], ids=["identity", "relu", "relu6", "hardswish"])
+def test_dwconv_emulation_epilogue_of_each_activation(act, layout):
+    """The activation epilogue (activate<ACT>) over all its regions: BN output spread over about [-9, 9]."""
+    shape, k, stride, pad4 = (1, 13, 6, 7), 3, (1, 2), (1, 1, 0, 2)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 1, k, k, generator=g, dtype=torch.float64)
+    scale = torch.rand(13, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(13, generator=g, dtype=torch.float64) * 2
+    y, mean, _, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, act, True, False, layout == "nhwc", 2)
+    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, act)
+    u = dwconv_truth(x, weight, scale, shift, stride, pad4, 0)[0]
+    assert u.min() < -3 and u.max() > 6, "the input must reach every region of the activation"
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=1e-12)
 
@@ -349,9 +390,9 @@ def test_dwconv_emulation_loops_beyond_the_grid_limit(layout):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     weight = torch.randn(12, 1, k, k, generator=g, dtype=torch.float64)
     scale, shift = torch.rand(12, generator=g, dtype=torch.float64) + 0.5, torch.randn(12, generator=g, dtype=torch.float64)
-    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, False)
+    y_ref, mean_ref = dwconv_truth(x, weight, scale, shift, stride, pad4, 0)
     for det, limit in ((False, 1), (True, 2)):
-        y, mean, rows, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, False, True, det,
+        y, mean, rows, _ = emulate_dwconv(x, weight, scale, shift, stride, pad4, 0, True, det,
                                           layout == "nhwc", 4, limit=limit)
         assert rows == limit, "the shape must need more blocks along the strips than the limit"
         torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -364,11 +405,11 @@ def test_dwconv_emulation_vector_path_only_when_aligned():
     x = torch.randn(shape, dtype=torch.float64)
     w = torch.randn(16, 1, 3, 3, dtype=torch.float64)
     s, b = torch.ones(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
-    _, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), True, False, False, True, 2, x_base_bytes=0)
+    _, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), 1, False, False, True, 2, x_base_bytes=0)
     assert vec
-    y, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), True, False, False, True, 2, x_base_bytes=4)
+    y, _, _, vec = emulate_dwconv(x, w, s, b, (1, 1), (1, 1, 1, 1), 1, False, False, True, 2, x_base_bytes=4)
     assert not vec
-    torch.testing.assert_close(y, dwconv_truth(x, w, s, b, (1, 1), (1, 1, 1, 1), True)[0])
+    torch.testing.assert_close(y, dwconv_truth(x, w, s, b, (1, 1), (1, 1, 1, 1), 1)[0])
 
 
 @pytest.mark.parametrize("nhwc", [False, True])
@@ -405,7 +446,7 @@ def blocks_for(work, per_block, cap=1 << 20):
     return min(ceil_div(work, per_block), cap)
 
 
-def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20):
+def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5):
     n, c = pooled.shape
     r = wr.shape[0]
     warps_per_block = K_THREADS // 32
@@ -420,7 +461,7 @@ def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20):
             while warp < n * r:
                 i, j = warp // r, warp % r
                 s = sum(P_.ld(i * c + kk) * WR.ld(j * c + kk) for kk in range(c))
-                hidden.st(warp, silu(s + BR.ld(j)))
+                hidden.st(warp, float(ACTIVATE[act](s + BR.ld(j))))
                 warp += blocks * warps_per_block
     blocks = blocks_for(n * c, warps_per_block, cap)
     for b in range(blocks):
@@ -429,22 +470,24 @@ def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20):
             while warp < n * c:
                 i, j = warp // c, warp % c
                 s = sum(hidden.ld(i * r + kk) * WE.ld(j * r + kk) for kk in range(r))
-                gate.st(warp, 1.0 / (1.0 + math.exp(-(s + BE.ld(j)))))
+                gate.st(warp, float(ACTIVATE[gate_act](s + BE.ld(j))))
                 warp += blocks * warps_per_block
     assert (hidden.writes == 1).all() and (gate.writes == 1).all(), "every hidden/gate element written once"
     return torch.from_numpy(gate.a.reshape(n, c))
 
 
-@pytest.mark.parametrize("cap", [1 << 20, 1, 3])
-def test_se_gate_emulation_covers_every_output(cap):
-    """cap = blocks_for's limit; 1 and 3 stand for N * C beyond 2**20 blocks of 8 warps."""
+@pytest.mark.parametrize("cap,act,gate_act", [(1 << 20, 1, 5), (1, 2, 6), (3, 1, 6), (1 << 20, 2, 5)],
+                         ids=["silu-sigmoid", "relu-hardsigmoid-cap1", "silu-hardsigmoid-cap3", "relu-sigmoid"])
+def test_se_gate_emulation_covers_every_output(cap, act, gate_act):
+    """cap = blocks_for's limit; 1 and 3 stand for N * C beyond 2**20 blocks of 8 warps. Each
+    (activation, gate) of se_reduce_kernel<.., ACT> / se_expand_kernel<.., GATE>."""
     n, c, r = 5, 37, 6
     g = torch.Generator().manual_seed(2)
     pooled = torch.randn(n, c, generator=g, dtype=torch.float64)
     wr, br = torch.randn(r, c, generator=g, dtype=torch.float64), torch.randn(r, generator=g, dtype=torch.float64)
     we, be = torch.randn(c, r, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
-    gate = emulate_se_gate(pooled, wr, br, we, be, cap)
-    truth = torch.sigmoid(F.silu(pooled @ wr.T + br) @ we.T + be)
+    gate = emulate_se_gate(pooled, wr, br, we, be, cap, act, gate_act)
+    truth = TORCH_ACT[gate_act](TORCH_ACT[act](pooled @ wr.T + br) @ we.T + be)
     torch.testing.assert_close(gate, truth, rtol=1e-12, atol=1e-12)
 
 
@@ -505,3 +548,22 @@ def test_se_excite_emulation(shape, elem, nhwc, bases):
     out, vec = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
     assert not vec or bases == (0, 0)
     torch.testing.assert_close(out, y * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
+
+
+def test_the_ported_epilogues_are_the_sources():
+    """ACTIVATE above ports activate<ACT> of device_utils.cuh; every kernel epilogue calls it."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    utils = (csrc / "device_utils.cuh").read_text()
+    for line in ("if constexpr (ACT == kSiLU) return u / (1.0f + expf(-u));",
+                 "if constexpr (ACT == kReLU) return u < 0.0f ? 0.0f : u;",
+                 "if constexpr (ACT == kReLU6) return relu6(u);",
+                 "if constexpr (ACT == kHardSwish) return u * relu6(u + 3.0f) / 6.0f;",
+                 "if constexpr (ACT == kSigmoid) return 1.0f / (1.0f + expf(-u));",
+                 "if constexpr (ACT == kHardSigmoid) return relu6(u + 3.0f) / 6.0f;",
+                 "return u < 0.0f ? 0.0f : (u > 6.0f ? 6.0f : u);"):
+        assert line in utils, line
+    assert (csrc / "dwconv_kernels.cuh").read_text().count("activate<ACT>(u)") == 2
+    se = (csrc / "se.cu").read_text()
+    assert "activate<ACT>(s + to_float(b[j]))" in se and "activate<GATE>(s + to_float(b[j]))" in se

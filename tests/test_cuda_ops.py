@@ -22,7 +22,8 @@ from effnet_kernels.models import MODEL_NAMES, layer_shapes
 
 from .defects import planted
 from .parity import assert_parity
-from .test_ops_parity import dwconv_plain, make_input, random_bn, run_dwconv_case, se_truth
+from .test_ops_parity import (ACT_MODULES, ACTIVATIONS, SE_VARIANTS, dwconv_plain, make_input, random_bn,
+                              run_dwconv_case, se_truth)
 
 pytestmark = pytest.mark.gpu
 
@@ -42,32 +43,32 @@ def folded_bn(c: int):
 
     bn = random_bn(c)
     scale, shift = fold_batchnorm(bn)
-    return bn, scale.detach().to(DEV), shift.detach().to(DEV)
+    return bn, scale.detach().to(DEV, torch.float32), shift.detach().to(DEV, torch.float32)
 
 
-def gpu_truth(x, weight, bn, stride, pad4, silu=True):
-    """fp64 ground truth on the GPU (large shapes): F.pad -> F.conv2d -> BatchNorm2d -> SiLU, all float64."""
+def gpu_truth(x, weight, bn, stride, pad4, activation="silu"):
+    """fp64 ground truth on the GPU (large shapes): F.pad -> F.conv2d -> BatchNorm2d -> activation, all float64."""
     z = F.conv2d(F.pad(x.double(), pad4), weight.double(), stride=stride, groups=x.shape[1])
     u = bn.to(z.device)(z)
-    y = F.silu(u) if silu else u
+    y = ACT_MODULES[activation]()(u)
     return y, y.mean(dim=(2, 3))
 
 
-def gate_truth(pooled, wr, br, we, be):
+def gate_truth(pooled, wr, br, we, be, activation="silu", gate="sigmoid"):
     """se_truth (fp64 1x1 nn.Conv2d modules, CPU) for tensors on the GPU."""
-    return se_truth(*(t.cpu() for t in (pooled, wr, br, we, be)))
+    return se_truth(*(t.cpu() for t in (pooled, wr, br, we, be)), activation, gate)
 
 
-def check_dwconv(x, k, stride, pad4, squeeze=True, silu=True):
+def check_dwconv(x, k, stride, pad4, squeeze=True, activation="silu", weight_std=0.3):
     """Run the cuda op on ``x`` (any layout/view) and check y and mean against fp64 truth on the GPU."""
     c = x.shape[1]
-    weight = torch.randn(c, 1, k, k, device=DEV) * 0.3
+    weight = torch.randn(c, 1, k, k, device=DEV) * weight_std
     bn, scale, shift = folded_bn(c)
     out = ek.ops.dwconv_bn_act(x, weight, scale, shift, stride=stride, padding=pad4,
-                               activation="silu" if silu else "identity", squeeze=squeeze, backend="cuda")
+                               activation=activation, squeeze=squeeze, backend="cuda")
     y, mean = out if squeeze else (out, None)
-    y_ref, mean_ref = gpu_truth(x, weight, bn, stride, pad4, silu)
-    y_plain, mean_plain = dwconv_plain(x, weight, scale, shift, stride, pad4, silu)
+    y_ref, mean_ref = gpu_truth(x, weight, bn, stride, pad4, activation)
+    y_plain, mean_plain = dwconv_plain(x, weight, scale, shift, stride, pad4, activation)
     assert y.dtype == x.dtype
     assert y.is_contiguous(memory_format=ek.ops._checks.memory_format_of(x))
     assert_parity(y, y_ref, y_plain, x.dtype, what="y")
@@ -97,7 +98,22 @@ def misaligned(shape, dtype, layout):
 def test_vector_and_scalar_paths(c, dtype, layout):
     """C = 8 (a 16-byte pack in every dtype), 12 (packs for fp32 only), 13 (scalar), 136 (two channel blocks)."""
     for k, stride in ((3, 1), (5, 2), (7, 1)):
-        run_dwconv_case("cuda", DEV, (2, c, 11, 10), k, stride, None, dtype, layout, silu=True, squeeze=True)
+        run_dwconv_case("cuda", DEV, (2, c, 11, 10), k, stride, None, dtype, layout, "silu", squeeze=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations_on_every_path(activation, dtype, layout):
+    """Each activation's template instance: vector (C = 136) and scalar (C = 13) paths, k x stride,
+    the BN output over about [-8, 8] (every region of relu6 / hardswish), both squeeze reductions."""
+    for c, k, stride in ((136, 3, 1), (13, 5, 2), (136, 7, 2)):
+        run_dwconv_case("cuda", DEV, (2, c, 11, 10), k, stride, None, dtype, layout, activation, True, weight_std=1.0)
+    prev = _deterministic(True)
+    try:
+        run_dwconv_case("cuda", DEV, (2, 40, 57, 61), 3, 1, None, dtype, layout, activation, True, weight_std=1.0)
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -115,14 +131,14 @@ def test_misaligned_pointers_take_the_scalar_path(dtype, layout):
 @pytest.mark.parametrize("stride", [(1, 2), (2, 1)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_unequal_strides(stride, layout):
-    run_dwconv_case("cuda", DEV, (2, 24, 13, 12), 5, stride, (2, 1, 0, 3), torch.float16, layout, True, True)
+    run_dwconv_case("cuda", DEV, (2, 24, 13, 12), 5, stride, (2, 1, 0, 3), torch.float16, layout, "silu", True)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_many_tiles_and_odd_widths(layout):
     """Wo not a multiple of the 4-wide strip, many strips per block row, stride 2 from odd sizes."""
     for shape, k, stride in (((2, 40, 57, 61), 3, 1), ((1, 32, 113, 113), 5, 2), ((3, 8, 1, 9), 3, 1)):
-        run_dwconv_case("cuda", DEV, shape, k, stride, None, torch.bfloat16, layout, True, True)
+        run_dwconv_case("cuda", DEV, shape, k, stride, None, torch.bfloat16, layout, "silu", True)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -149,7 +165,7 @@ def test_64bit_offsets(layout):
     y = ek.ops.dwconv_bn_act(x, weight, scale, shift, stride=1, padding=1, backend="cuda")
     crop = x[:, :, h - 5:, :].float()  # input rows feeding the last 4 output rows (+1 row of bottom padding)
     y_ref, _ = gpu_truth(crop, weight, bn, 1, (1, 1, 0, 1))
-    y_plain, _ = dwconv_plain(crop.half(), weight, scale, shift, 1, (1, 1, 0, 1), True)
+    y_plain, _ = dwconv_plain(crop.half(), weight, scale, shift, 1, (1, 1, 0, 1), "silu")
     del x
     assert_parity(y[:, :, -4:, :], y_ref, y_plain, torch.float16, what="last rows")
 
@@ -174,7 +190,7 @@ def test_squeeze_both_reductions(layout, deterministic):
     prev = _deterministic(deterministic)
     try:
         for shape in ((2, 40, 57, 61), (4, 1152, 7, 7), (1, 3, 1, 1)):
-            run_dwconv_case("cuda", DEV, shape, 3, 1, None, torch.float32, layout, True, True)
+            run_dwconv_case("cuda", DEV, shape, 3, 1, None, torch.float32, layout, "silu", True)
     finally:
         torch.use_deterministic_algorithms(prev)
 
@@ -241,6 +257,21 @@ def test_se_gate_dtypes(pooled_dtype, weights):
     gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")
     # The kernel reads every input exactly and accumulates in fp32: the fp32 rule applies.
     assert_parity(gate.cpu(), gate_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")
+
+
+@pytest.mark.parametrize("weights", ["same", "mixed"])
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
+def test_se_gate_functions(activation, gate, weights):
+    """Each (activation, gate) template pair at B7's width, fp16 pooled; b_expand over about [-6, 6]."""
+    n, c, r = 5, 3840, 160
+    pooled = torch.randn(n, c, device=DEV).half()
+    wdt = torch.float16 if weights == "same" else torch.float32
+    wr, br = (torch.randn(r, c, device=DEV) / c**0.5).to(wdt), torch.randn(r, device=DEV).to(wdt)
+    we, be = (torch.randn(c, r, device=DEV) / r**0.5).to(wdt), (torch.randn(c, device=DEV) * 3).half()
+    out = ek.ops.se_gate(pooled, wr, br, we, be, activation=activation, gate=gate, backend="cuda")
+    truth = gate_truth(pooled, wr, br, we, be, activation, gate)
+    # the kernel reads every input exactly and accumulates in fp32: the fp32 rule applies
+    assert_parity(out.cpu(), truth, None, torch.float32, what="gate")
 
 
 def test_se_gate_beyond_the_block_cap():
@@ -340,7 +371,7 @@ def test_opcheck_dwconv(layout, squeeze):
         x = x.contiguous(memory_format=CL)
     x.requires_grad_()
     args = (x, torch.randn(16, 1, 3, 3, device=DEV, requires_grad=True), torch.rand(16, device=DEV) + 0.5,
-            torch.randn(16, device=DEV), [2, 1], [1, 0, 2, 1], True, squeeze, "cuda")
+            torch.randn(16, device=DEV), [2, 1], [1, 0, 2, 1], "hardswish" if squeeze else "relu6", squeeze, "cuda")
     torch.library.opcheck(torch.ops.effnet.dwconv_bn_act.default, args)
 
 
@@ -349,7 +380,8 @@ def test_opcheck_se():
     pooled = torch.randn(n, c, device=DEV, requires_grad=True)
     params = (torch.randn(r, c, device=DEV, requires_grad=True), torch.randn(r, device=DEV, requires_grad=True),
               torch.randn(c, r, device=DEV, requires_grad=True), torch.randn(c, device=DEV, requires_grad=True))
-    torch.library.opcheck(torch.ops.effnet.se_gate.default, (pooled, *params, "cuda"))
+    torch.library.opcheck(torch.ops.effnet.se_gate.default, (pooled, *params, "silu", "sigmoid", "cuda"))
+    torch.library.opcheck(torch.ops.effnet.se_gate.default, (pooled, *params, "relu", "hardsigmoid", "cuda"))
     y = torch.randn(n, c, 5, 4, device=DEV).contiguous(memory_format=CL).requires_grad_()
     torch.library.opcheck(torch.ops.effnet.se_excite.default, (y, torch.rand(n, c, device=DEV), "cuda"))
 
@@ -372,6 +404,19 @@ def test_negative_control_dwconv_check_rejects_defect(defect, layout):
     check_dwconv(x, 5, 2, (1, 2, 1, 2))
     with planted(defect, "cuda"), pytest.raises(AssertionError):
         check_dwconv(x, 5, 2, (1, 2, 1, 2))
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish"])
+def test_negative_control_activation_check_rejects_skipped_activation(activation):
+    x = make_input((2, 144, 28, 28), torch.float16, "channels_last", DEV)
+    check_dwconv(x, 3, 1, (1, 1, 1, 1), activation=activation, weight_std=1.0)
+    with planted("skip_silu", "cuda"), pytest.raises(AssertionError, match="y: "):
+        check_dwconv(x, 3, 1, (1, 1, 1, 1), activation=activation, weight_std=1.0)
+
+
+def test_negative_control_se_gate_functions_check_rejects_swapped_functions():
+    with planted("se_act_swap", "cuda"), pytest.raises(AssertionError, match="gate"):
+        test_se_gate_functions("relu", "hardsigmoid", "same")
 
 
 def test_negative_control_se_gate_check_rejects_defect():

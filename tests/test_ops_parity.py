@@ -1,8 +1,11 @@
 """Parity of every op (forward and backward) against independent fp64 references.
 
-The references are built from ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``F.*`` in float64,
+The references are built from ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.SiLU`` / ``nn.ReLU``
+/ ``nn.ReLU6`` / ``nn.Hardswish`` / ``nn.Sigmoid`` / ``nn.Hardsigmoid`` / ``F.*`` in float64,
 not from :mod:`effnet_kernels.reference`. CPU runs the ``torch`` backend; on a GPU the
-same grid runs for every backend (``-m gpu``).
+same grid runs for every backend (``-m gpu``). Every activation of ``dwconv_bn_act`` and
+every (activation, gate) of ``se_gate``, forward and backward, in every dtype; float64
+through the reference (tight tolerances, ``gradcheck``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from .defects import planted
 from .parity import assert_parity
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = ["identity", "silu", "relu", "relu6", "hardswish"]  # ops._checks.ACTIVATIONS
+NEW_ACTIVATIONS = ["relu", "relu6", "hardswish"]
+# (activation, gate) of se_gate: EfficientNet, MnasNet-style ReLU + sigmoid, MobileNetV3, SiLU + hard-sigmoid
+SE_VARIANTS = [("silu", "sigmoid"), ("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "hardsigmoid")]
+# The activations as nn modules (the fp64 truth) and F functions (plain PyTorch in the input's dtype).
+ACT_MODULES = {"identity": nn.Identity, "silu": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
+               "sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
+ACT_F = {"identity": lambda t: t, "silu": F.silu, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish,
+         "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 PADDINGS = [None, 0, (1, 2), (0, 1, 0, 1), (2, 1, 3, 0)]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 
@@ -59,23 +71,23 @@ def random_bn(c, eps=1e-3):
     return bn
 
 
-def dwconv_truth(x, weight, bn, stride, pad4, silu):
-    """fp64 ground truth from nn modules: ZeroPad2d -> depthwise nn.Conv2d -> BatchNorm2d -> SiLU."""
+def dwconv_truth(x, weight, bn, stride, pad4, activation="silu"):
+    """fp64 ground truth from nn modules: ZeroPad2d -> depthwise nn.Conv2d -> BatchNorm2d -> activation module."""
     c, _, k, _ = weight.shape
     conv = nn.Conv2d(c, c, k, stride=stride, groups=c, bias=False).double()
     with torch.no_grad():
         conv.weight.copy_(weight.double())
     z = conv(nn.ZeroPad2d(pad4)(x.double()))
     u = bn.to(z.device)(z)
-    y = F.silu(u) if silu else u
+    y = ACT_MODULES[activation]()(u)
     return y, y.mean(dim=(2, 3))
 
 
-def dwconv_plain(x, weight, scale, shift, stride, pad4, silu):
+def dwconv_plain(x, weight, scale, shift, stride, pad4, activation="silu"):
     """Plain PyTorch in x's dtype (the error budget of the parity rule)."""
     z = F.conv2d(F.pad(x, pad4), weight.to(x.dtype), stride=stride, groups=x.shape[1])
     u = z * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
-    y = F.silu(u) if silu else u
+    y = ACT_F[activation](u)
     return y, y.float().mean(dim=(2, 3))
 
 
@@ -85,19 +97,20 @@ def pad4_of(padding, k):
     return normalize_padding(padding, k)
 
 
-def run_dwconv_case(backend, device, shape, k, stride, padding, dtype, layout, silu, squeeze):
+def run_dwconv_case(backend, device, shape, k, stride, padding, dtype, layout, activation, squeeze, weight_std=0.3):
+    """One forward check; ``weight_std`` 1.0 spreads the BN output over about [-8, 8] (every
+    region of relu6 and hardswish), 0.3 over about [-3, 3]."""
     n, c, h, w = shape
     x = make_input(shape, dtype, layout, device)
-    weight = torch.randn(c, 1, k, k, device=device) * 0.3
+    weight = torch.randn(c, 1, k, k, device=device) * weight_std
     bn = random_bn(c)
-    scale, shift = fold_batchnorm(bn)
-    scale, shift = scale.to(device).detach(), shift.to(device).detach()
+    scale, shift = (t.detach().to(device, torch.float32) for t in fold_batchnorm(bn))  # folded in fp32
     pad4 = pad4_of(padding, k)
     out = ek.ops.dwconv_bn_act(x, weight, scale, shift, stride=stride, padding=padding,
-                               activation="silu" if silu else "identity", squeeze=squeeze, backend=backend)
+                               activation=activation, squeeze=squeeze, backend=backend)
     y, mean = out if squeeze else (out, None)
-    y_ref, mean_ref = dwconv_truth(x.cpu(), weight.cpu(), bn, stride, pad4, silu)
-    y_plain, mean_plain = dwconv_plain(x, weight, scale, shift, stride, pad4, silu)
+    y_ref, mean_ref = dwconv_truth(x.cpu(), weight.cpu(), bn, stride, pad4, activation)
+    y_plain, mean_plain = dwconv_plain(x, weight, scale, shift, stride, pad4, activation)
     assert y.dtype == dtype
     assert y.device == x.device
     expect_cl = layout == "channels_last" and not x.is_contiguous()
@@ -115,11 +128,11 @@ def run_dwconv_case(backend, device, shape, k, stride, padding, dtype, layout, s
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_dwconv_grid(backend_device, k, stride, padding, dtype, layout):
     backend, device = backend_device
-    run_dwconv_case(backend, device, (3, 13, 9, 8), k, stride, padding, dtype, layout, silu=True, squeeze=True)
+    run_dwconv_case(backend, device, (3, 13, 9, 8), k, stride, padding, dtype, layout, "silu", squeeze=True)
 
 
 @pytest.mark.parametrize("squeeze", [False, True])
-@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("activation", ["identity", "silu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape,k,stride",
@@ -127,10 +140,23 @@ def test_dwconv_grid(backend_device, k, stride, padding, dtype, layout):
      ((2, 4, 1, 1), 7, 1), ((1, 3, 2, 3), 3, (1, 2))],
     ids=["2x8x9x9", "C1", "C13", "1x1-s2", "1x1-k7", "stride-pair"],
 )
-def test_dwconv_awkward_shapes(backend_device, shape, k, stride, dtype, silu, squeeze):
+def test_dwconv_awkward_shapes(backend_device, shape, k, stride, dtype, activation, squeeze):
     backend, device = backend_device
     for layout in LAYOUTS:
-        run_dwconv_case(backend, device, shape, k, stride, None, dtype, layout, silu, squeeze)
+        run_dwconv_case(backend, device, shape, k, stride, None, dtype, layout, activation, squeeze)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dwconv_activations(backend_device, activation, dtype):
+    """Each activation over all of its regions (BN output spread over about [-8, 8]), with the
+    squeeze; the dtypes take turns at channels_last / NCHW / strided and stride 1 / 2 (TF same)."""
+    backend, device = backend_device
+    layout, k, stride, padding = {torch.float32: ("channels_last", 3, 1, None),
+                                  torch.float16: ("nchw", 5, 2, (1, 2, 1, 2)),
+                                  torch.bfloat16: ("strided", 3, 2, (0, 1, 0, 1))}[dtype]
+    run_dwconv_case(backend, device, (2, 13, 9, 8), k, stride, padding, dtype, layout, activation, True,
+                    weight_std=1.0)
 
 
 @pytest.mark.parametrize("squeeze", [False, True])
@@ -158,19 +184,26 @@ def test_dwconv_padding_forms_agree(backend_device):
     assert tuple(y.shape) == (2, 6, 7, 3)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("squeeze", [False, True])
-def test_dwconv_backward(backend_device, dtype, squeeze):
-    """Gradients w.r.t. x, weight, scale, shift against fp64 autograd through nn modules."""
+def test_dwconv_backward(backend_device, dtype, squeeze, activation):
+    """Gradients w.r.t. x, weight, scale, shift against fp64 autograd through nn modules.
+
+    The BN output spreads over about [-6, 6]: every region of relu6 and hardswish.
+    """
     backend, device = backend_device
     n, c, h, w, k, stride, pad4 = 2, 6, 7, 6, 3, 2, (0, 1, 0, 1)
     x = torch.randn(n, c, h, w, device=device).to(dtype)
-    weight = (torch.randn(c, 1, k, k, device=device) * 0.3).to(dtype)
+    weight = (torch.randn(c, 1, k, k, device=device) * 0.6).to(dtype)
     scale = torch.rand(c, device=device) + 0.5
-    shift = torch.randn(c, device=device) * 0.5
+    shift = torch.randn(c, device=device) * 1.5
     ho, wo = 3, 3
-    gy = torch.randn(n, c, ho, wo, device=device)
-    gm = torch.randn(n, c, device=device)
+    # Incoming gradients exactly representable in dtype: the fused op and plain PyTorch receive
+    # them rounded to y's dtype, and that rounding alone (shared, not the kernel's) would
+    # dominate the error of masked derivatives (relu, relu6).
+    gy = torch.randn(n, c, ho, wo, device=device).to(dtype).float()
+    gm = torch.randn(n, c, device=device).to(dtype).float()
 
     def loss_of(fn, xx, ww, ss, bb):
         y, mean = fn(xx, ww, ss, bb)
@@ -180,17 +213,18 @@ def test_dwconv_backward(backend_device, dtype, squeeze):
         return loss
 
     def fused(xx, ww, ss, bb):
-        out = ek.ops.dwconv_bn_act(xx, ww, ss, bb, stride=stride, padding=pad4, squeeze=squeeze, backend=backend)
+        out = ek.ops.dwconv_bn_act(xx, ww, ss, bb, stride=stride, padding=pad4, activation=activation,
+                                   squeeze=squeeze, backend=backend)
         return out if squeeze else (out, None)
 
     def truth(xx, ww, ss, bb):
         u = F.conv2d(F.pad(xx, pad4), ww, stride=stride, groups=c) * ss[:, None, None] + bb[:, None, None]
-        y = F.silu(u)
+        y = ACT_MODULES[activation]()(u)
         return y, y.mean(dim=(2, 3))
 
     def plain(xx, ww, ss, bb):
         u = F.conv2d(F.pad(xx, pad4), ww, stride=stride, groups=c) * ss.to(dtype)[:, None, None] + bb.to(dtype)[:, None, None]
-        y = F.silu(u)
+        y = ACT_F[activation](u)
         return y, y.float().mean(dim=(2, 3))
 
     def grads(fn, cast):
@@ -209,8 +243,8 @@ def test_dwconv_backward(backend_device, dtype, squeeze):
         assert_parity(g.cpu(), r.cpu(), p.cpu(), dtype, kind="backward", what=f"grad {name}")
 
 
-def se_truth(pooled, wr, br, we, be):
-    """fp64 SE gate through 1x1 nn.Conv2d modules on [N, C, 1, 1]."""
+def se_truth(pooled, wr, br, we, be, activation="silu", gate="sigmoid"):
+    """fp64 SE gate through 1x1 nn.Conv2d and activation modules on [N, C, 1, 1]."""
     r, c = wr.shape[:2]
     reduce, expand = nn.Conv2d(c, r, 1).double(), nn.Conv2d(r, c, 1).double()
     with torch.no_grad():
@@ -219,7 +253,12 @@ def se_truth(pooled, wr, br, we, be):
         expand.weight.copy_(we.double().reshape(c, r, 1, 1))
         expand.bias.copy_(be.double())
     p = pooled.double()[:, :, None, None]
-    return torch.sigmoid(expand(F.silu(reduce(p))))[:, :, 0, 0]
+    return ACT_MODULES[gate]()(expand(ACT_MODULES[activation]()(reduce(p))))[:, :, 0, 0]
+
+
+def se_plain(pooled, wr, br, we, be, activation="silu", gate="sigmoid"):
+    """Plain PyTorch in the inputs' dtype."""
+    return ACT_F[gate](F.linear(ACT_F[activation](F.linear(pooled, wr, br)), we, be))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -234,8 +273,24 @@ def test_se_gate(backend_device, dtype, n, c, r, weights4d):
     gate = ek.ops.se_gate(pooled, *args, backend=backend)
     assert gate.dtype == torch.float32 and tuple(gate.shape) == (n, c)
     truth = se_truth(pooled.cpu(), wr.cpu(), br.cpu(), we.cpu(), be.cpu())
-    plain = torch.sigmoid(F.linear(F.silu(F.linear(pooled, wr, br)), we, be))
+    plain = se_plain(pooled, wr, br, we, be)
     assert_parity(gate.cpu(), truth, plain.cpu(), dtype, what="gate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
+@pytest.mark.parametrize("n,c,r", [(3, 37, 5), (2, 240, 10)])
+def test_se_gate_variants(backend_device, activation, gate, dtype, n, c, r):
+    """Each (activation, gate); b_expand spread over about [-6, 6] (both clamps of hardsigmoid)."""
+    backend, device = backend_device
+    pooled = torch.randn(n, c, device=device).to(dtype)
+    wr, br = (torch.randn(r, c, device=device) / c**0.5).to(dtype), torch.randn(r, device=device).to(dtype)
+    we, be = (torch.randn(c, r, device=device) / r**0.5).to(dtype), (torch.randn(c, device=device) * 3).to(dtype)
+    out = ek.ops.se_gate(pooled, wr, br, we, be, activation=activation, gate=gate, backend=backend)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (n, c)
+    truth = se_truth(pooled.cpu(), wr.cpu(), br.cpu(), we.cpu(), be.cpu(), activation, gate)
+    plain = se_plain(pooled, wr, br, we, be, activation, gate)
+    assert_parity(out.cpu(), truth, plain.cpu(), dtype, what="gate")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,16 +311,17 @@ def test_se_excite(backend_device, dtype, layout, gate_dtype):
     assert_parity(out.cpu(), truth, plain.cpu(), dtype, what="excite")
 
 
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_se_backward(backend_device, dtype):
+def test_se_backward(backend_device, dtype, activation, gate):
     """Gradients of se_excite(y, se_gate(...)) against fp64 autograd."""
     backend, device = backend_device
     n, c, r = 2, 12, 3
     y = torch.randn(n, c, 4, 5, device=device).to(dtype)
     pooled = torch.randn(n, c, device=device).to(dtype)
     params = [(torch.randn(r, c, device=device) / 2).to(dtype), torch.randn(r, device=device).to(dtype),
-              (torch.randn(c, r, device=device) / 2).to(dtype), torch.randn(c, device=device).to(dtype)]
-    g_out = torch.randn(n, c, 4, 5, device=device)
+              (torch.randn(c, r, device=device) / 2).to(dtype), (torch.randn(c, device=device) * 2).to(dtype)]
+    g_out = torch.randn(n, c, 4, 5, device=device).to(dtype).float()  # representable: see test_dwconv_backward
 
     def run(fn, cast):
         leaves = [t.detach().to(cast).requires_grad_() for t in (y, pooled, *params)]
@@ -274,11 +330,11 @@ def test_se_backward(backend_device, dtype):
         return [leaf.grad for leaf in leaves]
 
     def fused(yy, pp, wr, br, we, be):
-        return ek.ops.se_excite(yy, ek.ops.se_gate(pp, wr, br, we, be, backend=backend), backend=backend)
+        g = ek.ops.se_gate(pp, wr, br, we, be, activation=activation, gate=gate, backend=backend)
+        return ek.ops.se_excite(yy, g, backend=backend)
 
     def eager(yy, pp, wr, br, we, be):
-        gate = torch.sigmoid(F.linear(F.silu(F.linear(pp, wr, br)), we, be))
-        return yy * gate[:, :, None, None]
+        return yy * se_plain(pp, wr, br, we, be, activation, gate)[:, :, None, None]
 
     got, ref, base = run(fused, dtype), run(eager, torch.float64), run(eager, dtype)
     for i, (g, rr, p) in enumerate(zip(got, ref, base)):
@@ -293,17 +349,34 @@ def test_se_backward(backend_device, dtype):
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew"])
 def test_negative_control_dwconv_check_rejects_defect(backend_device, defect, dtype):
     backend, device = backend_device
-    case = (backend, device, (3, 13, 9, 8), 3, 2, (0, 1, 0, 1), dtype, "channels_last", True, True)
+    case = (backend, device, (3, 13, 9, 8), 3, 2, (0, 1, 0, 1), dtype, "channels_last", "silu", True)
     run_dwconv_case(*case)  # clean: passes
     with planted(defect, backend), pytest.raises(AssertionError):
         run_dwconv_case(*case)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", NEW_ACTIVATIONS)
+def test_negative_control_activation_check_rejects_skipped_activation(backend_device, activation, dtype):
+    """The activation check fails when the kernel skips the activation it was asked for."""
+    backend, _ = backend_device
+    with planted("skip_silu", backend), pytest.raises(AssertionError, match="y: "):
+        test_dwconv_activations(backend_device, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_negative_control_dwconv_backward_check_rejects_defect(backend_device, dtype):
     backend, _ = backend_device
     with planted("grad_drop_squeeze", backend), pytest.raises(AssertionError, match="grad"):
-        test_dwconv_backward(backend_device, dtype, squeeze=True)
+        test_dwconv_backward(backend_device, dtype, squeeze=True, activation="silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["silu"] + NEW_ACTIVATIONS)
+def test_negative_control_dwconv_backward_check_rejects_skipped_derivative(backend_device, activation, dtype):
+    backend, _ = backend_device
+    with planted("grad_skip_act", backend), pytest.raises(AssertionError, match="grad"):
+        test_dwconv_backward(backend_device, dtype, squeeze=False, activation=activation)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -313,3 +386,71 @@ def test_negative_control_se_checks_reject_defects(backend_device, dtype):
         test_se_gate(backend_device, dtype, 2, 16, 4, False)
     with planted("excite_skip", backend), pytest.raises(AssertionError, match="excite"):
         test_se_excite(backend_device, dtype, "channels_last", "fp32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
+def test_negative_control_se_gate_check_rejects_ignored_functions(backend_device, activation, gate, dtype):
+    """A backend that computes other functions than the (activation, gate) asked for fails the check."""
+    backend, _ = backend_device
+    with planted("se_act_swap", backend), pytest.raises(AssertionError, match="gate"):
+        test_se_gate_variants(backend_device, activation, gate, dtype, 3, 37, 5)
+
+
+# ---------------------------------------------------------------- float64 (the torch reference)
+FP64_BACKENDS = [pytest.param("torch", id="torch"), pytest.param("auto", id="auto")]
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("folded", [torch.float64, torch.float32], ids=["scale-fp64", "scale-fp32"])
+def test_float64_dwconv(backend, activation, folded):
+    """float64 in, float64 out (mean too), equal to the fp64 nn-module truth to ~1e-12; gradcheck."""
+    x = make_input((2, 5, 7, 6), torch.float64, "channels_last", "cpu")
+    weight = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    scale, shift = (torch.rand(5, dtype=torch.float64) + 0.5).to(folded), torch.randn(5, dtype=folded)
+    y, mean = ek.ops.dwconv_bn_act(x, weight, scale, shift, stride=2, padding=(0, 1, 0, 1), activation=activation,
+                                   squeeze=True, backend=backend)
+    assert y.dtype == torch.float64 and mean.dtype == torch.float64 and y.is_contiguous(memory_format=torch.channels_last)
+    y_ref, mean_ref = dwconv_truth(x, weight, _bn_of(scale, shift), 2, (0, 1, 0, 1), activation)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=1e-12)
+    if folded == torch.float64 and backend == "torch":  # backward in float64 (small: gradcheck is slow)
+        leaves = [t[:1, :3, :5, :4].detach().clone().requires_grad_() for t in (x,)]
+        leaves += [t[:3].detach().clone().requires_grad_() for t in (weight, scale, shift)]
+        assert torch.autograd.gradcheck(
+            lambda *a: ek.ops.dwconv_bn_act(*a, stride=2, padding=(0, 1, 0, 1), activation=activation, squeeze=True,
+                                            backend=backend), leaves, fast_mode=True)
+
+
+def _bn_of(scale, shift):
+    """A float64 eval BatchNorm2d computing exactly ``z * scale + shift``."""
+    bn = nn.BatchNorm2d(scale.shape[0], eps=0.0).double().eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1.0)
+        bn.running_mean.zero_()
+        bn.weight.copy_(scale.double())
+        bn.bias.copy_(shift.double())
+    return bn
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
+def test_float64_se(backend, activation, gate):
+    """se_gate and se_excite in float64: the fp64 truth to ~1e-12, float64 outputs, gradcheck."""
+    n, c, r = 3, 10, 4
+    pooled = torch.randn(n, c, dtype=torch.float64)
+    params = [torch.randn(r, c, dtype=torch.float64) / 2, torch.randn(r, dtype=torch.float64),
+              torch.randn(c, r, dtype=torch.float64) / 2, torch.randn(c, dtype=torch.float64) * 2]
+    g = ek.ops.se_gate(pooled, *params, activation=activation, gate=gate, backend=backend)
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, se_truth(pooled, *params, activation, gate), rtol=1e-12, atol=1e-12)
+    y = make_input((n, c, 3, 4), torch.float64, "nchw", "cpu")
+    out = ek.ops.se_excite(y, g, backend=backend)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, y * g[:, :, None, None], rtol=0, atol=0)
+    leaves = [t.detach().clone().requires_grad_() for t in (y, pooled, *params)]
+    assert torch.autograd.gradcheck(
+        lambda yy, pp, *w: ek.ops.se_excite(yy, ek.ops.se_gate(pp, *w, activation=activation, gate=gate,
+                                                                backend=backend), backend=backend), leaves,
+        fast_mode=True)

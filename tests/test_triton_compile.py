@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from effnet_kernels.triton import dwconv, se_excite, se_gate  # noqa: E402
+from effnet_kernels.ops._checks import ACT_CODES  # noqa: E402
 from effnet_kernels.triton._jit import SUM  # noqa: E402
 
 if not isinstance(SUM, triton.runtime.jit.JITFunction):
@@ -60,16 +61,19 @@ def global_accesses(ptx: str, op: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "dtype,channels_last,squeeze,int64",
-    [("fp16", True, 1, False), ("bf16", True, 2, True), ("fp32", True, 0, False), ("fp16", False, 2, False),
-     ("bf16", False, 1, True)],
+    "dtype,channels_last,squeeze,int64,activation",
+    [("fp16", True, 1, False, "silu"), ("bf16", True, 2, True, "relu"), ("fp32", True, 0, False, "relu6"),
+     ("fp16", False, 2, False, "hardswish"), ("bf16", False, 1, True, "identity")],
 )
-def test_dwconv_compiles(dtype, channels_last, squeeze, int64):
+def test_dwconv_compiles(dtype, channels_last, squeeze, int64, activation):
+    """Each activation's constexpr variant (one per layout/dtype/squeeze case); only SiLU keeps an exp."""
     unit = {"sxc": 1, "syc": 1} if channels_last else {"sxw": 1, "syw": 1}
-    consts = dict(K=5, SH=2, SW=1, SILU=True, SQUEEZE=squeeze, CHANNELS_LAST=channels_last, INT64=int64,
-                  BF16_RTNE=False, BLOCK_P=32 if channels_last else 128, BLOCK_C=64 if channels_last else 8, **unit)
+    consts = dict(K=5, SH=2, SW=1, ACT=ACT_CODES[activation], SQUEEZE=squeeze, CHANNELS_LAST=channels_last,
+                  INT64=int64, BF16_RTNE=False, BLOCK_P=32 if channels_last else 128,
+                  BLOCK_C=64 if channels_last else 8, **unit)
     compiled = compile_sm90(dwconv._dwconv_bn_act_kernel, dwconv_types(dtype), consts)
     ptx = compiled.asm["ptx"]
+    assert ("ex2.approx" in ptx) == (activation == "silu"), "the other activations' branches must compile away"
     if squeeze == 1:
         assert "red.global" in ptx or "atom.global" in ptx
     if channels_last:
@@ -83,10 +87,14 @@ def test_sum_tiles_compiles():
 
 
 def test_se_gate_compiles():
+    """SiLU + sigmoid and ReLU + hard-sigmoid (the latter without any exp)."""
     types = {"p_ptr": "*fp32", "wr_ptr": "*fp16", "br_ptr": "*fp32", "we_ptr": "*bf16", "be_ptr": "*fp32",
              "g_ptr": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
-    for block_r, block_c, warps in ((256, 32, 8), (16, 128, 4)):
-        compile_sm90(se_gate._se_gate_kernel, types, {"BLOCK_N": 16, "BLOCK_R": block_r, "BLOCK_C": block_c}, warps)
+    for block_r, block_c, warps, act, gate in ((256, 32, 8, "silu", "sigmoid"), (16, 128, 4, "relu", "hardsigmoid")):
+        compiled = compile_sm90(se_gate._se_gate_kernel, types,
+                                {"ACT": ACT_CODES[act], "GATE": ACT_CODES[gate], "BLOCK_N": 16, "BLOCK_R": block_r,
+                                 "BLOCK_C": block_c}, warps)
+        assert ("ex2.approx" in compiled.asm["ptx"]) == (act == "silu")
 
 
 @pytest.mark.parametrize("channels_last,int64", [(True, False), (False, True)])
@@ -176,7 +184,8 @@ def cpu_input(shape, dtype, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def run_dwconv(shape, k, stride, dtype, channels_last, squeeze, deterministic=False, force_int64=False):
+def run_dwconv(shape, k, stride, dtype, channels_last, squeeze, deterministic=False, force_int64=False,
+               activation="silu"):
     """The real Triton dwconv launcher on an uninitialised CPU tensor (launches are recorded, not run)."""
     from effnet_kernels import _launch
 
@@ -188,7 +197,7 @@ def run_dwconv(shape, k, stride, dtype, channels_last, squeeze, deterministic=Fa
         _launch.needs_int64 = lambda *tensors: True
     try:
         dwconv.dwconv_bn_act(cpu_input(shape, dtype, channels_last), torch.empty(c, 1, k, k), torch.empty(c),
-                             torch.empty(c), (stride, stride), (k // 2,) * 4, True, squeeze)
+                             torch.empty(c), (stride, stride), (k // 2,) * 4, activation, squeeze)
     finally:
         _launch.needs_int64 = real
         torch.use_deterministic_algorithms(prev)
@@ -221,18 +230,20 @@ def test_tiny_shape_classes_are_not_tuned(recorded_launches):
 
 
 @pytest.mark.parametrize(
-    "dtype,channels_last,mode,k,stride",
-    [(torch.float16, True, "none", 5, 2), (torch.float16, True, "det", 7, 1), (torch.float16, False, "det", 3, 2),
-     (torch.bfloat16, True, "atomic", 3, 1), (torch.bfloat16, False, "none", 7, 2), (torch.float32, True, "det", 5, 1),
-     (torch.float32, False, "atomic", 5, 2)],
+    "dtype,channels_last,mode,k,stride,activation",
+    [(torch.float16, True, "none", 5, 2, "relu6"), (torch.float16, True, "det", 7, 1, "silu"),
+     (torch.float16, False, "det", 3, 2, "hardswish"), (torch.bfloat16, True, "atomic", 3, 1, "hardswish"),
+     (torch.bfloat16, False, "none", 7, 2, "relu"), (torch.float32, True, "det", 5, 1, "identity"),
+     (torch.float32, False, "atomic", 5, 2, "relu6")],
     ids=str,
 )
-def test_dwconv_variants_compile(recorded_launches, monkeypatch, dtype, channels_last, mode, k, stride):
-    """dtype x layout x squeeze mode (two-stage: both kernels) x k x stride, with the untuned default config."""
+def test_dwconv_variants_compile(recorded_launches, monkeypatch, dtype, channels_last, mode, k, stride, activation):
+    """dtype x layout x squeeze mode (two-stage: both kernels) x k x stride x activation, untuned default config."""
     from effnet_kernels.triton import _tuning
 
     monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
-    run_dwconv((2, 144, 40, 40), k, stride, dtype, channels_last, mode != "none", deterministic=mode == "det")
+    run_dwconv((2, 144, 40, 40), k, stride, dtype, channels_last, mode != "none", deterministic=mode == "det",
+               activation=activation)
     check_compiled(recorded_launches, 2 if mode == "det" else 1)
 
 
@@ -263,6 +274,17 @@ def test_real_launch_keeps_the_fast_path_vectorised(recorded_launches, monkeypat
     assert any(".v4." in op for op in global_accesses(ptx, "st")), "output stores along C are not 16-byte vectors"
 
 
+def test_each_activation_is_its_own_specialisation(recorded_launches, monkeypatch):
+    """The activation is a constexpr: one launch (cache key) per activation, none shared (nothing compiled here)."""
+    from effnet_kernels.ops._checks import ACTIVATIONS
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for activation in ACTIVATIONS + ACTIVATIONS:
+        run_dwconv((2, 96, 14, 14), 3, 1, torch.float16, True, squeeze=False, activation=activation)
+    assert len(recorded_launches.launches) == len(ACTIVATIONS)
+
+
 def test_spatial_sizes_share_one_compiled_kernel(recorded_launches, monkeypatch):
     """H, W, Ho, Wo, tiles and padding do not multiply compiles (each costs 1-9 s of a GPU session)."""
     from effnet_kernels.triton import _tuning
@@ -278,7 +300,7 @@ def test_se_kernels_compile(recorded_launches):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for n, c, r in ((37, 3840, 160), (5, 1152, 48), (3, 40, 10)):
             se_gate.se_gate(torch.empty(n, c, dtype=dtype), torch.empty(r, c), torch.empty(r), torch.empty(c, r),
-                            torch.empty(c))
+                            torch.empty(c), "silu", "sigmoid")
     for dtype in (torch.float16, torch.bfloat16):
         for channels_last in (True, False):
             se_excite.se_excite(cpu_input((2, 144, 14, 14), dtype, channels_last), torch.empty(2, 144))
@@ -294,8 +316,10 @@ def test_awkward_shapes_compile(recorded_launches, monkeypatch):
     for shape, k in (((1, 1, 5, 7), 5), ((2, 4, 1, 1), 3), ((1, 1, 40, 40), 3)):
         for deterministic in (False, True):
             run_dwconv(shape, k, 1, torch.float32, False, True, deterministic=deterministic)
-    se_gate.se_gate(torch.empty(1, 1), torch.empty(1, 1), torch.empty(1), torch.empty(1, 1), torch.empty(1))
-    se_gate.se_gate(torch.empty(17, 7), torch.empty(3, 7), torch.empty(3), torch.empty(7, 3), torch.empty(7))
+    se_gate.se_gate(torch.empty(1, 1), torch.empty(1, 1), torch.empty(1), torch.empty(1, 1), torch.empty(1),
+                    "relu", "hardsigmoid")
+    se_gate.se_gate(torch.empty(17, 7), torch.empty(3, 7), torch.empty(3), torch.empty(7, 3), torch.empty(7),
+                    "silu", "sigmoid")
     for channels_last in (False, True):
         se_excite.se_excite(cpu_input((2, 5, 1, 1), torch.float16, channels_last), torch.empty(2, 5))
     for what, compiled in recorded_launches.compile_all():

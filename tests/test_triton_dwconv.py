@@ -17,10 +17,19 @@ import torch
 import effnet_kernels as ek
 from effnet_kernels import backends
 
+from .defects import planted
 from .parity import assert_parity
 from .test_ops_parity import LAYOUTS, dwconv_truth, run_dwconv_case
 
 pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from effnet_kernels.ops._checks import ACT_CODES  # noqa: E402
+from effnet_kernels.triton._activation import activate  # noqa: E402
+from effnet_kernels.triton._jit import device_kernel  # noqa: E402
+
+from .test_ops_parity import ACT_F  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -88,7 +97,7 @@ def asym_padding(k: int) -> tuple[int, int, int, int]:
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_parity_grid(k, stride, pad, dtype, layout):
     padding = None if pad == "same" else asym_padding(k)
-    run_dwconv_case("triton", "cpu", (1, 13, 9, 8), k, stride, padding, dtype, layout, silu=True, squeeze=True)
+    run_dwconv_case("triton", "cpu", (1, 13, 9, 8), k, stride, padding, dtype, layout, "silu", squeeze=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -100,8 +109,39 @@ def test_parity_grid(k, stride, pad, dtype, layout):
 )
 def test_awkward_shapes(shape, k, stride, padding, dtype):
     for layout in LAYOUTS:
-        silu_and_squeeze = layout != "channels_last"  # each layout once, each flag both ways
-        run_dwconv_case("triton", "cpu", shape, k, stride, padding, dtype, layout, silu_and_squeeze, silu_and_squeeze)
+        act_and_squeeze = layout != "channels_last"  # each layout once, identity/SiLU and squeeze both ways
+        run_dwconv_case("triton", "cpu", shape, k, stride, padding, dtype, layout,
+                        "silu" if act_and_squeeze else "identity", act_and_squeeze)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "hardswish"])
+def test_activations(activation, dtype):
+    """Each activation's constexpr variant over all its regions (BN output over about [-8, 8]), both layouts."""
+    for layout, stride, padding in (("channels_last", 1, None), ("nchw", 2, (0, 1, 0, 1))):
+        run_dwconv_case("triton", "cpu", (1, 13, 7, 6), 3, stride, padding, dtype, layout, activation, True,
+                        weight_std=1.0)
+
+
+@device_kernel
+def _apply_activation(u_ptr, o_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    ok = i < N
+    tl.store(o_ptr + i, activate(tl.load(u_ptr + i, mask=ok, other=0.0), ACT), mask=ok)
+
+
+def test_negative_control_activation_check_rejects_skipped_activation():
+    with planted("skip_silu", "triton"), pytest.raises(AssertionError, match="y: "):
+        test_activations("relu6", torch.float32)
+
+
+def test_activation_codes_match_pytorch():
+    """activate(u, code) for every code of ACT_CODES equals PyTorch's function (fp32, NaN kept)."""
+    u = torch.cat([torch.linspace(-9, 9, 181), torch.tensor([-3.0, 3.0, 0.0, 6.0, float("nan")])])
+    for name, code in ACT_CODES.items():
+        out = torch.empty_like(u)
+        _apply_activation.on(u)[(1,)](u, out, u.numel(), ACT=code, BLOCK=256)
+        torch.testing.assert_close(out, ACT_F[name](u), rtol=1e-6, atol=1e-7, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("squeeze", [False, True])
@@ -117,7 +157,7 @@ def test_empty_batch(squeeze):
 
 def test_large_batch():
     """Samples are folded into grid axis 0 with the tiles: many samples, several tiles each."""
-    run_dwconv_case("triton", "cpu", (19, 3, 5, 5), 3, 1, None, torch.float16, "channels_last", True, True)
+    run_dwconv_case("triton", "cpu", (19, 3, 5, 5), 3, 1, None, torch.float16, "channels_last", "silu", True)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -129,7 +169,7 @@ def test_several_tiles_and_channel_blocks(small_tiles, tile_sums, layout, determ
     try:
         for hw, stride in ((6, 1), (9, 2)):
             run_dwconv_case("triton", "cpu", (2, 10, hw, hw), 3, stride, asym_padding(3), torch.float32, layout,
-                            silu=True, squeeze=True)
+                            "silu", squeeze=True)
     finally:
         torch.use_deterministic_algorithms(prev)
     assert len(tile_sums) == (2 if deterministic else 0)
@@ -163,7 +203,7 @@ def dwconv_truth_from_scale(x, w, scale, shift, stride=1, padding=None):
         bn.weight.copy_(scale.double())
         bn.bias.copy_(shift.double())
     pad4 = (k // 2,) * 4 if padding is None else padding
-    return dwconv_truth(x, w, bn, stride, pad4, True)
+    return dwconv_truth(x, w, bn, stride, pad4, "silu")
 
 
 def test_int64_offsets_variant(monkeypatch):
@@ -179,12 +219,12 @@ def test_int64_offsets_variant(monkeypatch):
 
     monkeypatch.setattr(dwconv, "prepare_dwconv", forced)
     for layout in ("nchw", "channels_last"):
-        run_dwconv_case("triton", "cpu", (2, 13, 9, 8), 3, 2, (0, 1, 0, 1), torch.bfloat16, layout, True, True)
+        run_dwconv_case("triton", "cpu", (2, 13, 9, 8), 3, 2, (0, 1, 0, 1), torch.bfloat16, layout, "hardswish", True)
 
 
 def test_b0_sized_channels():
     """B0's widest depthwise layer (C = 1152, k = 3, 7 x 7) exercises many channel blocks."""
-    run_dwconv_case("triton", "cpu", (1, 1152, 7, 7), 3, 1, None, torch.float16, "channels_last", True, True)
+    run_dwconv_case("triton", "cpu", (1, 1152, 7, 7), 3, 1, None, torch.float16, "channels_last", "silu", True)
 
 
 def test_output_keeps_memory_format_and_has_no_nans():
@@ -204,7 +244,7 @@ def test_opcheck(layout, squeeze):
         x = x.contiguous(memory_format=CL)
     x.requires_grad_()
     args = (x, torch.randn(6, 1, 3, 3, requires_grad=True), torch.rand(6) + 0.5, torch.randn(6),
-            [2, 1], [1, 0, 2, 1], True, squeeze, "triton")
+            [2, 1], [1, 0, 2, 1], "relu6" if squeeze else "silu", squeeze, "triton")
     torch.library.opcheck(torch.ops.effnet.dwconv_bn_act.default, args)
 
 
@@ -234,7 +274,7 @@ def test_every_gpu_candidate_config(monkeypatch, layout, deterministic):
     x = torch.empty(1, 72, 13, 13)
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
-    lp = prepare_dwconv(x, torch.empty(72, 1, 3, 3), torch.empty(72), torch.empty(72), (1, 1), (1, 1, 1, 1), True, True)
+    lp = prepare_dwconv(x, torch.empty(72, 1, 3, 3), torch.empty(72), torch.empty(72), (1, 1), (1, 1, 1, 1), "silu", True)
     candidates = dwconv._candidates(lp)
     assert len(candidates) == (5 if layout == "channels_last" else 4), "the clamp must not shrink this space"
     prev = torch.are_deterministic_algorithms_enabled()
@@ -242,6 +282,6 @@ def test_every_gpu_candidate_config(monkeypatch, layout, deterministic):
     try:
         for cfg in candidates:
             monkeypatch.setattr(_tuning, "choose", lambda *args, cfg=cfg: cfg)
-            run_dwconv_case("triton", "cpu", (1, 72, 13, 13), 3, 1, None, torch.float16, layout, True, True)
+            run_dwconv_case("triton", "cpu", (1, 72, 13, 13), 3, 1, None, torch.float16, layout, "silu", True)
     finally:
         torch.use_deterministic_algorithms(prev)

@@ -129,7 +129,7 @@ def test_dwconv_every_candidate_config(monkeypatch, layout):
     x = torch.empty(1, 136, 30, 30, device=DEV)
     x = x if layout == "nchw" else x.contiguous(memory_format=CL)
     c_vec = torch.empty(136, device=DEV)
-    lp = prepare_dwconv(x, torch.empty(136, 1, 3, 3, device=DEV), c_vec, c_vec, (1, 1), (1, 1, 1, 1), True, True)
+    lp = prepare_dwconv(x, torch.empty(136, 1, 3, 3, device=DEV), c_vec, c_vec, (1, 1), (1, 1, 1, 1), "silu", True)
     candidates = dwconv._candidates(lp)
     assert len(candidates) == (5 if layout == "channels_last" else 4)
     for cfg in candidates:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import effnet_kernels as ek
 
 from .parity import assert_parity
-from .test_ops_parity import LAYOUTS, make_input, se_truth
+from .defects import planted
+from .test_ops_parity import LAYOUTS, SE_VARIANTS, make_input, se_plain, se_truth
 from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module fixture: TRITON_INTERPRET=1)
 
 pytest.importorskip("triton")
@@ -32,14 +32,16 @@ def se_params(c: int, r: int, dtype: torch.dtype):
     return wr, br, we, be
 
 
-def check_gate(n: int, c: int, r: int, dtype: torch.dtype, weights4d: bool = False) -> None:
+def check_gate(n: int, c: int, r: int, dtype: torch.dtype, weights4d: bool = False, activation: str = "silu",
+               gate: str = "sigmoid", bias_std: float = 1.0) -> None:
     pooled = torch.randn(n, c).to(dtype)
     wr, br, we, be = se_params(c, r, dtype)
+    be = (be.float() * bias_std).to(dtype)
     args = (wr.reshape(r, c, 1, 1), br, we.reshape(c, r, 1, 1), be) if weights4d else (wr, br, we, be)
-    gate = ek.ops.se_gate(pooled, *args, backend="triton")
-    assert gate.dtype == torch.float32 and tuple(gate.shape) == (n, c)
-    plain = torch.sigmoid(F.linear(F.silu(F.linear(pooled, wr, br)), we, be))
-    assert_parity(gate, se_truth(pooled, wr, br, we, be), plain, dtype, what="gate")
+    out = ek.ops.se_gate(pooled, *args, activation=activation, gate=gate, backend="triton")
+    assert out.dtype == torch.float32 and tuple(out.shape) == (n, c)
+    plain = se_plain(pooled, wr, br, we, be, activation, gate)
+    assert_parity(out, se_truth(pooled, wr, br, we, be, activation, gate), plain, dtype, what="gate")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -47,6 +49,19 @@ def check_gate(n: int, c: int, r: int, dtype: torch.dtype, weights4d: bool = Fal
                                              (2, 300, 7, False), (37, 24, 20, False)])
 def test_se_gate(dtype, n, c, r, weights4d):
     check_gate(n, c, r, dtype, weights4d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS[1:])
+def test_se_gate_variants(activation, gate, dtype):
+    """The ReLU inner activation and the hard-sigmoid gate (constexprs ACT, GATE); b_expand over
+    about [-6, 6] so both clamps of hardsigmoid are hit; C spans two blocks of the C loop."""
+    check_gate(19, 300, 7, dtype, activation=activation, gate=gate, bias_std=3.0)
+
+
+def test_negative_control_se_gate_variants_reject_swapped_functions():
+    with planted("se_act_swap", "triton"), pytest.raises(AssertionError, match="gate"):
+        check_gate(3, 37, 5, torch.float32, activation="relu", gate="hardsigmoid", bias_std=3.0)
 
 
 @pytest.mark.parametrize("n,c,r", [(1, 1152, 48), (2, 1152, 48), (1, 3840, 160)], ids=["B0-N1", "B0-N2", "B7"])
@@ -59,8 +74,8 @@ def test_se_gate_mixed_dtypes():
     """fp16 pooled with fp32 weights (AMP): everything is read as fp32."""
     pooled = torch.randn(3, 24).half()
     wr, br, we, be = se_params(24, 6, torch.float32)
-    gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="triton")
-    assert_parity(gate, se_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")
+    gate = ek.ops.se_gate(pooled, wr, br, we, be, activation="relu", gate="hardsigmoid", backend="triton")
+    assert_parity(gate, se_truth(pooled, wr, br, we, be, "relu", "hardsigmoid"), None, torch.float32, what="gate")
 
 
 def check_excite(y: torch.Tensor, gate: torch.Tensor) -> None:
@@ -113,10 +128,11 @@ def test_se_excite_int64_offsets_variant(monkeypatch):
         check_excite(make_input((2, 6, 3, 5), torch.float16, layout, "cpu"), torch.rand(2, 6))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_se_gate(dtype):
+@pytest.mark.parametrize("dtype,activation,gate", [(torch.float32, "silu", "sigmoid"),
+                                                  (torch.bfloat16, "relu", "hardsigmoid")], ids=str)
+def test_opcheck_se_gate(dtype, activation, gate):
     args = (torch.randn(3, 10, dtype=dtype, requires_grad=True), *[t.requires_grad_() for t in se_params(10, 4, dtype)],
-            "triton")
+            activation, gate, "triton")
     torch.library.opcheck(torch.ops.effnet.se_gate.default, args)
 
 

@@ -1,7 +1,9 @@
 """The fused ops as typed Python functions (each backed by a ``torch.ops.effnet`` op).
 
-* :func:`dwconv_bn_act` — depthwise conv + folded BatchNorm + SiLU (+ SE squeeze)
-* :func:`se_gate` — pooled [N, C] -> SE gate [N, C] (float32)
+* :func:`dwconv_bn_act` — depthwise conv + folded BatchNorm + activation (+ SE squeeze);
+  activations: ``_checks.ACTIVATIONS``
+* :func:`se_gate` — pooled [N, C] -> SE gate [N, C] (float32); ``_checks.SE_ACTIVATIONS``
+  inside, ``_checks.SE_GATES`` at the output
 * :func:`se_excite` — y * gate broadcast over H x W
 """
 

@@ -14,16 +14,29 @@ import torch
 
 IntOrPair = Union[int, Sequence[int]]
 
+#: Dtypes the fused kernels (``triton``, ``cuda``) take.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = "float32, float16 or bfloat16"
-ACTIVATIONS = ("silu", "identity")
+#: Dtypes the ops take: float64 inputs are served by the ``torch`` reference (in float64).
+OP_DTYPES = FLOAT_DTYPES + (torch.float64,)
+_DTYPE_NAMES = {FLOAT_DTYPES: "float32, float16 or bfloat16", OP_DTYPES: "float32, float16, bfloat16 or float64"}
+
+#: ``dwconv_bn_act``'s ``activation``.
+ACTIVATIONS = ("identity", "silu", "relu", "relu6", "hardswish")
+#: ``se_gate``'s ``activation`` (between the two FCs) and ``gate`` (the output nonlinearity).
+SE_ACTIVATIONS = ("silu", "relu")
+SE_GATES = ("sigmoid", "hardsigmoid")
+#: One code per elementwise function, shared by every kernel: the Triton kernels' ``ACT`` /
+#: ``GATE`` constexprs and the CUDA kernels' ``Act`` template argument (``effnet::Act`` in
+#: csrc/effnet_ext.h holds the same numbers). PyTorch's definitions: ``hardswish(u) =
+#: u * relu6(u + 3) / 6``, ``hardsigmoid(u) = relu6(u + 3) / 6``.
+ACT_CODES = {"identity": 0, "silu": 1, "relu": 2, "relu6": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6}
 
 
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_tensor(t: object, name: str, ndim: int | tuple[int, ...], dtypes=FLOAT_DTYPES) -> torch.Tensor:
+def check_tensor(t: object, name: str, ndim: int | tuple[int, ...], dtypes=OP_DTYPES) -> torch.Tensor:
     """``t`` must be a tensor of rank ``ndim`` (or one of them) with a dtype in ``dtypes``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -32,7 +45,7 @@ def check_tensor(t: object, name: str, ndim: int | tuple[int, ...], dtypes=FLOAT
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{name} must be {want}, got a {t.dim()}-D tensor of shape {_shape(t)}")
     if t.dtype not in dtypes:
-        names = _DTYPE_NAMES if dtypes is FLOAT_DTYPES else ", ".join(str(d) for d in dtypes)
+        names = _DTYPE_NAMES.get(tuple(dtypes)) or ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {names}, got {t.dtype}")
     return t
 
@@ -115,11 +128,21 @@ def normalize_padding(padding: None | int | Sequence[int], kernel_size: int) -> 
     return out  # type: ignore[return-value]
 
 
-def normalize_activation(activation: str) -> bool:
-    """``"silu"`` -> True, ``"identity"`` -> False."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation == "silu"
+def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
+    """``value`` must be one of the strings ``allowed``; raise ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def normalize_activation(activation: str) -> str:
+    """``activation`` if it is one of :data:`ACTIVATIONS` (``dwconv_bn_act``'s), else ``ValueError``."""
+    return check_choice(activation, "activation", ACTIVATIONS)
+
+
+def normalize_se_activation(activation: str, gate: str) -> tuple[str, str]:
+    """``(activation, gate)`` of ``se_gate`` if they are in :data:`SE_ACTIVATIONS` / :data:`SE_GATES`."""
+    return check_choice(activation, "activation", SE_ACTIVATIONS), check_choice(gate, "gate", SE_GATES)
 
 
 def conv_output_size(size: int, before: int, after: int, k: int, stride: int, dim: str) -> int:
@@ -151,8 +174,12 @@ def check_dwconv_args(
         raise ValueError(f"weight's kernel size must be odd, got {k}")
     check_vector(scale, "scale", c, "one per channel of x")
     check_vector(shift, "shift", c, "one per channel of x")
-    if scale.dtype != torch.float32 or shift.dtype != torch.float32:
-        raise TypeError(f"scale and shift must be float32 (BatchNorm folded in fp32), got {scale.dtype} and {shift.dtype}")
+    folded = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+    if scale.dtype not in folded or shift.dtype not in folded:
+        raise TypeError(
+            "scale and shift must be float32 (BatchNorm folded in fp32; float64 too when x is float64), "
+            f"got {scale.dtype} and {shift.dtype}"
+        )
     check_same_device(x, "x", weight=weight, scale=scale, shift=shift)
     if len(stride) != 2 or any(s not in (1, 2) for s in stride):
         raise ValueError(f"stride must be a pair of 1s and 2s, got {list(stride)}")

@@ -1,4 +1,4 @@
-"""``dwconv_bn_act``: depthwise k x k conv + folded BatchNorm + SiLU (+ SE squeeze).
+"""``dwconv_bn_act``: depthwise k x k conv + folded BatchNorm + activation (+ SE squeeze).
 
 Schema, fake kernel, autograd wiring and the typed public function. Backends register
 implementations with :func:`effnet_kernels.backends.register_backend`.
@@ -17,15 +17,21 @@ from ._library import define, empty_4d
 Tensor = torch.Tensor
 
 
-def _check_forward(x, weight, scale, shift, stride, padding, silu, squeeze):
+def _check_forward(x, weight, scale, shift, stride, padding, activation, squeeze):
+    _checks.normalize_activation(activation)
     return _checks.check_dwconv_args(x, weight, scale, shift, stride, padding)
 
 
-def _fake_forward(x, weight, scale, shift, stride, padding, silu, squeeze, backend):
-    ho, wo = _checks.check_dwconv_args(x, weight, scale, shift, stride, padding)
+def _mean_dtype(x: Tensor) -> torch.dtype:
+    """The squeeze's dtype: float32, or float64 for float64 inputs (the reference computes in float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x, weight, scale, shift, stride, padding, activation, squeeze, backend):
+    ho, wo = _check_forward(x, weight, scale, shift, stride, padding, activation, squeeze)
     n, c = x.shape[0], x.shape[1]
     y = empty_4d(x, (n, c, ho, wo), _checks.memory_format_of(x))
-    mean = x.new_empty((n, c) if squeeze else (0,), dtype=torch.float32)
+    mean = x.new_empty((n, c), dtype=_mean_dtype(x)) if squeeze else x.new_empty((0,), dtype=torch.float32)
     return y, mean
 
 
@@ -34,8 +40,8 @@ def _finish_forward(out, x, *args):
     return y, (mean if mean is not None else x.new_empty((0,), dtype=torch.float32))
 
 
-def _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, silu):
-    ho, wo = _checks.check_dwconv_args(x, weight, scale, shift, stride, padding)
+def _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation):
+    ho, wo = _check_forward(x, weight, scale, shift, stride, padding, activation, False)
     n, c = x.shape[0], x.shape[1]
     if grad_y is not None and tuple(grad_y.shape) != (n, c, ho, wo):
         raise ValueError(f"grad_y must have shape {[n, c, ho, wo]}, got {list(grad_y.shape)}")
@@ -43,8 +49,8 @@ def _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding,
         raise ValueError(f"grad_mean must have shape {[n, c]}, got {list(grad_mean.shape)}")
 
 
-def _fake_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, silu, backend):
-    _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, silu)
+def _fake_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation, backend):
+    _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation)
     return (
         empty_4d(x, tuple(x.shape), _checks.memory_format_of(x)),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -56,7 +62,7 @@ def _fake_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, 
 define(
     "dwconv_bn_act",
     "(Tensor x, Tensor weight, Tensor scale, Tensor shift, int[2] stride, int[4] padding, "
-    "bool silu, bool squeeze, str backend) -> (Tensor, Tensor)",
+    "str activation, bool squeeze, str backend) -> (Tensor, Tensor)",
     _check_forward,
     _fake_forward,
     _finish_forward,
@@ -64,23 +70,23 @@ define(
 define(
     "dwconv_bn_act_backward",
     "(Tensor? grad_y, Tensor? grad_mean, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
-    "int[2] stride, int[4] padding, bool silu, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    "int[2] stride, int[4] padding, str activation, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
     _check_backward,
     _fake_backward,
 )
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, scale, shift, stride, padding, silu, squeeze, backend = inputs
+    x, weight, scale, shift, stride, padding, activation, squeeze, backend = inputs
     ctx.save_for_backward(x, weight, scale, shift)
-    ctx.args = (stride, padding, silu, backend)
+    ctx.args = (stride, padding, activation, backend)
 
 
 def _backward(ctx, grad_y, grad_mean):
     x, weight, scale, shift = ctx.saved_tensors
-    stride, padding, silu, backend = ctx.args
+    stride, padding, activation, backend = ctx.args
     gx, gw, gscale, gshift = torch.ops.effnet.dwconv_bn_act_backward.default(
-        grad_y, grad_mean, x, weight, scale, shift, stride, padding, silu, backend
+        grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation, backend
     )
     return gx, gw, gscale, gshift, None, None, None, None, None
 
@@ -107,17 +113,21 @@ def dwconv_bn_act(
     Computes ``y = act(conv2d(pad(x, padding), weight, stride=stride, groups=C) * scale + shift)``
     with float32 accumulation, and with ``squeeze=True`` also ``mean = y.mean((2, 3))`` in
     float32 (the SE squeeze, taken from ``y`` before it is rounded to ``x.dtype``).
+    float64 inputs are computed in float64 (mean too) by the ``torch`` backend; the kernel
+    backends refuse them (``auto`` picks ``torch``).
 
     Args:
-        x: ``[N, C, H, W]`` float32, float16 or bfloat16, NCHW or channels_last; the
-            output keeps its memory format.
+        x: ``[N, C, H, W]`` float32, float16, bfloat16 or float64, NCHW or channels_last;
+            the output keeps its memory format.
         weight: ``[C, 1, k, k]`` depthwise weight, k odd.
-        scale, shift: ``[C]`` float32, BatchNorm folded:
+        scale, shift: ``[C]`` float32 (or float64 when x is), BatchNorm folded:
             ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``.
         stride: 1 or 2, or a pair of them.
         padding: ``None`` (k // 2 on every side), an int, a pair ``(ph, pw)``, or a
             4-tuple ``(left, right, top, bottom)`` as ``F.pad`` takes it (TF "same").
-        activation: ``"silu"`` or ``"identity"``.
+        activation: one of :data:`~effnet_kernels.ops._checks.ACTIVATIONS`: ``"identity"``,
+            ``"silu"``, ``"relu"``, ``"relu6"`` or ``"hardswish"`` (``u * relu6(u + 3) / 6``,
+            as ``F.hardswish``).
         squeeze: also return the ``[N, C]`` float32 spatial mean of ``y``.
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``; ``None`` defers to
             :func:`effnet_kernels.use_backend`, then ``EFFNET_KERNELS_BACKEND``, then auto.
@@ -133,8 +143,8 @@ def dwconv_bn_act(
     _checks.check_tensor(weight, "weight", 4)
     stride_pair = _checks.normalize_stride(stride)
     pad4 = _checks.normalize_padding(padding, weight.shape[-1])
-    silu = _checks.normalize_activation(activation)
+    _checks.normalize_activation(activation)
     if not isinstance(squeeze, bool):
         raise TypeError(f"squeeze must be a bool, got {squeeze!r}")
-    y, mean = _OP(x, weight, scale, shift, stride_pair, pad4, silu, squeeze, backends.requested_backend(backend))
+    y, mean = _OP(x, weight, scale, shift, stride_pair, pad4, activation, squeeze, backends.requested_backend(backend))
     return (y, mean) if squeeze else y

@@ -17,47 +17,54 @@ Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------- se_gate
-def _fake_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, backend):
+def _check_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    _checks.normalize_se_activation(activation, gate)
     _checks.check_se_gate_args(pooled, w_reduce, b_reduce, w_expand, b_expand)
-    return pooled.new_empty(pooled.shape, dtype=torch.float32)
 
 
-def _check_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand):
-    _checks.check_se_gate_args(pooled, w_reduce, b_reduce, w_expand, b_expand)
+def _fake_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend):
+    _check_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    # float32; float64 for float64 pooled (computed in float64 by the reference)
+    return pooled.new_empty(pooled.shape, dtype=torch.float64 if pooled.dtype == torch.float64 else torch.float32)
+
+
+def _check_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    _check_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     if tuple(grad_gate.shape) != tuple(pooled.shape):
         raise ValueError(f"grad_gate must have shape {list(pooled.shape)}, got {list(grad_gate.shape)}")
 
 
-def _fake_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand, backend):
-    _check_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand)
+def _fake_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend):
+    _check_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (pooled, w_reduce, b_reduce, w_expand, b_expand))
 
 
 define(
     "se_gate",
-    "(Tensor pooled, Tensor w_reduce, Tensor b_reduce, Tensor w_expand, Tensor b_expand, str backend) -> Tensor",
-    _checks.check_se_gate_args,
+    "(Tensor pooled, Tensor w_reduce, Tensor b_reduce, Tensor w_expand, Tensor b_expand, str activation, str gate, "
+    "str backend) -> Tensor",
+    _check_se_gate,
     _fake_se_gate,
 )
 define(
     "se_gate_backward",
     "(Tensor grad_gate, Tensor pooled, Tensor w_reduce, Tensor b_reduce, Tensor w_expand, Tensor b_expand, "
-    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "str activation, str gate, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _check_se_gate_backward,
     _fake_se_gate_backward,
 )
 
 
 def _se_gate_setup(ctx, inputs, output):
-    *tensors, backend = inputs
+    *tensors, activation, gate, backend = inputs
     ctx.save_for_backward(*tensors)
-    ctx.backend = backend
+    ctx.args = (activation, gate, backend)
 
 
 def _se_gate_backward(ctx, grad_gate):
-    grads = torch.ops.effnet.se_gate_backward.default(grad_gate, *ctx.saved_tensors, ctx.backend)
-    return (*grads, None)
+    grads = torch.ops.effnet.se_gate_backward.default(grad_gate, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None)
 
 
 torch.library.register_autograd("effnet::se_gate", _se_gate_backward, setup_context=_se_gate_setup)
@@ -70,9 +77,11 @@ def se_gate(
     w_expand: Tensor,
     b_expand: Tensor,
     *,
+    activation: str = "silu",
+    gate: str = "sigmoid",
     backend: Optional[str] = None,
 ) -> Tensor:
-    """SE excitation gate: ``sigmoid(W_e @ silu(W_r @ pooled + b_r) + b_e)``.
+    """SE excitation gate: ``gate(W_e @ activation(W_r @ pooled + b_r) + b_e)``.
 
     Args:
         pooled: ``[N, C]`` squeezed activations (any float dtype).
@@ -80,16 +89,21 @@ def se_gate(
         b_reduce: ``[R]``.
         w_expand: ``[C, R]`` or ``[C, R, 1, 1]``.
         b_expand: ``[C]``.
+        activation: between the two FCs, one of :data:`~effnet_kernels.ops._checks.SE_ACTIVATIONS`:
+            ``"silu"`` (EfficientNet) or ``"relu"`` (MobileNetV3, MnasNet).
+        gate: the output nonlinearity, one of :data:`~effnet_kernels.ops._checks.SE_GATES`:
+            ``"sigmoid"`` or ``"hardsigmoid"`` (``relu6(v + 3) / 6``, as ``F.hardsigmoid``; MobileNetV3).
         backend: see :func:`effnet_kernels.ops.dwconv_bn_act`.
 
     Returns:
-        The gate, ``[N, C]`` float32.
+        The gate, ``[N, C]`` float32 (float64 for float64 ``pooled``, computed by the ``torch`` backend).
     """
     _checks.require_tensors(pooled=pooled, w_reduce=w_reduce, b_reduce=b_reduce, w_expand=w_expand, b_expand=b_expand)
+    _checks.normalize_se_activation(activation, gate)
     w_reduce = _checks.squeeze_weight_2d(w_reduce, "w_reduce")
     w_expand = _checks.squeeze_weight_2d(w_expand, "w_expand")
     return torch.ops.effnet.se_gate.default(
-        pooled, w_reduce, b_reduce, w_expand, b_expand, backends.requested_backend(backend)
+        pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backends.requested_backend(backend)
     )
 
 
@@ -138,7 +152,7 @@ def se_excite(y: Tensor, gate: Tensor, *, backend: Optional[str] = None) -> Tens
     """SE excitation: ``y * gate[:, :, None, None]`` in y's dtype and memory format.
 
     Args:
-        y: ``[N, C, H, W]`` float32, float16 or bfloat16.
+        y: ``[N, C, H, W]`` float32, float16, bfloat16 or float64 (``torch`` backend only).
         gate: ``[N, C]`` (float32 from :func:`se_gate`, or y's dtype).
         backend: see :func:`effnet_kernels.ops.dwconv_bn_act`.
     """

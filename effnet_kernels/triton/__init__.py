@@ -37,8 +37,7 @@ def _unsupported(op: str, t: torch.Tensor, args: tuple = ()) -> list[str]:
             reasons.append("CPU tensors need TRITON_INTERPRET=1")
     elif t.device.type != "cuda":
         reasons.append(f"tensors on {t.device.type} are not supported (CUDA, or CPU with TRITON_INTERPRET=1)")
-    if t.dtype not in SUPPORTED_DTYPES and t.dtype != torch.float64:
-        reasons.append(f"dtype {t.dtype} is not supported")
+    reasons.extend(backends.dtype_reasons("the triton kernels", SUPPORTED_DTYPES, (t, *args)))
     return reasons
 
 

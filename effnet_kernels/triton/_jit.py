@@ -11,6 +11,7 @@ themselves ``@triton.jit`` functions (``tl.zeros``, ``tl.sigmoid``, ``tl.sum``, 
 are compiled-only or interpreted-only depending on ``TRITON_INTERPRET`` when Triton was
 imported. Kernels here use builtins instead (``tl.full``, ``tl.exp``) and
 :data:`SUM` with ``tl.reduce``, which the interpreter recognises and runs with numpy.
+Helpers of their own that kernels call are device functions (:func:`device_function`), which work both ways.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ class DeviceKernel:
         if self._compiled is None:
             self._compiled = triton.runtime.jit.JITFunction(self.fn, do_not_specialize=list(self.do_not_specialize))
         return self._compiled
+
+
+class DeviceFunction(triton.runtime.jit.JITFunction):
+    """A helper that :class:`DeviceKernel` kernels call, compiled or interpreted.
+
+    Compiled kernels inline it as any ``@triton.jit`` function (it is one); an interpreted
+    kernel calls it as Python, with ``triton.language`` already patched by the interpreter
+    for the kernel's run, through the interpreter's own rewrite of the function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        fn = self.__dict__.get("_interpreted_fn")
+        if fn is None:
+            from triton.runtime.interpreter import FunctionRewriter
+
+            fn = self.__dict__["_interpreted_fn"] = FunctionRewriter(self.fn).rewrite_ast()
+        return fn(*args, **kwargs)
+
+
+def device_function(fn: Callable) -> DeviceFunction:
+    """Decorator: ``fn`` (written as a ``@triton.jit`` helper) callable from kernels run either way."""
+    return DeviceFunction(fn)
 
 
 def interpreted(t: torch.Tensor) -> bool:

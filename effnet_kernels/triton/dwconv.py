@@ -1,8 +1,9 @@
-"""Triton ``dwconv_bn_act``: depthwise k x k conv + folded BatchNorm + SiLU (+ SE squeeze).
+"""Triton ``dwconv_bn_act``: depthwise k x k conv + folded BatchNorm + activation (+ SE squeeze).
 
-One kernel serves both memory formats. A program computes a tile of ``BLOCK_P`` output
+One kernel serves both memory formats and every activation (the constexpr ``ACT``, see
+:mod:`._activation`). A program computes a tile of ``BLOCK_P`` output
 pixels (flattened over Ho x Wo of one sample) x ``BLOCK_C`` channels with float32
-accumulation, applies ``scale``/``shift`` and SiLU in the epilogue, stores the tile in
+accumulation, applies ``scale``/``shift`` and the activation in the epilogue, stores the tile in
 the input's dtype and, with the squeeze, sums the activated float32 values of the tile
 per channel:
 
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from .._launch import DWConvLaunch, prepare_dwconv
 from . import _tuning
+from ._activation import activate
 from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2
 
 Tensor = torch.Tensor
@@ -61,7 +63,7 @@ def _dwconv_bn_act_kernel(
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     pad_top, pad_left, inv_hw,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    SILU: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
+    ACT: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BF16_RTNE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -103,8 +105,7 @@ def _dwconv_bn_act_kernel(
             acc += xv.to(tl.float32) * wv
 
     u = acc * tl.load(scale_ptr + c, mask=c_ok, other=0.0) + tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-    if SILU:
-        u = u / (1.0 + tl.exp(-u))
+    u = activate(u, ACT)
     out = u
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
         out = (out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
@@ -192,7 +193,7 @@ def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
         *lp.x.stride(), *lp.y.stride(),
         lp.pad_top, lp.pad_left, 1.0 / (lp.ho * lp.wo),
         K=lp.k, SH=lp.stride_h, SW=lp.stride_w,
-        SILU=lp.silu, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
+        ACT=lp.act, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
         BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_P=bp, BLOCK_C=bc, num_warps=cfg.num_warps,
     )
     if mode == _SQUEEZE_STORE and red is not lp.mean:
@@ -217,7 +218,7 @@ def _timed_launch(lp: DWConvLaunch, deterministic: bool) -> Callable[[_tuning.Co
 
 def _tune_key(lp: DWConvLaunch, squeeze_mode: str) -> tuple:
     return (
-        "dwconv", lp.x.device.index, lp.layout, lp.x.dtype, lp.k, lp.stride_h, lp.stride_w, lp.silu,
+        "dwconv", lp.x.device.index, lp.layout, lp.x.dtype, lp.k, lp.stride_h, lp.stride_w, lp.act,
         squeeze_mode, next_pow2(lp.c), next_pow2(lp.ho * lp.wo), next_pow2(lp.n), lp.int64,
     )
 
@@ -229,7 +230,7 @@ def dwconv_bn_act(
     shift: Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
-    silu: bool,
+    activation: str,
     squeeze: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Triton implementation of ``effnet::dwconv_bn_act`` (signature of the reference).
@@ -239,13 +240,14 @@ def dwconv_bn_act(
             own memory format); CUDA, or CPU under ``TRITON_INTERPRET=1``.
         weight: ``[C, 1, k, k]``, k odd; scale, shift: ``[C]`` float32.
         stride: ``(sh, sw)``; padding: ``(left, right, top, bottom)``.
-        silu: apply SiLU after the affine; squeeze: also return the spatial mean.
+        activation: a name of ``ops._checks.ACTIVATIONS``, applied after the affine;
+        squeeze: also return the spatial mean.
 
     Returns:
         ``(y, mean)``: ``y`` in x's dtype and memory format, ``mean`` ``[N, C]`` float32
         (``None`` without squeeze).
     """
-    lp = prepare_dwconv(x, weight, scale, shift, stride, padding, silu, squeeze)
+    lp = prepare_dwconv(x, weight, scale, shift, stride, padding, activation, squeeze)
     if lp.y.numel() == 0:
         return lp.y, lp.mean
     deterministic = lp.deterministic
