@@ -21,7 +21,7 @@ from .nn import MBConv
 
 logger = logging.getLogger("effnet_kernels")
 
-_ADAPTERS = ("native", "efficientnet_pytorch", "torchvision", "timm")
+_ADAPTERS = ("native", "efficientnet_pytorch", "torchvision", "timm", "huggingface")
 _REPORT_ATTR = "_effnet_conversion_report"
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -55,7 +55,11 @@ def _adapters():
 
 def _match(module: nn.Module, adapters) -> Optional[Callable]:
     for adapter in adapters:
-        types = adapter.block_types()
+        try:
+            types = adapter.block_types()
+        except Exception as exc:  # a library in an unexpected state must not break convert()
+            logger.debug("effnet_kernels: adapter %s cannot list its block types: %r", adapter.__name__, exc)
+            continue
         if types and type(module) in types:
             return adapter.plan
     return None
@@ -70,8 +74,12 @@ def convert(
     """Swap every fusable MBConv block of ``model`` for a fused :class:`effnet_kernels.MBConv`, in place.
 
     Recognised blocks: :class:`effnet_kernels.blocks.MBConvBlock`, efficientnet_pytorch
-    ``MBConvBlock``, torchvision ``MBConv``, timm ``InvertedResidual`` and
-    ``DepthwiseSeparableConv``. Converting twice changes nothing.
+    ``MBConvBlock``, torchvision ``MBConv`` / ``FusedMBConv`` / MobileNetV2 and V3
+    ``InvertedResidual`` / MNASNet ``_InvertedResidual``, timm ``InvertedResidual`` /
+    ``DepthwiseSeparableConv`` (/ ``EdgeResidual``, ``CondConvResidual``) and transformers
+    ``EfficientNetBlock``. A recognised block that cannot be fused (``FusedMBConv``, an
+    activation the kernels do not compute, an unexpected layout) is left alone and the
+    report says why; ``convert`` never raises for a block. Converting twice changes nothing.
 
     Args:
         model: the model (or a single block).
@@ -105,6 +113,9 @@ def convert(
                 fused = MBConv.from_plan(planner(module), backend)
             except NotFusable as exc:
                 report.skipped[name or "<model>"] = str(exc)
+                return module
+            except Exception as exc:  # an unexpected layout: leave the block alone, never raise for it
+                report.skipped[name or "<model>"] = f"adapter error: {type(exc).__name__}: {exc}"
                 return module
             report.swapped.append(name or "<model>")
             return fused

@@ -219,9 +219,170 @@ def test_timm_lookalike_train_mode_is_the_original(lookalike_libraries):
         torch.testing.assert_close(v, v_ref, msg=k)
 
 
-def test_timm_lookalike_relu_block_is_left_alone(lookalike_libraries):
-    model = nn.Sequential(InvertedResidual(8, 8, 3, 1, 4, act=nn.ReLU))
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.Hardswish])
+def test_timm_lookalike_activation_family(lookalike_libraries, act):
+    """ReLU / ReLU6 / hard-swish blocks fuse, the expand conv's activation folded with its BN."""
+    kind = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}[act]
+    x = torch.randn(2, 8, 7, 7)
+    model = calibrated(nn.Sequential(InvertedResidual(8, 8, 3, 1, 4, act=act)), x)
+    eager = copy.deepcopy(model)
+    ek.convert(model, backend="torch")
+    report = ek.conversion_report(model)
+    assert report.swapped == ["0"] and model[0].plan.dw.activation == kind, report
+    assert model[0].plan.pre[0].activation == kind  # the expand conv's BN + activation folded too
+    assert_converted_matches(eager, model, x, dtypes=(torch.float32, torch.bfloat16), expect_blocks=1)
+
+
+def test_timm_lookalike_unknown_activation_is_left_alone(lookalike_libraries):
+    model = nn.Sequential(InvertedResidual(8, 8, 3, 1, 4, act=nn.GELU))
     ek.convert(model)
     report = ek.conversion_report(model)
-    assert list(report.skipped) == ["0"] and "ReLU is not SiLU" in report.skipped["0"]
+    assert list(report.skipped) == ["0"] and "GELU is not one the kernels recognise" in report.skipped["0"], report
     assert type(model[0]) is InvertedResidual
+
+
+class MixedConv2d(nn.ModuleDict):
+    """timm's MixedConv2d: one conv per kernel size on channel splits (no ``.padding``)."""
+
+    def __init__(self, c, kernels=(3, 5)):
+        super().__init__()
+        self.splits = [c // len(kernels)] * len(kernels)
+        for i, (k, ch) in enumerate(zip(kernels, self.splits)):
+            self[str(i)] = nn.Conv2d(ch, ch, k, padding=k // 2, groups=ch, bias=False)
+
+    def forward(self, x):
+        return torch.cat([conv(t) for conv, t in zip(self.values(), torch.split(x, self.splits, 1))], 1)
+
+
+def test_timm_lookalike_mixed_conv_is_left_alone_not_raised(lookalike_libraries):
+    """MixNet's MixedConv2d depthwise conv used to raise AttributeError ('padding') inside convert()."""
+    block = InvertedResidual(8, 8, 3, 1, 4)
+    block.conv_dw = MixedConv2d(32)
+    model = nn.Sequential(block, InvertedResidual(8, 8, 3, 1, 4))
+    ek.convert(model)
+    report = ek.conversion_report(model)
+    assert report.swapped == ["1"] and list(report.skipped) == ["0"], report
+    assert "MixedConv2d" in report.skipped["0"] and "adapter error" not in report.skipped["0"]
+    assert type(model[0]) is InvertedResidual
+
+
+def test_unexpected_layout_is_a_skipped_block_never_an_exception(lookalike_libraries):
+    """The safety net: an exception inside an adapter becomes a skipped block with the reason."""
+    broken = InvertedResidual(8, 8, 3, 1, 4)
+    del broken.se  # a layout the adapter does not expect: AttributeError inside plan()
+    model = nn.Sequential(broken, InvertedResidual(8, 8, 3, 1, 4))
+    ek.convert(model)
+    report = ek.conversion_report(model)
+    assert report.swapped == ["1"], report
+    assert report.skipped["0"].startswith("adapter error: AttributeError: "), report
+    assert type(model[0]) is InvertedResidual
+
+
+# ---------------------------------------------------------------- torchvision MobileNet / MNASNet look-alikes
+class TvInvertedResidualV2(nn.Module):
+    """torchvision MobileNetV2's InvertedResidual: [pw CNA ReLU6], dw CNA ReLU6, Conv2d, BatchNorm2d."""
+
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = []
+        if expand != 1:
+            layers.append(Conv2dNormActivation(cin, mid))
+        layers += [Conv2dNormActivation(mid, mid, 3, stride, groups=mid), nn.Conv2d(mid, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        for layer in layers:
+            if isinstance(layer, Conv2dNormActivation):
+                layer[2] = nn.ReLU6(inplace=True)
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class TvInvertedResidualV3(TvMBConv):
+    """torchvision MobileNetV3's InvertedResidual: hard-swish, SE with ReLU and hard-sigmoid."""
+
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__(cin, cout, k, stride, expand)
+        for m in self.block.modules():
+            if isinstance(m, Conv2dNormActivation) and len(m) == 3:
+                m[2] = nn.Hardswish()
+            if isinstance(m, SqueezeExcitation):
+                m.activation, m.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+
+class TvMnasInvertedResidual(nn.Module):
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        self.apply_residual = cin == cout and stride == 1
+        self.layers = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, k, padding=k // 2, stride=stride, groups=mid, bias=False), nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True), nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.layers(x) + x if self.apply_residual else self.layers(x)
+
+
+class TvFusedMBConv(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block = nn.Sequential(Conv2dNormActivation(c, c, 3))
+
+    def forward(self, x):
+        return self.block(x) + x
+
+
+TvInvertedResidualV2.__name__ = TvInvertedResidualV3.__name__ = "InvertedResidual"
+TvMnasInvertedResidual.__name__, TvFusedMBConv.__name__ = "_InvertedResidual", "FusedMBConv"
+
+
+@pytest.fixture
+def mobilenet_lookalikes(monkeypatch, lookalike_libraries):
+    sys.modules["torchvision.models.efficientnet"].FusedMBConv = TvFusedMBConv
+    for name, attr, cls in (("mobilenetv2", "InvertedResidual", TvInvertedResidualV2),
+                            ("mobilenetv3", "InvertedResidual", TvInvertedResidualV3),
+                            ("mnasnet", "_InvertedResidual", TvMnasInvertedResidual)):
+        mod = types.ModuleType(f"torchvision.models.{name}")
+        setattr(mod, attr, cls)
+        monkeypatch.setitem(sys.modules, f"torchvision.models.{name}", mod)
+
+
+def test_torchvision_mobilenet_mnasnet_lookalikes(mobilenet_lookalikes):
+    x = torch.randn(2, 16, 11, 10)
+    model = calibrated(nn.Sequential(
+        TvInvertedResidualV2(16, 16, 1, 1), TvInvertedResidualV2(16, 24, 2, 6),
+        TvInvertedResidualV3(24, 24, 5, 1, 3), TvMnasInvertedResidual(24, 24, 3, 1, 3), TvFusedMBConv(24)), x)
+    eager = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    ek.convert(model, backend="torch")
+    report = ek.conversion_report(model)
+    assert report.swapped == ["0", "1", "2", "3"] and list(report.skipped) == ["4"], report
+    assert report.skipped["4"].startswith("FusedMBConv has a full kxk conv"), report
+    assert list(model.state_dict()) == keys
+    assert model[0].plan.pre == () and model[0].plan.se is None and model[0].plan.residual
+    assert [model[i].plan.dw.activation for i in range(4)] == ["relu6", "relu6", "hardswish", "relu"]
+    assert isinstance(model[1].plan.post[0], PointwiseSpec)
+    se = model[2].plan.se
+    assert (se.activation, se.gate_kind) == ("relu", "hardsigmoid")
+    assert_converted_matches(eager, model, x, dtypes=(torch.float32, torch.bfloat16), expect_blocks=4)
+    ek.revert(model)
+    assert [type(b) for b in model] == [type(b) for b in eager]
+
+
+def test_sync_batchnorm_is_accepted(lookalike_libraries):
+    """SyncBatchNorm (eval, running stats) fuses like BatchNorm2d. ``convert_sync_batchnorm`` turns
+    timm's BatchNormAct2d into a plain SyncBatchNorm that keeps ``act`` as an unused child: the
+    fused block follows what the model computes (no activation there), not the leftover child."""
+    x = torch.randn(2, 16, 11, 10)
+    model = calibrated(nn.Sequential(InvertedResidual(16, 24, 5, 2, 6), TvMBConv(24, 24, 3, 1, 6)), x)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) >= 4
+    assert isinstance(model[0].bn2.act, nn.SiLU)  # carried along, never called
+    eager = copy.deepcopy(model)
+    ek.convert(model, backend="torch")
+    assert ek.conversion_report(model).swapped == ["0", "1"]
+    assert model[0].plan.dw.activation == "identity" and model[1].plan.dw.activation == "silu"
+    assert_converted_matches(eager, model, x, expect_blocks=2)

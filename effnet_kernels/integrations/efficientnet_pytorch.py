@@ -44,7 +44,8 @@ def plan(block: nn.Module) -> MBConvPlan:
     dw = dw_spec(block._depthwise_conv, block._bn1, _padding(block._depthwise_conv), require_activation(act, "block"))
     se = None
     if block.has_se:
-        se = se_spec(block._se_reduce, act, block._se_expand, nn.Sigmoid())  # the block applies torch.sigmoid
+        se = se_spec(block._se_reduce, act, block._se_expand, nn.Sigmoid(),  # the block applies torch.sigmoid
+                     paddings=(_padding(block._se_reduce), _padding(block._se_expand)))
     residual = bool(block.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
     return MBConvPlan(
         pre=pre, dw=dw, se=se,

@@ -1,9 +1,12 @@
-"""Adapter for timm's ``InvertedResidual`` and ``DepthwiseSeparableConv`` (EfficientNet family).
+"""Adapter for timm's ``InvertedResidual`` and ``DepthwiseSeparableConv`` (EfficientNet, MobileNet, MixNet, ...).
 
-Handles ``BatchNormAct2d`` (BN with its activation inside), ``pad_type='same'``
-(``Conv2dSame``: dynamic TF padding; static "same" is a plain padded conv) and
-``drop_path``. Blocks with space-to-depth, anti-aliasing, a non-SiLU activation or a
-non-sigmoid SE gate are left alone.
+Handles ``BatchNormAct2d`` (BN with its activation inside; any activation the kernels
+compute: SiLU, ReLU, ReLU6, hard-swish as they land), ``pad_type='same'`` (``Conv2dSame``:
+dynamic TF padding; static "same" is a plain padded conv), ``drop_path``, ``noskip`` and
+SE with ReLU / hard-sigmoid (MobileNetV3). Left alone, with the reason: space-to-depth,
+anti-aliasing, ``MixedConv2d`` depthwise convs (MixNet: one conv per kernel size on channel
+splits), activations or SE kinds the kernels do not compute, ``EdgeResidual`` and
+``CondConvResidual``.
 """
 
 from __future__ import annotations
@@ -11,22 +14,41 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan
-from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, pointwise, se_spec
+from ._common import (
+    NotFusable, activation_kind, conv_padding, describe, dw_activations, dw_spec, is_plain_conv, loaded_module,
+    pointwise, se_spec,
+)
 
 NAME = "timm"
 _BLOCK_MODULES = ("timm.models._efficientnet_blocks", "timm.models.efficientnet_blocks")
+_FUSABLE = ("InvertedResidual", "DepthwiseSeparableConv")
+_LEFT_ALONE = {
+    "EdgeResidual": "EdgeResidual has a full kxk conv in place of expand + depthwise: nothing for the depthwise kernel to fuse",
+    "CondConvResidual": "CondConvResidual's convs are per-sample mixtures of experts (CondConv2d), not fused",
+}
 
 
-def block_types() -> tuple[type, ...]:
+def _types() -> dict[type, str]:
     for name in _BLOCK_MODULES:
         mod = loaded_module(name)
         if mod is not None:
-            return (mod.InvertedResidual, mod.DepthwiseSeparableConv)
-    return ()
+            found = {}
+            for n in _FUSABLE + tuple(_LEFT_ALONE):
+                cls = getattr(mod, n, None)
+                if isinstance(cls, type):
+                    found[cls] = n
+            return found
+    return {}
 
 
-def _padding(conv: nn.Conv2d):
+def block_types() -> tuple[type, ...]:
+    return tuple(_types())
+
+
+def _padding(conv: nn.Module):
     kind = type(conv).__name__
+    if not isinstance(conv, nn.Conv2d):
+        raise NotFusable(f"conv is {kind}, not an nn.Conv2d")
     if kind == "Conv2dSame":
         return "same"
     if kind == "Conv2dSameExport":
@@ -34,39 +56,69 @@ def _padding(conv: nn.Conv2d):
         if pad is None or getattr(pad, "pad", None) is None:
             raise NotFusable("Conv2dSameExport without a resolved padding")
         return conv_padding(conv, tuple(pad.pad))  # type: ignore[arg-type]
+    if not is_plain_conv(conv):
+        raise NotFusable(f"conv {kind} has a forward of its own (unknown padding)")
     return conv_padding(conv)
 
 
+_PLAIN_NORM_FORWARDS = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.modules.batchnorm._BatchNorm.forward}
+
+
 def _norm_act(bn: nn.Module, where: str) -> str:
-    """The activation a timm norm layer applies after normalising ("silu"/"identity")."""
+    """The kind of activation a timm norm layer applies after normalising (NotFusable if not recognised).
+
+    A norm with a plain BatchNorm forward applies none, whatever children it carries
+    (``nn.SyncBatchNorm.convert_sync_batchnorm`` turns a ``BatchNormAct2d`` into a
+    ``SyncBatchNorm`` that keeps ``act`` and ``drop`` as children but never calls them).
+    """
+    if type(bn).forward in _PLAIN_NORM_FORWARDS:
+        return "identity"
     drop = getattr(bn, "drop", None)
     if drop is not None and not isinstance(drop, nn.Identity):
         raise NotFusable(f"{where} norm has a dropout inside")
-    kind = activation_kind(getattr(bn, "act", None))
+    act = getattr(bn, "act", None)
+    kind = activation_kind(act)
     if kind is None:
-        raise NotFusable(f"{where} activation {type(bn.act).__name__} is not SiLU or identity")
+        raise NotFusable(f"{where} activation {type(act).__name__} is not one the kernels recognise")
     return kind
 
 
 def _folded(conv: nn.Module, bn: nn.Module, where: str) -> tuple:
     """``conv`` + timm norm(-act) layer as a folded :class:`PointwiseSpec`, else the two modules."""
+    if not isinstance(conv, nn.Conv2d):  # e.g. MixedConv2d, CondConv2d: runs as it is
+        return (conv, bn)
     try:
         kind = _norm_act(bn, where)
+        padding = _padding(conv)
     except NotFusable:
-        kind = None
-    return pointwise(conv, bn, kind, (conv, bn), padding=_padding(conv))
+        return (conv, bn)
+    return pointwise(conv, bn, kind, (conv, bn), padding=padding)
 
 
 def plan(block: nn.Module) -> MBConvPlan:
     """Describe a timm ``InvertedResidual`` / ``DepthwiseSeparableConv`` for fusion."""
+    kind = _types().get(type(block))
+    if kind in _LEFT_ALONE:
+        raise NotFusable(_LEFT_ALONE[kind])
     if getattr(block, "conv_s2d", None) is not None:
         raise NotFusable("space-to-depth stem (s2d) is not fused")
     aa = getattr(block, "aa", None)
     if aa is not None and not isinstance(aa, nn.Identity):
         raise NotFusable("anti-aliased downsampling is not fused")
     inverted = hasattr(block, "conv_pwl")
+    conv_dw = block.conv_dw
+    if type(conv_dw).__name__ == "MixedConv2d":
+        sizes = sorted({int(getattr(c, "kernel_size", (0,))[0]) for c in conv_dw.children()})
+        raise NotFusable(f"depthwise conv is a MixedConv2d (kernels {'/'.join(map(str, sizes))} on channel splits), "
+                         "not one nn.Conv2d")
+    if not isinstance(conv_dw, nn.Conv2d):
+        raise NotFusable(f"depthwise conv is {type(conv_dw).__name__}, not an nn.Conv2d")
     dw_bn = block.bn2 if inverted else block.bn1
-    dw = dw_spec(block.conv_dw, dw_bn, _padding(block.conv_dw), _norm_act(dw_bn, "depthwise"))
+    act_kind = _norm_act(dw_bn, "depthwise")
+    if act_kind not in dw_activations():
+        raise NotFusable(f"depthwise activation {describe(getattr(dw_bn, 'act', None))} is not one the fused "
+                         f"kernel computes ({', '.join(dw_activations())})")
+    dw = dw_spec(conv_dw, dw_bn, _padding(conv_dw), act_kind)
     se_mod = block.se
     se = None
     if not isinstance(se_mod, nn.Identity):
