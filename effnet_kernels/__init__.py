@@ -1,11 +1,13 @@
 """effnet_kernels: fused GPU kernels for EfficientNet B0-B7.
 
-One line: ``effnet_kernels.convert(model)`` swaps the MBConv blocks of a torchvision,
-timm, efficientnet_pytorch or :mod:`effnet_kernels.models` EfficientNet for fused
-ones, in place. ``python -m effnet_kernels info`` says which backends work here.
+One line: ``effnet_kernels.convert(model)`` swaps the inverted-residual blocks of a
+torchvision, timm, transformers, efficientnet_pytorch or :mod:`effnet_kernels.models`
+EfficientNet (and MobileNetV2/V3, MNASNet, EfficientNet-Lite, MixNet) for fused ones, in
+place. :mod:`effnet_kernels.export` exports a converted model (torch.export, ONNX).
+``python -m effnet_kernels info`` says which backends work here.
 """
 
-from . import models, ops
+from . import export, models, ops
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .convert import ConversionReport, conversion_report, convert, revert
 from .nn import FusedDWConvBNAct, MBConv, SqueezeExcite
@@ -22,6 +24,7 @@ __all__ = [
     "FusedDWConvBNAct",
     "ops",
     "models",
+    "export",
     "use_backend",
     "available_backends",
     "BackendUnavailableError",

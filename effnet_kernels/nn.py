@@ -106,10 +106,12 @@ def cached_fold(owner: object, conv: nn.Conv2d, bn: nn.BatchNorm2d, compute: Cal
 
     The cache is keyed on each source tensor's storage and version counter (bumped by every
     in-place update: optimizer steps, ``load_state_dict``, ``.to()``), and is bypassed when
-    autograd needs the graph or under ``torch.compile``.
+    autograd needs the graph, under ``torch.compile`` / ``torch.export`` and under
+    ``torch.jit.trace`` (a traced graph computes the fold from the parameters, it never bakes
+    in a cached result).
     """
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.compiler.is_compiling() or (
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
     ):
         return compute()
