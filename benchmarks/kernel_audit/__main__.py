@@ -1,0 +1,51 @@
+"""``python -m benchmarks.kernel_audit [--quick] [--out-dir DIR] [--csv FILE] [--md FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import cache as cache_mod
+from .audit import BACKENDS, run_audit
+from .invariants import audit_invariant_violations
+from .report import write_csv, write_markdown
+from .workloads import network_workloads, quick_workloads
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Audit every Triton and CUDA launch of EfficientNet B0-B7 for sm_90 and write the CSV and markdown."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_audit", description=main.__doc__)
+    p.add_argument("--quick", action="store_true", help="a small subset (B0, fp16, 2 layers): for tests")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where kernel_audit.csv/.md go (default %(default)s)")
+    p.add_argument("--csv", type=Path, default=None, help="CSV path (default OUT_DIR/kernel_audit.csv)")
+    p.add_argument("--md", type=Path, default=None, help="markdown path (default OUT_DIR/kernel_audit.md)")
+    p.add_argument("--title", default="Kernel audit")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of %(default)s")
+    p.add_argument("--cache-dir", type=Path, default=cache_mod.default_dir(),
+                   help="compile cache (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything afresh, cache nothing")
+    p.add_argument("--jobs", type=int, default=2, help="nvcc jobs at once (default %(default)s)")
+    p.add_argument("--check", action="store_true", help="exit 1 when audit_invariant_violations() finds any")
+    a = p.parse_args(argv)
+    backends = [b for b in a.backends.split(",") if b]
+    t0 = time.perf_counter()
+    wls = quick_workloads() if a.quick else network_workloads()
+    rows = run_audit(wls, backends, None if a.no_cache else a.cache_dir, cuda_dtypes=("fp16",) if a.quick else None,
+                     jobs=a.jobs)
+    csv_path = a.csv or a.out_dir / "kernel_audit.csv"
+    md_path = a.md or a.out_dir / "kernel_audit.md"
+    write_csv(rows, csv_path)
+    write_markdown(rows, md_path, a.title)
+    violations = audit_invariant_violations(rows)
+    print(f"kernel_audit: {len(rows)} rows -> {csv_path}, {md_path}; {len(violations)} invariant violations; "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 1 if a.check and violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
