@@ -286,6 +286,9 @@ def test_quick_audit_finds_the_known_defects(quick_rows):
     assert single and all(r["ordering_ops"] == "" and r["atomics"] == "" for r in single)
     cuda_nhwc = [r for r in rows if r["backend"] == "cuda" and r["kernel"].startswith("dwconv_nhwc")]
     assert cuda_nhwc and all(float(r["bank_max_ways"]) == 25 for r in cuda_nhwc)  # k5 staging
+    # C = 144 fp16: two 128-channel blocks, the second with 16 channels = 2 of 16 threads per row (4 of 32 lanes)
+    c144 = [r for r in cuda_nhwc if r["C"] == "144"]
+    assert c144 and all(float(r["channel_utilization"]) == 0.562 and "4 of 32 lanes" in r["notes"] for r in c144)
 
 
 # ------------------------------------------------------------------ invariants on the committed "before" audit

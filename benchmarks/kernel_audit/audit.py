@@ -41,7 +41,7 @@ def triton_rows(workloads: Sequence[Workload], cache: DiskCache, say: Callable[[
             rows.append(make_row(
                 wl, "triton", l.kernel, triton_audit.config_of(l), "untuned default (EFFNET_KERNELS_TRITON_TUNE=0)",
                 32 * l.num_warps, l.grid, rec, rec["dynamic_smem"] if rec else 0, triton_audit.outputs_per_thread(l), [],
-                [] if rec else ["failed to compile for sm_90"]))
+                [] if rec else ["failed to compile for sm_90"], channel_slots=triton_audit.channel_slots(l)))
     return rows
 
 
@@ -59,7 +59,8 @@ def cuda_rows(workloads: Sequence[Workload], cache: DiskCache, dtypes: Optional[
             threads = l.block[0] * l.block[1] * l.block[2]
             share = se_gate_share(wl, l.kernel) if wl.op == "se_gate" else 1.0
             rows.append(make_row(wl, "cuda", l.kernel.split("::")[-1], l.config, "fixed (csrc launch code)", threads,
-                                 l.grid, rec, l.dynamic_smem, l.outputs_per_thread, conflicts, [l.note], share))
+                                 l.grid, rec, l.dynamic_smem, l.outputs_per_thread, conflicts, [l.note], share,
+                                 l.channel_slots))
     return rows
 
 

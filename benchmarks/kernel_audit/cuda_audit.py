@@ -117,6 +117,7 @@ class CudaLaunch:
     bank_kernel: Optional[str] = None
     outputs_per_thread: Optional[float] = None
     note: str = ""
+    channel_slots: Optional[int] = None  # channels (NCHW: planes) the grid covers, idle ones included
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -138,16 +139,21 @@ def _dwconv(wl: Workload) -> CudaLaunch:
         grid = (_cdiv(nvec, bx), min(_cdiv(strips, by), 65535), min(wl.n, 65535))
         smem = 4 * (wl.k * wl.k * bx * v + by * bx * v)
         vec = (wl.c * ELEMENT_BYTES[wl.dtype]) % 16 == 0
+        notes = [] if vec else ["C*s % 16 != 0: scalar (unvectorised) path"]
+        last_tx = nvec - (grid[0] - 1) * bx  # threads along C with channels in the last channel block
+        if last_tx < bx:
+            lanes = 32 if bx >= 32 else (32 // bx) * last_tx
+            notes.append(f"last channel block: {lanes} of 32 lanes per warp active")
         return CudaLaunch(f"void effnet::dwconv_nhwc_kernel<{t}, {wl.k}, {sw}, true, {act}>", grid, (bx, by, 1), smem,
                           f"block={bx}x{by} V={v} tile_w={tile_w}",
                           dict(k=wl.k, bx=bx, by=by, v=v, cb=bx * v, threads=bx * by), "dwconv_nhwc",
-                          note="" if vec else "C*s % 16 != 0: scalar (unvectorised) path")
+                          note="; ".join(notes), channel_slots=grid[0] * bx * v)
     bx = min(_cdiv(strips, 32) * 32, THREADS)
     by = THREADS // bx
     grid = (_cdiv(wl.n * wl.c, by), min(_cdiv(strips, bx), 65535), 1)
     return CudaLaunch(f"void effnet::dwconv_nchw_kernel<{t}, {wl.k}, {sw}, true, {act}>", grid, (bx, by, 1), 4 * THREADS,
                       f"block={bx}x{by} tile_w={tile_w}", dict(k=wl.k, bx=bx, by=by, v=1, cb=bx, threads=bx * by),
-                      "dwconv_nchw")
+                      "dwconv_nchw", channel_slots=grid[0] * by)
 
 
 def _blocks_for(work: int, per_block: int) -> int:

@@ -19,7 +19,7 @@ VARIANT_KEY = ("backend", "kernel", "op", "dtype", "layout", "k", "stride", "con
                "spill_load_B", "static_smem_B", "dynamic_smem_B", "ctas_per_sm", "warps_per_sm", "ldg_by_bits",
                "stg_by_bits", "ordering_ops", "atomics", "reductions", "bank_conflicts")
 MD_COLUMNS = ("backend", "kernel", "dtype", "layout", "k", "stride", "config", "launches", "regs", "spill st/ld B",
-              "smem B (static+dyn)", "CTAs/SM", "warps/SM", "waves@132 (min–max)", "LDG by bits", "STG by bits",
+              "smem B (static+dyn)", "CTAs/SM", "warps/SM", "waves@132 (min–max)", "channel use (min)", "LDG by bits", "STG by bits",
               "LDG/out", "fences & atomics", "bank conflicts (max ways)", "implied µs (min–max)")
 
 
@@ -90,6 +90,8 @@ def variant_table(rows: Sequence[dict]) -> list[dict]:
             "spill st/ld B": f"{r['spill_store_B']}/{r['spill_load_B']}",
             "smem B (static+dyn)": f"{r['static_smem_B']}+{r['dynamic_smem_B']}", "CTAs/SM": r["ctas_per_sm"],
             "warps/SM": r["warps_per_sm"], "waves@132 (min–max)": _range(x["waves_132sm"] for x in rs),
+            "channel use (min)": min((float(x["channel_utilization"]) for x in rs if x.get("channel_utilization", "") != ""),
+                                     default=""),
             "LDG by bits": r["ldg_by_bits"], "STG by bits": r["stg_by_bits"],
             "LDG/out": _range(x["ldg_per_output"] for x in rs), "fences & atomics": fences,
             "bank conflicts (max ways)": "" if bank is None else f"{bank:g}",
@@ -118,7 +120,7 @@ def markdown(rows: Sequence[dict], title: str = "Kernel audit") -> str:
         "loops (Triton's unrolled kernels; blank for looping kernels). CTAs/SM follows `cuda_occupancy.h` "
         f"(benchmarks/kernel_audit/hardware.py: 65536 regs/SM in 4 sub-partitions, 256-register warp granularity, "
         f"228 KB smem/SM, 227 KB/CTA, 1 KB reserved per CTA, 2048 threads, 32 CTAs/SM); waves = CTAs / (CTAs/SM x "
-        f"{hardware.SMS} SMs). Bank conflicts are simulated (benchmarks/kernel_audit/banks.py). \"Implied µs\" is "
+        f"{hardware.SMS} SMs); channel use = real channels over the channels the grid's channel blocks cover. Bank conflicts are simulated (benchmarks/kernel_audit/banks.py). \"Implied µs\" is "
         f"the compulsory bytes divided by {hardware.H200_PEAK_TBPS} TB/s (H200 peak HBM3e): implied by bytes at "
         f"{hardware.H200_PEAK_TBPS} TB/s, not measured.\n\n")
     buf.write(f"## Invariant violations ({len(violations)})\n\n`audit_invariant_violations()` "

@@ -13,7 +13,7 @@ COLUMNS = (
     "backend", "kernel", "op", "shape_class", "N", "C", "H", "W", "Ho", "Wo", "k", "stride", "R", "dtype", "layout",
     "used_by", "config", "config_source", "threads", "grid", "ctas", "regs", "spill_store_B", "spill_load_B",
     "stack_B", "local_ld_st", "static_smem_B", "dynamic_smem_B", "ctas_per_sm", "warps_per_sm", "occupancy_limiter",
-    "waves_132sm", "code_source", "loops", "ldg_by_bits", "stg_by_bits", "ldg", "stg", "ldg_128", "stg_128",
+    "waves_132sm", "channel_utilization", "code_source", "loops", "ldg_by_bits", "stg_by_bits", "ldg", "stg", "ldg_128", "stg_128",
     "outputs_per_thread", "ldg_per_output", "stg_per_output", "lds_by_bits", "sts_by_bits", "membar", "cctl_invalidate",
     "atomics", "reductions", "ordering_ops", "bank_conflicts", "bank_max_ways", "compulsory_bytes",
     "implied_us_at_4.8TBps", "notes",
@@ -37,16 +37,21 @@ def _fmt(x: Optional[float], digits: int = 2) -> object:
 def make_row(wl: Workload, backend: str, kernel: str, config: str, config_source: str, threads: int,
              grid: tuple[int, int, int], record: Optional[dict], dynamic_smem: int,
              outputs_per_thread: Optional[float], conflicts: list[banks.ConflictResult], notes: list[str],
-             bytes_share: float = 1.0) -> dict:
+             bytes_share: float = 1.0, channel_slots: Optional[int] = None) -> dict:
     """The audit row of one launch; ``record`` is the compiled kernel's (None: not found/compiled).
 
     ``bytes_share``: the fraction of the workload's compulsory bytes attributed to this launch
     (an op of two kernels, the CUDA se_gate, splits them by what each reads and writes; 1 otherwise).
+    ``channel_slots``: channels (NCHW CUDA: planes) the grid's channel blocks cover; the row's
+    ``channel_utilization`` is the real ones over that (1 = no lanes idle for want of channels).
     """
     row = _base(wl, backend, kernel)
     ctas = grid[0] * grid[1] * grid[2]
     row.update(config=config, config_source=config_source, threads=threads, grid="x".join(map(str, grid)), ctas=ctas,
                dynamic_smem_B=dynamic_smem)
+    if channel_slots:
+        real = wl.n * wl.c if wl.layout == "nchw" and backend == "cuda" else wl.c
+        row["channel_utilization"] = round(real / channel_slots, 3)
     notes = list(notes)
     res = record.get("resources") if record else None
     st = stats_from_json(record.get("stats")) if record else None

@@ -220,3 +220,10 @@ def outputs_per_thread(launch: Launch) -> Optional[float]:
     if "BLOCK_N" in c and "BLOCK_C" in c:
         return None  # se_gate loops over C
     return None
+
+
+def channel_slots(launch: Launch) -> Optional[int]:
+    """Channels the dwconv grid's channel axis covers (``grid[1] * BLOCK_C``); None for other kernels."""
+    if launch.kernel.startswith("_dwconv") and "BLOCK_C" in launch.constexprs:
+        return launch.grid[1] * launch.constexprs["BLOCK_C"]
+    return None
