@@ -21,6 +21,7 @@ import triton.language as tl  # noqa: E402
 
 from benchmarks.kernel_audit import banks, hardware, sass, triton_audit  # noqa: E402
 from benchmarks.kernel_audit.invariants import MIN_WARPS_PER_SM, audit_invariant_violations  # noqa: E402
+from benchmarks.kernel_audit.report import variant_table  # noqa: E402
 from benchmarks.kernel_audit.rows import COLUMNS, make_row  # noqa: E402
 from benchmarks.kernel_audit.workloads import Workload, network_workloads  # noqa: E402
 from effnet_kernels import _build  # noqa: E402
@@ -254,12 +255,23 @@ def quick_rows(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "kernel_audit.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return rows, (out / "kernel_audit.md").read_text()
+    return rows, (out / "kernel_audit.md").read_text(), out
+
+
+def test_markdown_redrawn_from_the_csv(quick_rows, tmp_path):
+    """--md-from writes the same variant table from the CSV alone (nothing compiled)."""
+    from benchmarks.kernel_audit.__main__ import main
+
+    _, md, out = quick_rows
+    assert main(["--md-from", str(out / "kernel_audit.csv"), "--md", str(tmp_path / "again.md")]) == 0
+    table = lambda text: text[text.index("## Compiled variants"):]  # noqa: E731
+    assert table((tmp_path / "again.md").read_text()) == table(md)
 
 
 def test_quick_audit_writes_well_formed_rows(quick_rows):
-    rows, md = quick_rows
+    rows, md, _ = quick_rows
     assert rows and list(rows[0]) == list(COLUMNS)
+    assert md.count("\n| ") == len(variant_table(rows)) + 1  # header + one line per compiled variant
     assert {(r["backend"], r["op"]) for r in rows} >= {(b, o) for b in ("triton", "cuda")
                                                         for o in ("dwconv_bn_act", "se_gate", "se_excite")}
     for r in rows:
@@ -278,7 +290,7 @@ def test_quick_audit_writes_well_formed_rows(quick_rows):
 
 def test_quick_audit_finds_the_known_defects(quick_rows):
     """The quick subset already shows the issue's findings (the kernels on this branch are unfixed)."""
-    rows, _ = quick_rows
+    rows, _, _ = quick_rows
     tri = [r for r in rows if r["backend"] == "triton" and r["op"] == "dwconv_bn_act"]
     atomic = [r for r in tri if r["C"] == "144"]  # 28 x 28 outputs: several tiles, the atomic squeeze
     single = [r for r in tri if r["C"] == "672"]  # 7 x 7 outputs: one tile stores its sums, no atomic

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from . import cache as cache_mod
 from .audit import BACKENDS, run_audit
 from .invariants import audit_invariant_violations
-from .report import write_csv, write_markdown
+from .report import read_csv, write_csv, write_markdown
 from .workloads import network_workloads, quick_workloads
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -31,7 +31,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-cache", action="store_true", help="compile everything afresh, cache nothing")
     p.add_argument("--jobs", type=int, default=2, help="nvcc jobs at once (default %(default)s)")
     p.add_argument("--check", action="store_true", help="exit 1 when audit_invariant_violations() finds any")
+    p.add_argument("--md-from", type=Path, default=None, metavar="CSV",
+                   help="compile nothing: write the markdown (--md) from an existing audit CSV")
     a = p.parse_args(argv)
+    if a.md_from is not None:
+        rows = read_csv(a.md_from)
+        write_markdown(rows, a.md or a.out_dir / "kernel_audit.md", a.title)
+        return 1 if a.check and audit_invariant_violations(rows) else 0
     backends = [b for b in a.backends.split(",") if b]
     t0 = time.perf_counter()
     wls = quick_workloads() if a.quick else network_workloads()

@@ -38,15 +38,23 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str:
+    root = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "effnet_kernels"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-        return out + (" (kernel sources modified)" if dirty else "") if out else "unknown"
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root).stdout.strip()
     except OSError:
+        return ""
+
+
+def _git_commit() -> str:
+    """HEAD, the last commit that changed the kernel sources, and whether they have uncommitted changes."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if not head:
         return "unknown"
+    kernels = _git("log", "-1", "--format=%h", "--", "csrc", "effnet_kernels")
+    dirty = _git("status", "--porcelain", "--", "csrc", "effnet_kernels")
+    return f"HEAD {head}; kernel sources (csrc/, effnet_kernels/) as of {kernels}" + (
+        " plus uncommitted changes" if dirty else "")
 
 
 def environment() -> dict[str, str]:
