@@ -109,25 +109,56 @@ ACTIVATE = {
 
 
 # ------------------------------------------------------------------ dwconv launch shape (dwconv_kernels.cuh)
+def nhwc_threads_c(nvec, V):
+    """nhwc_threads_c: the largest BX <= 128 / V in {1..8} or a multiple of 8 leaving <= 1/8 lanes idle."""
+    max_bx = 128 // V
+    if nvec <= 8:
+        return nvec
+    bx = max_bx
+    while bx > 1:
+        lanes = ceil_div(nvec, bx) * bx
+        if 8 * nvec >= 7 * lanes:
+            return bx
+        bx -= 8 if bx > 8 else 1
+    return 1
+
+
 def dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit=GRID_LIMIT):
     strips = ho * ceil_div(wo, tile_w(SW))
     if nhwc:
         V = pack_width(elem)
         nvec = ceil_div(c, V)
-        bx = nvec if nvec < 128 // V else 128 // V
+        bx = nhwc_threads_c(nvec, V)
         by = K_THREADS // bx
         gy = ceil_div(strips, by)
         grid = (ceil_div(nvec, bx), min(gy, limit), min(n, limit))
-        smem = 4 * (K * K * bx * V + (by * bx * V if squeeze else 0))
+        smem = 4 * ((K * K + 1) * bx * V + (by * bx * V if squeeze else 0))
     else:
         bx = min(ceil_div(strips, 32) * 32, K_THREADS)
         by = K_THREADS // bx
         gy = ceil_div(strips, bx)
         grid = (ceil_div(n * c, by), min(gy, limit), 1)
-        smem = 4 * K_THREADS if squeeze else 0
+        smem = 4 * (K_THREADS // 32) if squeeze else 0
     assert bx * by <= K_THREADS and all(g >= 1 for g in grid), (grid, bx, by)
     assert smem <= 48 * 1024, "more than 48 KiB of dynamic shared memory needs an opt-in"
     return grid, (bx, by), smem
+
+
+# ------------------------------------------------------------------ NHWC shared-memory index math (dwconv_kernels.cuh)
+def staged_channel(off, bx, V):
+    """staged_channel<V>: w_s word `off` within a tap -> channel within the block."""
+    g, r = off // (4 * bx), off % (4 * bx)
+    return (r >> 2) * V + g * 4 + (r & 3)
+
+
+def w_chunk_word(tap, g, tx, bx, V):
+    """First word of thread tx's float4 chunk g of tap `tap` (tap = K * K: the shift)."""
+    return ((tap * (V // 4) + g) * bx + tx) * 4
+
+
+def red_chunk_word(g, tid, nthreads):
+    """First word of thread tid's float4 chunk g in the squeeze buffer red_s."""
+    return (g * nthreads + tid) * 4
 
 
 class P:
@@ -137,14 +168,17 @@ class P:
         self.__dict__.update(kw)
 
 
-def publish_squeeze(red, rows, cols, first_index, index_limit, p, partial_row, nthreads):
+def publish_squeeze_nhwc(red, bx, rows, V, first_index, index_limit, p, partial_row):
     nc = p.n * p.c
+    nthreads = bx * rows
     for tid in range(nthreads):
-        for j in range(tid, cols, nthreads):
+        for j in range(tid, bx * V, nthreads):
             idx = first_index + j
             if idx >= index_limit:
                 continue
-            s = sum(red[r * cols + j] for r in range(rows))
+            tx, v = j // V, j % V
+            col = red_chunk_word(v // 4, tx, nthreads) + v % 4
+            s = sum(red[col + r * bx * 4] for r in range(rows))
             if p.partials is not None:
                 p.partials.st(partial_row * nc + idx, s)
             else:
@@ -154,7 +188,9 @@ def publish_squeeze(red, rows, cols, first_index, index_limit, p, partial_row, n
 def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
     TW = tile_w(SW)
     SEG = (TW - 1) * SW + K
+    G = V // 4
     bxd, byd = block
+    nthreads = bxd * byd
     CB = bxd * V
     strips_per_row = ceil_div(p.wo, TW)
     strips = p.ho * strips_per_row
@@ -162,21 +198,27 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
         for byi in range(grid[1]):
             for bxi in range(grid[0]):
                 cb0 = bxi * CB
-                w_s = np.zeros(K * K * CB)
-                for i in range(K * K * CB):  # all threads' strided loop, merged
-                    ch, tap = i // (K * K), i % (K * K)
-                    w_s[tap * CB + ch] = p.weight.ld(cb0 * K * K + i) if cb0 + ch < p.c else 0.0
+                w_s = np.full((K * K + 1) * CB, np.nan)
+                for i in range((K * K + 1) * CB):  # all threads' strided loop, merged: word i of w_s
+                    tap = i // CB
+                    cg = cb0 + staged_channel(i - tap * CB, bxd, V)
+                    w_s[i] = 0.0 if cg >= p.c else (p.weight.ld(tap * p.c + cg) if tap < K * K else p.shift.ld(cg))
+                assert not np.isnan(w_s).any(), "the staging loop fills every word"
+
+                def chunks(tap, tx):  # the thread's V values of one staged row (G LDS.128)
+                    return np.concatenate([w_s[w_chunk_word(tap, g, tx, bxd, V):][:4] for g in range(G)])
+
                 n = bz
                 while n < p.n:
-                    sq = np.zeros((byd, bxd, V))
+                    red = np.full(G * nthreads * 4, np.nan)
                     for ty in range(byd):
                         for tx in range(bxd):
+                            tid = ty * bxd + tx
                             c0 = cb0 + tx * V
                             valid = p.c - c0
-                            if valid <= 0:
-                                continue
+                            sq = np.zeros(V)
                             s = byi * byd + ty
-                            while s < strips:
+                            while valid > 0 and s < strips:
                                 ho = s // strips_per_row
                                 wo0 = (s % strips_per_row) * TW
                                 hi0 = ho * p.stride_h - p.pad_top
@@ -190,24 +232,24 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
                                     seg = [p.x.load_pack(xrow + (wi0 + j) * p.c, V, p.vec, valid)
                                            if 0 <= wi0 + j < p.w else np.zeros(V) for j in range(SEG)]
                                     for kw in range(K):
-                                        wv = w_s[(kh * K + kw) * CB + tx * V:(kh * K + kw) * CB + tx * V + V]
+                                        wv = chunks(kh * K + kw, tx)
                                         for t in range(TW):
                                             acc[t] += seg[t * SW + kw] * wv
+                                sh = chunks(K * K, tx)
                                 for t in range(TW):
                                     wo = wo0 + t
                                     if wo >= p.wo:
                                         break
-                                    sc = np.array([p.scale.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
-                                    sh = np.array([p.shift.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
-                                    u = acc[t] * sc + sh
-                                    out = ACTIVATE[p.act](u)
+                                    out = ACTIVATE[p.act](acc[t] + sh)
                                     if squeeze:
-                                        sq[ty, tx] += out
+                                        sq += out
                                     p.y.store_pack(((n * p.ho + ho) * p.wo + wo) * p.c + c0, out, V, p.vec, valid)
                                 s += grid[1] * byd
+                            for g in range(G):
+                                w0 = red_chunk_word(g, tid, nthreads)
+                                red[w0:w0 + 4] = sq[4 * g:4 * g + 4]
                     if squeeze:
-                        red = sq.reshape(byd, CB).reshape(-1)  # red_s[ty * CB + tx * V + v]
-                        publish_squeeze(red, byd, CB, n * p.c + cb0, n * p.c + p.c, p, byi, bxd * byd)
+                        publish_squeeze_nhwc(red, bxd, byd, V, n * p.c + cb0, n * p.c + p.c, p, byi)
                     n += grid[2]
 
 
@@ -215,21 +257,24 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
     TW = tile_w(SW)
     SEG = (TW - 1) * SW + K
     bxd, byd = block
+    assert bxd % 32 == 0, "each warp serves one plane"
+    wpp = bxd // 32
     nc = p.n * p.c
     strips_per_row = ceil_div(p.wo, TW)
     strips = p.ho * strips_per_row
     for byi in range(grid[1]):
         for bxi in range(grid[0]):
-            red = np.zeros(K_THREADS)
+            red = np.full(K_THREADS // 32, np.nan)
             for ty in range(byd):
                 plane = bxi * byd + ty
                 valid = plane < nc
                 c = plane % p.c if valid else 0
                 xb, yb = plane * p.h * p.w, plane * p.ho * p.wo
+                lane_sums = np.zeros(bxd)
                 for tx in range(bxd):
                     sq = 0.0
                     if valid:
-                        sc, sh = p.scale.ld(c), p.shift.ld(c)
+                        sh = p.shift.ld(c)
                         s = byi * bxd + tx
                         while s < strips:
                             ho = s // strips_per_row
@@ -237,34 +282,45 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
                             hi0 = ho * p.stride_h - p.pad_top
                             wi0 = wo0 * SW - p.pad_left
                             acc = np.zeros(TW)
-                            for kh in range(K):
+                            for kh in range(K):  # every row, the ones outside predicated to zeros
                                 hi = hi0 + kh
-                                if hi < 0 or hi >= p.h:
-                                    continue
-                                seg = [p.x.ld(xb + hi * p.w + wi0 + j) if 0 <= wi0 + j < p.w else 0.0 for j in range(SEG)]
+                                row_ok = 0 <= hi < p.h
+                                seg = [p.x.ld(xb + hi * p.w + wi0 + j) if row_ok and 0 <= wi0 + j < p.w else 0.0
+                                       for j in range(SEG)]
                                 for kw in range(K):
-                                    wv = p.weight.ld(c * K * K + kh * K + kw)
+                                    wv = p.weight.ld((kh * K + kw) * p.c + c)
                                     for t in range(TW):
                                         acc[t] += seg[t * SW + kw] * wv
                             for t in range(TW):
                                 wo = wo0 + t
                                 if wo >= p.wo:
                                     break
-                                u = acc[t] * sc + sh
-                                out = ACTIVATE[p.act](u)
+                                out = ACTIVATE[p.act](acc[t] + sh)
                                 sq += out
                                 p.y.st(yb + ho * p.wo + wo, out)
                             s += grid[1] * bxd
-                    red[ty * bxd + tx] = sq
+                    lane_sums[tx] = sq
+                for wi in range(wpp):  # warp_sum, then lane 0 writes red_s[ty * wpp + tx / 32]
+                    red[ty * wpp + wi] = warp_sum(lane_sums[32 * wi:32 * wi + 32])
             if squeeze:
                 for tid in range(byd):
                     pl = bxi * byd + tid
                     if pl < nc:
-                        s = sum(red[tid * bxd + r] for r in range(bxd))
+                        s = sum(red[tid * wpp + r] for r in range(wpp))
                         if p.partials is not None:
                             p.partials.st(byi * nc + pl, s)
                         else:
                             p.mean.atomic_add(pl, s * p.inv_hw)
+
+
+def warp_sum(lanes):
+    """warp_sum of device_utils.cuh: the __shfl_xor_sync butterfly over 32 lanes (lane 0's result)."""
+    v = np.array(lanes, dtype=np.float64)
+    assert v.size == 32
+    for off in (16, 8, 4, 2, 1):
+        v = v + v[np.arange(32) ^ off]
+    assert np.all(v == v[0]) or np.allclose(v, v[0], rtol=1e-15, atol=0), "every lane holds the sum"
+    return float(v[0])
 
 
 def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, deterministic, nhwc, elem,
@@ -283,8 +339,10 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, determin
     grid, block, _ = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
     mean = Buf(np.zeros(n * c), 4, name="mean")
     partials = Buf(np.full(grid[1] * n * c, np.nan), 4, name="partials") if (squeeze and deterministic) else None
-    p = P(x=xb, y=y, weight=Buf(weight.reshape(c, k * k).numpy(), 4, name="weight"), scale=Buf(scale.numpy(), 4),
-          shift=Buf(shift.numpy(), 4), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
+    from effnet_kernels.cuda import fold_tap_major
+
+    folded = fold_tap_major(weight, scale, dtype=torch.float64)  # what cuda.py hands the kernels, in float64
+    p = P(x=xb, y=y, weight=Buf(folded.numpy(), 4, name="weight"), shift=Buf(shift.numpy(), 4, name="shift"), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
           stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), act=act, vec=vec)
     if nhwc:
         dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V)
@@ -564,6 +622,124 @@ def test_the_ported_epilogues_are_the_sources():
                  "if constexpr (ACT == kHardSigmoid) return relu6(u + 3.0f) / 6.0f;",
                  "return u < 0.0f ? 0.0f : (u > 6.0f ? 6.0f : u);"):
         assert line in utils, line
-    assert (csrc / "dwconv_kernels.cuh").read_text().count("activate<ACT>(u)") == 2
+    dw = (csrc / "dwconv_kernels.cuh").read_text()
+    assert dw.count("activate<ACT>(u)") == 2
+    # BN scale folded into the weights: the epilogues add only the shift
+    assert "const float u = acc[t][v] + sh[v];" in dw and "const float u = acc[t] + sh;" in dw
     se = (csrc / "se.cu").read_text()
     assert "activate<ACT>(s + to_float(b[j]))" in se and "activate<GATE>(s + to_float(b[j]))" in se
+
+
+# ------------------------------------------------------------------ shared-memory bank conflicts (NHWC staging)
+def wavefronts(addrs, width):
+    """(shared-memory wavefronts, conflict-free minimum) of one warp-wide access.
+
+    `addrs`: the first 4-byte word each of the 32 lanes accesses (None: inactive); `width`: words
+    per lane (1: 32-bit, 4: 128-bit). 32 banks of 4 bytes; a 128-bit access is served a quarter
+    warp (8 lanes) at a time. Within a group, the lanes hitting one bank at distinct words
+    serialise; the same word is a broadcast.
+    """
+    groups = [range(32)] if width == 1 else [range(8 * q, 8 * q + 8) for q in range(4)]
+    total = ideal = 0
+    for lanes in groups:
+        banks: dict[int, set] = {}
+        for lane in lanes:
+            if addrs[lane] is not None:
+                for wd in range(width):
+                    banks.setdefault((addrs[lane] + wd) % 32, set()).add(addrs[lane] + wd)
+        if banks:
+            total += max(len(v) for v in banks.values())
+            ideal += 1
+    return total, ideal
+
+
+def warps_of(nthreads, addr_of_tid):
+    """Per warp of a block of `nthreads` threads: the 32 lanes' addresses (None past the block)."""
+    for w0 in range(0, nthreads, 32):
+        yield [addr_of_tid(t) if t < nthreads else None for t in range(w0, w0 + 32)]
+
+
+def old_staging_ways(K, CB=128, nthreads=K_THREADS):
+    """The staging loop before: thread i wrote w_s[(i % K²) * CB + i / K²] (CB = 128 channels)."""
+    kk = K * K
+    ways = []
+    for it in range(ceil_div(kk * CB, nthreads)):
+        for addrs in warps_of(nthreads, lambda t: (lambda i: (i % kk) * CB + i // kk if i < kk * CB else None)(it * nthreads + t)):
+            if any(a is not None for a in addrs):
+                total, ideal = wavefronts(addrs, 1)
+                ways.append(total / ideal)
+    return max(ways), sum(ways) / len(ways)
+
+
+def nhwc_smem_accesses(bx, by, V, K):
+    """Every warp-wide shared-memory access of one NHWC block: (what, addrs, width)."""
+    nthreads, CB, G = bx * by, bx * V, V // 4
+    for w0 in range(0, nthreads, 32):
+        for it in range(ceil_div((K * K + 1) * CB, nthreads)):
+            addrs = [(it * nthreads + t) if t < nthreads and it * nthreads + t < (K * K + 1) * CB else None
+                     for t in range(w0, w0 + 32)]
+            yield "stage", addrs, 1  # staging: thread tid writes word it * nthreads + tid
+        for tap in range(K * K + 1):  # K² weight taps, then the shift row
+            for g in range(G):
+                addrs = [w_chunk_word(tap, g, t % bx, bx, V) if t < nthreads else None for t in range(w0, w0 + 32)]
+                yield "weights" if tap < K * K else "shift", addrs, 4
+        for g in range(G):
+            yield "squeeze", [red_chunk_word(g, t, nthreads) if t < nthreads else None for t in range(w0, w0 + 32)], 4
+
+
+def test_old_weight_staging_had_the_bank_conflicts_of_the_issue():
+    """Negative control: the simulation reports the 9-, 22- and 27-way conflicts (mean over warps;
+    worst 9, 25, 32) of the staging pattern issue #10 measured."""
+    got = {K: old_staging_ways(K) for K in (3, 5, 7)}
+    assert got[3] == (9, 9.0)
+    assert got[5][0] == 25 and round(got[5][1]) == 22
+    assert got[7][0] == 32 and round(got[7][1]) == 27
+
+
+def _nhwc_blocks_of_efficientnet():
+    from effnet_kernels.models import MODEL_NAMES, layer_shapes
+
+    chans = {layer.mid_channels for name in MODEL_NAMES for layer in layer_shapes(name, batch=1)}
+    for elem in (4, 2):
+        V = pack_width(elem)
+        for c in sorted(chans | {1, 13, 24, 136, 144}):
+            bx = nhwc_threads_c(ceil_div(c, V), V)
+            yield c, elem, V, bx, K_THREADS // bx
+
+
+@pytest.mark.parametrize("K", [3, 5, 7])
+def test_nhwc_shared_memory_is_bank_conflict_free(K):
+    """Staging writes, per-tap weight and shift reads (LDS.128) and the squeeze writes (STS.128) of
+    every B0-B7 channel count's NHWC block (fp32 and 16-bit) need only the minimum wavefronts."""
+    checked = 0
+    for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
+        for what, addrs, width in nhwc_smem_accesses(bx, by, V, K):
+            if all(a is None for a in addrs):
+                continue
+            total, ideal = wavefronts(addrs, width)
+            assert total == ideal, f"{what}: {total / ideal:.2f}-way conflict at C={c}, elem={elem}, bx={bx}, K={K}"
+            checked += 1
+    assert checked > 1000
+
+
+def test_bank_model_sees_a_strided_128bit_read():
+    """Negative control for the 128-bit model: chunks 32 bytes apart (the old tx * V float reads of a
+    16-bit pack) are a 2-way conflict; BX = 9 threads along C (not <= 8, not a multiple of 8) conflicts."""
+    assert wavefronts([8 * t for t in range(32)], 4) == (8, 4)
+    addrs = [w_chunk_word(0, 0, t % 9, 9, 8) for t in range(32)]
+    total, ideal = wavefronts(addrs, 4)
+    assert total > ideal
+
+
+def test_channel_blocks_keep_the_lanes_busy():
+    """Every B0-B7 channel count: equal channel blocks with at most 1/8 of the lanes idle. C = 144 in
+    16-bit runs 3 blocks of 6 threads (48 channels); the old rule (min(packs, 16) threads) ran a second
+    block with 2 of 16 threads per row busy: 4 of 32 lanes of each warp."""
+    for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
+        nvec = ceil_div(c, V)
+        assert 8 * nvec >= 7 * ceil_div(nvec, bx) * bx, (c, elem, bx)
+        assert bx <= 8 or bx % 8 == 0
+    assert nhwc_threads_c(18, 8) == 6
+    old_bx = min(18, 16)
+    second_block_threads = 18 - old_bx  # busy threads per row in the second block
+    assert second_block_threads * (32 // old_bx) == 4, "the negative control: 4 busy lanes of 32"
