@@ -504,49 +504,91 @@ def blocks_for(work, per_block, cap=1 << 20):
     return min(ceil_div(work, per_block), cap)
 
 
-def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5):
+SAMPLE_TILE, HIDDEN_CHUNK = 8, 256  # kSampleTile, kHiddenChunk of se.cu
+
+
+def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5, grid_y_limit=65535, counts=None):
+    """se_reduce_kernel + se_expand_kernel; `counts` (a dict) receives how often each weight element is read."""
     n, c = pooled.shape
     r = wr.shape[0]
     warps_per_block = K_THREADS // 32
     hidden = Buf(np.full(n * r, np.nan), 4, name="hidden")
     gate = Buf(np.full(n * c, np.nan), 4, name="gate")
     P_, WR, BR, WE, BE = (Buf(t.numpy(), 4) for t in (pooled, wr, br, we, be))
-    # se_reduce_kernel: grid-stride over warps, one warp per (n, r)
-    blocks = blocks_for(n * r, warps_per_block, cap)
+    reads = {"w_reduce": np.zeros(r * c, dtype=np.int64), "w_expand": np.zeros(c * r, dtype=np.int64)}
+    tiles = ceil_div(n, SAMPLE_TILE)
+    # se_reduce_kernel: grid-stride over warps, one warp per (sample tile, r); lanes stride over C
+    blocks = blocks_for(tiles * r, warps_per_block, cap)
     for b in range(blocks):
         for wi in range(warps_per_block):
             warp = b * warps_per_block + wi
-            while warp < n * r:
-                i, j = warp // r, warp % r
-                s = sum(P_.ld(i * c + kk) * WR.ld(j * c + kk) for kk in range(c))
-                hidden.st(warp, float(ACTIVATE[act](s + BR.ld(j))))
+            while warp < tiles * r:
+                i0, j = (warp // r) * SAMPLE_TILE, warp % r
+                rows = [min(i0 + t, n - 1) for t in range(SAMPLE_TILE)]
+                s = np.zeros((32, SAMPLE_TILE))
+                for lane in range(32):
+                    for kk in range(lane, c, 32):
+                        wv = WR.ld(j * c + kk)
+                        reads["w_reduce"][j * c + kk] += 1
+                        s[lane] += np.array([P_.ld(rows[t] * c + kk) for t in range(SAMPLE_TILE)]) * wv
+                for t in range(SAMPLE_TILE):
+                    total = warp_sum(s[:, t])
+                    if i0 + t < n:
+                        hidden.st((i0 + t) * r + j, float(ACTIVATE[act](total + BR.ld(j))))
                 warp += blocks * warps_per_block
-    blocks = blocks_for(n * c, warps_per_block, cap)
-    for b in range(blocks):
-        for wi in range(warps_per_block):
-            warp = b * warps_per_block + wi
-            while warp < n * c:
-                i, j = warp // c, warp % c
-                s = sum(hidden.ld(i * r + kk) * WE.ld(j * r + kk) for kk in range(r))
-                gate.st(warp, float(ACTIVATE[gate_act](s + BE.ld(j))))
-                warp += blocks * warps_per_block
+    # se_expand_kernel: grid (ceil(C / 256), min(tiles, limit)); thread per (tile, c); hidden tile staged
+    gx, gy = ceil_div(c, K_THREADS), min(tiles, grid_y_limit)
+    for bxi in range(gx):
+        for byi in range(gy):
+            tile = byi
+            while tile < tiles:
+                i0 = tile * SAMPLE_TILE
+                s = np.zeros((K_THREADS, SAMPLE_TILE))
+                for k0 in range(0, r, HIDDEN_CHUNK):
+                    ln = min(r - k0, HIDDEN_CHUNK)
+                    h_s = np.full(SAMPLE_TILE * HIDDEN_CHUNK, np.nan)
+                    for e in range(SAMPLE_TILE * ln):
+                        t, k = e // ln, e % ln
+                        h_s[t * HIDDEN_CHUNK + k] = hidden.ld((i0 + t) * r + k0 + k) if i0 + t < n else 0.0
+                    for tx in range(K_THREADS):
+                        j = bxi * K_THREADS + tx
+                        jr = j if j < c else 0
+                        for k in range(ln):
+                            wv = WE.ld(jr * r + k0 + k)
+                            if j < c:
+                                reads["w_expand"][jr * r + k0 + k] += 1
+                            s[tx] += np.array([h_s[t * HIDDEN_CHUNK + k] for t in range(SAMPLE_TILE)]) * wv
+                for tx in range(K_THREADS):
+                    j = bxi * K_THREADS + tx
+                    if j < c:
+                        for t in range(SAMPLE_TILE):
+                            if i0 + t < n:
+                                gate.st((i0 + t) * c + j, float(ACTIVATE[gate_act](s[tx, t] + BE.ld(j))))
+                tile += gy
     assert (hidden.writes == 1).all() and (gate.writes == 1).all(), "every hidden/gate element written once"
+    if counts is not None:
+        counts.update(reads)
     return torch.from_numpy(gate.a.reshape(n, c))
 
 
-@pytest.mark.parametrize("cap,act,gate_act", [(1 << 20, 1, 5), (1, 2, 6), (3, 1, 6), (1 << 20, 2, 5)],
+@pytest.mark.parametrize("cap,act,gate_act,ylimit", [(1 << 20, 1, 5, 65535), (1, 2, 6, 1), (3, 1, 6, 2), (1 << 20, 2, 5, 65535)],
                          ids=["silu-sigmoid", "relu-hardsigmoid-cap1", "silu-hardsigmoid-cap3", "relu-sigmoid"])
-def test_se_gate_emulation_covers_every_output(cap, act, gate_act):
-    """cap = blocks_for's limit; 1 and 3 stand for N * C beyond 2**20 blocks of 8 warps. Each
-    (activation, gate) of se_reduce_kernel<.., ACT> / se_expand_kernel<.., GATE>."""
-    n, c, r = 5, 37, 6
+@pytest.mark.parametrize("n,c,r", [(5, 37, 6), (17, 300, 3), (1, 9, 260)], ids=["n5", "n17-c300", "n1-r260"])
+def test_se_gate_emulation_covers_every_output(cap, act, gate_act, ylimit, n, c, r):
+    """cap = blocks_for's limit and ylimit se_expand's grid.y limit; small values stand for grids
+    beyond the hardware limits. N = 17 leaves a partial sample tile, C = 300 two channel blocks,
+    R = 260 two hidden chunks. Each (activation, gate) of se_reduce_kernel / se_expand_kernel."""
     g = torch.Generator().manual_seed(2)
     pooled = torch.randn(n, c, generator=g, dtype=torch.float64)
     wr, br = torch.randn(r, c, generator=g, dtype=torch.float64), torch.randn(r, generator=g, dtype=torch.float64)
     we, be = torch.randn(c, r, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
-    gate = emulate_se_gate(pooled, wr, br, we, be, cap, act, gate_act)
+    counts = {}
+    gate = emulate_se_gate(pooled, wr, br, we, be, cap, act, gate_act, ylimit, counts)
     truth = TORCH_ACT[gate_act](TORCH_ACT[act](pooled @ wr.T + br) @ we.T + be)
     torch.testing.assert_close(gate, truth, rtol=1e-12, atol=1e-12)
+    # each weight element is read once per tile of SAMPLE_TILE samples (was: once per sample)
+    tiles = ceil_div(n, SAMPLE_TILE)
+    assert (counts["w_reduce"] == tiles).all() and (counts["w_expand"] == tiles).all()
 
 
 def test_se_gate_kernels_loop_over_warps():
@@ -554,57 +596,74 @@ def test_se_gate_kernels_loop_over_warps():
     from pathlib import Path
 
     src = (Path(__file__).resolve().parents[1] / "csrc" / "se.cu").read_text()
-    assert src.count("warp += static_cast<int64_t>(gridDim.x) * kWarps") == 2, \
-        "se_reduce_kernel and se_expand_kernel must loop over warps: blocks_for caps the grid at 2**20 blocks"
+    assert src.count("warp += static_cast<int64_t>(gridDim.x) * kWarps") == 1, \
+        "se_reduce_kernel must loop over warps: blocks_for caps the grid at 2**20 blocks"
+    assert "for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y)" in src, "se_expand_kernel loops over tiles"
+    assert "constexpr int kSampleTile = 8;" in src and "constexpr int kHiddenChunk = 256;" in src
 
 
 # ------------------------------------------------------------------ se_excite (se.cu)
+def gate_index(e, c, hw, nhwc):
+    return (e // (hw * c)) * c + e % c if nhwc else e // hw
+
+
 def emulate_se_excite(y, gate, nhwc, elem, y_base=0, out_base=0, cap=1 << 20):
+    """se_excite_kernel; returns (out NCHW, vec, packs stored with 16-byte accesses)."""
     n, c, h, w = y.shape
     hw = h * w
     total = n * c * hw
     V = pack_width(elem)
-    vec = ((c if nhwc else hw) % V == 0) and y_base % 16 == 0 and out_base % 16 == 0
+    vec = total >= V and y_base % 16 == 0 and out_base % 16 == 0
+    uniform = (c if nhwc else hw) % V == 0
     yd = (y.permute(0, 2, 3, 1) if nhwc else y).contiguous().numpy()
     Y = Buf(yd, elem, base_bytes=y_base, name="y")
     G = Buf(gate.numpy(), 4, name="gate")
     O = Buf(np.full(total, np.nan), elem, base_bytes=out_base, name="out")
-    blocks = blocks_for(total // V if vec else total, K_THREADS, cap)
+    blocks = blocks_for(ceil_div(total, V) if vec else total, K_THREADS, cap)
     step = blocks * K_THREADS
+    packs = total // V if vec else 0
     for first in range(step):
-        if vec:
-            i = first
-            while i < total // V:
-                e = i * V
-                pk = Y.load_pack(e, V, True, V)
-                if nhwc:
-                    gidx = (e // (hw * c)) * c + e % c
-                    o = pk * np.array([G.ld(gidx + v) for v in range(V)])
-                else:
-                    o = pk * G.ld(e // hw)
-                O.store_pack(e, o, V, True, V)
-                i += step
-        else:
-            e = first
-            while e < total:
-                gidx = (e // (hw * c)) * c + e % c if nhwc else e // hw
-                O.st(e, Y.ld(e) * G.ld(gidx))
-                e += step
+        i = first
+        while i < packs:
+            e = i * V
+            pk = Y.load_pack(e, V, True, V)
+            if nhwc and uniform:
+                g0 = gate_index(e, c, hw, True)
+                o = pk * np.array([G.ld(g0 + v) for v in range(V)])
+            elif nhwc:
+                o = pk * np.array([G.ld(gate_index(e + v, c, hw, True)) for v in range(V)])
+            elif uniform:
+                o = pk * G.ld(e // hw)
+            else:  # incremental plane index: a pack may cross planes
+                g, rem, o = e // hw, e % hw, np.zeros(V)
+                for v in range(V):
+                    o[v] = pk[v] * G.ld(g)
+                    rem += 1
+                    if rem == hw:
+                        rem, g = 0, g + 1
+            O.store_pack(e, o, V, True, V)
+            i += step
+        e = packs * V + first
+        while e < total:
+            O.st(e, Y.ld(e) * G.ld(gate_index(e, c, hw, nhwc)))
+            e += step
     assert (O.writes == 1).all()
     out = torch.from_numpy(O.a.reshape((n, h, w, c) if nhwc else (n, c, h, w)))
-    return (out.permute(0, 3, 1, 2) if nhwc else out), vec
+    return (out.permute(0, 3, 1, 2) if nhwc else out), vec, packs
 
 
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("elem", [4, 2])
-@pytest.mark.parametrize("shape", [(3, 24, 4, 4), (3, 24, 3, 5), (2, 1, 1, 1), (1, 13, 2, 8), (2, 16, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 24, 4, 4), (3, 24, 3, 5), (2, 1, 1, 1), (1, 13, 2, 8), (2, 16, 1, 1),
+                                   (2, 16, 7, 7), (1, 8, 14, 14), (1, 3, 3, 3)])
 @pytest.mark.parametrize("bases", [(0, 0), (4, 0), (0, 8)])
 def test_se_excite_emulation(shape, elem, nhwc, bases):
     g = torch.Generator().manual_seed(3)
     y = torch.randn(shape, generator=g, dtype=torch.float64)
     gate = torch.rand(shape[:2], generator=g, dtype=torch.float64)
-    out, vec = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
-    assert not vec or bases == (0, 0)
+    out, vec, packs = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
+    assert vec == (bases == (0, 0) and y.numel() >= pack_width(elem))
+    assert packs == (y.numel() // pack_width(elem) if vec else 0), "aligned: 16-byte packs whatever H * W and C are"
     torch.testing.assert_close(out, y * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
 
 
@@ -627,7 +686,7 @@ def test_the_ported_epilogues_are_the_sources():
     # BN scale folded into the weights: the epilogues add only the shift
     assert "const float u = acc[t][v] + sh[v];" in dw and "const float u = acc[t] + sh;" in dw
     se = (csrc / "se.cu").read_text()
-    assert "activate<ACT>(s + to_float(b[j]))" in se and "activate<GATE>(s + to_float(b[j]))" in se
+    assert "activate<ACT>(sum + bj)" in se and "activate<GATE>(s[t] + bj)" in se
 
 
 # ------------------------------------------------------------------ shared-memory bank conflicts (NHWC staging)
