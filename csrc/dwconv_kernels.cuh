@@ -54,8 +54,11 @@ struct DWConvParams {
 // 16 consecutive bytes per lane and the BX lanes of a channel block read consecutive chunks
 // (conflict-free for BX <= 8 or BX % 8 == 0, which nhwc_threads_c guarantees). The staging loop walks w_s linearly (thread i writes word i:
 // conflict-free) and gathers from the tap-major global weight. The squeeze buffer is
-//   red_s[(g * NT + tid) * 4 + q]             (tid = ty * BX + tx, NT = BX * blockDim.y)
-// written with one STS.128 per g (consecutive lanes, consecutive chunks).
+//   red_s[(g * (NT + red_pad(NT)) + tid) * 4 + q]   (tid = ty * BX + tx, NT = BX * blockDim.y)
+// written with one STS.128 per g (consecutive lanes, consecutive chunks); the pad (in float4
+// chunks) puts chunk group 1 at bank 16, so publish_squeeze_nhwc's 32-bit reads of both groups
+// (lane j: channel j of the block) fall into distinct banks.
+__device__ __forceinline__ int red_pad(int nthreads) { return (12 - nthreads % 8) % 8; }
 template <int V>
 __device__ __forceinline__ int staged_channel(int off, int bx) {  // w_s word (within a tap) -> channel in block
   const int g = off / (4 * bx), r = off - g * 4 * bx;
@@ -74,7 +77,7 @@ __device__ __forceinline__ void publish_squeeze_nhwc(const float* red, int64_t f
     const int64_t idx = first_index + j;
     if (idx >= index_limit) continue;
     const int tx = j / V, v = j % V;
-    const float* col = red + ((v / 4) * nthreads + tx) * 4 + (v % 4);
+    const float* col = red + ((v / 4) * (nthreads + red_pad(nthreads)) + tx) * 4 + (v % 4);
     float s = 0.0f;
     for (int r = 0; r < rows; ++r) s += col[r * bx * 4];
     if (p.partials != nullptr) {
@@ -85,7 +88,7 @@ __device__ __forceinline__ void publish_squeeze_nhwc(const float* red, int64_t f
   }
 }
 
-// Dynamic shared memory: weights [K * K][G][BX][4], shift [G][BX][4] (+ squeeze [G][NT][4]).
+// Dynamic shared memory: weights [K * K][G][BX][4], shift [G][BX][4] (+ squeeze [G][NT][4] + pad).
 template <typename T, int K, int SW, bool SQUEEZE, int ACT>
 __global__ void __launch_bounds__(kThreads, 2) dwconv_nhwc_kernel(const DWConvParams p) {
   constexpr int V = PackWidth<T>::value;
@@ -184,7 +187,8 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_nhwc_kernel(const DWConvPa
       // Channels beyond C hold zeros (weight = shift = 0), and are never published.
 #pragma unroll
       for (int g = 0; g < G; ++g)
-        store_shared_f4(red_s + (g * nthreads + tid) * 4, sq[4 * g], sq[4 * g + 1], sq[4 * g + 2], sq[4 * g + 3]);
+        store_shared_f4(red_s + (g * (nthreads + red_pad(nthreads)) + tid) * 4, sq[4 * g], sq[4 * g + 1],
+                        sq[4 * g + 2], sq[4 * g + 3]);
       __syncthreads();
       publish_squeeze_nhwc<V>(red_s, n * p.c + cb0, n * p.c + p.c, p, blockIdx.y);
       __syncthreads();  // red_s is rewritten for the next n
@@ -314,7 +318,7 @@ LaunchShape dwconv_shape(bool nhwc, int64_t n, int64_t c, int64_t ho, int64_t wo
     const int64_t gy = ceil_div(strips, by);
     s.grid = dim3(static_cast<unsigned>(ceil_div(nvec, bx)), static_cast<unsigned>(gy < 65535 ? gy : 65535),
                   static_cast<unsigned>(n < 65535 ? n : 65535));
-    s.smem = sizeof(float) * ((K * K + 1) * bx * V + (SQUEEZE ? by * bx * V : 0));
+    s.smem = sizeof(float) * ((K * K + 1) * bx * V + (SQUEEZE ? by * bx * V + 32 : 0));  // + red_pad slack
   } else {
     int64_t bx = ceil_div(strips, 32) * 32;
     if (bx > kThreads) bx = kThreads;

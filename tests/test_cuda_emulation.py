@@ -132,7 +132,7 @@ def dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit=GRID_LIMIT):
         by = K_THREADS // bx
         gy = ceil_div(strips, by)
         grid = (ceil_div(nvec, bx), min(gy, limit), min(n, limit))
-        smem = 4 * ((K * K + 1) * bx * V + (by * bx * V if squeeze else 0))
+        smem = 4 * ((K * K + 1) * bx * V + (by * bx * V + 32 if squeeze else 0))
     else:
         bx = min(ceil_div(strips, 32) * 32, K_THREADS)
         by = K_THREADS // bx
@@ -156,9 +156,14 @@ def w_chunk_word(tap, g, tx, bx, V):
     return ((tap * (V // 4) + g) * bx + tx) * 4
 
 
+def red_pad(nthreads):
+    """red_pad: float4 chunks before chunk group 1 of red_s that put it at bank 16."""
+    return (12 - nthreads % 8) % 8
+
+
 def red_chunk_word(g, tid, nthreads):
     """First word of thread tid's float4 chunk g in the squeeze buffer red_s."""
-    return (g * nthreads + tid) * 4
+    return (g * (nthreads + red_pad(nthreads)) + tid) * 4
 
 
 class P:
@@ -185,7 +190,7 @@ def publish_squeeze_nhwc(red, bx, rows, V, first_index, index_limit, p, partial_
                 p.mean.atomic_add(idx, s * p.inv_hw)
 
 
-def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
+def dwconv_nhwc(p, K, SW, squeeze, grid, block, V, smem_bytes):
     TW = tile_w(SW)
     SEG = (TW - 1) * SW + K
     G = V // 4
@@ -210,7 +215,8 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
 
                 n = bz
                 while n < p.n:
-                    red = np.full(G * nthreads * 4, np.nan)
+                    red = np.full(G * nthreads * 4 + 32, np.nan)
+                    assert not squeeze or red.size * 4 <= smem_bytes - (K * K + 1) * CB * 4, "red_s fits in smem"
                     for ty in range(byd):
                         for tx in range(bxd):
                             tid = ty * bxd + tx
@@ -336,7 +342,7 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, determin
     xb = Buf(xd.contiguous().numpy(), elem, base_bytes=x_base_bytes, name="x")
     V = pack_width(elem)
     vec = nhwc and (c * elem) % 16 == 0 and xb.base % 16 == 0 and y.base % 16 == 0
-    grid, block, _ = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
+    grid, block, smem = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
     mean = Buf(np.zeros(n * c), 4, name="mean")
     partials = Buf(np.full(grid[1] * n * c, np.nan), 4, name="partials") if (squeeze and deterministic) else None
     from effnet_kernels.cuda import fold_tap_major
@@ -345,7 +351,7 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, determin
     p = P(x=xb, y=y, weight=Buf(folded.numpy(), 4, name="weight"), shift=Buf(shift.numpy(), 4, name="shift"), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
           stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), act=act, vec=vec)
     if nhwc:
-        dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V)
+        dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V, smem)
     else:
         dwconv_nchw(p, k, stride[1], squeeze, grid, block)
     if partials is not None:  # reduce_partials_kernel
@@ -744,6 +750,9 @@ def nhwc_smem_accesses(bx, by, V, K):
                 yield "weights" if tap < K * K else "shift", addrs, 4
         for g in range(G):
             yield "squeeze", [red_chunk_word(g, t, nthreads) if t < nthreads else None for t in range(w0, w0 + 32)], 4
+        for r in range(by):  # publish_squeeze_nhwc: thread j reads channel j's value of row r
+            yield "publish", [red_chunk_word((t % V) // 4, t // V, nthreads) + (t % V) % 4 + r * bx * 4
+                              if t < bx * V else None for t in range(w0, w0 + 32)], 1
 
 
 def test_old_weight_staging_had_the_bank_conflicts_of_the_issue():
@@ -768,8 +777,9 @@ def _nhwc_blocks_of_efficientnet():
 
 @pytest.mark.parametrize("K", [3, 5, 7])
 def test_nhwc_shared_memory_is_bank_conflict_free(K):
-    """Staging writes, per-tap weight and shift reads (LDS.128) and the squeeze writes (STS.128) of
-    every B0-B7 channel count's NHWC block (fp32 and 16-bit) need only the minimum wavefronts."""
+    """Staging writes, per-tap weight and shift reads (LDS.128), the squeeze writes (STS.128) and the
+    publish reads of every B0-B7 channel count's NHWC block (fp32 and 16-bit) need only the
+    minimum wavefronts."""
     checked = 0
     for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
         for what, addrs, width in nhwc_smem_accesses(bx, by, V, K):
@@ -782,12 +792,17 @@ def test_nhwc_shared_memory_is_bank_conflict_free(K):
 
 
 def test_bank_model_sees_a_strided_128bit_read():
-    """Negative control for the 128-bit model: chunks 32 bytes apart (the old tx * V float reads of a
-    16-bit pack) are a 2-way conflict; BX = 9 threads along C (not <= 8, not a multiple of 8) conflicts."""
+    """Negative controls: chunks 32 bytes apart (the old tx * V float reads of a 16-bit pack, two
+    LDS.128 in the old SASS) are a 2-way conflict; BX = 9 threads along C (not <= 8, not a multiple
+    of 8) conflicts; so does the squeeze buffer without its pad."""
     assert wavefronts([8 * t for t in range(32)], 4) == (8, 4)
     addrs = [w_chunk_word(0, 0, t % 9, 9, 8) for t in range(32)]
     total, ideal = wavefronts(addrs, 4)
     assert total > ideal
+    # the squeeze buffer without red_pad: 16-bit publish reads of a 256-thread block are 2-way
+    unpadded = [((t % 8) // 4 * 256 + t // 8) * 4 + t % 4 for t in range(32)]
+    assert wavefronts(unpadded, 1) == (2, 1)
+    assert red_pad(256) == 4 and red_pad(252) == 0
 
 
 def test_channel_blocks_keep_the_lanes_busy():
