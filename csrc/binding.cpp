@@ -40,7 +40,7 @@ py::object result(const char* err) {
   return py::str(err);
 }
 
-effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift,
+effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t shift,
                                uintptr_t mean, uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc,
                                int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo, int k,
                                int stride_h, int stride_w, int pad_top, int pad_left, int act, bool squeeze,
@@ -49,7 +49,6 @@ effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintp
   a.x = ptr<const void>(x);
   a.y = ptr<void>(y);
   a.weight = ptr<const float>(weight);
-  a.scale = ptr<const float>(scale);
   a.shift = ptr<const float>(shift);
   a.mean = ptr<float>(mean);
   a.partials = ptr<float>(partials);
@@ -104,17 +103,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dwconv_bn_act",
-      [](uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t scale, uintptr_t shift, uintptr_t mean,
+      [](uintptr_t x, uintptr_t y, uintptr_t weight, uintptr_t shift, uintptr_t mean,
          uintptr_t partials, int64_t partials_numel, int dtype, bool nhwc, int64_t n, int64_t c, int64_t h,
          int64_t w, int64_t ho, int64_t wo, int k, int stride_h, int stride_w, int pad_top, int pad_left,
          int act, bool squeeze, bool deterministic, int device, uintptr_t stream) {
-        return result(effnet::dwconv_bn_act(dwconv_args(x, y, weight, scale, shift, mean, partials, partials_numel,
+        return result(effnet::dwconv_bn_act(dwconv_args(x, y, weight, shift, mean, partials, partials_numel,
                                                         dtype, nhwc, n, c, h, w, ho, wo, k, stride_h, stride_w,
                                                         pad_top, pad_left, act, squeeze, deterministic, device,
                                                         stream)));
       },
-      "Depthwise conv + BN + activation (an effnet::Act code) (+ squeeze); returns None or an error message.", py::arg("x"), py::arg("y"),
-      py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("partials"),
+      "Depthwise conv (tap-major [k*k, C] weight, BN scale folded in) + BN shift + activation (an effnet::Act "
+      "code) (+ squeeze); returns None or an error message.", py::arg("x"), py::arg("y"),
+      py::arg("weight"), py::arg("shift"), py::arg("mean"), py::arg("partials"),
       py::arg("partials_numel"), py::arg("dtype"), py::arg("nhwc"), py::arg("n"), py::arg("c"), py::arg("h"),
       py::arg("w"), py::arg("ho"), py::arg("wo"), py::arg("k"), py::arg("stride_h"), py::arg("stride_w"),
       py::arg("pad_top"), py::arg("pad_left"), py::arg("act"), py::arg("squeeze"), py::arg("deterministic"),

@@ -100,6 +100,12 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&v)[V
   }
 }
 
+// 16-byte shared-memory accesses (one LDS.128 / STS.128); p must be 16-byte aligned.
+__device__ __forceinline__ float4 load_shared_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void store_shared_f4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+
 __device__ __forceinline__ float warp_sum(float s) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);

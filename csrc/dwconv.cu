@@ -34,6 +34,8 @@ const char* check_args(const DWConvArgs& a) {
   // H or W may be 0 when the padding alone covers the kernel (every output is act(shift)):
   // the kernels then read no input at all.
   if (a.n < 0 || a.c < 0 || a.h < 0 || a.w < 0 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act: invalid sizes";
+  if (a.h * a.w > INT32_MAX || a.ho * a.wo > INT32_MAX)  // the NCHW kernel's in-plane offsets are int32
+    return "dwconv_bn_act: a plane of more than 2^31 - 1 elements is not supported";
   if (a.pad_top < 0 || a.pad_left < 0) return "dwconv_bn_act: padding must be non-negative";
   if (a.act < kIdentity || a.act > kHardSwish) return "dwconv_bn_act: unsupported activation code";
   return nullptr;
@@ -72,7 +74,6 @@ const char* dwconv_bn_act(const DWConvArgs& a) {
   p.x = a.x;
   p.y = a.y;
   p.weight = a.weight;
-  p.scale = a.scale;
   p.shift = a.shift;
   p.mean = a.mean;
   p.partials = deterministic ? a.partials : nullptr;

@@ -12,7 +12,7 @@ namespace effnet {
 
 // Bump whenever the Python <-> C++ calling convention changes; effnet_kernels/_build.py
 // holds the same number and refuses a module built with another one.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -34,8 +34,7 @@ enum Act : int {
 struct DWConvArgs {
   const void* x = nullptr;       // [N, C, H, W] dense NCHW, or dense NHWC when nhwc
   void* y = nullptr;             // [N, C, Ho, Wo], same layout and dtype as x
-  const float* weight = nullptr; // [C, k * k]
-  const float* scale = nullptr;  // [C]
+  const float* weight = nullptr; // [k * k, C] tap-major with the BN scale folded in (w[c, tap] * scale[c])
   const float* shift = nullptr;  // [C]
   float* mean = nullptr;         // [N, C], zero-filled; only read when squeeze
   float* partials = nullptr;     // deterministic squeeze scratch, dwconv_partials_numel() floats
@@ -51,7 +50,8 @@ struct DWConvArgs {
   void* stream = nullptr;
 };
 
-// y = act(dwconv(x) * scale + shift) (+ mean = spatial mean of y in fp32).
+// y = act(dwconv(x, weight) + shift) (+ mean = spatial mean of y in fp32); the caller folds the BN
+// scale into weight (effnet_kernels/cuda.py prepared_weight).
 const char* dwconv_bn_act(const DWConvArgs& args);
 
 // Floats of scratch dwconv_bn_act needs in args.partials (0 unless squeeze && deterministic).

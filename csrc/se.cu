@@ -1,6 +1,6 @@
-// Squeeze-and-excitation kernels: se_gate (pooled -> gate, two small warp-per-output
-// kernels through an fp32 hidden buffer) and se_excite (y * gate, 16-byte accesses
-// when the layout and alignment allow).
+// Squeeze-and-excitation kernels: se_gate (pooled -> gate, two small kernels tiled over
+// kSampleTile samples, through an fp32 hidden buffer) and se_excite (y * gate, 16-byte
+// accesses whenever the pointers are aligned).
 #include "device_utils.cuh"
 #include "effnet_ext.h"
 #include "static_switch.h"
@@ -9,77 +9,133 @@ namespace effnet {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
+// Samples per se_gate tile: each weight row is read once per kSampleTile samples.
+constexpr int kSampleTile = 8;
+// Hidden units staged in shared memory per pass of se_expand_kernel.
+constexpr int kHiddenChunk = 256;
 
-// hidden[n, r] = act(sum_c pooled[n, c] * w_reduce[r, c] + b_reduce[r]); one warp per (n, r).
+// hidden[n, r] = act(sum_c pooled[n, c] * w_reduce[r, c] + b_reduce[r]). One warp per
+// (sample tile, r): its lanes stride over C, read each W_reduce element once and apply it to
+// the tile's kSampleTile pooled rows (rows past N are clamped to N - 1 and not written).
+// Warp index = tile * R + r: the warps of a block share one pooled tile (L1) and read
+// neighbouring W_reduce rows.
 template <typename TP, typename TW, int ACT>
 __global__ void __launch_bounds__(kThreads)
 se_reduce_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ hidden, int64_t n, int64_t c, int64_t r) {
   const int lane = threadIdx.x % 32;
+  const int64_t tiles = ceil_div(n, kSampleTile);
   // Grid-stride over warps (uniform per warp): blocks_for() caps the grid.
-  for (int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; warp < n * r;
+  for (int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; warp < tiles * r;
        warp += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t i = warp / r, j = warp % r;
-    const TP* prow = pooled + i * c;
+    const int64_t i0 = (warp / r) * kSampleTile, j = warp % r;
+    const TP* prow[kSampleTile];
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) prow[t] = pooled + (i0 + t < n ? i0 + t : n - 1) * c;
     const TW* wrow = w + j * c;
-    float s = 0.0f;
-    for (int64_t k = lane; k < c; k += 32) s = fmaf(to_float(prow[k]), to_float(wrow[k]), s);
-    s = warp_sum(s);
-    if (lane == 0) hidden[warp] = activate<ACT>(s + to_float(b[j]));
+    float s[kSampleTile];
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) s[t] = 0.0f;
+    for (int64_t k = lane; k < c; k += 32) {
+      const float wv = to_float(wrow[k]);
+#pragma unroll
+      for (int t = 0; t < kSampleTile; ++t) s[t] = fmaf(to_float(prow[t][k]), wv, s[t]);
+    }
+    const float bj = to_float(b[j]);
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) {
+      const float sum = warp_sum(s[t]);
+      if (lane == t && i0 + t < n) hidden[(i0 + t) * r + j] = activate<ACT>(sum + bj);
+    }
   }
 }
 
-// gate[n, c] = gate_fn(sum_r hidden[n, r] * w_expand[c, r] + b_expand[c]); one warp per (n, c),
-// GATE (kSigmoid or kHardSigmoid) the gate's function.
+// gate[n, c] = gate_fn(sum_r hidden[n, r] * w_expand[c, r] + b_expand[c]), GATE (kSigmoid or
+// kHardSigmoid) the gate's function. One thread per (sample tile, c): the block stages the
+// tile's hidden rows in shared memory (kHiddenChunk units at a time) and each thread reads its
+// W_expand row once for the kSampleTile samples. grid.x: channel blocks, grid.y: tiles (loops).
 template <typename TW, int GATE>
 __global__ void __launch_bounds__(kThreads)
 se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ gate, int64_t n, int64_t c, int64_t r) {
-  const int lane = threadIdx.x % 32;
-  for (int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; warp < n * c;
-       warp += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t i = warp / c, j = warp % c;
-    const float* hrow = hidden + i * r;
-    const TW* wrow = w + j * r;
-    float s = 0.0f;
-    for (int64_t k = lane; k < r; k += 32) s = fmaf(hrow[k], to_float(wrow[k]), s);
-    s = warp_sum(s);
-    if (lane == 0) gate[warp] = activate<GATE>(s + to_float(b[j]));
+  __shared__ float h_s[kSampleTile * kHiddenChunk];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tiles = ceil_div(n, kSampleTile);
+  const TW* wrow = w + (j < c ? j : 0) * r;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t i0 = tile * kSampleTile;
+    float s[kSampleTile];
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) s[t] = 0.0f;
+    for (int64_t k0 = 0; k0 < r; k0 += kHiddenChunk) {
+      const int len = static_cast<int>(r - k0 < kHiddenChunk ? r - k0 : kHiddenChunk);
+      __syncthreads();  // the previous chunk has been used
+      for (int e = threadIdx.x; e < kSampleTile * len; e += blockDim.x) {
+        const int t = e / len, k = e - t * len;
+        h_s[t * kHiddenChunk + k] = i0 + t < n ? hidden[(i0 + t) * r + k0 + k] : 0.0f;
+      }
+      __syncthreads();
+      for (int k = 0; k < len; ++k) {
+        const float wv = to_float(wrow[k0 + k]);
+#pragma unroll
+        for (int t = 0; t < kSampleTile; ++t) s[t] = fmaf(h_s[t * kHiddenChunk + k], wv, s[t]);
+      }
+    }
+    if (j < c) {
+      const float bj = to_float(b[j]);
+#pragma unroll
+      for (int t = 0; t < kSampleTile; ++t)
+        if (i0 + t < n) gate[(i0 + t) * c + j] = activate<GATE>(s[t] + bj);
+    }
   }
 }
 
-// out = y * gate, element e of a dense tensor in NCHW (gate index e / HW) or NHWC
-// (gate index (e / (HW * C)) * C + e % C). With vec every 16-byte pack shares one
-// gate row segment: NCHW needs HW % V == 0, NHWC needs C % V == 0.
+// Gate row of element e of a dense tensor: NCHW e / HW, NHWC (e / (HW * C)) * C + e % C.
+__device__ __forceinline__ int64_t gate_index(int64_t e, int64_t c, int64_t hw, bool nhwc) {
+  return nhwc ? (e / (hw * c)) * c + e % c : e / hw;
+}
+
+// out = y * gate. With vec (y and out 16-byte aligned) every thread takes 16-byte packs of the
+// flat tensor; a pack's V gate indices are one run when `uniform` (NCHW: HW % V == 0, NHWC:
+// C % V == 0), else computed per element (NCHW incrementally: a pack may cross planes, e.g.
+// HW = 49 or 196). The total % V tail, and everything when !vec, goes one element per thread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 se_excite_kernel(const T* __restrict__ y, const float* __restrict__ gate, T* __restrict__ out, int64_t total,
-                 int64_t c, int64_t hw, bool nhwc, bool vec) {
+                 int64_t c, int64_t hw, bool nhwc, bool vec, bool uniform) {
   constexpr int V = PackWidth<T>::value;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vec) {
-    for (int64_t i = first; i < total / V; i += step) {
-      const int64_t e = i * V;
-      const RawPack in = load_pack<T, V>(y + e, true, V);
-      float o[V];
-      if (nhwc) {
-        const int64_t g = (e / (hw * c)) * c + e % c;
+  const int64_t packs = vec ? total / V : 0;
+  for (int64_t i = first; i < packs; i += step) {
+    const int64_t e = i * V;
+    const RawPack in = load_pack<T, V>(y + e, true, V);
+    float o[V];
+    if (nhwc) {
+      if (uniform) {
+        const int64_t g = gate_index(e, c, hw, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) o[v] = pack_elem<T>(in, v) * __ldg(gate + g + v);
       } else {
-        const float g = __ldg(gate + e / hw);
 #pragma unroll
-        for (int v = 0; v < V; ++v) o[v] = pack_elem<T>(in, v) * g;
+        for (int v = 0; v < V; ++v) o[v] = pack_elem<T>(in, v) * __ldg(gate + gate_index(e + v, c, hw, true));
       }
-      store_pack<T, V>(out + e, o, true, V);
+    } else if (uniform) {
+      const float g = __ldg(gate + e / hw);
+#pragma unroll
+      for (int v = 0; v < V; ++v) o[v] = pack_elem<T>(in, v) * g;
+    } else {
+      int64_t g = e / hw, rem = e - g * hw;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        o[v] = pack_elem<T>(in, v) * __ldg(gate + g);
+        if (++rem == hw) rem = 0, ++g;
+      }
     }
-  } else {
-    for (int64_t e = first; e < total; e += step) {
-      const int64_t g = nhwc ? (e / (hw * c)) * c + e % c : e / hw;
-      out[e] = from_float<T>(to_float(y[e]) * __ldg(gate + g));
-    }
+    store_pack<T, V>(out + e, o, true, V);
   }
+  for (int64_t e = packs * V + first; e < total; e += step)
+    out[e] = from_float<T>(to_float(y[e]) * __ldg(gate + gate_index(e, c, hw, nhwc)));
 }
 
 unsigned blocks_for(int64_t work, int64_t per_block) {
@@ -103,15 +159,17 @@ const char* se_gate(const SEGateArgs& a) {
   return DTYPE_SWITCH(a.weight_dtype, TW, [&] {
     const char* err = DTYPE_SWITCH(a.pooled_dtype, TP, [&] {
       return TWO_WAY_SWITCH(a.act, kSiLU, kReLU, ACT, [&] {
-        se_reduce_kernel<TP, TW, ACT><<<blocks_for(a.n * a.r, kWarps), kThreads, 0, stream>>>(
+        se_reduce_kernel<TP, TW, ACT><<<blocks_for(ceil_div(a.n, kSampleTile) * a.r, kWarps), kThreads, 0, stream>>>(
             static_cast<const TP*>(a.pooled), static_cast<const TW*>(a.w_reduce),
             static_cast<const TW*>(a.b_reduce), a.hidden, a.n, a.c, a.r);
         return launch_error();
       });
     });
     if (err != nullptr) return err;
+    const int64_t tiles = ceil_div(a.n, kSampleTile);
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.c, kThreads)), static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
     return TWO_WAY_SWITCH(a.gate_act, kSigmoid, kHardSigmoid, GATE, [&] {
-      se_expand_kernel<TW, GATE><<<blocks_for(a.n * a.c, kWarps), kThreads, 0, stream>>>(
+      se_expand_kernel<TW, GATE><<<grid, kThreads, 0, stream>>>(
           a.hidden, static_cast<const TW*>(a.w_expand), static_cast<const TW*>(a.b_expand), a.gate, a.n, a.c, a.r);
       return launch_error();
     });
@@ -128,10 +186,11 @@ const char* se_excite(const SEExciteArgs& a) {
   if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const int64_t v = a.dtype == kFloat32 ? 4 : 8;
-  const bool vec = ((a.nhwc ? a.c : hw) % v == 0) && aligned16(a.y) && aligned16(a.out);
+  const bool vec = total >= v && aligned16(a.y) && aligned16(a.out);
+  const bool uniform = (a.nhwc ? a.c : hw) % v == 0;
   return DTYPE_SWITCH(a.dtype, T, [&] {
-    se_excite_kernel<T><<<blocks_for(vec ? total / v : total, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(a.y), a.gate, static_cast<T*>(a.out), total, a.c, hw, a.nhwc, vec);
+    se_excite_kernel<T><<<blocks_for(vec ? ceil_div(total, v) : total, kThreads), kThreads, 0, stream>>>(
+        static_cast<const T*>(a.y), a.gate, static_cast<T*>(a.out), total, a.c, hw, a.nhwc, vec, uniform);
     return launch_error();
   });
 }

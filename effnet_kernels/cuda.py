@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import sys
 import threading
+import weakref
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
@@ -219,6 +220,72 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# ------------------------------------------------------------------ prepared weights
+def fold_tap_major(weight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``weight`` [C, 1, k, k] (or [C, k*k]) with ``scale`` [C] folded in, tap-major: [k*k, C] dense.
+
+    ``out[tap, c] = weight[c, tap] * scale[c]`` in ``dtype`` (the kernels read fp32; the CPU
+    emulation uses float64). The kernels then add only the BN shift in their epilogue.
+    """
+    c = weight.shape[0]
+    w = weight.detach().reshape(c, -1).to(dtype)
+    return (w * scale.detach().to(dtype)[:, None]).t().contiguous()
+
+
+class _PreparedWeights:
+    """Cache of :func:`fold_tap_major` results: one entry per live (weight, scale) tensor pair.
+
+    An entry is found by the two tensor objects and used only while both sources still have the
+    ``data_ptr``, ``_version`` (bumped by every in-place write: ``load_state_dict``, an optimizer
+    step, BN re-folding in place), shape, stride, dtype and device it was folded from; otherwise
+    it is folded again and replaced. Weak references drop the entry as soon as either source is
+    freed, so a new tensor reusing the memory (same address, version 0) never sees a stale fold.
+    A write that bypasses the version counter (through ``.data``) is not seen: update the tensor
+    itself. At most ``limit`` entries are kept (oldest dropped first).
+    """
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._entries: dict[tuple[int, int], tuple] = {}
+        self._lock = threading.RLock()  # a weakref callback may run (garbage collection) while it is held
+
+    @staticmethod
+    def _state(t: Tensor) -> tuple:
+        return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def get(self, weight: Tensor, scale: Tensor) -> Tensor:
+        """The folded tap-major fp32 weight for these sources (folded on a miss)."""
+        key = (id(weight), id(scale))
+        state = (self._state(weight), self._state(scale))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is weight and entry[1]() is scale and entry[2] == state:
+            return entry[3]
+        prepared = fold_tap_major(weight, scale)
+
+        def drop(_ref, key=key):
+            with self._lock:
+                current = self._entries.get(key)
+                if current is not None and _ref in (current[0], current[1]):
+                    del self._entries[key]
+
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.limit:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (weakref.ref(weight, drop), weakref.ref(scale, drop), state, prepared)
+        return prepared
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+prepared_weights = _PreparedWeights()
+
+
 # ------------------------------------------------------------------ implementations
 def dwconv_bn_act(
     x: Tensor,
@@ -233,8 +300,10 @@ def dwconv_bn_act(
     """CUDA ``dwconv_bn_act`` (signature of :func:`effnet_kernels.reference.dwconv_bn_act`).
 
     NCHW inputs run their own kernel (no layout conversion); NHWC uses 16-byte accesses
-    along C when C and the pointers allow. The squeeze is reduced without atomics when
-    ``torch.are_deterministic_algorithms_enabled()``.
+    along C when C and the pointers allow. The kernels read the weight tap-major with the BN
+    scale folded in (:func:`fold_tap_major`, cached per source tensors in
+    :data:`prepared_weights`) and add ``shift`` in the epilogue. The squeeze is reduced
+    without atomics when ``torch.are_deterministic_algorithms_enabled()``.
 
     Raises:
         BackendUnavailableError: the kernel size is not 3, 5 or 7.
@@ -257,11 +326,12 @@ def dwconv_bn_act(
         dtype, nhwc, launch.n, launch.c, launch.ho, launch.wo, k, launch.stride_w, squeeze, deterministic
     )
     partials = torch.empty(numel, dtype=torch.float32, device=x.device) if numel else None
+    folded = prepared_weights.get(weight, scale)
     check(
         "dwconv_bn_act",
         C.dwconv_bn_act(
-            launch.x.data_ptr(), launch.y.data_ptr(), launch.weight.data_ptr(), launch.scale.data_ptr(),
-            launch.shift.data_ptr(), _ptr(launch.mean), _ptr(partials), numel, dtype, nhwc,
+            launch.x.data_ptr(), launch.y.data_ptr(), folded.data_ptr(), launch.shift.data_ptr(),
+            _ptr(launch.mean), _ptr(partials), numel, dtype, nhwc,
             launch.n, launch.c, launch.h, launch.w, launch.ho, launch.wo, k, launch.stride_h, launch.stride_w,
             launch.pad_top, launch.pad_left, launch.act, squeeze, deterministic, x.device.index or 0, _stream(x),
         ),

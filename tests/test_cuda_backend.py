@@ -260,3 +260,50 @@ def test_activation_codes_reach_the_extension_by_name(monkeypatch, activation):
                          se_act, gate)
     assert calls["se_gate"]["act"] == ACT_CODES[se_act] and calls["se_gate"]["gate_act"] == ACT_CODES[gate]
     assert calls["se_gate"]["n"] == 2 and calls["se_gate"]["r"] == 2
+
+
+# ------------------------------------------------------------------ the folded tap-major weight cache
+def test_fold_tap_major_is_the_scaled_transposed_weight():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(13, 1, 5, 5, generator=g)
+    s = torch.rand(13, generator=g) + 0.5
+    out = cuda_backend.fold_tap_major(w, s)
+    assert out.shape == (25, 13) and out.is_contiguous() and out.dtype == torch.float32
+    for c in (0, 7, 12):
+        for tap in (0, 12, 24):
+            assert out[tap, c] == w[c, 0, tap // 5, tap % 5] * s[c]
+    assert not torch.equal(out, w.reshape(13, 25).t()), "the scale is folded in"
+
+
+def test_prepared_weights_are_reused_and_never_stale():
+    cache = cuda_backend._PreparedWeights()
+    g = torch.Generator().manual_seed(6)
+    w, s = torch.randn(8, 1, 3, 3, generator=g), torch.rand(8, generator=g) + 0.5
+    first = cache.get(w, s)
+    assert cache.get(w, s) is first, "same live tensors, same versions: one fold"
+    with torch.no_grad():
+        w.mul_(2)  # in place (as load_state_dict / an optimizer step): the version moves
+    again = cache.get(w, s)
+    assert again is not first
+    torch.testing.assert_close(again, cuda_backend.fold_tap_major(w, s), rtol=0, atol=0)
+    torch.testing.assert_close(again, 2 * first, rtol=0, atol=0)
+    assert len(cache) == 1, "the new version replaces the old fold"
+    s.add_(1.0)
+    torch.testing.assert_close(cache.get(w, s), cuda_backend.fold_tap_major(w, s), rtol=0, atol=0)
+
+
+def test_prepared_weights_die_with_their_sources_and_stay_bounded():
+    import gc
+
+    cache = cuda_backend._PreparedWeights(limit=3)
+    s = torch.rand(4) + 0.5
+    w = torch.randn(4, 1, 3, 3)
+    cache.get(w, s)
+    assert len(cache) == 1
+    del w
+    gc.collect()
+    assert len(cache) == 0, "a freed source drops its entry (its memory may be reused at version 0)"
+    keep = [torch.randn(4, 1, 3, 3) for _ in range(5)]
+    for w in keep:
+        cache.get(w, s)
+    assert len(cache) == 3

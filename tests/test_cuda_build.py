@@ -359,14 +359,14 @@ def test_kernel_errors_name_the_op(jit_module):
     from effnet_kernels import cuda
 
     C = jit_module["module"]
-    bad_dtype = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 9, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, 1, False, False, 0, 0)
+    bad_dtype = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 9, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, 1, False, False, 0, 0)
     assert bad_dtype == "dwconv_bn_act: unsupported dtype code"
     with pytest.raises(cuda.CudaExtensionError, match="dwconv_bn_act failed: dwconv_bn_act: unsupported dtype"):
         cuda.check("dwconv_bn_act", bad_dtype)
-    bad_k = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 9, 1, 1, 1, 1, 1, False, False, 0, 0)
+    bad_k = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 9, 1, 1, 1, 1, 1, False, False, 0, 0)
     assert "kernel sizes 3, 5 and 7" in bad_k
     for act in (-1, 5, 6):  # sigmoid and hard-sigmoid are se_gate's gates, not dwconv activations
-        bad_act = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, act, False, False, 0, 0)
+        bad_act = C.dwconv_bn_act(0, 0, 0, 0, 0, 0, 0, 0, True, 1, 8, 5, 5, 5, 5, 3, 1, 1, 1, 1, act, False, False, 0, 0)
         assert bad_act == "dwconv_bn_act: unsupported activation code", act
     assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 4, 0, 1, 5, 0, 0) == "se_gate: invalid sizes"
     assert C.se_gate(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2, 3, 5, 0, 0) == "se_gate: unsupported activation code"

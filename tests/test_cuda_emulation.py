@@ -109,25 +109,61 @@ ACTIVATE = {
 
 
 # ------------------------------------------------------------------ dwconv launch shape (dwconv_kernels.cuh)
+def nhwc_threads_c(nvec, V):
+    """nhwc_threads_c: the largest BX <= 128 / V in {1..8} or a multiple of 8 leaving <= 1/8 lanes idle."""
+    max_bx = 128 // V
+    if nvec <= 8:
+        return nvec
+    bx = max_bx
+    while bx > 1:
+        lanes = ceil_div(nvec, bx) * bx
+        if 8 * nvec >= 7 * lanes:
+            return bx
+        bx -= 8 if bx > 8 else 1
+    return 1
+
+
 def dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit=GRID_LIMIT):
     strips = ho * ceil_div(wo, tile_w(SW))
     if nhwc:
         V = pack_width(elem)
         nvec = ceil_div(c, V)
-        bx = nvec if nvec < 128 // V else 128 // V
+        bx = nhwc_threads_c(nvec, V)
         by = K_THREADS // bx
         gy = ceil_div(strips, by)
         grid = (ceil_div(nvec, bx), min(gy, limit), min(n, limit))
-        smem = 4 * (K * K * bx * V + (by * bx * V if squeeze else 0))
+        smem = 4 * ((K * K + 1) * bx * V + (by * bx * V + 32 if squeeze else 0))
     else:
         bx = min(ceil_div(strips, 32) * 32, K_THREADS)
         by = K_THREADS // bx
         gy = ceil_div(strips, bx)
         grid = (ceil_div(n * c, by), min(gy, limit), 1)
-        smem = 4 * K_THREADS if squeeze else 0
+        smem = 4 * (K_THREADS // 32) if squeeze else 0
     assert bx * by <= K_THREADS and all(g >= 1 for g in grid), (grid, bx, by)
     assert smem <= 48 * 1024, "more than 48 KiB of dynamic shared memory needs an opt-in"
     return grid, (bx, by), smem
+
+
+# ------------------------------------------------------------------ NHWC shared-memory index math (dwconv_kernels.cuh)
+def staged_channel(off, bx, V):
+    """staged_channel<V>: w_s word `off` within a tap -> channel within the block."""
+    g, r = off // (4 * bx), off % (4 * bx)
+    return (r >> 2) * V + g * 4 + (r & 3)
+
+
+def w_chunk_word(tap, g, tx, bx, V):
+    """First word of thread tx's float4 chunk g of tap `tap` (tap = K * K: the shift)."""
+    return ((tap * (V // 4) + g) * bx + tx) * 4
+
+
+def red_pad(nthreads):
+    """red_pad: float4 chunks before chunk group 1 of red_s that put it at bank 16."""
+    return (12 - nthreads % 8) % 8
+
+
+def red_chunk_word(g, tid, nthreads):
+    """First word of thread tid's float4 chunk g in the squeeze buffer red_s."""
+    return (g * (nthreads + red_pad(nthreads)) + tid) * 4
 
 
 class P:
@@ -137,24 +173,29 @@ class P:
         self.__dict__.update(kw)
 
 
-def publish_squeeze(red, rows, cols, first_index, index_limit, p, partial_row, nthreads):
+def publish_squeeze_nhwc(red, bx, rows, V, first_index, index_limit, p, partial_row):
     nc = p.n * p.c
+    nthreads = bx * rows
     for tid in range(nthreads):
-        for j in range(tid, cols, nthreads):
+        for j in range(tid, bx * V, nthreads):
             idx = first_index + j
             if idx >= index_limit:
                 continue
-            s = sum(red[r * cols + j] for r in range(rows))
+            tx, v = j // V, j % V
+            col = red_chunk_word(v // 4, tx, nthreads) + v % 4
+            s = sum(red[col + r * bx * 4] for r in range(rows))
             if p.partials is not None:
                 p.partials.st(partial_row * nc + idx, s)
             else:
                 p.mean.atomic_add(idx, s * p.inv_hw)
 
 
-def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
+def dwconv_nhwc(p, K, SW, squeeze, grid, block, V, smem_bytes):
     TW = tile_w(SW)
     SEG = (TW - 1) * SW + K
+    G = V // 4
     bxd, byd = block
+    nthreads = bxd * byd
     CB = bxd * V
     strips_per_row = ceil_div(p.wo, TW)
     strips = p.ho * strips_per_row
@@ -162,21 +203,28 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
         for byi in range(grid[1]):
             for bxi in range(grid[0]):
                 cb0 = bxi * CB
-                w_s = np.zeros(K * K * CB)
-                for i in range(K * K * CB):  # all threads' strided loop, merged
-                    ch, tap = i // (K * K), i % (K * K)
-                    w_s[tap * CB + ch] = p.weight.ld(cb0 * K * K + i) if cb0 + ch < p.c else 0.0
+                w_s = np.full((K * K + 1) * CB, np.nan)
+                for i in range((K * K + 1) * CB):  # all threads' strided loop, merged: word i of w_s
+                    tap = i // CB
+                    cg = cb0 + staged_channel(i - tap * CB, bxd, V)
+                    w_s[i] = 0.0 if cg >= p.c else (p.weight.ld(tap * p.c + cg) if tap < K * K else p.shift.ld(cg))
+                assert not np.isnan(w_s).any(), "the staging loop fills every word"
+
+                def chunks(tap, tx):  # the thread's V values of one staged row (G LDS.128)
+                    return np.concatenate([w_s[w_chunk_word(tap, g, tx, bxd, V):][:4] for g in range(G)])
+
                 n = bz
                 while n < p.n:
-                    sq = np.zeros((byd, bxd, V))
+                    red = np.full(G * nthreads * 4 + 32, np.nan)
+                    assert not squeeze or red.size * 4 <= smem_bytes - (K * K + 1) * CB * 4, "red_s fits in smem"
                     for ty in range(byd):
                         for tx in range(bxd):
+                            tid = ty * bxd + tx
                             c0 = cb0 + tx * V
                             valid = p.c - c0
-                            if valid <= 0:
-                                continue
+                            sq = np.zeros(V)
                             s = byi * byd + ty
-                            while s < strips:
+                            while valid > 0 and s < strips:
                                 ho = s // strips_per_row
                                 wo0 = (s % strips_per_row) * TW
                                 hi0 = ho * p.stride_h - p.pad_top
@@ -190,24 +238,24 @@ def dwconv_nhwc(p, K, SW, squeeze, grid, block, V):
                                     seg = [p.x.load_pack(xrow + (wi0 + j) * p.c, V, p.vec, valid)
                                            if 0 <= wi0 + j < p.w else np.zeros(V) for j in range(SEG)]
                                     for kw in range(K):
-                                        wv = w_s[(kh * K + kw) * CB + tx * V:(kh * K + kw) * CB + tx * V + V]
+                                        wv = chunks(kh * K + kw, tx)
                                         for t in range(TW):
                                             acc[t] += seg[t * SW + kw] * wv
+                                sh = chunks(K * K, tx)
                                 for t in range(TW):
                                     wo = wo0 + t
                                     if wo >= p.wo:
                                         break
-                                    sc = np.array([p.scale.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
-                                    sh = np.array([p.shift.ld(c0 + v) if v < valid else 0.0 for v in range(V)])
-                                    u = acc[t] * sc + sh
-                                    out = ACTIVATE[p.act](u)
+                                    out = ACTIVATE[p.act](acc[t] + sh)
                                     if squeeze:
-                                        sq[ty, tx] += out
+                                        sq += out
                                     p.y.store_pack(((n * p.ho + ho) * p.wo + wo) * p.c + c0, out, V, p.vec, valid)
                                 s += grid[1] * byd
+                            for g in range(G):
+                                w0 = red_chunk_word(g, tid, nthreads)
+                                red[w0:w0 + 4] = sq[4 * g:4 * g + 4]
                     if squeeze:
-                        red = sq.reshape(byd, CB).reshape(-1)  # red_s[ty * CB + tx * V + v]
-                        publish_squeeze(red, byd, CB, n * p.c + cb0, n * p.c + p.c, p, byi, bxd * byd)
+                        publish_squeeze_nhwc(red, bxd, byd, V, n * p.c + cb0, n * p.c + p.c, p, byi)
                     n += grid[2]
 
 
@@ -215,21 +263,24 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
     TW = tile_w(SW)
     SEG = (TW - 1) * SW + K
     bxd, byd = block
+    assert bxd % 32 == 0, "each warp serves one plane"
+    wpp = bxd // 32
     nc = p.n * p.c
     strips_per_row = ceil_div(p.wo, TW)
     strips = p.ho * strips_per_row
     for byi in range(grid[1]):
         for bxi in range(grid[0]):
-            red = np.zeros(K_THREADS)
+            red = np.full(K_THREADS // 32, np.nan)
             for ty in range(byd):
                 plane = bxi * byd + ty
                 valid = plane < nc
                 c = plane % p.c if valid else 0
                 xb, yb = plane * p.h * p.w, plane * p.ho * p.wo
+                lane_sums = np.zeros(bxd)
                 for tx in range(bxd):
                     sq = 0.0
                     if valid:
-                        sc, sh = p.scale.ld(c), p.shift.ld(c)
+                        sh = p.shift.ld(c)
                         s = byi * bxd + tx
                         while s < strips:
                             ho = s // strips_per_row
@@ -237,34 +288,45 @@ def dwconv_nchw(p, K, SW, squeeze, grid, block):
                             hi0 = ho * p.stride_h - p.pad_top
                             wi0 = wo0 * SW - p.pad_left
                             acc = np.zeros(TW)
-                            for kh in range(K):
+                            for kh in range(K):  # every row, the ones outside predicated to zeros
                                 hi = hi0 + kh
-                                if hi < 0 or hi >= p.h:
-                                    continue
-                                seg = [p.x.ld(xb + hi * p.w + wi0 + j) if 0 <= wi0 + j < p.w else 0.0 for j in range(SEG)]
+                                row_ok = 0 <= hi < p.h
+                                seg = [p.x.ld(xb + hi * p.w + wi0 + j) if row_ok and 0 <= wi0 + j < p.w else 0.0
+                                       for j in range(SEG)]
                                 for kw in range(K):
-                                    wv = p.weight.ld(c * K * K + kh * K + kw)
+                                    wv = p.weight.ld((kh * K + kw) * p.c + c)
                                     for t in range(TW):
                                         acc[t] += seg[t * SW + kw] * wv
                             for t in range(TW):
                                 wo = wo0 + t
                                 if wo >= p.wo:
                                     break
-                                u = acc[t] * sc + sh
-                                out = ACTIVATE[p.act](u)
+                                out = ACTIVATE[p.act](acc[t] + sh)
                                 sq += out
                                 p.y.st(yb + ho * p.wo + wo, out)
                             s += grid[1] * bxd
-                    red[ty * bxd + tx] = sq
+                    lane_sums[tx] = sq
+                for wi in range(wpp):  # warp_sum, then lane 0 writes red_s[ty * wpp + tx / 32]
+                    red[ty * wpp + wi] = warp_sum(lane_sums[32 * wi:32 * wi + 32])
             if squeeze:
                 for tid in range(byd):
                     pl = bxi * byd + tid
                     if pl < nc:
-                        s = sum(red[tid * bxd + r] for r in range(bxd))
+                        s = sum(red[tid * wpp + r] for r in range(wpp))
                         if p.partials is not None:
                             p.partials.st(byi * nc + pl, s)
                         else:
                             p.mean.atomic_add(pl, s * p.inv_hw)
+
+
+def warp_sum(lanes):
+    """warp_sum of device_utils.cuh: the __shfl_xor_sync butterfly over 32 lanes (lane 0's result)."""
+    v = np.array(lanes, dtype=np.float64)
+    assert v.size == 32
+    for off in (16, 8, 4, 2, 1):
+        v = v + v[np.arange(32) ^ off]
+    assert np.all(v == v[0]) or np.allclose(v, v[0], rtol=1e-15, atol=0), "every lane holds the sum"
+    return float(v[0])
 
 
 def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, deterministic, nhwc, elem,
@@ -280,14 +342,16 @@ def emulate_dwconv(x, weight, scale, shift, stride, pad4, act, squeeze, determin
     xb = Buf(xd.contiguous().numpy(), elem, base_bytes=x_base_bytes, name="x")
     V = pack_width(elem)
     vec = nhwc and (c * elem) % 16 == 0 and xb.base % 16 == 0 and y.base % 16 == 0
-    grid, block, _ = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
+    grid, block, smem = dwconv_shape(nhwc, elem, k, stride[1], squeeze, n, c, ho, wo, limit)
     mean = Buf(np.zeros(n * c), 4, name="mean")
     partials = Buf(np.full(grid[1] * n * c, np.nan), 4, name="partials") if (squeeze and deterministic) else None
-    p = P(x=xb, y=y, weight=Buf(weight.reshape(c, k * k).numpy(), 4, name="weight"), scale=Buf(scale.numpy(), 4),
-          shift=Buf(shift.numpy(), 4), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
+    from effnet_kernels.cuda import fold_tap_major
+
+    folded = fold_tap_major(weight, scale, dtype=torch.float64)  # what cuda.py hands the kernels, in float64
+    p = P(x=xb, y=y, weight=Buf(folded.numpy(), 4, name="weight"), shift=Buf(shift.numpy(), 4, name="shift"), mean=mean, partials=partials, n=n, c=c, h=h, w=w, ho=ho, wo=wo,
           stride_h=stride[0], pad_top=top, pad_left=left, inv_hw=1.0 / (ho * wo), act=act, vec=vec)
     if nhwc:
-        dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V)
+        dwconv_nhwc(p, k, stride[1], squeeze, grid, block, V, smem)
     else:
         dwconv_nchw(p, k, stride[1], squeeze, grid, block)
     if partials is not None:  # reduce_partials_kernel
@@ -446,49 +510,91 @@ def blocks_for(work, per_block, cap=1 << 20):
     return min(ceil_div(work, per_block), cap)
 
 
-def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5):
+SAMPLE_TILE, HIDDEN_CHUNK = 8, 256  # kSampleTile, kHiddenChunk of se.cu
+
+
+def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5, grid_y_limit=65535, counts=None):
+    """se_reduce_kernel + se_expand_kernel; `counts` (a dict) receives how often each weight element is read."""
     n, c = pooled.shape
     r = wr.shape[0]
     warps_per_block = K_THREADS // 32
     hidden = Buf(np.full(n * r, np.nan), 4, name="hidden")
     gate = Buf(np.full(n * c, np.nan), 4, name="gate")
     P_, WR, BR, WE, BE = (Buf(t.numpy(), 4) for t in (pooled, wr, br, we, be))
-    # se_reduce_kernel: grid-stride over warps, one warp per (n, r)
-    blocks = blocks_for(n * r, warps_per_block, cap)
+    reads = {"w_reduce": np.zeros(r * c, dtype=np.int64), "w_expand": np.zeros(c * r, dtype=np.int64)}
+    tiles = ceil_div(n, SAMPLE_TILE)
+    # se_reduce_kernel: grid-stride over warps, one warp per (sample tile, r); lanes stride over C
+    blocks = blocks_for(tiles * r, warps_per_block, cap)
     for b in range(blocks):
         for wi in range(warps_per_block):
             warp = b * warps_per_block + wi
-            while warp < n * r:
-                i, j = warp // r, warp % r
-                s = sum(P_.ld(i * c + kk) * WR.ld(j * c + kk) for kk in range(c))
-                hidden.st(warp, float(ACTIVATE[act](s + BR.ld(j))))
+            while warp < tiles * r:
+                i0, j = (warp // r) * SAMPLE_TILE, warp % r
+                rows = [min(i0 + t, n - 1) for t in range(SAMPLE_TILE)]
+                s = np.zeros((32, SAMPLE_TILE))
+                for lane in range(32):
+                    for kk in range(lane, c, 32):
+                        wv = WR.ld(j * c + kk)
+                        reads["w_reduce"][j * c + kk] += 1
+                        s[lane] += np.array([P_.ld(rows[t] * c + kk) for t in range(SAMPLE_TILE)]) * wv
+                for t in range(SAMPLE_TILE):
+                    total = warp_sum(s[:, t])
+                    if i0 + t < n:
+                        hidden.st((i0 + t) * r + j, float(ACTIVATE[act](total + BR.ld(j))))
                 warp += blocks * warps_per_block
-    blocks = blocks_for(n * c, warps_per_block, cap)
-    for b in range(blocks):
-        for wi in range(warps_per_block):
-            warp = b * warps_per_block + wi
-            while warp < n * c:
-                i, j = warp // c, warp % c
-                s = sum(hidden.ld(i * r + kk) * WE.ld(j * r + kk) for kk in range(r))
-                gate.st(warp, float(ACTIVATE[gate_act](s + BE.ld(j))))
-                warp += blocks * warps_per_block
+    # se_expand_kernel: grid (ceil(C / 256), min(tiles, limit)); thread per (tile, c); hidden tile staged
+    gx, gy = ceil_div(c, K_THREADS), min(tiles, grid_y_limit)
+    for bxi in range(gx):
+        for byi in range(gy):
+            tile = byi
+            while tile < tiles:
+                i0 = tile * SAMPLE_TILE
+                s = np.zeros((K_THREADS, SAMPLE_TILE))
+                for k0 in range(0, r, HIDDEN_CHUNK):
+                    ln = min(r - k0, HIDDEN_CHUNK)
+                    h_s = np.full(SAMPLE_TILE * HIDDEN_CHUNK, np.nan)
+                    for e in range(SAMPLE_TILE * ln):
+                        t, k = e // ln, e % ln
+                        h_s[t * HIDDEN_CHUNK + k] = hidden.ld((i0 + t) * r + k0 + k) if i0 + t < n else 0.0
+                    for tx in range(K_THREADS):
+                        j = bxi * K_THREADS + tx
+                        jr = j if j < c else 0
+                        for k in range(ln):
+                            wv = WE.ld(jr * r + k0 + k)
+                            if j < c:
+                                reads["w_expand"][jr * r + k0 + k] += 1
+                            s[tx] += np.array([h_s[t * HIDDEN_CHUNK + k] for t in range(SAMPLE_TILE)]) * wv
+                for tx in range(K_THREADS):
+                    j = bxi * K_THREADS + tx
+                    if j < c:
+                        for t in range(SAMPLE_TILE):
+                            if i0 + t < n:
+                                gate.st((i0 + t) * c + j, float(ACTIVATE[gate_act](s[tx, t] + BE.ld(j))))
+                tile += gy
     assert (hidden.writes == 1).all() and (gate.writes == 1).all(), "every hidden/gate element written once"
+    if counts is not None:
+        counts.update(reads)
     return torch.from_numpy(gate.a.reshape(n, c))
 
 
-@pytest.mark.parametrize("cap,act,gate_act", [(1 << 20, 1, 5), (1, 2, 6), (3, 1, 6), (1 << 20, 2, 5)],
+@pytest.mark.parametrize("cap,act,gate_act,ylimit", [(1 << 20, 1, 5, 65535), (1, 2, 6, 1), (3, 1, 6, 2), (1 << 20, 2, 5, 65535)],
                          ids=["silu-sigmoid", "relu-hardsigmoid-cap1", "silu-hardsigmoid-cap3", "relu-sigmoid"])
-def test_se_gate_emulation_covers_every_output(cap, act, gate_act):
-    """cap = blocks_for's limit; 1 and 3 stand for N * C beyond 2**20 blocks of 8 warps. Each
-    (activation, gate) of se_reduce_kernel<.., ACT> / se_expand_kernel<.., GATE>."""
-    n, c, r = 5, 37, 6
+@pytest.mark.parametrize("n,c,r", [(5, 37, 6), (17, 300, 3), (1, 9, 260)], ids=["n5", "n17-c300", "n1-r260"])
+def test_se_gate_emulation_covers_every_output(cap, act, gate_act, ylimit, n, c, r):
+    """cap = blocks_for's limit and ylimit se_expand's grid.y limit; small values stand for grids
+    beyond the hardware limits. N = 17 leaves a partial sample tile, C = 300 two channel blocks,
+    R = 260 two hidden chunks. Each (activation, gate) of se_reduce_kernel / se_expand_kernel."""
     g = torch.Generator().manual_seed(2)
     pooled = torch.randn(n, c, generator=g, dtype=torch.float64)
     wr, br = torch.randn(r, c, generator=g, dtype=torch.float64), torch.randn(r, generator=g, dtype=torch.float64)
     we, be = torch.randn(c, r, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
-    gate = emulate_se_gate(pooled, wr, br, we, be, cap, act, gate_act)
+    counts = {}
+    gate = emulate_se_gate(pooled, wr, br, we, be, cap, act, gate_act, ylimit, counts)
     truth = TORCH_ACT[gate_act](TORCH_ACT[act](pooled @ wr.T + br) @ we.T + be)
     torch.testing.assert_close(gate, truth, rtol=1e-12, atol=1e-12)
+    # each weight element is read once per tile of SAMPLE_TILE samples (was: once per sample)
+    tiles = ceil_div(n, SAMPLE_TILE)
+    assert (counts["w_reduce"] == tiles).all() and (counts["w_expand"] == tiles).all()
 
 
 def test_se_gate_kernels_loop_over_warps():
@@ -496,57 +602,74 @@ def test_se_gate_kernels_loop_over_warps():
     from pathlib import Path
 
     src = (Path(__file__).resolve().parents[1] / "csrc" / "se.cu").read_text()
-    assert src.count("warp += static_cast<int64_t>(gridDim.x) * kWarps") == 2, \
-        "se_reduce_kernel and se_expand_kernel must loop over warps: blocks_for caps the grid at 2**20 blocks"
+    assert src.count("warp += static_cast<int64_t>(gridDim.x) * kWarps") == 1, \
+        "se_reduce_kernel must loop over warps: blocks_for caps the grid at 2**20 blocks"
+    assert "for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y)" in src, "se_expand_kernel loops over tiles"
+    assert "constexpr int kSampleTile = 8;" in src and "constexpr int kHiddenChunk = 256;" in src
 
 
 # ------------------------------------------------------------------ se_excite (se.cu)
+def gate_index(e, c, hw, nhwc):
+    return (e // (hw * c)) * c + e % c if nhwc else e // hw
+
+
 def emulate_se_excite(y, gate, nhwc, elem, y_base=0, out_base=0, cap=1 << 20):
+    """se_excite_kernel; returns (out NCHW, vec, packs stored with 16-byte accesses)."""
     n, c, h, w = y.shape
     hw = h * w
     total = n * c * hw
     V = pack_width(elem)
-    vec = ((c if nhwc else hw) % V == 0) and y_base % 16 == 0 and out_base % 16 == 0
+    vec = total >= V and y_base % 16 == 0 and out_base % 16 == 0
+    uniform = (c if nhwc else hw) % V == 0
     yd = (y.permute(0, 2, 3, 1) if nhwc else y).contiguous().numpy()
     Y = Buf(yd, elem, base_bytes=y_base, name="y")
     G = Buf(gate.numpy(), 4, name="gate")
     O = Buf(np.full(total, np.nan), elem, base_bytes=out_base, name="out")
-    blocks = blocks_for(total // V if vec else total, K_THREADS, cap)
+    blocks = blocks_for(ceil_div(total, V) if vec else total, K_THREADS, cap)
     step = blocks * K_THREADS
+    packs = total // V if vec else 0
     for first in range(step):
-        if vec:
-            i = first
-            while i < total // V:
-                e = i * V
-                pk = Y.load_pack(e, V, True, V)
-                if nhwc:
-                    gidx = (e // (hw * c)) * c + e % c
-                    o = pk * np.array([G.ld(gidx + v) for v in range(V)])
-                else:
-                    o = pk * G.ld(e // hw)
-                O.store_pack(e, o, V, True, V)
-                i += step
-        else:
-            e = first
-            while e < total:
-                gidx = (e // (hw * c)) * c + e % c if nhwc else e // hw
-                O.st(e, Y.ld(e) * G.ld(gidx))
-                e += step
+        i = first
+        while i < packs:
+            e = i * V
+            pk = Y.load_pack(e, V, True, V)
+            if nhwc and uniform:
+                g0 = gate_index(e, c, hw, True)
+                o = pk * np.array([G.ld(g0 + v) for v in range(V)])
+            elif nhwc:
+                o = pk * np.array([G.ld(gate_index(e + v, c, hw, True)) for v in range(V)])
+            elif uniform:
+                o = pk * G.ld(e // hw)
+            else:  # incremental plane index: a pack may cross planes
+                g, rem, o = e // hw, e % hw, np.zeros(V)
+                for v in range(V):
+                    o[v] = pk[v] * G.ld(g)
+                    rem += 1
+                    if rem == hw:
+                        rem, g = 0, g + 1
+            O.store_pack(e, o, V, True, V)
+            i += step
+        e = packs * V + first
+        while e < total:
+            O.st(e, Y.ld(e) * G.ld(gate_index(e, c, hw, nhwc)))
+            e += step
     assert (O.writes == 1).all()
     out = torch.from_numpy(O.a.reshape((n, h, w, c) if nhwc else (n, c, h, w)))
-    return (out.permute(0, 3, 1, 2) if nhwc else out), vec
+    return (out.permute(0, 3, 1, 2) if nhwc else out), vec, packs
 
 
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("elem", [4, 2])
-@pytest.mark.parametrize("shape", [(3, 24, 4, 4), (3, 24, 3, 5), (2, 1, 1, 1), (1, 13, 2, 8), (2, 16, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 24, 4, 4), (3, 24, 3, 5), (2, 1, 1, 1), (1, 13, 2, 8), (2, 16, 1, 1),
+                                   (2, 16, 7, 7), (1, 8, 14, 14), (1, 3, 3, 3)])
 @pytest.mark.parametrize("bases", [(0, 0), (4, 0), (0, 8)])
 def test_se_excite_emulation(shape, elem, nhwc, bases):
     g = torch.Generator().manual_seed(3)
     y = torch.randn(shape, generator=g, dtype=torch.float64)
     gate = torch.rand(shape[:2], generator=g, dtype=torch.float64)
-    out, vec = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
-    assert not vec or bases == (0, 0)
+    out, vec, packs = emulate_se_excite(y, gate, nhwc, elem, *bases, cap=2)
+    assert vec == (bases == (0, 0) and y.numel() >= pack_width(elem))
+    assert packs == (y.numel() // pack_width(elem) if vec else 0), "aligned: 16-byte packs whatever H * W and C are"
     torch.testing.assert_close(out, y * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
 
 
@@ -564,6 +687,133 @@ def test_the_ported_epilogues_are_the_sources():
                  "if constexpr (ACT == kHardSigmoid) return relu6(u + 3.0f) / 6.0f;",
                  "return u < 0.0f ? 0.0f : (u > 6.0f ? 6.0f : u);"):
         assert line in utils, line
-    assert (csrc / "dwconv_kernels.cuh").read_text().count("activate<ACT>(u)") == 2
+    dw = (csrc / "dwconv_kernels.cuh").read_text()
+    assert dw.count("activate<ACT>(u)") == 2
+    # BN scale folded into the weights: the epilogues add only the shift
+    assert "const float u = acc[t][v] + sh[v];" in dw and "const float u = acc[t] + sh;" in dw
     se = (csrc / "se.cu").read_text()
-    assert "activate<ACT>(s + to_float(b[j]))" in se and "activate<GATE>(s + to_float(b[j]))" in se
+    assert "activate<ACT>(sum + bj)" in se and "activate<GATE>(s[t] + bj)" in se
+
+
+# ------------------------------------------------------------------ shared-memory bank conflicts (NHWC staging)
+def wavefronts(addrs, width):
+    """(shared-memory wavefronts, conflict-free minimum) of one warp-wide access.
+
+    `addrs`: the first 4-byte word each of the 32 lanes accesses (None: inactive); `width`: words
+    per lane (1: 32-bit, 4: 128-bit). 32 banks of 4 bytes; a 128-bit access is served a quarter
+    warp (8 lanes) at a time. Within a group, the lanes hitting one bank at distinct words
+    serialise; the same word is a broadcast.
+    """
+    groups = [range(32)] if width == 1 else [range(8 * q, 8 * q + 8) for q in range(4)]
+    total = ideal = 0
+    for lanes in groups:
+        banks: dict[int, set] = {}
+        for lane in lanes:
+            if addrs[lane] is not None:
+                for wd in range(width):
+                    banks.setdefault((addrs[lane] + wd) % 32, set()).add(addrs[lane] + wd)
+        if banks:
+            total += max(len(v) for v in banks.values())
+            ideal += 1
+    return total, ideal
+
+
+def warps_of(nthreads, addr_of_tid):
+    """Per warp of a block of `nthreads` threads: the 32 lanes' addresses (None past the block)."""
+    for w0 in range(0, nthreads, 32):
+        yield [addr_of_tid(t) if t < nthreads else None for t in range(w0, w0 + 32)]
+
+
+def old_staging_ways(K, CB=128, nthreads=K_THREADS):
+    """The staging loop before: thread i wrote w_s[(i % K²) * CB + i / K²] (CB = 128 channels)."""
+    kk = K * K
+    ways = []
+    for it in range(ceil_div(kk * CB, nthreads)):
+        for addrs in warps_of(nthreads, lambda t: (lambda i: (i % kk) * CB + i // kk if i < kk * CB else None)(it * nthreads + t)):
+            if any(a is not None for a in addrs):
+                total, ideal = wavefronts(addrs, 1)
+                ways.append(total / ideal)
+    return max(ways), sum(ways) / len(ways)
+
+
+def nhwc_smem_accesses(bx, by, V, K):
+    """Every warp-wide shared-memory access of one NHWC block: (what, addrs, width)."""
+    nthreads, CB, G = bx * by, bx * V, V // 4
+    for w0 in range(0, nthreads, 32):
+        for it in range(ceil_div((K * K + 1) * CB, nthreads)):
+            addrs = [(it * nthreads + t) if t < nthreads and it * nthreads + t < (K * K + 1) * CB else None
+                     for t in range(w0, w0 + 32)]
+            yield "stage", addrs, 1  # staging: thread tid writes word it * nthreads + tid
+        for tap in range(K * K + 1):  # K² weight taps, then the shift row
+            for g in range(G):
+                addrs = [w_chunk_word(tap, g, t % bx, bx, V) if t < nthreads else None for t in range(w0, w0 + 32)]
+                yield "weights" if tap < K * K else "shift", addrs, 4
+        for g in range(G):
+            yield "squeeze", [red_chunk_word(g, t, nthreads) if t < nthreads else None for t in range(w0, w0 + 32)], 4
+        for r in range(by):  # publish_squeeze_nhwc: thread j reads channel j's value of row r
+            yield "publish", [red_chunk_word((t % V) // 4, t // V, nthreads) + (t % V) % 4 + r * bx * 4
+                              if t < bx * V else None for t in range(w0, w0 + 32)], 1
+
+
+def test_old_weight_staging_had_the_bank_conflicts_of_the_issue():
+    """Negative control: the simulation reports the 9-, 22- and 27-way conflicts (mean over warps;
+    worst 9, 25, 32) of the staging pattern issue #10 measured."""
+    got = {K: old_staging_ways(K) for K in (3, 5, 7)}
+    assert got[3] == (9, 9.0)
+    assert got[5][0] == 25 and round(got[5][1]) == 22
+    assert got[7][0] == 32 and round(got[7][1]) == 27
+
+
+def _nhwc_blocks_of_efficientnet():
+    from effnet_kernels.models import MODEL_NAMES, layer_shapes
+
+    chans = {layer.mid_channels for name in MODEL_NAMES for layer in layer_shapes(name, batch=1)}
+    for elem in (4, 2):
+        V = pack_width(elem)
+        for c in sorted(chans | {1, 13, 24, 136, 144}):
+            bx = nhwc_threads_c(ceil_div(c, V), V)
+            yield c, elem, V, bx, K_THREADS // bx
+
+
+@pytest.mark.parametrize("K", [3, 5, 7])
+def test_nhwc_shared_memory_is_bank_conflict_free(K):
+    """Staging writes, per-tap weight and shift reads (LDS.128), the squeeze writes (STS.128) and the
+    publish reads of every B0-B7 channel count's NHWC block (fp32 and 16-bit) need only the
+    minimum wavefronts."""
+    checked = 0
+    for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
+        for what, addrs, width in nhwc_smem_accesses(bx, by, V, K):
+            if all(a is None for a in addrs):
+                continue
+            total, ideal = wavefronts(addrs, width)
+            assert total == ideal, f"{what}: {total / ideal:.2f}-way conflict at C={c}, elem={elem}, bx={bx}, K={K}"
+            checked += 1
+    assert checked > 1000
+
+
+def test_bank_model_sees_a_strided_128bit_read():
+    """Negative controls: chunks 32 bytes apart (the old tx * V float reads of a 16-bit pack, two
+    LDS.128 in the old SASS) are a 2-way conflict; BX = 9 threads along C (not <= 8, not a multiple
+    of 8) conflicts; so does the squeeze buffer without its pad."""
+    assert wavefronts([8 * t for t in range(32)], 4) == (8, 4)
+    addrs = [w_chunk_word(0, 0, t % 9, 9, 8) for t in range(32)]
+    total, ideal = wavefronts(addrs, 4)
+    assert total > ideal
+    # the squeeze buffer without red_pad: 16-bit publish reads of a 256-thread block are 2-way
+    unpadded = [((t % 8) // 4 * 256 + t // 8) * 4 + t % 4 for t in range(32)]
+    assert wavefronts(unpadded, 1) == (2, 1)
+    assert red_pad(256) == 4 and red_pad(252) == 0
+
+
+def test_channel_blocks_keep_the_lanes_busy():
+    """Every B0-B7 channel count: equal channel blocks with at most 1/8 of the lanes idle. C = 144 in
+    16-bit runs 3 blocks of 6 threads (48 channels); the old rule (min(packs, 16) threads) ran a second
+    block with 2 of 16 threads per row busy: 4 of 32 lanes of each warp."""
+    for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
+        nvec = ceil_div(c, V)
+        assert 8 * nvec >= 7 * ceil_div(nvec, bx) * bx, (c, elem, bx)
+        assert bx <= 8 or bx % 8 == 0
+    assert nhwc_threads_c(18, 8) == 6
+    old_bx = min(18, 16)
+    second_block_threads = 18 - old_bx  # busy threads per row in the second block
+    assert second_block_threads * (32 // old_bx) == 4, "the negative control: 4 busy lanes of 32"
