@@ -192,14 +192,52 @@ def load(extra_defines: tuple[str, ...] = ()) -> HostModules:
     return _loaded[key]
 
 
-def _poisoned(prepare, fields: tuple[str, ...]):
-    """``prepare`` whose freshly allocated outputs start as NaN, so an unwritten element shows."""
+GUARD = 64  # elements of canary on each side of every output (keeps 16-byte alignment)
+CANARY = -7776.0  # exact in fp32, fp16 and bf16
+_guards: list[tuple[str, "torch.Tensor", "torch.Tensor"]] = []
+
+
+def _guarded(t, name: str, poison: bool):
+    """``t``'s values in a view of a larger buffer with canaries around it (NaN inside if ``poison``)."""
+    import torch
+
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+    buf = torch.full((span + 2 * GUARD,), CANARY, dtype=t.dtype, device=t.device)
+    view = buf.as_strided(t.shape, t.stride(), GUARD)
+    if poison:
+        view.fill_(float("nan"))
+    else:
+        view.copy_(t)  # e.g. the zero-filled mean
+    _guards.append((name, buf[:GUARD], buf[GUARD + span:]))
+    return view
+
+
+def _prepared(prepare, fields: tuple[str, ...], poison: bool):
+    """``prepare`` whose outputs live between canaries and start as NaN (the mean as zeros)."""
 
     def wrapped(*args, **kwargs):
         launch = prepare(*args, **kwargs)
         for name in fields:
-            getattr(launch, name).fill_(float("nan"))
+            t = getattr(launch, name)
+            if t is not None:
+                setattr(launch, name, _guarded(t, name, poison and name != "mean"))
         return launch
+
+    return wrapped
+
+
+def _checked(impl):
+    """``impl`` that fails if the kernel wrote into the canaries around an output."""
+
+    def wrapped(*args, **kwargs):
+        _guards.clear()
+        out = impl(*args, **kwargs)
+        for name, before, after in _guards:
+            for side, g in (("before", before), ("after", after)):
+                if not bool((g == CANARY).all()):
+                    raise AssertionError(f"the kernel wrote outside its output {name!r} ({side} it)")
+        _guards.clear()
+        return out
 
     return wrapped
 
@@ -208,7 +246,9 @@ def _poisoned(prepare, fields: tuple[str, ...]):
 def substituted(modules: Optional[HostModules] = None, poison: bool = True) -> Iterator[HostModules]:
     """Within the block, :mod:`effnet_kernels.cuda` calls the host ``_C`` (stream 0) on CPU tensors.
 
-    With ``poison`` the outputs the launch code allocates (y, out, gate) start as NaN.
+    The outputs the launch code allocates (y, mean, out, gate) sit between canaries that
+    the backend's functions check after each call (:func:`as_cuda_backend`); with ``poison``
+    they start as NaN (the mean as the zeros it must start from).
     """
     from . import _launch, cuda
 
@@ -217,10 +257,9 @@ def substituted(modules: Optional[HostModules] = None, poison: bool = True) -> I
     saved_prep = _launch.prepare_dwconv, _launch.prepare_se_excite, _launch.prepare_se_gate
     cuda.extension = lambda: mods.C
     cuda._stream = lambda t: 0
-    if poison:
-        _launch.prepare_dwconv = _poisoned(saved_prep[0], ("y",))
-        _launch.prepare_se_excite = _poisoned(saved_prep[1], ("out",))
-        _launch.prepare_se_gate = _poisoned(saved_prep[2], ("gate",))
+    _launch.prepare_dwconv = _prepared(saved_prep[0], ("y", "mean"), poison)
+    _launch.prepare_se_excite = _prepared(saved_prep[1], ("out",), poison)
+    _launch.prepare_se_gate = _prepared(saved_prep[2], ("gate",), poison)
     try:
         yield mods
     finally:
@@ -241,7 +280,7 @@ def as_cuda_backend(modules: Optional[HostModules] = None) -> Iterator[HostModul
     backends._ensure_registered()
     saved = backends._REGISTRY["cuda"]
     with substituted(modules) as mods:
-        backends._REGISTRY["cuda"] = backends._Backend("cuda", lambda: [], unsupported, lambda: dict(cuda.IMPLEMENTATIONS))
+        backends._REGISTRY["cuda"] = backends._Backend("cuda", lambda: [], unsupported, lambda: {op: _checked(f) for op, f in cuda.IMPLEMENTATIONS.items()})
         try:
             yield mods
         finally:

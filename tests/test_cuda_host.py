@@ -192,6 +192,18 @@ def test_negative_control_broken_machine(host, defect):
         host.shim.set_defect(0)
 
 
+def test_negative_control_write_outside_an_output_is_caught(host):
+    """The canaries around every output: a write one element past the end fails the call."""
+
+    def overrun():
+        y = cuda_host._guarded(torch.empty(2, 3, 4, 5), "y", poison=True)
+        y.as_strided((1,), (1,), y.storage_offset() + y.numel()).fill_(0.0)
+        return y
+
+    with pytest.raises(AssertionError, match="outside its output 'y'"):
+        cuda_host._checked(overrun)()
+
+
 # ------------------------------------------------------------------ the shim itself
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_smem", "dynamic_smem"])
 def test_block_reduction_through_shared_memory(host, dynamic):
@@ -277,3 +289,20 @@ def test_half_and_bfloat16_rounding_match_torch(host):
 def test_build_is_cached_by_source_hash(host):
     assert cuda_host.build() == host.path  # no rebuild: the same file
     assert host.C.build_info()["archs"] == "host"
+
+
+def test_rewrite_touches_only_launches_and_shared_declarations():
+    from effnet_kernels._host_rewrite import RewriteError, rewrite
+
+    src = ("ns::k<T, Foo<int>><<<dim3(g, 2),\n    kThreads, s.smem, stream>>>(p,\n q);\n"
+           "plain<<<1, 32>>>();\nint a = b < c && d > e;\n"
+           "extern __shared__ __align__(16) unsigned char raw[];\n__shared__ float tile[4][33];\n")
+    out = rewrite(src, "x.cu")
+    assert out.count("\n") == src.count("\n") + 1  # one #line, every other line where it was
+    assert "::ekshim::launch(ns::k<T, Foo<int>>, ::ekshim::LaunchCfg(dim3(g, 2),\n    kThreads, s.smem, stream), p,\n q);" in out
+    assert "::ekshim::launch(plain, ::ekshim::LaunchCfg(1, 32));" in out
+    assert "int a = b < c && d > e;" in out
+    assert "unsigned char* raw = ::ekshim::dynamic_smem<unsigned char>();" in out
+    assert "float (&tile)[4][33] = ::ekshim::static_smem<float[4][33]>(" in out
+    with pytest.raises(RewriteError, match="line 1"):
+        rewrite("k<<<1, 2>>>;\n", "y.cu")

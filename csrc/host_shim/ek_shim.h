@@ -280,6 +280,14 @@ cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return cudaSuccess;
 }
 
+// Blocks of `threads` that fit one SM of the emulated device by threads alone (registers
+// and shared memory are not modelled): 2048 resident threads, at most 32 blocks.
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F*, int threads, size_t) {
+  *blocks = threads > 0 ? (2048 / threads < 32 ? 2048 / threads : 32) : 0;
+  return cudaSuccess;
+}
+
 // ------------------------------------------------------------------ the SIMT machine
 namespace ekshim {
 
