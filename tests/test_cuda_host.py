@@ -228,8 +228,8 @@ def test_block_reduction_through_shared_memory(host, dynamic):
 
 
 @pytest.mark.parametrize("threads", [64, 96, 256])
-def test_shuffles_and_ballot(host, threads):
-    out = torch.full((6 * threads,), -1, dtype=torch.int32)
+def test_shuffles_ballot_and_syncthreads_count(host, threads):
+    out = torch.full((7 * threads,), -1, dtype=torch.int32)
     launches, barriers = host.shim.counters()
     assert host.shim.shuffles(out.data_ptr(), threads) is None
     assert host.shim.counters()[0] == launches + 1 and host.shim.counters()[1] > barriers
@@ -240,7 +240,7 @@ def test_shuffles_and_ballot(host, threads):
     def at(src_lane):
         return 100 * warp + src_lane
 
-    got = out.view(6, threads)
+    got = out.view(7, threads)
     assert torch.equal(got[0], at(torch.full_like(lane, 3)).int())
     assert torch.equal(got[1], at(lane ^ 5).int())
     assert torch.equal(got[2], torch.where(lane + 4 < 32, at(lane + 4), v).int())
@@ -248,6 +248,7 @@ def test_shuffles_and_ballot(host, threads):
     assert torch.equal(got[4], at(lane ^ 1).int())  # width 8: xor 1 stays inside the segment
     ballot = sum(1 << i for i in range(32) if i % 2 == 1)
     assert torch.equal(got[5], torch.full((threads,), ballot - 2**32 if ballot >= 2**31 else ballot).int())
+    assert torch.equal(got[6], torch.full((threads,), (threads + 2) // 3).int())
 
 
 def test_warp_op_with_exited_lanes_and_deadlock_are_errors(host):
@@ -255,7 +256,7 @@ def test_warp_op_with_exited_lanes_and_deadlock_are_errors(host):
     assert "exited" in host.shim.exited_lane(out.data_ptr())
     assert "deadlock" in host.shim.deadlock(out.data_ptr())
     # the machine is usable afterwards
-    assert host.shim.shuffles(torch.zeros(6 * 32, dtype=torch.int32).data_ptr(), 32) is None
+    assert host.shim.shuffles(torch.zeros(7 * 32, dtype=torch.int32).data_ptr(), 32) is None
 
 
 @pytest.mark.parametrize("kind,message", [(0, "invalid configuration"), (1, "invalid configuration"),

@@ -112,6 +112,7 @@ std::vector<ucontext_t> contexts;
 void fiber_main(void* arg) {
   Thread* t = static_cast<Thread*>(arg);
   body_fn(body_ctx);
+  g.warp_slots[t->linear] = 0;  // an exited thread counts as false in __syncthreads_count
   t->state = kDone;
 #ifdef EK_SHIM_ASM_SWITCH
   ek_ctx_switch(&t->sp, scheduler_sp);

@@ -390,11 +390,23 @@ unsigned vote(unsigned mask, bool pred);  // ballot over the lanes of mask
 constexpr int warpSize = 32;
 
 inline void __syncthreads() { ekshim::sync_block(); }
-inline int __syncthreads_count(int p) {
-  (void)p;
-  ekshim::set_error(cudaErrorLaunchFailure, "__syncthreads_count is not emulated");
-  return 0;
+namespace ekshim {
+// __syncthreads that also counts the threads of the block whose predicate is true.
+inline int sync_count(int pred) {
+  const int n = static_cast<int>(g.block_dim.x * g.block_dim.y * g.block_dim.z);
+  g.warp_slots[g.current->linear] = pred != 0;
+  sync_block();
+  int count = 0;
+  for (int i = 0; i < n; ++i) count += static_cast<int>(g.warp_slots[i]);
+  sync_block();  // nobody overwrites a slot before every thread has counted
+  return count;
 }
+}  // namespace ekshim
+inline int __syncthreads_count(int p) { return ekshim::sync_count(p); }
+inline int __syncthreads_and(int p) {
+  return ekshim::sync_count(p) == static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+}
+inline int __syncthreads_or(int p) { return ekshim::sync_count(p) > 0; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ekshim::sync_warp(mask); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

@@ -35,7 +35,8 @@ __global__ void block_sum_kernel(const float* __restrict__ x, float* __restrict_
 }
 
 // Per lane of one block: out[0..5][tid] = shfl(v, 3), shfl_xor(v, 5), shfl_down(v, 4),
-// shfl_up(v, 2), shfl_xor(v, 1) at width 8, ballot(v odd); v = 100 * warp + lane.
+// shfl_up(v, 2), shfl_xor(v, 1) at width 8, ballot(v odd), __syncthreads_count(tid % 3 == 0);
+// v = 100 * warp + lane.
 __global__ void shuffle_kernel(int* __restrict__ out) {
   const int tid = threadIdx.x, n = blockDim.x;
   const int v = 100 * (tid / 32) + tid % 32;
@@ -45,6 +46,7 @@ __global__ void shuffle_kernel(int* __restrict__ out) {
   out[3 * n + tid] = __shfl_up_sync(0xffffffffu, v, 2);
   out[4 * n + tid] = __shfl_xor_sync(0xffffffffu, v, 1, 8);
   out[5 * n + tid] = static_cast<int>(__ballot_sync(0xffffffffu, v & 1));
+  out[6 * n + tid] = __syncthreads_count(tid % 3 == 0);
 }
 
 // A warp sum after half the lanes returned: undefined on a GPU, an error under the shim.
