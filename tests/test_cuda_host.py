@@ -260,9 +260,12 @@ def test_warp_op_with_exited_lanes_and_deadlock_are_errors(host):
 
 
 @pytest.mark.parametrize("kind,message", [(0, "invalid configuration"), (1, "invalid configuration"),
-                                          (2, "invalid argument")])
+                                          (2, "invalid argument"), (3, "misaligned address"), (4, None)])
 def test_invalid_launches_fail_as_on_a_gpu(host, kind, message):
-    assert message in host.shim.bad_launch(kind, torch.zeros(64).data_ptr())
+    buf = torch.zeros(64)
+    assert buf.data_ptr() % 16 == 0
+    err = host.shim.bad_launch(kind, buf.data_ptr())
+    assert err is None if message is None else message in err
 
 
 def test_half_and_bfloat16_rounding_match_torch(host):

@@ -284,6 +284,7 @@ const char* code_string(cudaError_t e) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorMisalignedAddress: return "misaligned address";
   }
   return "unknown error";
 }
@@ -305,6 +306,12 @@ size_t& smem_limit_for(const void* kernel) {
   auto it = smem_limits().find(kernel);
   if (it == smem_limits().end()) it = smem_limits().emplace(kernel, kDefaultSmem).first;
   return it->second;
+}
+
+void misaligned(const void* p, size_t align) {
+  char why[96];
+  std::snprintf(why, sizeof why, "a %zu-byte aligned access at %p", align, p);
+  set_error(cudaErrorMisalignedAddress, why);
 }
 
 void set_schedule(int mode, uint64_t seed) {

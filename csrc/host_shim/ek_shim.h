@@ -199,17 +199,26 @@ inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
 template <class A, class B>
 inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
 
-// Cache-hinted loads and stores are plain accesses here.
-template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcs(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *p; }
-template <class T> inline T __ldca(const T* p) { return *p; }
-template <class T> inline T __ldlu(const T* p) { return *p; }
-template <class T> inline T __ldcv(const T* p) { return *p; }
-template <class T> inline void __stwb(T* p, T v) { *p = v; }
-template <class T> inline void __stcs(T* p, T v) { *p = v; }
-template <class T> inline void __stcg(T* p, T v) { *p = v; }
-template <class T> inline void __stwt(T* p, T v) { *p = v; }
+// Cache-hinted loads and stores are plain accesses here, after the alignment check a GPU
+// makes (a misaligned vector access fails the launch with "misaligned address").
+namespace ekshim {
+void misaligned(const void* p, size_t align);
+template <class T>
+inline const T* aligned(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) misaligned(p, alignof(T));
+  return p;
+}
+}  // namespace ekshim
+template <class T> inline T __ldg(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline T __ldcs(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline T __ldcg(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline T __ldca(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline T __ldlu(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline T __ldcv(const T* p) { return *ekshim::aligned(p); }
+template <class T> inline void __stwb(T* p, T v) { *const_cast<T*>(ekshim::aligned(p)) = v; }
+template <class T> inline void __stcs(T* p, T v) { *const_cast<T*>(ekshim::aligned(p)) = v; }
+template <class T> inline void __stcg(T* p, T v) { *const_cast<T*>(ekshim::aligned(p)) = v; }
+template <class T> inline void __stwt(T* p, T v) { *const_cast<T*>(ekshim::aligned(p)) = v; }
 
 // ------------------------------------------------------------------ runtime API subset
 enum cudaError_t : int {
@@ -218,6 +227,7 @@ enum cudaError_t : int {
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorLaunchOutOfResources = 701,
 };

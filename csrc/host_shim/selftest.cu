@@ -66,6 +66,11 @@ __global__ void deadlock_kernel(float* out) {
   }
 }
 
+// out[0] = the 16 bytes at x (a uint4 read through __ldg).
+__global__ void vector_load_kernel(const unsigned char* x, uint4* out) {
+  out[0] = __ldg(reinterpret_cast<const uint4*>(x));
+}
+
 py::object result() {
   const cudaError_t e = cudaGetLastError();
   if (e == cudaSuccess) return py::none();
@@ -129,6 +134,10 @@ PYBIND11_MODULE(_ek_shim, m) {
         if (kind == 0) exited_lane_kernel<<<1, 2048>>>(o);                   // too many threads
         if (kind == 1) exited_lane_kernel<<<dim3(1, 70000), 32>>>(o);        // grid.y too large
         if (kind == 2) block_sum_kernel<true><<<1, 32, 64 * 1024>>>(o, o, 0, true);  // > 48 KB dynamic
+        if (kind == 3)  // a 16-byte load 4 bytes past an aligned address
+          vector_load_kernel<<<1, 1>>>(reinterpret_cast<const unsigned char*>(o) + 4, reinterpret_cast<uint4*>(o) + 4);
+        if (kind == 4)  // the same load, aligned: fine
+          vector_load_kernel<<<1, 1>>>(reinterpret_cast<const unsigned char*>(o), reinterpret_cast<uint4*>(o) + 4);
         return result();
       },
       py::arg("kind"), py::arg("out"));
