@@ -10,9 +10,10 @@ atomics are plain read-modify-writes, and blocks run one after another. This mod
 2. compiles them with g++ (ninja, one job per source) into one shared library that holds the
    real binding ``_C`` (``PyInit__C``) and the shim's own module ``_ek_shim``, cached under
    ``<cache root>/host-<python tag>-<hash of everything that goes into it>``;
-3. loads both and can stand the host ``_C`` in for the real one inside
-   :mod:`effnet_kernels.cuda` (:func:`substituted`), so ``cuda.dwconv_bn_act`` and friends run
-   their usual Python launch path on CPU tensors (their data pointers are host memory).
+3. loads both and stands the host ``_C`` in for the real one inside :mod:`effnet_kernels.cuda`
+   (:func:`substituted`), or makes it the ``cuda`` backend (:func:`as_cuda_backend`), so
+   ``ops.*(..., backend="cuda")`` runs its usual Python launch path on CPU tensors (their data
+   pointers are host memory), outputs poisoned and fenced by canaries.
 
 Nothing here is used by the package at run time.
 """
