@@ -1,0 +1,3 @@
+// Host-shim stand-in for <cuda_fp16.h>: everything lives in ek_shim.h.
+#pragma once
+#include "ek_shim.h"
