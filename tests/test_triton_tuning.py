@@ -426,3 +426,72 @@ def test_concurrent_writers_keep_every_entry_and_a_valid_file(tmp_path):
     assert len(data["entries"]) == 200, "a writer's entries were lost"
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
     assert child(tmp_path, keys[0] + keys[1], TIMES)["timed"] == 0
+
+
+# --- on a GPU: real compiles, real timings (run by `pytest -m gpu`) ----------------------------------
+
+GPU_CHILD = r"""
+import json, torch, triton.testing
+import effnet_kernels as ek
+from effnet_kernels.triton import _tuning
+def no_timing(*a, **k):
+    raise AssertionError("a stored class must not be timed")
+triton.testing.do_bench = no_timing
+dev = "cuda"
+torch.manual_seed(0)
+x = torch.randn(8, 240, 28, 28, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+w, s, b = torch.randn(240, 1, 3, 3, device=dev) * 0.3, torch.rand(240, device=dev) + 0.5, torch.randn(240, device=dev)
+_tuning.start_usage_log()
+ek.ops.dwconv_bn_act(x, w, s, b, padding=(1, 1, 1, 1), squeeze=True, backend="triton")
+torch.cuda.synchronize()
+print(json.dumps({"counts": _tuning.usage_counts(), "chose": [c.__dict__ for c in _tuning._cache.values()]}))
+"""
+
+
+def gpu_env(root):
+    env = {**os.environ, store.CACHE_ENV_VAR: str(root), "PYTHONPATH": str(REPO), _tuning.TUNE_ENV_VAR: "1",
+           _tuning.BUDGET_ENV_VAR: "inf"}
+    for var in (store.MODE_ENV_VAR, "TRITON_INTERPRET"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.mark.gpu
+def test_gpu_a_class_tuned_here_is_reused_by_a_fresh_process_without_timing(tmp_path, monkeypatch):
+    import effnet_kernels as ek
+
+    monkeypatch.setenv(store.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.delenv(store.MODE_ENV_VAR, raising=False)
+    monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "1")
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "inf")
+    store.configure()
+    _tuning.clear_cache()
+    dev = "cuda"
+    x = torch.randn(8, 240, 28, 28, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w, s, b = torch.randn(240, 1, 3, 3, device=dev) * 0.3, torch.rand(240, device=dev) + 0.5, torch.randn(240, device=dev)
+    _tuning.start_usage_log()
+    ek.ops.dwconv_bn_act(x, w, s, b, padding=(1, 1, 1, 1), squeeze=True, backend="triton")
+    torch.cuda.synchronize()
+    assert _tuning.usage_counts() == {"tuned": 1}
+    (path,) = store_files(tmp_path)
+    assert torch.cuda.get_device_name() in json.loads(path.read_text())["gpu"]
+    (entry,) = json.loads(path.read_text())["entries"].values()
+    assert len(entry["timings_ms"]) >= 2 and all(ms > 0 for _, ms in entry["timings_ms"])
+    out = subprocess.run([sys.executable, "-c", GPU_CHILD], env=gpu_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["counts"] == {"store": 1} and got["chose"] == [entry["config"]]
+    _tuning.clear_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_pretune_command_fills_the_store_and_a_second_run_reads_it(tmp_path):
+    args = [sys.executable, "-m", "benchmarks.tune", "--models", "b0", "--batches", "64", "--limit", "2"]
+    first = subprocess.run(args, cwd=REPO, env=gpu_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "tuned" in first.stderr and store_files(tmp_path)
+    second = subprocess.run(args, cwd=REPO, env=gpu_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("[")]
+    assert len(lines) == 2 and not [ln for ln in lines if "tuned" in ln], second.stderr

@@ -57,6 +57,7 @@ SOURCES = ("store", "tuned", "fixed", "default")
 
 _cache: dict[Hashable, Config] = {}
 _sources: dict[Hashable, str] = {}
+_compile_only = False  # see set_compile_only
 _store_misses: set[Hashable] = set()  # keys the store had no usable entry for in this process
 _usage: Optional[dict[Hashable, str]] = None
 _lock = threading.Lock()
@@ -157,6 +158,14 @@ def choose(
         _cache[key] = candidates[0]
         _note(key, "fixed")
         return candidates[0]
+    if _compile_only:
+        for cfg in candidates:  # compiled (into Triton's on-disk cache) and run once, not timed
+            try:
+                run(cfg)
+            except Exception:
+                continue
+        _note(key, "default")
+        return default
     from triton.testing import do_bench
 
     global _spent_s
@@ -183,6 +192,14 @@ def choose(
         if persist is not None and timings:
             _store.save(*persist, best, timings)
         return best
+
+
+def set_compile_only(enabled: bool) -> None:
+    """In this process, run every candidate of a new shape class once instead of timing them, and keep
+    nothing: Triton compiles them into its on-disk cache, so a process that times them later loads
+    instead of compiling (``python -m benchmarks.tune --jobs`` compiles in parallel workers this way)."""
+    global _compile_only
+    _compile_only = bool(enabled)
 
 
 def source_of(key: Hashable) -> Optional[str]:

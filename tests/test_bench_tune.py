@@ -1,0 +1,129 @@
+"""``python -m benchmarks.tune``: its plan, its refusals where nothing can be measured, its time budget.
+
+Nothing here measures anything: the CPU has no GPU, so the command must say so and write
+nothing; the loop's logic is tested with a fake tuner and a fake clock.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from benchmarks import tune  # noqa: E402
+from effnet_kernels.models import depthwise_shapes  # noqa: E402
+from effnet_kernels.triton import _tuning, _tuning_store  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args, tmp_path, **env):
+    full = {**os.environ, "PYTHONPATH": str(REPO), _tuning_store.CACHE_ENV_VAR: str(tmp_path / "store"), **env}
+    full.pop(_tuning_store.MODE_ENV_VAR, None)
+    return subprocess.run([sys.executable, "-m", "benchmarks.tune", *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour: this machine has a GPU")
+def test_on_a_cpu_it_says_there_is_no_gpu_and_writes_nothing(tmp_path):
+    out = run_cli(["--models", "b0", "--batches", "2"], tmp_path)
+    assert out.returncode == tune.EXIT_NO_GPU == 69
+    assert "no CUDA GPU" in out.stderr and "nothing was written" in out.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_plan_covers_every_depthwise_class_at_every_batch_headline_first(tmp_path):
+    out = run_cli(["--models", "b0,b3", "--batches", "256,1", "--dry-run"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert str(tmp_path / "store") in lines[-1] and not (tmp_path / "store").exists()
+    cases = tune.plan(["b0", "b3"], [256, 1], ["fp16"], ["channels_last"])
+    assert [tune.label(tc) for tc in cases] == lines[:-1]
+    for batch in (256, 1):
+        shapes = {(c.c, c.h, c.w, c.k, c.stride) for c, _, _ in cases if c.n == batch}
+        assert shapes == set(depthwise_shapes(["b0", "b3"]))
+    batches = [c.n for c, _, _ in cases]
+    assert batches == sorted(batches, reverse=True), "batch 256 (the headline) first"
+    assert cases[0][0].model == "b0"
+    both = tune.plan(["b0"], [8], ["fp16", "bf16"], ["channels_last", "nchw"])
+    assert len(both) == 4 * len(depthwise_shapes(["b0"])) and {(d, l) for _, d, l in both} == {
+        ("fp16", "channels_last"), ("fp16", "nchw"), ("bf16", "channels_last"), ("bf16", "nchw")}
+
+
+def test_bad_arguments_are_named(tmp_path):
+    for args, name in ((["--jobs", "-1"], "--jobs"), (["--time-budget", "-3"], "--time-budget"),
+                       (["--models", "b9"], "--models"), (["--batches", "0"], "--batches")):
+        out = run_cli(args + ["--dry-run"], tmp_path)
+        assert out.returncode == 2 and name in out.stderr, (args, out.stderr)
+
+
+def test_refusals_when_nothing_would_be_kept(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    assert tune.refusal(cuda) == (0, "")
+    assert tune.refusal(torch.device("cpu"))[0] == tune.EXIT_NO_GPU
+    monkeypatch.setenv(_tuning_store.MODE_ENV_VAR, "ro")
+    code, reason = tune.refusal(cuda)
+    assert code == tune.EXIT_NOT_KEPT and "'ro'" in reason
+    monkeypatch.setenv(_tuning_store.MODE_ENV_VAR, "rw")
+    monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "0")
+    assert tune.refusal(cuda)[0] == tune.EXIT_NOT_KEPT
+    monkeypatch.delenv(_tuning.TUNE_ENV_VAR)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tune.refusal(cuda)[0] == tune.EXIT_NO_GPU
+
+
+def test_the_loop_stops_at_its_time_budget_and_survives_a_failing_shape(monkeypatch):
+    """Fake tuner, fake clock: each shape takes 10 s."""
+    now = [0.0]
+    monkeypatch.setattr(tune.time, "perf_counter", lambda: now[0])
+    cases = tune.plan(["b0"], [4], ["fp16"], ["channels_last"])[:6]
+    seen, log = [], []
+
+    def tune_one(tc):
+        seen.append(tc)
+        now[0] += 10.0
+        if len(seen) == 2:
+            raise RuntimeError("out of resources\nmore")
+        return "tuned" if len(seen) % 2 else "store"
+
+    counts = tune.run_plan(cases, tune_one, 25.0, log.append)
+    assert seen == cases[:3], "starts no shape after 25 s"
+    assert counts == {"tuned": 2, "failed": 1, "not run": 3}
+    assert "failed: out of resources" in log[1] and "3 shapes not tuned" in log[-1]
+    now[0] = 0.0
+    assert tune.run_plan(cases, lambda tc: "fixed", 0.0, log.append) == {"fixed": 6}, "0 = no limit"
+
+
+def test_compile_only_runs_every_candidate_once_and_keeps_nothing(monkeypatch, tmp_path):
+    import triton.testing
+
+    from effnet_kernels.triton._tuning import Config
+
+    def no_timing(*a, **k):
+        raise AssertionError("compile-only must not time")
+
+    monkeypatch.setattr(triton.testing, "do_bench", no_timing)
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: True)
+    monkeypatch.setattr(_tuning, "interpreted", lambda t: False)
+    monkeypatch.setattr(_tuning_store, "device_identity", lambda t: _tuning_store.Identity("G", (9, 0), "3.6.0"))
+    monkeypatch.setenv(_tuning_store.CACHE_ENV_VAR, str(tmp_path))
+    _tuning.clear_cache()
+    ran = []
+    a, b = Config(16, 16), Config(32, 32)
+    _tuning.set_compile_only(True)
+    try:
+        assert _tuning.choose("k", torch.empty(1), lambda: ([a, b], b), ran.append, kernel_version="v") == b
+    finally:
+        _tuning.set_compile_only(False)
+    assert ran == [a, b] and "k" not in _tuning._cache and not list(tmp_path.rglob("*.json"))
+    _tuning.clear_cache()
