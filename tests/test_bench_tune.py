@@ -127,3 +127,71 @@ def test_compile_only_runs_every_candidate_once_and_keeps_nothing(monkeypatch, t
         _tuning.set_compile_only(False)
     assert ran == [a, b] and "k" not in _tuning._cache and not list(tmp_path.rglob("*.json"))
     _tuning.clear_cache()
+
+
+# --- provenance: the triton_tune column says where a row's configs came from --------------------------
+
+def test_tuning_state_names_the_store_mode_and_the_config_sources(monkeypatch):
+    from benchmarks import env
+
+    monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning.BUDGET_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
+    assert env.triton_tuning_state() == "on budget=30" == env.triton_tuning_state({})
+    assert env.triton_tuning_state({"store": 12, "default": 1}) == "on budget=30 classes=store:12,default:1"
+    monkeypatch.setenv(_tuning_store.MODE_ENV_VAR, "ro")
+    monkeypatch.setenv(_tuning.TUNE_ENV_VAR, "0")
+    assert env.triton_tuning_state({"store": 3}) == "off store=ro classes=store:3"
+
+
+def test_an_op_benchmark_row_records_the_classes_its_triton_launches_used(tmp_path, monkeypatch):
+    """A real (interpreted) Triton launch through ``benchmarks.ops``: the interpreter never times, so
+    its one shape class is ``default``; the eager row launched no Triton kernel."""
+    from benchmarks import ops
+    from benchmarks.records import read_rows
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
+    _tuning.clear_cache()
+    out = tmp_path / "ops.csv"
+    argv = ["--models", "b0", "--batch", "1", "--resolution", "16", "--limit", "1", "--ops", "dwconv",
+            "--providers", "eager,triton", "--device", "cpu", "--dtypes", "fp32", "--copy-mb", "1",
+            "--warmup-s", "0", "--min-time-s", "0", "--min-iters", "1", "--max-iters", "1", "--out", str(out),
+            "--quiet"]
+    assert ops.main(argv) == 0
+    rows = {r["provider"]: r for r in read_rows(out)}
+    assert rows["triton"]["status"] == "ok", rows["triton"]["status"]
+    assert rows["triton"]["triton_tune"] == "on budget=30 classes=default:1"
+    assert rows["eager"]["triton_tune"] == "on budget=30"
+    _tuning.clear_cache()
+
+
+def test_network_rows_record_each_jobs_config_sources(tmp_path, monkeypatch):
+    from torch import nn
+
+    from benchmarks import models, network
+    from benchmarks.records import read_rows
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    usages = iter([{"store": 5, "fixed": 2}, {}])
+    monkeypatch.setattr(network, "triton_usage", lambda: next(usages))
+    monkeypatch.setitem(models._BUILDERS, "net", lambda: (Net(), 8))
+    monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning.BUDGET_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
+    out = tmp_path / "r.csv"
+    argv = ["--models", "net", "--batches", "2", "--dtypes", "fp32", "--providers", "eager,eager-folded",
+            "--out", str(out), "--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0",
+            "--min-time-s", "0", "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
+    assert network.main(argv) == 0
+    tunes = [r["triton_tune"] for r in read_rows(out)]
+    assert tunes == ["on budget=30 classes=store:5,fixed:2", "on budget=30"]
