@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,7 +37,7 @@ import torch
 from .cli import csv_list, positive_int
 from .op_cases import DTYPES, OpCase, cases_for_models, make_call, make_inputs
 
-__all__ = ["main", "plan", "refusal", "tune_case", "run_plan", "EXIT_NO_GPU", "EXIT_NOT_KEPT", "LAYOUTS"]
+__all__ = ["main", "plan", "refusal", "tune_case", "run_plan", "compile_in_workers", "EXIT_NO_GPU", "EXIT_NOT_KEPT", "LAYOUTS"]
 
 EXIT_NO_GPU = 69
 EXIT_NOT_KEPT = 78
@@ -126,21 +127,30 @@ def run_plan(cases: Sequence[TuneCase], tune_one: Callable[[TuneCase], str], tim
     return counts
 
 
-def _compile_in_workers(argv: Sequence[str], jobs: int, seconds: float, log: Callable[[str], None]) -> None:
-    """Run ``jobs`` workers (``--worker i/jobs``) compiling their share of the plan; stop them after ``seconds``."""
-    cmd = [sys.executable, "-m", "benchmarks.tune", *argv]
-    procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for i in range(jobs)]
-    deadline = time.monotonic() + seconds
-    for i, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1) if seconds > 0 else None)
+def compile_in_workers(cmd: Sequence[str], jobs: int, seconds: float, log: Callable[[str], None]) -> None:
+    """Run ``jobs`` workers ``cmd + ["--worker", "i/jobs"]`` at once; kill those still running after
+    ``seconds`` (0: wait for all). A worker's failure is logged (with its last stderr line), never raised."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        errs = [open(Path(tmp) / f"worker{i}.err", "w+") for i in range(jobs)]
+        procs = [subprocess.Popen([*cmd, "--worker", f"{i}/{jobs}"], stdout=subprocess.DEVNULL, stderr=errs[i])
+                 for i in range(jobs)]
+        deadline = time.monotonic() + seconds
+        for i, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1) if seconds > 0 else None)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                log(f"compile worker {i}: stopped after {seconds:.0f} s (its shapes compile in the timing pass)")
+                continue
             if p.returncode:
-                log(f"compile worker {i}: exit {p.returncode}: {(err or '').strip().splitlines()[-1:]}")
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            log(f"compile worker {i}: stopped after {seconds:.0f} s (its shapes compile in the timing pass)")
+                errs[i].seek(0)
+                last = (errs[i].read().strip().splitlines() or [""])[-1]
+                log(f"compile worker {i}: exit {p.returncode}: {last[:300]}")
+        for f in errs:
+            f.close()
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -193,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     if args.jobs:
-        worker_argv = [a for a in argv if a != "--dry-run"]
-        _compile_in_workers(worker_argv, args.jobs, args.time_budget / 2, log)
+        compile_in_workers([sys.executable, "-m", "benchmarks.tune", *argv], args.jobs, args.time_budget / 2, log)
         log(f"compiled in {args.jobs} workers: {time.perf_counter() - started:.0f} s")
     left = max(args.time_budget - (time.perf_counter() - started), 1e-9) if args.time_budget else 0.0
     counts = run_plan(cases, lambda tc: tune_case(tc, device), left, log)

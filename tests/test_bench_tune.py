@@ -195,3 +195,41 @@ def test_network_rows_record_each_jobs_config_sources(tmp_path, monkeypatch):
     assert network.main(argv) == 0
     tunes = [r["triton_tune"] for r in read_rows(out)]
     assert tunes == ["on budget=30 classes=store:5,fixed:2", "on budget=30"]
+
+
+def test_compile_workers_run_at_once_failures_are_logged_and_stragglers_stopped(tmp_path):
+    """Fake workers: share 0 fails, share 1 hangs, share 2 finishes; all three start together."""
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, time, pathlib\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'started-' + sys.argv[-1].replace('/', '-')).touch()\n"
+        "i = sys.argv[-1].split('/')[0]\n"
+        "if i == '0':\n    print('noise\\nboom: out of resources', file=sys.stderr); sys.exit(3)\n"
+        "if i == '1':\n    time.sleep(60)\n")
+    log = []
+    t0 = time.monotonic()
+    tune.compile_in_workers([sys.executable, str(script)], 3, 3.0, log.append)
+    assert time.monotonic() - t0 < 30
+    assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-0-3", "started-1-3", "started-2-3"]
+    assert log[0] == "compile worker 0: exit 3: boom: out of resources"
+    assert log[1].startswith("compile worker 1: stopped after 3 s") and len(log) == 2
+
+
+def test_main_compiles_in_workers_then_times_every_shape_in_order(monkeypatch, capsys):
+    """main()'s wiring with the GPU parts faked: the workers get the same arguments and half the budget,
+    then every shape of the plan is tuned here, with the per-process tuning budget lifted."""
+    calls, tuned = [], []
+    monkeypatch.setattr(tune, "refusal", lambda device: (0, ""))
+    monkeypatch.setattr(tune, "compile_in_workers", lambda cmd, jobs, seconds, log: calls.append((cmd, jobs, seconds)))
+    monkeypatch.setattr(tune, "tune_case", lambda tc, device: tuned.append(tc) or "tuned")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setenv(_tuning.BUDGET_ENV_VAR, "30")
+    argv = ["--models", "b0", "--batches", "2", "--jobs", "2", "--time-budget", "100"]
+    assert tune.main(argv) == 0
+    ((cmd, jobs, seconds),) = calls
+    assert cmd[1:] == ["-m", "benchmarks.tune", *argv] and (jobs, seconds) == (2, 50.0)
+    assert tuned == tune.plan(["b0"], [2], ["fp16"], ["channels_last"])
+    assert os.environ[_tuning.BUDGET_ENV_VAR] == "inf"
+    assert f"{len(tuned)} shapes on Fake GPU: {len(tuned)} tuned" in capsys.readouterr().err
