@@ -149,10 +149,13 @@ def test_an_op_benchmark_row_records_the_classes_its_triton_launches_used(tmp_pa
     its one shape class is ``default``; the eager row launched no Triton kernel."""
     from benchmarks import ops
     from benchmarks.records import read_rows
+    from effnet_kernels import backends
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tuning.BUDGET_ENV_VAR, raising=False)
     monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
+    backends._reset_caches()  # availability is cached: recompute it with the interpreter on
     _tuning.clear_cache()
     out = tmp_path / "ops.csv"
     argv = ["--models", "b0", "--batch", "1", "--resolution", "16", "--limit", "1", "--ops", "dwconv",
@@ -165,6 +168,8 @@ def test_an_op_benchmark_row_records_the_classes_its_triton_launches_used(tmp_pa
     assert rows["triton"]["triton_tune"] == "on budget=30 classes=default:1"
     assert rows["eager"]["triton_tune"] == "on budget=30"
     _tuning.clear_cache()
+    monkeypatch.undo()
+    backends._reset_caches()
 
 
 def test_network_rows_record_each_jobs_config_sources(tmp_path, monkeypatch):
