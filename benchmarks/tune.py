@@ -15,6 +15,11 @@ processes (into Triton's on-disk cache; nothing timed there, at most half the bu
 the timing pass loads kernels instead of compiling them one after another; shapes are
 timed in this one process only, so no two timings share the GPU.
 
+``--promote STORE_JSON...`` instead merges the measured entries of store files a GPU run
+returned (``$OUT/tuning_store.json`` of ``scripts/gpu_session.sh``) into the table shipped
+with the package (``effnet_kernels/triton/tuned_configs.json``), keeping only entries whose
+kernel version matches the sources here; commit the table with the run's CSVs.
+
 Exit codes: 0 done (shapes left by the time budget are listed); **69** nothing can be tuned
 here (no CUDA GPU, Triton missing, or ``TRITON_INTERPRET=1``); **78** tuning could not be
 kept (``EFFNET_KERNELS_TRITON_TUNE=0``, or the store is ``ro``/``off``). Neither writes
@@ -168,6 +173,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=0, help="compile in this many worker processes first (0 = none)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the store's path; tune nothing")
+    p.add_argument("--promote", nargs="+", default=None, metavar="STORE_JSON",
+                   help="instead of tuning: merge these store files' measured entries whose kernel version "
+                   "matches the sources here into the shipped table (--table), to be committed")
+    p.add_argument("--table", default=None, help="the table --promote writes (default: the package's)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/n": compile share i of n
     args = p.parse_args(list(argv))
     if args.jobs < 0:
@@ -183,6 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from effnet_kernels.triton import _tuning, _tuning_store
 
+    if args.promote:
+        table = args.table or _tuning_store.SHIPPED_TABLE
+        try:
+            counts = _tuning_store.promote(args.promote, table)
+        except ValueError as exc:
+            print(f"benchmarks.tune: {exc}", file=sys.stderr)
+            return 2
+        print(f"benchmarks.tune: {table}: {counts['kept']} entries kept, {counts['stale']} stale (kernel sources "
+              f"changed since), {counts['unmeasured']} without timings")
+        return 0
     cases = plan(args.models, args.batches, args.dtypes, args.layouts, args.resolution)[: args.limit]
     if args.dry_run:
         for tc in cases:

@@ -39,7 +39,8 @@
 # junit_gpu.xml, microbench.json (if run), tuning_store.json (the Triton tuning store: measured
 # configs with every candidate's timing), logs.tar.gz (every step's log, each cut to
 # LOG_MAX_KB, refreshed after each step) and summary.txt (rewritten after each step).
-# Append the rows to the committed CSVs with `python -m benchmarks.records`.
+# Append the rows to the committed CSVs with `python -m benchmarks.records`; merge the measured
+# configs into the shipped table with `python -m benchmarks.tune --promote <returned>/tuning_store.json`.
 #
 # Knobs (environment variables; defaults in brackets):
 #   EFFNET_COMMIT      commit recorded in the CSVs (the device copy has no .git) [unknown]

@@ -495,3 +495,74 @@ def test_gpu_pretune_command_fills_the_store_and_a_second_run_reads_it(tmp_path)
     assert second.returncode == 0, second.stderr
     lines = [ln for ln in second.stderr.splitlines() if ln.startswith("[")]
     assert len(lines) == 2 and not [ln for ln in lines if "tuned" in ln], second.stderr
+
+
+# --- the shipped table (read only) and --promote ------------------------------------------------------
+
+def test_the_shipped_table_holds_only_measured_entries():
+    data = json.loads(store.SHIPPED_TABLE.read_text())
+    assert data["format"] == store.FORMAT and isinstance(data["files"], dict)
+    for name, f in data["files"].items():
+        ident = store.Identity(f["gpu"], tuple(f["capability"]), f["triton"])
+        assert name == ident.filename and f["gpu"]
+        for key, entry in f["entries"].items():
+            assert entry["timings_ms"] and entry["measured_at"] and entry["config"], key
+
+
+def _table_with(path, entries, ident=H200):
+    path.write_text(json.dumps({"format": 1, "files": {ident.filename: {**ident.header(), "entries": entries}}}))
+
+
+def test_a_shipped_entry_is_used_without_timing_and_the_users_store_wins(on_disk, tmp_path_factory, monkeypatch):
+    root, _, timed = on_disk
+    tmp_path = tmp_path_factory.mktemp("table")
+    table = tmp_path / "table.json"
+    key = store.entry_key("v1", store.encode_key("k"))
+    _table_with(table, {key: {"config": {"block_a": 64, "block_b": 16, "num_warps": 8}, "timings_ms": [[{}, 1.0]]}})
+    monkeypatch.setattr(store, "SHIPPED_TABLE", table)
+    assert pick(timed=timed) == C and timed == [] and _tuning.source_of("k") == "shipped"
+    assert store_files(root) == [], "a shipped config is not copied into the store"
+    store.configure(mode="off")
+    _tuning.clear_cache()
+    assert pick(timed=timed) == B and len(timed) == 3, "off reads no table either"
+    store.configure(mode="rw")
+    monkeypatch.setattr(store, "SHIPPED_TABLE", tmp_path / "none.json")
+    _tuning.clear_cache()
+    assert pick(timed=timed) == B and len(timed) == 6  # now the user's store has B for k
+    monkeypatch.setattr(store, "SHIPPED_TABLE", table)
+    _tuning.clear_cache()
+    assert pick(timed=timed) == B and _tuning.source_of("k") == "store"
+    _table_with(table, {key: {"config": {"block_a": 64, "block_b": 16, "num_warps": 8}}},
+                ident=store.Identity("NVIDIA H100", (9, 0), "3.6.0"))
+    store.configure(mode="rw", path=tmp_path / "empty")
+    _tuning.clear_cache()
+    assert pick(timed=timed) == B and _tuning.source_of("k") == "tuned", "another GPU's table entry is not used"
+
+
+def test_promote_keeps_measured_entries_of_the_current_kernel_sources(tmp_path):
+    from effnet_kernels.triton import dwconv  # noqa: F401  (its version is computed from the sources here)
+
+    now = store.kernel_version_of("effnet_kernels.triton.dwconv")
+    shape = store.encode_key(("dwconv", 0))
+    measured = {"config": {"block_a": 32, "block_b": 32, "num_warps": 4}, "timings_ms": [[{}, 1.0]],
+                "measured_at": "2026-12-01T00:00:00Z"}
+    src = tmp_path / "tuning_store.json"
+    src.write_text(json.dumps({**H200.header(), "entries": {
+        store.entry_key(now, shape): measured,
+        store.entry_key("effnet_kernels.triton.dwconv@0000000000000000", shape): measured,
+        store.entry_key(now, store.encode_key(("dwconv", 1))): {"config": {"block_a": 1, "block_b": 1}},
+    }}))
+    table = tmp_path / "table.json"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--promote", str(src), "--table", str(table)],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "1 entries kept, 1 stale" in out.stdout and "1 without timings" in out.stdout
+    data = json.loads(table.read_text())
+    assert list(data["files"][H200.filename]["entries"]) == [store.entry_key(now, shape)]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--promote", str(bad), "--table", str(table)],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "store_files" in out.stderr and str(bad) in out.stderr

@@ -51,9 +51,9 @@ class Config:
 
 
 #: Where a shape class's config came from: ``store`` (tuned by an earlier process, read from disk),
-#: ``tuned`` (timed in this process), ``fixed`` (the launcher offered one candidate: not timed by
+#: ``shipped`` (measured on a GPU like this one, from the package's table), ``tuned`` (timed in this process), ``fixed`` (the launcher offered one candidate: not timed by
 #: design), ``default`` (could not be timed: tuning off, interpreter, graph capture, budget spent).
-SOURCES = ("store", "tuned", "fixed", "default")
+SOURCES = ("store", "shipped", "tuned", "fixed", "default")
 
 _cache: dict[Hashable, Config] = {}
 _sources: dict[Hashable, str] = {}
@@ -145,11 +145,11 @@ def choose(
     candidates, default = space()
     persist = _persist_key(key, t, run, kernel_version) if key not in _store_misses else None
     if persist is not None:
-        stored = _store.lookup(*persist, Config)
-        if stored is not None and stored in candidates:
-            _cache[key] = stored
-            _note(key, "store")
-            return stored
+        found = _store.lookup(*persist, Config)
+        if found is not None and found[0] in candidates:
+            _cache[key] = found[0]
+            _note(key, found[1])
+            return found[0]
         _store_misses.add(key)  # an untimed default is asked for at every launch: read the store once
     if not tuning_enabled(t) or not _budget_left():
         _note(key, "default")

@@ -27,6 +27,13 @@ write); nothing in the store can make a launch fail.
 
 Only measured configs are written: an entry holds the timings (ms, ``do_bench`` median)
 of every candidate that ran, when and with which torch it was measured.
+
+Shipped table: ``effnet_kernels/triton/tuned_configs.json`` (read only, looked up after the
+user's store, unless the mode is ``off``) holds store files measured on real GPUs, under the
+same keys, so a fresh machine with the same GPU, Triton and kernel sources starts tuned. It
+is empty until a GPU run measures it: ``python -m benchmarks.tune --promote
+<returned>/tuning_store.json`` (:func:`promote`) copies a run's entries whose kernel version
+matches the sources here into it, to be committed.
 """
 
 from __future__ import annotations
@@ -53,12 +60,15 @@ MODES = ("rw", "ro", "off")
 _MODE_ALIASES = {"rw": "rw", "1": "rw", "on": "rw", "true": "rw", "ro": "ro", "read": "ro",
                  "off": "off", "0": "off", "false": "off", "": "off"}
 
+SHIPPED_TABLE = Path(__file__).with_name("tuned_configs.json")
+
 _lock = threading.Lock()
 _override_dir: Optional[Path] = None
 _override_mode: Optional[str] = None
 _loaded: dict[Path, tuple[Optional[tuple[int, int]], dict[str, dict]]] = {}  # path -> (mtime_ns, size), entries
 _warned: set[str] = set()
 _versions: dict[str, Optional[str]] = {}
+_shipped: Optional[tuple[Path, dict]] = None  # (path, {filename: entries})
 
 
 def _warn(message: str) -> None:
@@ -271,23 +281,48 @@ def _entries(identity: Identity) -> dict[str, dict]:
     return entries
 
 
-def lookup(identity: Identity, key: str, make: Callable[..., Any]) -> Optional[Any]:
-    """The stored config of entry ``key`` built by ``make(**fields)``; ``None`` when absent, off or malformed."""
+def _shipped_entries(identity: Identity) -> dict[str, dict]:
+    """The shipped table's entries for ``identity`` (read once per process; ``{}`` when absent or foreign)."""
+    global _shipped
+    if _shipped is None or _shipped[0] != SHIPPED_TABLE:
+        files: dict = {}
+        try:
+            data = json.loads(SHIPPED_TABLE.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+                raise ValueError(f"not a format-{FORMAT} table")
+            files = data["files"]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            _warn(f"ignoring the shipped tuning table {SHIPPED_TABLE}: {exc}")
+        _shipped = (SHIPPED_TABLE, files)
+    data = _shipped[1].get(identity.filename)
+    if not isinstance(data, dict) or {k: data.get(k) for k in identity.header()} != identity.header():
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def lookup(identity: Identity, key: str, make: Callable[..., Any]) -> Optional[tuple[Any, str]]:
+    """``(config built by make(**fields), "store" | "shipped")`` for entry ``key``: the user's store
+    first, then the shipped table; ``None`` when absent, the mode is ``off``, or the entry is malformed."""
     if mode() == "off":
         return None
     with _lock:
-        entry = _entries(identity).get(key)
-    if entry is None:
-        return None
-    fields = entry.get("config")
-    try:
-        if not isinstance(fields, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                   for v in fields.values()):
-            raise TypeError("config fields must be ints")
-        return make(**fields)
-    except TypeError as exc:
-        _warn(f"ignoring tuning store entry {key!r} in {_file(identity)}: {exc}")
-        return None
+        found = [(src, entries.get(key)) for src, entries in
+                 (("store", _entries(identity)), ("shipped", _shipped_entries(identity)))]
+    for source, entry in found:
+        if not isinstance(entry, dict):
+            continue
+        fields = entry.get("config")
+        try:
+            if not isinstance(fields, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       for v in fields.values()):
+                raise TypeError("config fields must be ints")
+            return make(**fields), source
+        except TypeError as exc:
+            _warn(f"ignoring tuning {source} entry {key!r} for {identity.filename}: {exc}")
+    return None
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
@@ -358,7 +393,56 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 
 def forget_loaded() -> None:
-    """Drop the in-memory copies of store files (the next lookup re-reads them) and the warnings said."""
+    """Drop the in-memory copies of store files and of the shipped table (the next lookup re-reads
+    them) and the warnings said."""
+    global _shipped
     with _lock:
         _loaded.clear()
         _warned.clear()
+        _shipped = None
+
+
+def promote(store_files: Sequence[os.PathLike | str], table: os.PathLike | str = SHIPPED_TABLE,
+            current: Callable[[str], Optional[str]] = kernel_version_of) -> dict[str, int]:
+    """Merge measured entries of ``store_files`` into the shipped ``table`` (written atomically).
+
+    Only entries whose kernel version is ``current(module)`` for the module it names (the sources
+    here, imported) and that hold timings are kept; counts ``kept``/``stale``/``unmeasured``.
+    Raises ``ValueError`` naming the file when one is not a valid store file.
+    """
+    import importlib
+
+    table = Path(table)
+    try:
+        data = json.loads(table.read_text(encoding="utf-8")) if table.exists() else {"format": FORMAT, "files": {}}
+    except ValueError as exc:
+        raise ValueError(f"table {table}: not valid JSON ({exc})") from None
+    if data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        raise ValueError(f"table {table}: not a format-{FORMAT} tuning table")
+    counts = {"kept": 0, "stale": 0, "unmeasured": 0}
+    for name in store_files:
+        path = Path(name)
+        try:
+            src = json.loads(path.read_text(encoding="utf-8"))
+            ident = Identity(str(src["gpu"]), tuple(int(v) for v in src["capability"]), str(src["triton"]))
+            if src.get("format") != FORMAT or not isinstance(src.get("entries"), dict):
+                raise ValueError("format")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"store_files: {path} is not a format-{FORMAT} tuning store file ({exc})") from None
+        target = data["files"].setdefault(ident.filename, {**ident.header(), "entries": {}})
+        for key, entry in src["entries"].items():
+            module = key.split("@", 1)[0]
+            try:
+                importlib.import_module(module)
+            except Exception:
+                pass
+            if not isinstance(entry, dict) or not entry.get("timings_ms"):
+                counts["unmeasured"] += 1
+            elif current(module) != key.split("|", 1)[0]:
+                counts["stale"] += 1
+            else:
+                target["entries"][key] = entry
+                counts["kept"] += 1
+        target["entries"] = dict(sorted(target["entries"].items()))
+    _write_atomic(table, data)
+    return counts
