@@ -88,7 +88,7 @@ setup(
     version="0.1.0",
     description="Fused depthwise-conv/BN/SiLU and squeeze-excitation kernels for EfficientNet (CUDA C++ and Triton)",
     packages=find_packages(include=["effnet_kernels", "effnet_kernels.*"]),
-    package_data={"effnet_kernels": ["auto_backends.json"]},
+    package_data={"effnet_kernels": ["auto_backends.json", "triton/tuned_configs.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={"triton": ["triton>=3.6"], "cuda": ["pybind11>=2.10", "ninja"]},

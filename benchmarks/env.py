@@ -13,7 +13,10 @@ Every row of ``results.csv`` and ``ops.csv`` starts with :data:`VERSION_COLUMNS`
   built from (its ``build_info()``; empty when it is not built), plus ``!stale`` when it
   does not match the sources here;
 * ``triton_tune``: the Triton launch-config tuning state (``off``, or ``on budget=<s>``,
-  from ``EFFNET_KERNELS_TRITON_TUNE`` / ``EFFNET_KERNELS_TRITON_TUNE_BUDGET_S``);
+  from ``EFFNET_KERNELS_TRITON_TUNE`` / ``EFFNET_KERNELS_TRITON_TUNE_BUDGET_S``; `` store=ro|off``
+  when the tuning store is not read-write) and, on a row that launched Triton kernels, where
+  its shape classes' configs came from (`` classes=store:12,tuned:1,...``,
+  :func:`triton_tuning_state`);
 * ``run_id``: which run the row belongs to (:func:`run_id`): ``$EFFNET_RUN_ID`` when set
   (a GPU session sets one, so the invocations it resumes share it), else one generated per
   process (``python -m benchmarks.network`` makes one per invocation). Numbers from
@@ -29,12 +32,13 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 __all__ = ["VERSION_COLUMNS", "collect_versions", "git_commit", "measure_copy_bandwidth", "synchronize",
            "run_id", "new_run_id", "source_hash", "cuda_extension_hash", "nvcc_version", "triton_tuning_state",
+           "start_triton_usage", "triton_usage",
            "RUN_ID_ENV", "COMMIT_ENV"]
 
 VERSION_COLUMNS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton", "python", "nvcc", "commit",
@@ -180,18 +184,56 @@ def cuda_extension_hash() -> str:
     return built + ("!stale" if expected is not None and built and built != expected else "")
 
 
-def triton_tuning_state() -> str:
-    """``off`` or ``on budget=<seconds>``: what the Triton launch-config tuner will do in this process."""
+def triton_tuning_state(usage: Optional[Mapping[str, int]] = None) -> str:
+    """What the Triton launch-config tuner does in this process, and where a row's configs came from.
+
+    ``off`` or ``on budget=<seconds>``; then `` store=ro`` / `` store=off`` when the tuning store
+    (``EFFNET_KERNELS_TUNING_STORE``) is not read-write; then, for a row whose work launched
+    Triton kernels (``usage``: :func:`triton_usage`), `` classes=store:<n>,tuned:<n>,fixed:<n>,default:<n>``
+    (zero counts left out): how many of its shape classes used a config read from the store
+    (pre-tuned by ``python -m benchmarks.tune``), timed in this process, the launcher's only
+    candidate, or the untimed default (tuning off, graph capture, budget spent).
+    """
     tune_var, budget_var, default = "EFFNET_KERNELS_TRITON_TUNE", "EFFNET_KERNELS_TRITON_TUNE_BUDGET_S", 30.0
     if os.environ.get(tune_var, "1") in ("0", "", "false", "False"):
-        return "off"
+        state = "off"
+    else:
+        try:
+            budget = float(os.environ.get(budget_var, default))
+        except ValueError:
+            budget = default
+        if budget != budget:  # NaN
+            budget = default
+        state = f"on budget={budget:g}"
     try:
-        budget = float(os.environ.get(budget_var, default))
-    except ValueError:
-        budget = default
-    if budget != budget:  # NaN
-        budget = default
-    return f"on budget={budget:g}"
+        from effnet_kernels.triton import _tuning_store
+
+        mode = _tuning_store.mode()
+    except Exception:  # triton or the package unimportable: nothing is stored either
+        mode = "rw"
+    if mode != "rw":
+        state += f" store={mode}"
+    if usage:
+        state += " classes=" + ",".join(f"{source}:{n}" for source, n in usage.items())
+    return state
+
+
+def start_triton_usage() -> None:
+    """Start recording the Triton shape classes launched (see :func:`triton_usage`); a no-op without Triton."""
+    try:
+        from effnet_kernels.triton import _tuning
+    except Exception:
+        return
+    _tuning.start_usage_log()
+
+
+def triton_usage() -> dict[str, int]:
+    """Shape classes launched since :func:`start_triton_usage`, by config source; ``{}`` without Triton."""
+    try:
+        from effnet_kernels.triton import _tuning
+    except Exception:
+        return {}
+    return _tuning.usage_counts()
 
 
 def collect_versions(device: torch.device | str, run: Optional[str] = None) -> dict[str, str]:

@@ -24,13 +24,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import models
 from .cli import csv_list, positive_int
-from .env import RUN_ID_ENV, collect_versions, cuda_extension_hash, measure_copy_bandwidth, new_run_id
+from .env import (RUN_ID_ENV, collect_versions, cuda_extension_hash, measure_copy_bandwidth, new_run_id,
+                  start_triton_usage, triton_tuning_state, triton_usage)
 from .jobs import Case, StickyCudaError, first_line, free_memory, is_sticky_cuda_error, prepare_checks, run_provider
 from .precision import DTYPES, element_size, precision
 from .providers import DEFAULT_PROVIDERS, PROVIDERS
@@ -246,9 +247,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
               + (f"; resuming, {len(done)} rows of this run already in {args.out}" if args.resume else ""))
     all_rows: list[dict] = []
 
-    def emit(rows: list[dict], requested: int) -> None:
+    def emit(rows: list[dict], requested: int, usage: Optional[dict] = None) -> None:
         versions["cuda_ext"] = cuda_extension_hash()  # a fused-cuda job may have just built it
-        rows = [{**versions, "requested_batch": requested, **r} for r in rows]
+        tune = triton_tuning_state(usage)  # with the config sources of the job's Triton shape classes
+        rows = [{**versions, "triton_tune": tune, "requested_batch": requested, **r} for r in rows]
         append_rows(args.out, rows, NETWORK_COLUMNS)
         all_rows.extend(rows)
 
@@ -320,18 +322,21 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
                     return all_rows, first_line(exc)
                 continue
             for dtype, prov, layout in jobs:
+                usage = None
                 if out_of_time():
                     rows = stub_rows(name, resolution, case.batch, budget_note, [(dtype, prov, layout)])
                 else:
+                    start_triton_usage()
                     try:
                         rows = run_provider(case, dtype, prov, layout, _modes_for(args, case.batch), args.timing)
                     except StickyCudaError as exc:
-                        emit(exc.rows, batch)
+                        emit(exc.rows, batch, triton_usage())
                         count += 1
                         for r in exc.rows:
                             _progress(args, count, total, started, _summary_line(r))
                         return all_rows, str(exc)
-                emit(rows, batch)
+                    usage = triton_usage()
+                emit(rows, batch, usage)
                 count += 1
                 for r in rows:
                     _progress(args, count, total, started, _summary_line(r))

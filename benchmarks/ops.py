@@ -20,7 +20,7 @@ import torch
 from effnet_kernels import BackendUnavailableError
 
 from . import gate
-from .env import collect_versions, measure_copy_bandwidth
+from .env import collect_versions, measure_copy_bandwidth, start_triton_usage, triton_tuning_state, triton_usage
 from .jobs import LAYOUTS, first_line
 from .cli import csv_list, positive_int
 from .op_cases import DTYPES, OP_PROVIDERS, OPS, OpCase, cases_for_models, make_call, make_inputs, reference
@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"time budget of {args.time_budget:.0f} s used up: {total - done} cases not run", file=sys.stderr)
                     print(f"{done} cases appended to {args.out}; {failed} rows failed", file=sys.stderr)
                     return 1 if failed else 0
+                start_triton_usage()
                 rows = [{**versions, **r} for r in run_case(case, dtype, layout, args.providers, device, cfg, copy_bw)]
+                tune = triton_tuning_state(triton_usage())  # only the triton row launched Triton kernels
+                rows = [{**r, "triton_tune": tune} if r["provider"] == "triton" else r for r in rows]
                 append_rows(args.out, rows, OPS_COLUMNS)
                 done += 1
                 failed += sum(r["status"].startswith("failed") for r in rows)

@@ -15,7 +15,12 @@
 #   build    90  effnet_kernels._C for sm_90 only (EFFNET_KERNELS_CUDA_ARCHS=90); if no
 #                usable _C comes out, the fused-cuda* providers (and the ops' cuda) are dropped
 #                from every later step, and the tests do not JIT-build it again
-#   net256  200  the headline: B0-B7 bs256 fp16 channels_last, eager, eager-folded,
+#   pretune  45  python -m benchmarks.tune: the Triton dwconv configs of every B0-B7 depthwise
+#                shape at the batches net256, net1 and ops use (TUNE_BATCHES) into the tuning
+#                store (candidates compiled in TUNE_JOBS workers, then timed in one process), so
+#                the benchmarks read measured configs instead of tuning within their own 30 s;
+#                the store comes back as $OUT/tuning_store.json (rows: triton_tune classes=...)
+#   net256  155  the headline: B0-B7 bs256 fp16 channels_last, eager, eager-folded,
 #                fused-triton, fused-cuda (model by model, so a cut keeps whole models)
 #   compile 120  torch.compile at bs256: B0 with compile, fused-triton+compile,
 #                fused-cuda+compile, then B4 with compile (~a minute per compile)
@@ -30,18 +35,23 @@
 # benchmark exits 75 having recorded the failing job, and the step reruns the same command
 # with --resume (same EFFNET_RUN_ID) while its slot has time left.
 #
-# Results come back in $OUT (at most 8 files; here at most 6): results.csv, ops.csv,
-# junit_gpu.xml, microbench.json (if run), logs.tar.gz (every step's log, each cut to
+# Results come back in $OUT (at most 8 files; here at most 7): results.csv, ops.csv,
+# junit_gpu.xml, microbench.json (if run), tuning_store.json (the Triton tuning store: measured
+# configs with every candidate's timing), logs.tar.gz (every step's log, each cut to
 # LOG_MAX_KB, refreshed after each step) and summary.txt (rewritten after each step).
-# Append the rows to the committed CSVs with `python -m benchmarks.records`.
+# Append the rows to the committed CSVs with `python -m benchmarks.records`; merge the measured
+# configs into the shipped table with `python -m benchmarks.tune --promote <returned>/tuning_store.json`.
 #
 # Knobs (environment variables; defaults in brackets):
 #   EFFNET_COMMIT      commit recorded in the CSVs (the device copy has no .git) [unknown]
 #   EFFNET_RUN_ID      run id of every row and of --resume [UTC time + random, per session]
-#   STEPS              which steps (always run in the order above) [env,build,net256,compile,net1,tests,ops]
+#   STEPS              which steps (always run in the order above) [env,build,pretune,net256,compile,net1,tests,ops]
 #   SESSION_BUDGET     seconds for the whole script [570] (device tool: timeout_s=600)
-#   T_ENV T_BUILD T_NET256 T_COMPILE T_NET1 T_TESTS T_OPS T_SANITIZER T_MICRO
-#                      slots [15, 90, 200, 120, 45, 60, 20, 60, 60]
+#   T_ENV T_BUILD T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TESTS T_OPS T_SANITIZER T_MICRO
+#                      slots [15, 90, 45, 155, 120, 45, 60, 20, 60, 60]
+#   TUNE_BATCHES       batches pretune tunes, in order [$NET256_BATCHES,1,32 = 256,1,32]
+#   TUNE_JOBS          pretune's compile workers [8]
+#   EFFNET_KERNELS_TUNING_CACHE   the tuning store's directory [~/.cache/effnet_kernels/tuning]
 #   NET_MODELS         [b0,b1,b2,b3,b4,b5,b6,b7]   (net256 and net1)
 #   NET_PROVIDERS      [eager,eager-folded,fused-triton,fused-cuda]  (channels_last; name@nchw for NCHW)
 #   NET_DTYPES         [fp16]
@@ -75,7 +85,7 @@ OUT="${OUT:-$PWD/out}"
 PY="${PYTHON:-python3}"
 LOGS="$(mktemp -d /tmp/effnet_logs.XXXXXX)/logs"
 mkdir -p "$OUT" "$LOGS"
-STEPS="${STEPS:-env,build,net256,compile,net1,tests,ops}"
+STEPS="${STEPS:-env,build,pretune,net256,compile,net1,tests,ops}"
 [[ "${SANITIZER:-0}" != 0 ]] && STEPS+=",sanitizer"
 [[ "${MICROBENCH:-0}" != 0 ]] && STEPS+=",microbench"
 SESSION_START=$SECONDS
@@ -97,6 +107,7 @@ write_summary() {
         (( ${#NOTES[@]} )) && printf 'NOTE: %s\n' "${NOTES[@]}"
         # fused-triton rows after this message ran untuned (default) launch configs
         grep -l "Triton tuning budget used up" "$LOGS"/*.log 2>/dev/null | sed 's|.*/|NOTE: Triton tuning budget used up in |'
+        grep -h "^benchmarks.tune: \|time budget of .* shapes not tuned" "$LOGS"/pretune.log 2>/dev/null | cut -c1-300
         for f in "$OUT"/results.csv "$OUT"/ops.csv; do
             [[ -f $f ]] && echo "$(basename "$f"): $(($(wc -l <"$f") - 1)) rows"
         done
@@ -216,6 +227,27 @@ build_step() {
     return 1
 }
 
+# save_store: the tuning store's file for this GPU as $OUT/tuning_store.json
+save_store() {
+    local dir files
+    dir=$(timeout 30 "$PY" -c 'from effnet_kernels.triton import _tuning_store as s; print(s.directory())' 2>/dev/null) || return 0
+    files=("$dir"/v1/*.json)
+    [[ -f "${files[0]}" ]] && cp "${files[0]}" "$OUT/tuning_store.json"
+    return 0
+}
+
+pretune_step() {
+    # stops starting shapes 10 s before its end: a shape whose candidates did not get compiled by
+    # the workers compiles 4-5 kernels (seconds each); what it tuned before is in the store already
+    local left=$(( DEADLINE - SECONDS )) rc
+    run "$PY" -m benchmarks.tune --models "${NET_MODELS:-b0,b1,b2,b3,b4,b5,b6,b7}" \
+        --batches "${TUNE_BATCHES:-${NET256_BATCHES:-256},1,32}" --dtypes "${NET_DTYPES:-fp16}" \
+        --time-budget $(( left > 20 ? left - 10 : left / 2 )) --jobs "${TUNE_JOBS:-8}"
+    rc=$?
+    save_store
+    return $rc
+}
+
 net256_step() {
     # B7 at 256 takes ~1 s a forward: 2 warm-up calls after the gate's call (which already
     # ran the cuDNN search and the Triton tuning), then >= 5 timed calls of >= 0.5 s in all
@@ -280,7 +312,8 @@ tests_step() {
     # stop starting tests `margin` s before the step is killed: a killed pytest writes no junit
     # XML; parity tests need correct kernels, not tuned ones: one config per shape class (the
     # tuner's own test turns tuning back on for itself)
-    run env EFFNET_KERNELS_TRITON_TUNE="${TESTS_TRITON_TUNE:-0}" \
+    # (and a tuning store of their own: tests that tune must not find the session's entries)
+    run env EFFNET_KERNELS_TRITON_TUNE="${TESTS_TRITON_TUNE:-0}" EFFNET_KERNELS_TUNING_CACHE="$(mktemp -d)" \
         EFFNET_PYTEST_DEADLINE=$(( $(date +%s) + DEADLINE - SECONDS - margin )) \
         EFFNET_PYTEST_NO_CUDA_BUILD="$CUDA_DROPPED" \
         "$PY" -m pytest -m "gpu or adapters" -q --tb=short -rfE --durations=15 -p no:cacheprovider \
@@ -313,7 +346,8 @@ microbench_step() {
 
 step env "${T_ENV:-15}" env_step
 step build "${T_BUILD:-90}" build_step
-step net256 "${T_NET256:-200}" net256_step
+step pretune "${T_PRETUNE:-45}" pretune_step
+step net256 "${T_NET256:-155}" net256_step
 step compile "${T_COMPILE:-120}" compile_step
 step net1 "${T_NET1:-45}" net1_step
 step tests "${T_TESTS:-60}" tests_step
@@ -321,6 +355,7 @@ step ops "${T_OPS:-20}" ops_step
 step sanitizer "${T_SANITIZER:-60}" sanitizer_step
 step microbench "${T_MICRO:-60}" microbench_step
 
+want pretune && save_store  # with what the benchmarks tuned themselves
 write_summary final
 cat "$OUT/summary.txt"
 tar czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" logs 2>/dev/null

@@ -148,11 +148,12 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     summary = (out / "summary.txt").read_text()
     assert "commit cafe1234" in summary and ", done" in summary
     # the headline first, the tests and op benchmarks after it
-    steps = ("env", "build", "net256", "compile", "net1", "tests", "ops")
+    steps = ("env", "build", "pretune", "net256", "compile", "net1", "tests", "ops")
     assert _summary_steps(summary) == list(steps), summary
     for step in ("env", "compile", "net1", "tests", "ops"):
         assert re.search(rf"^{step}\s+rc=0\b", summary, re.M), summary
     assert re.search(r"^build\s+rc=1\b", summary, re.M), summary  # the fake nvcc fails
+    assert re.search(r"^pretune\s+rc=69\b", summary, re.M), summary  # no GPU here: nothing tuned
     assert re.search(r"^net256\s+rc=0 .*\(exit 75: resumed 1x\)", summary, re.M), summary
     assert "NOTE: fused-cuda* providers and the ops' cuda provider dropped" in summary
 
@@ -166,6 +167,8 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     assert "fake nvidia-smi" in logs["env.log"] and "commit cafe1234" in logs["env.log"]
     assert "archs 90" in logs["env.log"]
     assert "fake build: nvcc failed" in logs["build.log"]
+    assert "no CUDA GPU is visible" in logs["pretune.log"] and "--batches 256,1,32" in logs["pretune.log"]
+    assert "tuning_store.json" not in files, "no measured configs, no store"
 
     # network runs: one run id for the session; the 75 is rerun with --resume, same command
     calls = _net_calls(env)
@@ -246,7 +249,7 @@ def test_session_budget_ends_the_script_30_s_before_the_device_command_limit():
     assert 'SESSION_BUDGET="${SESSION_BUDGET:-570}"' in text
     slots = dict(re.findall(r'^step (\w+) "\$\{T_\w+:-(\d+)\}"', text, re.M))
     default = re.search(r'STEPS="\$\{STEPS:-([\w,]+)\}"', text).group(1).split(",")
-    assert default == ["env", "build", "net256", "compile", "net1", "tests", "ops"]
+    assert default == ["env", "build", "pretune", "net256", "compile", "net1", "tests", "ops"]
     assert sum(int(slots[s]) for s in default) == 570 - 20  # 20 s for the summary
 
 
