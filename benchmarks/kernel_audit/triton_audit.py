@@ -95,12 +95,16 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording() -> Iterator[_Recorder]:
-    """Within the block, Triton launches of effnet_kernels are recorded, not run; tuning is off."""
-    from effnet_kernels.triton import _jit, _tuning
+    """Within the block, Triton launches of effnet_kernels are recorded, not run; tuning is off and
+    the tuning store is not read (``EFFNET_KERNELS_TUNING_STORE=off``), so the audited config is the
+    launcher's untuned default."""
+    from effnet_kernels.triton import _jit, _tuning, _tuning_store
 
     rec = _Recorder()
     saved_on = _jit.DeviceKernel.on
     saved_env = os.environ.get(_tuning.TUNE_ENV_VAR)
+    saved_store = os.environ.get(_tuning_store.MODE_ENV_VAR)
+    os.environ[_tuning_store.MODE_ENV_VAR] = "off"
     saved_enabled = getattr(_tuning, "tuning_enabled", None)
     _jit.DeviceKernel.on = lambda kernel, t: rec.on(kernel)
     os.environ[_tuning.TUNE_ENV_VAR] = "0"
@@ -112,10 +116,11 @@ def recording() -> Iterator[_Recorder]:
         _jit.DeviceKernel.on = saved_on
         if saved_enabled is not None:
             _tuning.tuning_enabled = saved_enabled
-        if saved_env is None:
-            os.environ.pop(_tuning.TUNE_ENV_VAR, None)
-        else:
-            os.environ[_tuning.TUNE_ENV_VAR] = saved_env
+        for var, saved in ((_tuning.TUNE_ENV_VAR, saved_env), (_tuning_store.MODE_ENV_VAR, saved_store)):
+            if saved is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = saved
 
 
 def _meta(shape, dtype, layout: str = "nchw") -> torch.Tensor:
