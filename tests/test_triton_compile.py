@@ -10,6 +10,7 @@ real launch gives them when C is a multiple of 16.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -21,7 +22,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from effnet_kernels.triton import dwconv, se_excite, se_gate  # noqa: E402
 from effnet_kernels.ops._checks import ACT_CODES  # noqa: E402
-from effnet_kernels.triton._jit import SUM  # noqa: E402
+from effnet_kernels.triton._jit import SUM, device_kernel  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 if not isinstance(SUM, triton.runtime.jit.JITFunction):
     pytest.skip("triton was imported with TRITON_INTERPRET=1: its library is interpreter-only in this process",
@@ -29,8 +31,8 @@ if not isinstance(SUM, triton.runtime.jit.JITFunction):
 
 SM90 = GPUTarget("cuda", 90, 32)
 
-DWCONV_INTS = "C H W HO WO TILES sxn sxc sxh sxw syn syc syh syw pad_top pad_left".split()
-ALIGNED = {"x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "y_ptr", "red_ptr", "part_ptr", "mean_ptr", "p_ptr", "g_ptr",
+DWCONV_INTS = "C WC H W HO WO TILES_W TILES sxn sxc sxh sxw syn syc syh syw pad_top pad_left".split()
+ALIGNED = {"x_ptr", "w_ptr", "shift_ptr", "WC", "y_ptr", "red_ptr", "part_ptr", "mean_ptr", "p_ptr", "g_ptr",
            "o_ptr", "C", "sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw", "COLS"}
 
 
@@ -50,7 +52,7 @@ def compile_sm90(kernel, types: dict, constexprs: dict, num_warps: int = 4):
 
 def dwconv_types(dtype: str) -> dict:
     types = {name: "i32" for name in DWCONV_INTS}
-    types.update(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", w_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32",
+    types.update(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", w_ptr="*fp32", shift_ptr="*fp32",
                  red_ptr="*fp32", inv_hw="fp32")
     return types
 
@@ -69,7 +71,7 @@ def test_dwconv_compiles(dtype, channels_last, squeeze, int64, activation):
     """Each activation's constexpr variant (one per layout/dtype/squeeze case); only SiLU keeps an exp."""
     unit = {"sxc": 1, "syc": 1} if channels_last else {"sxw": 1, "syw": 1}
     consts = dict(K=5, SH=2, SW=1, ACT=ACT_CODES[activation], SQUEEZE=squeeze, CHANNELS_LAST=channels_last,
-                  INT64=int64, BF16_RTNE=False, BLOCK_P=32 if channels_last else 128,
+                  INT64=int64, BF16_RTNE=False, BLOCK_H=4 if channels_last else 2, BLOCK_W=8 if channels_last else 64,
                   BLOCK_C=64 if channels_last else 8, **unit)
     compiled = compile_sm90(dwconv._dwconv_bn_act_kernel, dwconv_types(dtype), consts)
     ptx = compiled.asm["ptx"]
@@ -87,14 +89,14 @@ def test_sum_tiles_compiles():
 
 
 def test_se_gate_compiles():
-    """SiLU + sigmoid and ReLU + hard-sigmoid (the latter without any exp)."""
-    types = {"p_ptr": "*fp32", "wr_ptr": "*fp16", "br_ptr": "*fp32", "we_ptr": "*bf16", "be_ptr": "*fp32",
-             "g_ptr": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
-    for block_r, block_c, warps, act, gate in ((256, 32, 8, "silu", "sigmoid"), (16, 128, 4, "relu", "hardsigmoid")):
-        compiled = compile_sm90(se_gate._se_gate_kernel, types,
-                                {"ACT": ACT_CODES[act], "GATE": ACT_CODES[gate], "BLOCK_N": 16, "BLOCK_R": block_r,
-                                 "BLOCK_C": block_c}, warps)
-        assert ("ex2.approx" in compiled.asm["ptx"]) == (act == "silu")
+    """Both GEMM kernels: SiLU / ReLU in the reduce, sigmoid / hard-sigmoid in the expand (only SiLU and
+    sigmoid keep an exp)."""
+    types = {"p_ptr": "*fp32", "wr_ptr": "*fp16", "br_ptr": "*fp32", "h_ptr": "*fp32", "we_ptr": "*bf16",
+             "be_ptr": "*fp32", "g_ptr": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
+    for kernel, code in ((se_gate._se_reduce_kernel, "ACT"), (se_gate._se_expand_kernel, "GATE")):
+        for fn in (("silu", "sigmoid") if code == "ACT" else ("sigmoid", "hardsigmoid")):
+            compiled = compile_sm90(kernel, types, {code: ACT_CODES[fn], "BLOCK_N": 32, "BLOCK_R": 16, "BLOCK_C": 64})
+            assert ("ex2.approx" in compiled.asm["ptx"]) == (fn in ("silu", "sigmoid"))
 
 
 @pytest.mark.parametrize("channels_last,int64", [(True, False), (False, True)])
@@ -214,7 +216,7 @@ def check_compiled(rec, expect):
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_every_candidate_config_compiles(recorded_launches, channels_last):
     """The whole tuning space (C = 72, 13 x 13: no candidate is clamped), atomic squeeze, as the tuner launches it."""
-    run_dwconv((32, 72, 13, 13), 3, 1, torch.float16, channels_last, squeeze=True)
+    run_dwconv((64, 72, 13, 13), 3, 1, torch.float16, channels_last, squeeze=True)  # a batch that fills the GPU
     check_compiled(recorded_launches, 5 if channels_last else 4)
 
 
@@ -225,8 +227,9 @@ def test_tiny_shape_classes_are_not_tuned(recorded_launches):
     run_dwconv((2, 72, 13, 13), 3, 1, torch.float16, True, squeeze=True)
     assert len(recorded_launches.launches) == 1 and len(recorded_launches.grids) == 1
     assert len(_tuning._cache) == 1
-    run_dwconv((32, 72, 13, 13), 3, 1, torch.float16, True, squeeze=True)
-    assert len(recorded_launches.launches) == 5 and len(_tuning._cache) == 2
+    run_dwconv((64, 72, 13, 13), 3, 1, torch.float16, True, squeeze=True)
+    # the 5 candidates at batch 64, plus the batch-2 tile (shrunk to fill the GPU) unless it is one of them
+    assert len(recorded_launches.launches) in (5, 6) and len(_tuning._cache) == 2
 
 
 @pytest.mark.parametrize(
@@ -290,8 +293,8 @@ def test_spatial_sizes_share_one_compiled_kernel(recorded_launches, monkeypatch)
     from effnet_kernels.triton import _tuning
 
     monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
-    for hw in (112, 56, 57, 28, 14, 7):
-        run_dwconv((2, 96, hw, hw), 3, 1, torch.float16, True, squeeze=False)
+    for hw in (112, 56, 57, 28, 14, 7):  # at a batch that fills the GPU (small grids get smaller tiles)
+        run_dwconv((256, 96, hw, hw), 3, 1, torch.float16, True, squeeze=False)
     assert len(recorded_launches.launches) == 1
 
 
@@ -304,7 +307,7 @@ def test_se_kernels_compile(recorded_launches):
     for dtype in (torch.float16, torch.bfloat16):
         for channels_last in (True, False):
             se_excite.se_excite(cpu_input((2, 144, 14, 14), dtype, channels_last), torch.empty(2, 144))
-    check_compiled(recorded_launches, 9 + 4)
+    check_compiled(recorded_launches, 12 + 4)  # se_gate: reduce + expand per (dtype, C and N class)
 
 
 def test_awkward_shapes_compile(recorded_launches, monkeypatch):
@@ -325,3 +328,137 @@ def test_awkward_shapes_compile(recorded_launches, monkeypatch):
     for what, compiled in recorded_launches.compile_all():
         assert compiled.metadata.shared <= H100_MAX_SHARED, what
     assert len(recorded_launches.launches) >= 6
+
+
+# --------------------------------------------------------------------------------------
+# Properties of the compiled code (issue 10), each with a check shown to fail on the code
+# it replaced: relaxed squeeze atomics (no fence, no L1 invalidation), 128-bit weight and
+# activation accesses on channels_last, no spills and bounded registers at every B0-B7 size.
+# --------------------------------------------------------------------------------------
+
+# 128 registers x 128 threads: 4 CTAs (16 warps) resident per SM, enough in-flight 128-bit
+# loads to cover latency on a memory-bound kernel; the NCHW k=5 kernel this replaced took 230.
+MAX_REGISTERS = 128
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers, spill bytes stored + loaded) that ptxas reports for ``ptx`` on sm_90a."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
+        src.write(ptx)
+        src.flush()
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    return regs, sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+
+
+ATOMIC_OPS = r"\b(?:atom|red)\.global[\w.]*"
+
+
+def atomics_are_relaxed(ptx: str) -> bool:
+    """Every global atomic/reduction is ``.relaxed`` and nothing orders memory (no fence, membar, acq/rel)."""
+    ops = re.findall(ATOMIC_OPS, ptx)
+    return bool(ops) and all(".relaxed" in op for op in ops) and not re.search(
+        r"\bfence\.|\bmembar\.|\.acq_rel\b|\.release\b|\.acquire\b", ptx)
+
+
+@device_kernel
+def _atomic_probe(p_ptr, v_ptr, RELAXED: tl.constexpr):
+    i = tl.arange(0, 128)
+    if RELAXED:
+        tl.atomic_add(p_ptr + i, tl.load(v_ptr + i), sem="relaxed")
+    else:
+        tl.atomic_add(p_ptr + i, tl.load(v_ptr + i))  # the default (acq_rel): MEMBAR + ATOMG + CCTL.IVALL
+
+
+def test_negative_control_default_atomic_semantics_are_seen():
+    """The check rejects Triton's default atomic (as the squeeze used it) and accepts the relaxed one."""
+    types = {"p_ptr": "*fp32", "v_ptr": "*fp32"}
+    assert not atomics_are_relaxed(compile_sm90(_atomic_probe, types, {"RELAXED": False}).asm["ptx"])
+    assert atomics_are_relaxed(compile_sm90(_atomic_probe, types, {"RELAXED": True}).asm["ptx"])
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_every_squeeze_atomic_is_relaxed(recorded_launches, monkeypatch, channels_last):
+    """Every atomic-squeeze variant (dtype x k x stride, several tiles per sample) compiles to a relaxed
+    atomic (``atom.global.gpu.relaxed``, whose unused result ptxas turns into a plain ``REDG``; the
+    default ``acq_rel`` one became ``MEMBAR.ALL.GPU; ATOMG; CCTL.IVALL``, read with cuobjdump -sass)."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for k, stride in ((3, 1), (5, 2), (7, 1)):
+            run_dwconv((256, 144, 28, 28), k, stride, dtype, channels_last, squeeze=True)
+    for what, compiled in recorded_launches.compile_all():
+        ptx = compiled.asm["ptx"]
+        assert atomics_are_relaxed(ptx), f"{what}: {sorted(set(re.findall(ATOMIC_OPS, ptx)))}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_channels_last_loads_are_all_128_bit(recorded_launches, monkeypatch, dtype):
+    """C a multiple of 16 (every expanded EfficientNet width): weights, shift and activations are all
+    ``ld.global.v4`` (the ``[C, k*k]`` weights this replaced were 72-200 scalar loads per thread)."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for k in (3, 5, 7):
+        run_dwconv((256, 240, 28, 28), k, 1, dtype, True, squeeze=True)
+    for what, compiled in recorded_launches.compile_all():
+        loads = re.findall(r"\bld\.global[\w.:]*", compiled.asm["ptx"])
+        assert loads and all(".v4." in op for op in loads), f"{what}: {sorted(set(loads))}"
+
+
+def b0_b7_depthwise_launches(rec, batches=(1, 256)) -> None:
+    """Record the dwconv launch of every B0 and B7 depthwise shape class (the extremes of C and H x W; the
+    B1-B6 classes compile to the same variants), both layouts, fp16, atomic squeeze."""
+    from effnet_kernels import models
+
+    for channels_last in (True, False):
+        for c, h, w, k, stride in models.depthwise_shapes(("b0", "b7")):
+            for n in batches:
+                run_dwconv((n, c, h, w), k, stride, torch.float16, channels_last, squeeze=True)
+
+
+def test_b0_b7_dwconv_no_spills_bounded_registers(recorded_launches, monkeypatch):
+    """Every compiled variant B0-B7 needs (batch 1 and 256, both layouts): no spills, <= MAX_REGISTERS."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    b0_b7_depthwise_launches(recorded_launches)
+    for what, compiled in recorded_launches.compile_all():
+        regs, spills = ptxas_usage(compiled.asm["ptx"])
+        assert spills == 0 and regs <= MAX_REGISTERS, f"{what}: {regs} registers, {spills} B spilled"
+
+
+def test_b0_b7_se_gate_no_spills(recorded_launches):
+    """Both se_gate kernels at every B0-B7 SE size (C, R) and batch 1 / 256: 0 spill bytes (the single
+    kernel this replaced spilled ~1.7 KB per thread at B7), registers <= MAX_REGISTERS."""
+    from effnet_kernels import models
+
+    pairs = sorted({(s.mid_channels, s.se_reduced) for m in models.MODEL_NAMES for s in models.layer_shapes(m)
+                    if s.se_reduced})
+    for n in (1, 256):
+        for c, r in pairs:
+            se_gate.se_gate(torch.empty(n, c), torch.empty(r, c), torch.empty(r), torch.empty(c, r), torch.empty(c),
+                            "silu", "sigmoid")
+    for what, compiled in recorded_launches.compile_all():
+        regs, spills = ptxas_usage(compiled.asm["ptx"])
+        assert spills == 0 and regs <= MAX_REGISTERS, f"{what}: {regs} registers, {spills} B spilled"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_se_excite_nchw_is_128_bit_at_any_plane_size(recorded_launches, dtype):
+    """NCHW with H*W not a multiple of the vector width (7 x 7, 14 x 14, 15 x 15): y loads and out
+    stores are all 16-byte vectors (the row-per-plane kernel is scalar there)."""
+    for hw in (7, 14, 15):
+        se_excite.se_excite(cpu_input((256, 1152, hw, hw), dtype, False), torch.empty(256, 1152))
+    for what, compiled in recorded_launches.compile_all():
+        ptx = compiled.asm["ptx"]
+        assert any(".v4." in op for op in global_accesses(ptx, "ld")), what
+        stores = re.findall(r"\bst\.global[\w.:]*", ptx)
+        assert stores and all(".v4." in op for op in stores), f"{what}: {sorted(set(stores))}"

@@ -271,7 +271,7 @@ def test_every_gpu_candidate_config(monkeypatch, layout, deterministic):
     from effnet_kernels._launch import prepare_dwconv
     from effnet_kernels.triton import _tuning, dwconv
 
-    x = torch.empty(1, 72, 13, 13)
+    x = torch.empty(32, 72, 13, 13)  # the space at a batch that fills the GPU (batch 1 shrinks the tiles)
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
     lp = prepare_dwconv(x, torch.empty(72, 1, 3, 3), torch.empty(72), torch.empty(72), (1, 1), (1, 1, 1, 1), "silu", True)
@@ -285,3 +285,42 @@ def test_every_gpu_candidate_config(monkeypatch, layout, deterministic):
             run_dwconv_case("triton", "cpu", (1, 72, 13, 13), 3, 1, None, torch.float16, layout, "silu", True)
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+def test_tap_major_weight_is_prepared_once_and_never_stale(monkeypatch):
+    """The folded [k*k, C] weight is made once per (weight, scale) and remade after any in-place edit."""
+    from effnet_kernels.triton import _weights
+
+    _weights.clear_cache()
+    folds = []
+    real = _weights.fold_tap_major
+    monkeypatch.setattr(_weights, "fold_tap_major", lambda w, s: folds.append(1) or real(w, s))
+    x = torch.randn(2, 24, 7, 6).contiguous(memory_format=CL)
+    w, s, b = torch.randn(24, 1, 5, 5), torch.rand(24) + 0.5, torch.randn(24)
+
+    def check():
+        y = ek.ops.dwconv_bn_act(x, w, s, b, backend="triton")
+        torch.testing.assert_close(y, ek.ops.dwconv_bn_act(x, w, s, b, backend="torch"), rtol=1e-5, atol=1e-5)
+
+    check()
+    check()
+    assert len(folds) == 1, "a second call with the same tensors re-folded the weight"
+    with torch.no_grad():
+        w.mul_(-2.0)
+    check()
+    with torch.no_grad():
+        s[3] = 7.0
+    check()
+    assert len(folds) == 3
+    w2 = w.clone()  # equal values, another tensor: never served from w's entry by address
+    y2 = ek.ops.dwconv_bn_act(x, w2, s, b, backend="triton")
+    assert len(folds) == 4 and torch.isfinite(y2).all()
+
+
+def test_negative_control_stale_weight_cache_is_caught(monkeypatch):
+    """A cache that ignores the version counter serves the pre-edit weight: the check above must fail."""
+    from effnet_kernels.triton import _weights
+
+    monkeypatch.setattr(_weights, "_key", lambda t: (t.data_ptr(), t.dtype, t.device, tuple(t.shape)))
+    with pytest.raises(AssertionError):
+        test_tap_major_weight_is_prepared_once_and_never_stale(monkeypatch)

@@ -264,3 +264,73 @@ def test_negative_control_layer_check_rejects_defect(defect):
 def test_negative_control_se_gate_check_rejects_defect():
     with planted("gate_skew", "triton"), pytest.raises(AssertionError, match="gate"):
         check_se_gate(1152, 48, torch.float32)
+
+
+# --- issue 10: what changed in the kernels, checked where they really run ---------------------
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", B0_DW, ids=lambda s: "C{}-{}x{}-k{}-s{}".format(*s))
+def test_dwconv_batch1_small_tiles(shape, layout):
+    """Batch 1: the tiles shrink so the grid fills the SMs (different constexprs than at batch 2+)."""
+    c, h, w, k, stride = shape
+    check_dwconv(1, c, h, w, k, stride, torch.float16, layout)
+
+
+def test_dwconv_weight_cache_follows_in_place_edits():
+    """The tap-major folded weight (cached per fold) is rebuilt after in-place edits of weight or scale."""
+    from effnet_kernels.triton import _weights
+
+    _weights.clear_cache()
+    x = torch.randn(4, 144, 28, 28, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
+    w = torch.randn(144, 1, 5, 5, device=DEV) * 0.3
+    scale, shift = torch.rand(144, device=DEV) + 0.5, torch.randn(144, device=DEV)
+    for edit in (lambda: None, lambda: w.mul_(-1.5), lambda: scale.add_(0.25), lambda: None):
+        with torch.no_grad():
+            edit()
+        y = ek.ops.dwconv_bn_act(x, w, scale, shift, padding=(2, 2, 2, 2), backend="triton")
+        y_ref, _ = fp64_dwconv(x, w, scale, shift, 1, (2, 2, 2, 2))
+        y_plain, _ = plain_dwconv(x, w, scale, shift, 1, (2, 2, 2, 2))
+        assert_parity(y, y_ref, y_plain, torch.float16, what="y after edit")
+    assert len(_weights._cache) == 3
+
+
+def test_dwconv_under_cuda_graph_capture():
+    """A fold first seen during capture is computed inside the graph, not cached (it is empty until replay)."""
+    from effnet_kernels.triton import _weights
+
+    x = torch.randn(2, 96, 14, 14, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
+    w, scale, shift = torch.randn(96, 1, 3, 3, device=DEV), torch.rand(96, device=DEV) + 0.5, torch.randn(96, device=DEV)
+    ek.ops.dwconv_bn_act(x, w * 1.0, scale, shift, backend="triton")  # warm-up compile outside capture
+    _weights.clear_cache()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ek.ops.dwconv_bn_act(x, w, scale, shift, backend="triton")
+    assert len(_weights._cache) == 0
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref, _ = fp64_dwconv(x, w, scale, shift, 1, (1, 1, 1, 1))
+    y_plain, _ = plain_dwconv(x, w, scale, shift, 1, (1, 1, 1, 1))
+    assert_parity(y, y_ref, y_plain, torch.float16, what="y replayed")
+
+
+@pytest.mark.parametrize("n", [1, 256])
+@pytest.mark.parametrize("cr", [(96, 4), (1152, 48), (3840, 160)], ids=lambda cr: f"C{cr[0]}-R{cr[1]}")
+def test_se_gate_batch_1_and_256(cr, n):
+    """Both se_gate kernels at the batch sizes whose tiles differ (BLOCK_N 16 and 32, many programs)."""
+    c, r = cr
+    pooled = torch.randn(n, c, device=DEV)
+    wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
+    we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
+    gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="triton")
+    truth = se_truth(pooled.cpu(), wr.cpu(), br.cpu(), we.cpu(), be.cpu())
+    assert_parity(gate.cpu(), truth, None, torch.float32, what="gate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_se_excite_nchw_flat_kernel_planes(dtype):
+    """The flat NCHW kernel at plane sizes that are no multiple of the vector width, bitwise torch's product."""
+    for hw in (7, 14, 15, 57):
+        y = torch.randn(3, 40, hw, hw, device=DEV).to(dtype)
+        g = torch.rand(3, 40, device=DEV)
+        out = ek.ops.se_excite(y, g, backend="triton")
+        assert torch.equal(out, (y.float() * g[:, :, None, None]).to(dtype)), f"{hw}x{hw}"

@@ -1,30 +1,40 @@
 """Triton ``dwconv_bn_act``: depthwise k x k conv + folded BatchNorm + activation (+ SE squeeze).
 
 One kernel serves both memory formats and every activation (the constexpr ``ACT``, see
-:mod:`._activation`). A program computes a tile of ``BLOCK_P`` output
-pixels (flattened over Ho x Wo of one sample) x ``BLOCK_C`` channels with float32
-accumulation, applies ``scale``/``shift`` and the activation in the epilogue, stores the tile in
-the input's dtype and, with the squeeze, sums the activated float32 values of the tile
-per channel:
+:mod:`._activation`). A program computes a row-aligned 2-D tile of ``BLOCK_H x BLOCK_W``
+output pixels (``BLOCK_W`` a power of two, so the pixel's row and column are a shift and a
+mask; no runtime div/mod per element) x ``BLOCK_C`` channels of one sample, with float32
+accumulation; the epilogue adds ``shift`` and applies the activation, stores the tile in
+the input's dtype and, with the squeeze, sums the activated float32 values per channel:
 
-* channels_last (the fast path): the tile is ``[BLOCK_P, BLOCK_C]`` with channels the
-  fastest axis, so loads and stores are contiguous and vectorised along C (the channel
-  stride 1 is specialised to a constant by Triton);
-* NCHW: the same kernel with the tile transposed (``[BLOCK_C, BLOCK_P]``, pixels the
-  fastest axis), so a warp walks along W; no layout conversion.
+* channels_last (the fast path): the tile is ``[pixels, BLOCK_C]`` with channels fastest;
+  ``BLOCK_C`` is a whole 128-byte line (64 fp16/bf16, 32 fp32) so loads and stores are
+  128-bit vectors along C, each thread holding several pixels; the tile is about square
+  (smallest halo);
+* NCHW: the tile transposed (``[BLOCK_C, pixels]``), up to 64 pixels wide so a warp's 32
+  lanes read 32 consecutive W (coalesced 64-128 B per instruction). The k taps of a row are
+  shifted by one element each, so these loads cannot be 16-byte aligned and stay scalar;
+  converting NCHW to channels_last at the boundary instead would add a read and a write of
+  x and of y (3x this kernel's bytes at stride 1), so it is not done.
 
-Each of the k x k taps is one masked load of the tile's shifted input window. The
-windows of neighbouring taps and pixels overlap, and the reuse is left to L1/L2 (no
-explicit shared-memory staging): DRAM sees each input row about once per program.
-Padding is any (left, right, top, bottom): out-of-range taps read as zero. Weights are
-read per tap from the ``[C, k*k]`` fp32 array (strided along C, so not vectorised;
-cached).
+Weights are the tap-major ``[k*k, CP]`` float32 array with the BN scale folded in
+(:mod:`._weights`, prepared once per fold and cached), read per tap as 128-bit vectors
+along C. The k x k windows of neighbouring pixels overlap; the reuse is left to L1 (no
+shared-memory staging), which the squeeze's atomics no longer invalidate: they are
+``sem="relaxed"`` (a plain ``REDG`` in SASS, no ``MEMBAR`` / ``CCTL.IVALL``).
 
 Squeeze: sums are pre-scaled by ``1 / (Ho * Wo)``. When one tile covers a sample's
 whole output, the tile stores its sums straight into ``mean``. Otherwise either every
-tile ``atomic_add``s into the zeroed ``mean`` (fast, not bitwise reproducible), or, when
+tile atomically adds into the zeroed ``mean`` (fast, not bitwise reproducible), or, when
 ``torch.are_deterministic_algorithms_enabled()``, every tile stores its sums into a
 ``[N, tiles, C]`` float32 buffer that a second small kernel reduces in a fixed order.
+
+Bytes and FLOPs per launch (``E`` bytes per element): read x once (``N C H W E``; the halo
+re-reads hit L1/L2), write y (``N C Ho Wo E``), weights ``4 k^2 C`` and shift ``4C`` per
+program column (L2), mean ``4NC``; ``2 k^2`` FLOPs per output plus the epilogue. B0's
+largest layer (N = 256, C = 96, 112 x 112 -> 56 x 56, k3 s2, fp16): 617 MB + 154 MB =
+771 MB, which at an H200's ~4.8 TB/s implies ~160 us (implied by the bytes, not
+measured); 1.4 GFLOP.
 
 Offsets are 32-bit unless :class:`~effnet_kernels._launch.DWConvLaunch` says they may
 not fit (``int64``), in which case the kernel is specialised for 64-bit offsets.
@@ -43,6 +53,7 @@ from .._launch import DWConvLaunch, prepare_dwconv
 from . import _tuning
 from ._activation import activate
 from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2
+from ._weights import tap_major_weight
 
 Tensor = torch.Tensor
 
@@ -56,43 +67,39 @@ INTERPRETER_CONFIG = _tuning.Config(block_a=64, block_b=32, num_warps=4)
 
 
 # spatial sizes only bound masks and the row axis: not specialised, so they share one compile
-@device_kernel(do_not_specialize=("H", "W", "HO", "WO", "TILES", "pad_top", "pad_left"))
+@device_kernel(do_not_specialize=("H", "W", "HO", "WO", "TILES_W", "TILES", "pad_top", "pad_left"))
 def _dwconv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, red_ptr,
-    C, H, W, HO, WO, TILES,
+    x_ptr, w_ptr, shift_ptr, y_ptr, red_ptr,
+    C, WC, H, W, HO, WO, TILES_W, TILES,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     pad_top, pad_left, inv_hw,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     ACT: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-    BF16_RTNE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if INT64:  # before any product: tile * BLOCK_P, n * stride, ...
+    if INT64:  # before any product: th * BLOCK_H, n * stride, ...
         pid = pid.to(tl.int64)
     n = pid // TILES
     tile = pid % TILES
-    p1 = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    i = tl.arange(0, BLOCK_H * BLOCK_W)  # BLOCK_W is a power of two: // and % are a shift and a mask
+    oh1 = (tile // TILES_W) * BLOCK_H + i // BLOCK_W
+    ow1 = (tile % TILES_W) * BLOCK_W + i % BLOCK_W
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if CHANNELS_LAST:  # tile [BLOCK_P, BLOCK_C], channels fastest
-        p = p1[:, None]
-        c = c1[None, :]
-        acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
-    else:  # tile [BLOCK_C, BLOCK_P], pixels fastest
-        p = p1[None, :]
-        c = c1[:, None]
-        acc = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
+    if CHANNELS_LAST:  # tile [pixels, BLOCK_C], channels fastest
+        oh, ow, c = oh1[:, None], ow1[:, None], c1[None, :]
+        acc = tl.full([BLOCK_H * BLOCK_W, BLOCK_C], 0.0, tl.float32)
+    else:  # tile [BLOCK_C, pixels], pixels (rows of BLOCK_W along W) fastest
+        oh, ow, c = oh1[None, :], ow1[None, :], c1[:, None]
+        acc = tl.full([BLOCK_C, BLOCK_H * BLOCK_W], 0.0, tl.float32)
     c_ok = c < C
-    oh = p // WO
-    ow = p % WO
+    tile_ok = (oh < HO) & (ow < WO) & c_ok
     if INT64:
-        tile_ok = (oh < HO) & c_ok  # = p < HO * WO (p >= 0) without the 32-bit product
         c = c.to(tl.int64)
-    else:
-        tile_ok = (p < HO * WO) & c_ok
     ih0 = oh * SH - pad_top
     iw0 = ow * SW - pad_left
     x_tile = x_ptr + n * sxn + c * sxc + iw0 * sxw
-    w_c = w_ptr + c * (K * K)
+    w_c = w_ptr + c  # tap-major [K * K, WC], BN scale folded in (see _weights.py)
 
     for kh in tl.static_range(K):
         ih = ih0 + kh
@@ -101,11 +108,10 @@ def _dwconv_bn_act_kernel(
         for kw in tl.static_range(K):
             iw = iw0 + kw
             xv = tl.load(x_row + kw * sxw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
-            wv = tl.load(w_c + (kh * K + kw), mask=c_ok, other=0.0)
+            wv = tl.load(w_c + (kh * K + kw) * WC, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv
 
-    u = acc * tl.load(scale_ptr + c, mask=c_ok, other=0.0) + tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-    u = activate(u, ACT)
+    u = activate(acc + tl.load(shift_ptr + c, mask=c_ok, other=0.0), ACT)
     out = u
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
         out = (out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
@@ -119,8 +125,8 @@ def _dwconv_bn_act_kernel(
             s = tl.reduce(tl.where(tile_ok, u, 0.0), 1, SUM) * inv_hw
         if INT64:
             c1 = c1.to(tl.int64)
-        if SQUEEZE == 1:
-            tl.atomic_add(red_ptr + n * C + c1, s, mask=c1 < C)
+        if SQUEEZE == 1:  # relaxed: a plain red.global, no fence / L1 invalidation (nothing reads it here)
+            tl.atomic_add(red_ptr + n * C + c1, s, mask=c1 < C, sem="relaxed")
         else:
             tl.store(red_ptr + (n * TILES + tile) * C + c1, s, mask=c1 < C)
 
@@ -141,16 +147,60 @@ def _sum_tiles_kernel(part_ptr, mean_ptr, C, TILES, BLOCK_T: tl.constexpr, BLOCK
     tl.store(mean_ptr + n * C + c, tl.reduce(acc, 0, SUM), mask=c_ok)
 
 
+# An H200 has 132 SMs; a grid of fewer than two programs per SM leaves some idle for the whole launch.
+SM_COUNT = 132
+MIN_PROGRAMS = 2 * SM_COUNT
+
+
+def tile_shape(lp: DWConvLaunch, block_p: int) -> tuple[int, int]:
+    """``(BLOCK_H, BLOCK_W)`` of a ``block_p``-pixel tile: row-aligned, BLOCK_W a power of two <= next_pow2(Wo).
+
+    channels_last: about square (the smallest halo: ``(BH*SH + k-1) x (BW*SW + k-1)`` input
+    pixels per tile); NCHW: up to 64 wide, so a warp's lanes read consecutive W.
+    """
+    widest = 64 if lp.layout == "nchw" else 1 << (block_p.bit_length() // 2)
+    bw = min(next_pow2(lp.wo), block_p, widest)
+    return max(block_p // bw, 1), bw
+
+
+def _programs(lp: DWConvLaunch, block_p: int, block_c: int) -> int:
+    bh, bw = tile_shape(lp, block_p)
+    return lp.n * triton.cdiv(lp.ho, bh) * triton.cdiv(lp.wo, bw) * triton.cdiv(lp.c, block_c)
+
+
+def _fill(lp: DWConvLaunch, bp: int, bc: int, min_p: int, min_c: int) -> tuple[int, int]:
+    """Shrink a tile (pixels first, then channels) until the grid has MIN_PROGRAMS programs or the floors are hit."""
+    while _programs(lp, bp, bc) < MIN_PROGRAMS and (bp > min_p or bc > min_c):
+        if bp > min_p:
+            bp //= 2
+        else:
+            bc //= 2
+    return bp, bc
+
+
 def _candidates(lp: DWConvLaunch) -> list[_tuning.Config]:
-    """Bounded GPU config space: tiles of 2-8K elements, never much wider than C or Ho*Wo."""
+    """Bounded GPU config space of ``Config(pixels, channels, warps)``; the first is the untuned default.
+
+    channels_last: BLOCK_C is a whole 128-byte line of channels (64 fp16/bf16, 32 fp32) or two,
+    each thread holding 8 (or 4 fp32) channels x 2-4 pixels. NCHW: 4-8 channel planes x 64-256
+    pixels. Every tile is clamped to C and Ho x Wo, then shrunk (pixels first) until the grid
+    fills the GPU (small shapes: batch 1, the late 7 x 7 layers).
+    """
     if lp.layout == "nhwc":
-        space = [(64, 32, 4), (32, 64, 4), (16, 128, 4), (64, 64, 8), (128, 32, 8)]
+        line = 128 // lp.x.element_size()
+        space = [(64, line, 4), (32, line, 4), (16, 2 * line, 4), (128, line, 8), (64, 2 * line, 8)]
+        min_p, min_c = 8, min(line, 32)
     else:
-        space = [(128, 8, 4), (256, 4, 4), (64, 16, 4), (256, 8, 8)]
-    cmax, pmax = next_pow2(lp.c), next_pow2(lp.ho * lp.wo)
+        space = [(128, 8, 4), (256, 4, 8), (64, 8, 4), (256, 8, 8)]  # (128, 4, 4) spilled 4 B at 4 x 32 tiles
+        min_p, min_c = 32, 2
+    cmax, pmax = next_pow2(lp.c), next_pow2(lp.ho) * next_pow2(lp.wo)
     out = []
+    vec = 16 // lp.x.element_size()  # elements of one 128-bit access
     for bp, bc, nw in space:
-        bp, bc = min(bp, max(pmax, 16)), min(bc, max(cmax, 2))
+        bp, bc = _fill(lp, min(bp, max(pmax, 16)), min(bc, max(cmax, 2)), min_p, min_c)
+        if lp.layout == "nhwc":
+            while nw > 1 and bp * bc < nw * 32 * vec:  # a small tile keeps whole vectors per thread, on fewer warps
+                nw //= 2
         cfg = _tuning.Config(bp, bc, nw)
         if cfg not in out:
             out.append(cfg)
@@ -168,14 +218,16 @@ def _space(lp: DWConvLaunch) -> tuple[list[_tuning.Config], _tuning.Config]:
     candidates = _candidates(lp)
     if interpreted(lp.x):
         return candidates, INTERPRETER_CONFIG
-    if next_pow2(lp.n) * next_pow2(lp.c) * next_pow2(lp.ho * lp.wo) < TUNE_MIN_ELEMENTS:
+    if next_pow2(lp.n) * next_pow2(lp.c) * next_pow2(lp.ho) * next_pow2(lp.wo) < TUNE_MIN_ELEMENTS:
         return candidates[:1], candidates[0]  # one candidate: cached untimed
     return candidates, candidates[0]
 
 
 def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
-    bp, bc = cfg.block_a, cfg.block_b
-    tiles = triton.cdiv(lp.ho * lp.wo, bp)
+    bh, bw = tile_shape(lp, cfg.block_a)
+    bc = cfg.block_b
+    tiles_w = triton.cdiv(lp.wo, bw)
+    tiles = triton.cdiv(lp.ho, bh) * tiles_w
     red: Optional[Tensor] = None
     mode = _NO_SQUEEZE
     if lp.mean is not None:
@@ -188,13 +240,13 @@ def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
             mode, red = _SQUEEZE_ATOMIC, lp.mean
     grid = (lp.n * tiles, triton.cdiv(lp.c, bc))
     _dwconv_bn_act_kernel.on(lp.x)[grid](
-        lp.x, lp.weight, lp.scale, lp.shift, lp.y, red if red is not None else lp.y,
-        lp.c, lp.h, lp.w, lp.ho, lp.wo, tiles,
+        lp.x, lp.weight, lp.shift, lp.y, red if red is not None else lp.y,
+        lp.c, lp.weight.shape[1], lp.h, lp.w, lp.ho, lp.wo, tiles_w, tiles,
         *lp.x.stride(), *lp.y.stride(),
         lp.pad_top, lp.pad_left, 1.0 / (lp.ho * lp.wo),
         K=lp.k, SH=lp.stride_h, SW=lp.stride_w,
         ACT=lp.act, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
-        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_P=bp, BLOCK_C=bc, num_warps=cfg.num_warps,
+        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=cfg.num_warps,
     )
     if mode == _SQUEEZE_STORE and red is not lp.mean:
         block_c = min(next_pow2(lp.c), 128)
@@ -219,7 +271,7 @@ def _timed_launch(lp: DWConvLaunch, deterministic: bool) -> Callable[[_tuning.Co
 def _tune_key(lp: DWConvLaunch, squeeze_mode: str) -> tuple:
     return (
         "dwconv", lp.x.device.index, lp.layout, lp.x.dtype, lp.k, lp.stride_h, lp.stride_w, lp.act,
-        squeeze_mode, next_pow2(lp.c), next_pow2(lp.ho * lp.wo), next_pow2(lp.n), lp.int64,
+        squeeze_mode, next_pow2(lp.c), next_pow2(lp.ho), next_pow2(lp.wo), next_pow2(lp.n), lp.int64,
     )
 
 
@@ -250,6 +302,7 @@ def dwconv_bn_act(
     lp = prepare_dwconv(x, weight, scale, shift, stride, padding, activation, squeeze)
     if lp.y.numel() == 0:
         return lp.y, lp.mean
+    lp.weight = tap_major_weight(weight, scale)  # [k*k, CP] float32, scale folded: the epilogue adds shift
     deterministic = lp.deterministic
     squeeze_mode = "none" if not squeeze else ("det" if deterministic else "atomic")
     with device_guard(lp.x):
