@@ -30,8 +30,11 @@ def b0_pair():
     from efficientnet_pytorch import EfficientNet
 
     torch.manual_seed(2024)
-    x = torch.randn(2, 3, 32, 32)
-    eager = calibrated(EfficientNet.from_name("efficientnet-b0", image_size=32), x)
+    # 64x64: 8 values per channel at the last stage. At 32x32 (2 values) BatchNorm calibrated on
+    # the batch makes logits ~1e7 and the network error pure amplified rounding (any change of
+    # accumulation order moves it past 2x eager's); block by block stays the precise check.
+    x = torch.randn(2, 3, 64, 64)
+    eager = calibrated(EfficientNet.from_name("efficientnet-b0", image_size=64), x)
     return eager, ek.convert(copy.deepcopy(eager), backend="triton"), x
 
 
