@@ -20,13 +20,12 @@ import importlib
 import importlib.util
 import sys
 import threading
-import weakref
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _build, _launch, backends
+from . import _build, _folded_weights, _launch, backends
 
 Tensor = torch.Tensor
 
@@ -222,68 +221,13 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 # ------------------------------------------------------------------ prepared weights
 def fold_tap_major(weight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``weight`` [C, 1, k, k] (or [C, k*k]) with ``scale`` [C] folded in, tap-major: [k*k, C] dense.
-
-    ``out[tap, c] = weight[c, tap] * scale[c]`` in ``dtype`` (the kernels read fp32; the CPU
-    emulation uses float64). The kernels then add only the BN shift in their epilogue.
-    """
-    c = weight.shape[0]
-    w = weight.detach().reshape(c, -1).to(dtype)
-    return (w * scale.detach().to(dtype)[:, None]).t().contiguous()
+    """``weight`` [C, 1, k, k] with ``scale`` [C] folded in, tap-major [k*k, C] dense, in ``dtype``
+    (the kernels read fp32; the CPU emulation uses float64): :func:`effnet_kernels._folded_weights.fold_tap_major`."""
+    return _folded_weights.fold_tap_major(weight, scale, dtype=dtype)
 
 
-class _PreparedWeights:
-    """Cache of :func:`fold_tap_major` results: one entry per live (weight, scale) tensor pair.
-
-    An entry is found by the two tensor objects and used only while both sources still have the
-    ``data_ptr``, ``_version`` (bumped by every in-place write: ``load_state_dict``, an optimizer
-    step, BN re-folding in place), shape, stride, dtype and device it was folded from; otherwise
-    it is folded again and replaced. Weak references drop the entry as soon as either source is
-    freed, so a new tensor reusing the memory (same address, version 0) never sees a stale fold.
-    A write that bypasses the version counter (through ``.data``) is not seen: update the tensor
-    itself. At most ``limit`` entries are kept (oldest dropped first).
-    """
-
-    def __init__(self, limit: int = 1024):
-        self.limit = limit
-        self._entries: dict[tuple[int, int], tuple] = {}
-        self._lock = threading.RLock()  # a weakref callback may run (garbage collection) while it is held
-
-    @staticmethod
-    def _state(t: Tensor) -> tuple:
-        return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
-
-    def get(self, weight: Tensor, scale: Tensor) -> Tensor:
-        """The folded tap-major fp32 weight for these sources (folded on a miss)."""
-        key = (id(weight), id(scale))
-        state = (self._state(weight), self._state(scale))
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is weight and entry[1]() is scale and entry[2] == state:
-            return entry[3]
-        prepared = fold_tap_major(weight, scale)
-
-        def drop(_ref, key=key):
-            with self._lock:
-                current = self._entries.get(key)
-                if current is not None and _ref in (current[0], current[1]):
-                    del self._entries[key]
-
-        with self._lock:
-            self._entries.pop(key, None)
-            while len(self._entries) >= self.limit:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[key] = (weakref.ref(weight, drop), weakref.ref(scale, drop), state, prepared)
-        return prepared
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-prepared_weights = _PreparedWeights()
+#: the kernels' folded weights, one entry per live (weight, scale) pair (see effnet_kernels._folded_weights)
+prepared_weights = _folded_weights.FoldedWeightCache(lambda w, s: fold_tap_major(w, s))
 
 
 # ------------------------------------------------------------------ implementations

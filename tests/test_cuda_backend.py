@@ -17,6 +17,7 @@ import torch
 import effnet_kernels as ek
 from effnet_kernels import _build, backends
 from effnet_kernels import cuda as cuda_backend
+from effnet_kernels._folded_weights import FoldedWeightCache
 
 
 @pytest.fixture(autouse=True)
@@ -276,7 +277,7 @@ def test_fold_tap_major_is_the_scaled_transposed_weight():
 
 
 def test_prepared_weights_are_reused_and_never_stale():
-    cache = cuda_backend._PreparedWeights()
+    cache = FoldedWeightCache(cuda_backend.fold_tap_major)
     g = torch.Generator().manual_seed(6)
     w, s = torch.randn(8, 1, 3, 3, generator=g), torch.rand(8, generator=g) + 0.5
     first = cache.get(w, s)
@@ -295,7 +296,7 @@ def test_prepared_weights_are_reused_and_never_stale():
 def test_prepared_weights_die_with_their_sources_and_stay_bounded():
     import gc
 
-    cache = cuda_backend._PreparedWeights(limit=3)
+    cache = FoldedWeightCache(cuda_backend.fold_tap_major, limit=3)
     s = torch.rand(4) + 0.5
     w = torch.randn(4, 1, 3, 3)
     cache.get(w, s)
