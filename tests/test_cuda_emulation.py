@@ -24,20 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-K_THREADS = 256
-GRID_LIMIT = 65535
-
-
-def ceil_div(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def tile_w(sw: int) -> int:
-    return 4 if sw == 1 else 2
-
-
-def pack_width(elem: int) -> int:
-    return 16 // elem
+from benchmarks.kernel_audit import banks
+from benchmarks.kernel_audit.cuda_geometry import (  # the launch and shared-memory formulas, shared with the audit
+    GRID_LIMIT, HIDDEN_CHUNK, SAMPLE_TILE, blocks_for, ceil_div, nhwc_threads_c, pack_width, red_chunk_word, red_pad,
+    staged_channel, tile_w, w_chunk_word)
+from benchmarks.kernel_audit.cuda_geometry import THREADS as K_THREADS
+from benchmarks.kernel_audit.cuda_geometry import dwconv_shape as _dwconv_shape
 
 
 # ------------------------------------------------------------------ memory with checks
@@ -109,61 +101,12 @@ ACTIVATE = {
 
 
 # ------------------------------------------------------------------ dwconv launch shape (dwconv_kernels.cuh)
-def nhwc_threads_c(nvec, V):
-    """nhwc_threads_c: the largest BX <= 128 / V in {1..8} or a multiple of 8 leaving <= 1/8 lanes idle."""
-    max_bx = 128 // V
-    if nvec <= 8:
-        return nvec
-    bx = max_bx
-    while bx > 1:
-        lanes = ceil_div(nvec, bx) * bx
-        if 8 * nvec >= 7 * lanes:
-            return bx
-        bx -= 8 if bx > 8 else 1
-    return 1
-
-
 def dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit=GRID_LIMIT):
-    strips = ho * ceil_div(wo, tile_w(SW))
-    if nhwc:
-        V = pack_width(elem)
-        nvec = ceil_div(c, V)
-        bx = nhwc_threads_c(nvec, V)
-        by = K_THREADS // bx
-        gy = ceil_div(strips, by)
-        grid = (ceil_div(nvec, bx), min(gy, limit), min(n, limit))
-        smem = 4 * ((K * K + 1) * bx * V + (by * bx * V + 32 if squeeze else 0))
-    else:
-        bx = min(ceil_div(strips, 32) * 32, K_THREADS)
-        by = K_THREADS // bx
-        gy = ceil_div(strips, bx)
-        grid = (ceil_div(n * c, by), min(gy, limit), 1)
-        smem = 4 * (K_THREADS // 32) if squeeze else 0
+    """dwconv_shape (benchmarks/kernel_audit/cuda_geometry.py), checked: block <= 256 threads, smem <= 48 KiB."""
+    grid, (bx, by), smem = _dwconv_shape(nhwc, elem, K, SW, squeeze, n, c, ho, wo, limit)
     assert bx * by <= K_THREADS and all(g >= 1 for g in grid), (grid, bx, by)
     assert smem <= 48 * 1024, "more than 48 KiB of dynamic shared memory needs an opt-in"
     return grid, (bx, by), smem
-
-
-# ------------------------------------------------------------------ NHWC shared-memory index math (dwconv_kernels.cuh)
-def staged_channel(off, bx, V):
-    """staged_channel<V>: w_s word `off` within a tap -> channel within the block."""
-    g, r = off // (4 * bx), off % (4 * bx)
-    return (r >> 2) * V + g * 4 + (r & 3)
-
-
-def w_chunk_word(tap, g, tx, bx, V):
-    """First word of thread tx's float4 chunk g of tap `tap` (tap = K * K: the shift)."""
-    return ((tap * (V // 4) + g) * bx + tx) * 4
-
-
-def red_pad(nthreads):
-    """red_pad: float4 chunks before chunk group 1 of red_s that put it at bank 16."""
-    return (12 - nthreads % 8) % 8
-
-
-def red_chunk_word(g, tid, nthreads):
-    """First word of thread tid's float4 chunk g in the squeeze buffer red_s."""
-    return (g * (nthreads + red_pad(nthreads)) + tid) * 4
 
 
 class P:
@@ -506,13 +449,6 @@ def test_dwconv_launch_shapes_of_efficientnet_are_legal(nhwc, elem):
 
 
 # ------------------------------------------------------------------ se_gate (se.cu)
-def blocks_for(work, per_block, cap=1 << 20):
-    return min(ceil_div(work, per_block), cap)
-
-
-SAMPLE_TILE, HIDDEN_CHUNK = 8, 256  # kSampleTile, kHiddenChunk of se.cu
-
-
 def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5, grid_y_limit=65535, counts=None):
     """se_reduce_kernel + se_expand_kernel; `counts` (a dict) receives how often each weight element is read."""
     n, c = pooled.shape
@@ -696,69 +632,19 @@ def test_the_ported_epilogues_are_the_sources():
 
 
 # ------------------------------------------------------------------ shared-memory bank conflicts (NHWC staging)
-def wavefronts(addrs, width):
-    """(shared-memory wavefronts, conflict-free minimum) of one warp-wide access.
-
-    `addrs`: the first 4-byte word each of the 32 lanes accesses (None: inactive); `width`: words
-    per lane (1: 32-bit, 4: 128-bit). 32 banks of 4 bytes; a 128-bit access is served a quarter
-    warp (8 lanes) at a time. Within a group, the lanes hitting one bank at distinct words
-    serialise; the same word is a broadcast.
-    """
-    groups = [range(32)] if width == 1 else [range(8 * q, 8 * q + 8) for q in range(4)]
-    total = ideal = 0
-    for lanes in groups:
-        banks: dict[int, set] = {}
-        for lane in lanes:
-            if addrs[lane] is not None:
-                for wd in range(width):
-                    banks.setdefault((addrs[lane] + wd) % 32, set()).add(addrs[lane] + wd)
-        if banks:
-            total += max(len(v) for v in banks.values())
-            ideal += 1
-    return total, ideal
-
-
-def warps_of(nthreads, addr_of_tid):
-    """Per warp of a block of `nthreads` threads: the 32 lanes' addresses (None past the block)."""
-    for w0 in range(0, nthreads, 32):
-        yield [addr_of_tid(t) if t < nthreads else None for t in range(w0, w0 + 32)]
-
-
-def old_staging_ways(K, CB=128, nthreads=K_THREADS):
-    """The staging loop before: thread i wrote w_s[(i % K²) * CB + i / K²] (CB = 128 channels)."""
-    kk = K * K
-    ways = []
-    for it in range(ceil_div(kk * CB, nthreads)):
-        for addrs in warps_of(nthreads, lambda t: (lambda i: (i % kk) * CB + i // kk if i < kk * CB else None)(it * nthreads + t)):
-            if any(a is not None for a in addrs):
-                total, ideal = wavefronts(addrs, 1)
-                ways.append(total / ideal)
-    return max(ways), sum(ways) / len(ways)
-
-
-def nhwc_smem_accesses(bx, by, V, K):
-    """Every warp-wide shared-memory access of one NHWC block: (what, addrs, width)."""
-    nthreads, CB, G = bx * by, bx * V, V // 4
-    for w0 in range(0, nthreads, 32):
-        for it in range(ceil_div((K * K + 1) * CB, nthreads)):
-            addrs = [(it * nthreads + t) if t < nthreads and it * nthreads + t < (K * K + 1) * CB else None
-                     for t in range(w0, w0 + 32)]
-            yield "stage", addrs, 1  # staging: thread tid writes word it * nthreads + tid
-        for tap in range(K * K + 1):  # K² weight taps, then the shift row
-            for g in range(G):
-                addrs = [w_chunk_word(tap, g, t % bx, bx, V) if t < nthreads else None for t in range(w0, w0 + 32)]
-                yield "weights" if tap < K * K else "shift", addrs, 4
-        for g in range(G):
-            yield "squeeze", [red_chunk_word(g, t, nthreads) if t < nthreads else None for t in range(w0, w0 + 32)], 4
-        for r in range(by):  # publish_squeeze_nhwc: thread j reads channel j's value of row r
-            yield "publish", [red_chunk_word((t % V) // 4, t // V, nthreads) + (t % V) % 4 + r * bx * 4
-                              if t < bx * V else None for t in range(w0, w0 + 32)], 1
+def wavefronts(words, width):
+    """banks.wavefronts (the audit's bank model) of one warp access given as the first 4-byte word per lane
+    (None: inactive) and `width` words per lane (1: 32-bit, 4: 128-bit)."""
+    return banks.wavefronts([None if w is None else 4 * w for w in words], 4 * width)
 
 
 def test_old_weight_staging_had_the_bank_conflicts_of_the_issue():
     """Negative control: the simulation reports the 9-, 22- and 27-way conflicts (mean over warps;
-    worst 9, 25, 32) of the staging pattern issue #10 measured."""
-    got = {K: old_staging_ways(K) for K in (3, 5, 7)}
+    worst 9, 25, 32) of the staging pattern issue #10 measured (w_s[(i % K²) * CB + i / K²], CB = 128)."""
+    got = {}
+    for K in (3, 5, 7):
+        r = banks.simulate(banks.OLD_NHWC_STAGE_STORE, dict(k=K, bx=16, by=16, v=8, cb=128, threads=K_THREADS))
+        got[K] = (r.max_ways, r.mean_ways)
     assert got[3] == (9, 9.0)
     assert got[5][0] == 25 and round(got[5][1]) == 22
     assert got[7][0] == 32 and round(got[7][1]) == 27
@@ -778,17 +664,15 @@ def _nhwc_blocks_of_efficientnet():
 @pytest.mark.parametrize("K", [3, 5, 7])
 def test_nhwc_shared_memory_is_bank_conflict_free(K):
     """Staging writes, per-tap weight and shift reads (LDS.128), the squeeze writes (STS.128) and the
-    publish reads of every B0-B7 channel count's NHWC block (fp32 and 16-bit) need only the
-    minimum wavefronts."""
-    checked = 0
+    publish reads (banks.CUDA_SHARED_ACCESSES) of every B0-B7 channel count's NHWC block (fp32 and 16-bit)
+    need only the minimum wavefronts."""
+    names = set()
     for c, elem, V, bx, by in _nhwc_blocks_of_efficientnet():
-        for what, addrs, width in nhwc_smem_accesses(bx, by, V, K):
-            if all(a is None for a in addrs):
-                continue
-            total, ideal = wavefronts(addrs, width)
-            assert total == ideal, f"{what}: {total / ideal:.2f}-way conflict at C={c}, elem={elem}, bx={bx}, K={K}"
-            checked += 1
-    assert checked > 1000
+        geo = dict(k=K, bx=bx, by=by, v=V, cb=bx * V, threads=bx * by)
+        for r in banks.cuda_conflicts("dwconv_nhwc", geo, squeeze=True):
+            assert r.max_ways == 1, f"{r.access.name}: {r.max_ways:g}-way conflict at C={c}, elem={elem}, bx={bx}, K={K}"
+            names.add(r.access.name)
+    assert names == {"weight staging store", "weight read", "shift read", "squeeze store", "publish read"}
 
 
 def test_bank_model_sees_a_strided_128bit_read():

@@ -221,13 +221,23 @@ def test_bank_conflicts_of_wide_accesses_and_inactive_lanes():
 
 
 def test_nhwc_weight_staging_conflicts_match_the_issue():
-    """The CUDA NHWC weight staging w_s[tap*CB + ch] (fp16: 16 x 16 threads, CB = 128): mean 9 / ~22 / ~27 ways."""
+    """Negative control: the old CUDA NHWC weight staging w_s[tap*CB + ch] (fp16: 16 x 16 threads, CB = 128):
+    mean 9 / ~22 / ~27 ways; the staging store of the current kernels at the same geometry: 1."""
     means = []
     for k in (3, 5, 7):
         geo = dict(k=k, bx=16, by=16, v=8, cb=128, threads=256)
-        (stage,) = [c for c in banks.cuda_conflicts("dwconv_nhwc", geo, True) if c.access.name == "weight staging store"]
-        means.append(round(stage.mean_ways))
+        means.append(round(banks.simulate(banks.OLD_NHWC_STAGE_STORE, geo).mean_ways))
+        assert all(c.max_ways == 1 for c in banks.cuda_conflicts("dwconv_nhwc", geo, True)), k
     assert means == [9, 22, 27]
+
+
+def test_se_expand_hidden_staging_conflicts():
+    """se_expand stages 8 rows of R hidden units 256 floats apart: rows of R < 32 share a warp and its banks
+    (R = 4: 8-way, R = 16: 2-way); the broadcast reads are conflict-free."""
+    got = {r: {c.access.name: c.max_ways for c in banks.cuda_conflicts("se_expand", dict(threads=256, chunks=[r]), True)}
+           for r in (4, 16, 32)}
+    assert [got[r]["hidden staging store"] for r in (4, 16, 32)] == [8, 2, 1]
+    assert {got[r]["hidden read"] for r in got} == {1}
 
 
 # ------------------------------------------------------------------ workloads and bytes

@@ -8,8 +8,9 @@ compiled variant). :func:`audit_invariant_violations` lists what breaks the prop
 issue #10's fixes must establish.
 
 Modules: ``workloads`` (what B0-B7 launch), ``triton_audit`` / ``cuda_audit`` (capture and
-compile), ``sass`` (parsers), ``banks`` (bank-conflict simulator and the CUDA staging
-expressions), ``hardware`` (sm_90 limits, occupancy), ``rows``, ``invariants``, ``report``.
+compile), ``cuda_geometry`` (the CUDA launch and shared-memory index formulas, shared with
+tests/test_cuda_emulation.py), ``sass`` (parsers), ``banks`` (bank-conflict simulator and the
+CUDA shared accesses), ``hardware`` (sm_90 limits, occupancy), ``rows``, ``invariants``, ``report``.
 """
 
 from .audit import run_audit

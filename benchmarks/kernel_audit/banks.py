@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from . import cuda_geometry as cg
+
 BANKS = 32
 BANK_BYTES = 4
 WARP = 32
@@ -67,10 +69,11 @@ class SharedAccess:
     ``index(tid, it, g)`` returns the float index lane ``tid`` (thread index in the CTA)
     touches in iteration ``it`` of its loop (None when the lane is idle), with ``g`` the
     launch geometry: ``k``, ``bx``, ``by``, ``v`` (channels per thread), ``cb``
-    (``bx * v``), ``threads``; ``iterations(g)`` how many loop iterations there are.
+    (``bx * v``), ``threads`` (se_expand: ``threads`` and ``chunks``, the staged hidden
+    chunk lengths); ``iterations(g)`` how many loop iterations there are.
     """
 
-    kernel: str  # "dwconv_nhwc" | "dwconv_nchw"
+    kernel: str  # "dwconv_nhwc" | "dwconv_nchw" | "se_expand"
     name: str
     source: str  # the csrc line it mirrors
     width: int  # bytes per lane of the instruction (4 = scalar float)
@@ -81,39 +84,82 @@ class SharedAccess:
 
 def _nhwc_stage_store(tid: int, it: int, g: dict) -> Optional[int]:
     i = tid + it * g["threads"]
+    return i if i < (g["k"] * g["k"] + 1) * g["cb"] else None  # thread i writes word i
+
+
+def _nhwc_chunk_read(tap_of: Callable[[int, dict], int]) -> Callable[[int, int, dict], Optional[int]]:
+    def index(tid: int, it: int, g: dict) -> Optional[int]:  # it = tap * G + chunk
+        chunks = g["v"] // 4
+        return cg.w_chunk_word(tap_of(it // chunks, g), it % chunks, tid % g["bx"], g["bx"], g["v"])
+    return index
+
+
+def _nhwc_red_store(tid: int, it: int, g: dict) -> Optional[int]:
+    return cg.red_chunk_word(it, tid, g["threads"])  # it = chunk g of sq[0..V-1]
+
+
+def _nhwc_publish_read(tid: int, it: int, g: dict) -> Optional[int]:
+    # j = tid (bx * V <= 128 < threads: one j per thread); it = row r of the serial sum
+    return cg.publish_word(tid, it, g["bx"], g["v"], g["threads"]) if tid < g["cb"] else None
+
+
+def _nchw_red_store(tid: int, it: int, g: dict) -> Optional[int]:
+    tx, ty = tid % g["bx"], tid // g["bx"]
+    return ty * (g["bx"] // 32) + tx // 32 if tx % 32 == 0 else None  # lane 0 of each warp
+
+
+def _nchw_red_sum(tid: int, it: int, g: dict) -> Optional[int]:
+    return tid * (g["bx"] // 32) + it if tid < g["by"] else None  # it = r (serial loop of thread tid)
+
+
+def _se_expand_stage_store(tid: int, it: int, g: dict) -> Optional[int]:
+    for n in g["chunks"]:  # it runs over the iterations of every hidden chunk in turn
+        per = cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"])
+        if it < per:
+            e = tid + it * g["threads"]
+            return (e // n) * cg.HIDDEN_CHUNK + e % n if e < cg.SAMPLE_TILE * n else None
+        it -= per
+    return None
+
+
+#: Every simulated shared access of ``csrc/`` (keep in step with the kernels).
+CUDA_SHARED_ACCESSES: tuple[SharedAccess, ...] = (
+    SharedAccess("dwconv_nhwc", "weight staging store", "dwconv_kernels.cuh: w_s[i] = ... (i = tid; i < (K*K+1)*CB; i += NT)",
+                 4, _nhwc_stage_store, lambda g: cg.ceil_div((g["k"] * g["k"] + 1) * g["cb"], g["threads"])),
+    SharedAccess("dwconv_nhwc", "weight read", "dwconv_kernels.cuh: load_shared_f4(w_s + (((kh*K+kw)*G + g)*bx + tx)*4)",
+                 16, _nhwc_chunk_read(lambda tap, g: tap), lambda g: g["k"] * g["k"] * (g["v"] // 4)),
+    SharedAccess("dwconv_nhwc", "shift read", "dwconv_kernels.cuh: load_shared_f4(w_s + ((K*K*G + g)*bx + tx)*4)",
+                 16, _nhwc_chunk_read(lambda tap, g: g["k"] * g["k"]), lambda g: g["v"] // 4),
+    SharedAccess("dwconv_nhwc", "squeeze store", "dwconv_kernels.cuh: store_shared_f4(red_s + (g*(NT + red_pad(NT)) + tid)*4, ...)",
+                 16, _nhwc_red_store, lambda g: g["v"] // 4, squeeze_only=True),
+    SharedAccess("dwconv_nhwc", "publish read", "dwconv_kernels.cuh publish_squeeze_nhwc: s += col[r * bx * 4]",
+                 4, _nhwc_publish_read, lambda g: g["by"], squeeze_only=True),
+    SharedAccess("dwconv_nchw", "squeeze warp-sum store", "dwconv_kernels.cuh: if (tx % 32 == 0) red_s[ty * warps_per_plane + tx / 32] = sq",
+                 4, _nchw_red_store, lambda g: 1, squeeze_only=True),
+    SharedAccess("dwconv_nchw", "squeeze plane sum", "dwconv_kernels.cuh: s += red_s[tid * warps_per_plane + r] (tid < blockDim.y)",
+                 4, _nchw_red_sum, lambda g: g["bx"] // 32, squeeze_only=True),
+    SharedAccess("se_expand", "hidden staging store", "se.cu se_expand_kernel: h_s[t * kHiddenChunk + k] = ... (e = tid; e < 8*len)",
+                 4, _se_expand_stage_store,
+                 lambda g: sum(cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"]) for n in g["chunks"])),
+    SharedAccess("se_expand", "hidden read", "se.cu se_expand_kernel: h_s[t * kHiddenChunk + k] (the same word in every lane)",
+                 4, lambda tid, it, g: (it % cg.SAMPLE_TILE) * cg.HIDDEN_CHUNK + it // cg.SAMPLE_TILE,
+                 lambda g: cg.SAMPLE_TILE * g["chunks"][0]),
+)
+
+
+def _old_nhwc_stage_store(tid: int, it: int, g: dict) -> Optional[int]:
+    i = tid + it * g["threads"]
     if i >= g["k"] * g["k"] * g["cb"]:
         return None
     ch, tap = i // (g["k"] * g["k"]), i % (g["k"] * g["k"])
     return tap * g["cb"] + ch
 
 
-def _nhwc_weight_read(tid: int, it: int, g: dict) -> Optional[int]:
-    tx = tid % g["bx"]
-    return it * g["cb"] + tx * g["v"]  # it = tap (kh * K + kw); the first 16-byte quad of wt[0..V-1]
-
-
-def _nhwc_red_store(tid: int, it: int, g: dict) -> Optional[int]:
-    tx, ty = tid % g["bx"], tid // g["bx"]
-    return ty * g["cb"] + tx * g["v"] + 4 * it  # it = quad of sq[0..V-1]
-
-
-def _nchw_red_sum(tid: int, it: int, g: dict) -> Optional[int]:
-    return tid * g["bx"] + it if tid < g["by"] else None  # it = r (serial loop of thread tid)
-
-
-#: Every simulated shared access of ``csrc/`` (keep in step with the kernels).
-CUDA_SHARED_ACCESSES: tuple[SharedAccess, ...] = (
-    SharedAccess("dwconv_nhwc", "weight staging store", "dwconv_kernels.cuh: w_s[tap * CB + ch] = ... (i = tid + it*threads)",
-                 4, _nhwc_stage_store, lambda g: -(-g["k"] * g["k"] * g["cb"] // g["threads"])),
-    # ptxas merges wv[0..V-1] into 16-byte LDS.128 (seen in the SASS): simulated as such
-    SharedAccess("dwconv_nhwc", "weight read", "dwconv_kernels.cuh: wv[v] = wt[v], wt = w_s + (kh*K+kw)*CB + tx*V",
-                 16, _nhwc_weight_read, lambda g: g["k"] * g["k"]),
-    # likewise red_s[...] = sq[v] becomes STS.128 per 4 floats
-    SharedAccess("dwconv_nhwc", "squeeze store", "dwconv_kernels.cuh: red_s[ty * CB + tx * V + v] = sq[v]",
-                 16, _nhwc_red_store, lambda g: g["v"] // 4, squeeze_only=True),
-    SharedAccess("dwconv_nchw", "squeeze serial sum", "dwconv_kernels.cuh: s += red_s[tid * blockDim.x + r] (tid < blockDim.y)",
-                 4, _nchw_red_sum, lambda g: g["bx"], squeeze_only=True),
-)
+#: Negative control, not a current access: the NHWC weight staging before d772819, thread i
+#: writing w_s[(i % K²) * CB + i / K²] (issue #10's 9/22/27-way conflicts).
+OLD_NHWC_STAGE_STORE = SharedAccess(
+    "dwconv_nhwc", "weight staging store (before d772819)", "dwconv_kernels.cuh@37ea15f: w_s[tap * CB + ch] = ...",
+    4, _old_nhwc_stage_store, lambda g: cg.ceil_div(g["k"] * g["k"] * g["cb"], g["threads"]))
 
 
 @dataclass(frozen=True)

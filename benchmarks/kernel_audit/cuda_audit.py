@@ -7,9 +7,10 @@ added. Each file is compiled once per content hash of the sources and flags (cac
 disk); every ``__global__`` function of the cubins is then one record (ptxas resources,
 SASS statistics), keyed by its demangled name.
 
-Launch geometry is computed in C++ (``csrc/``), so it is replicated here, in
-:func:`launches` (each formula names the function it mirrors): whoever changes a launch in
-``csrc/`` changes it here too; a row whose kernel is not found in the build says so.
+Launch geometry is computed in C++ (``csrc/``), so it is replicated in Python: the formulas
+in :mod:`.cuda_geometry` (shared with tests/test_cuda_emulation.py), put together per
+workload in :func:`launches`: whoever changes a launch in ``csrc/`` changes them too; a row
+whose kernel is not found in the build says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 from effnet_kernels import _build
 from effnet_kernels.ops._checks import ACT_CODES
 
+from . import cuda_geometry as cg
 from . import sass as sass_mod
 from .cache import DiskCache, key_of
 from .compiled import code_record
@@ -31,7 +33,7 @@ from .workloads import ELEMENT_BYTES, Workload
 
 ARCH = "90"
 CUDA_TYPES = {"fp16": "__half", "bf16": "__nv_bfloat16", "fp32": "float"}
-THREADS = 256  # effnet::kThreads (csrc/device_utils.cuh)
+THREADS = cg.THREADS
 
 
 def compile_flags(build_dir: Path) -> list[str]:
@@ -120,24 +122,17 @@ class CudaLaunch:
     channel_slots: Optional[int] = None  # channels (NCHW: planes) the grid covers, idle ones included
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _dwconv(wl: Workload) -> CudaLaunch:
-    """csrc/dwconv_kernels.cuh ``dwconv_shape`` and ``tile_w``; ``launch_dwconv`` picks the kernel."""
+    """csrc/dwconv_kernels.cuh ``dwconv_shape`` (:func:`.cuda_geometry.dwconv_shape`); ``launch_dwconv`` picks the kernel."""
     t = CUDA_TYPES[wl.dtype]
     sw = wl.stride
-    tile_w = 4 if sw == 1 else 2
-    strips = wl.ho * _cdiv(wl.wo, tile_w)
+    tile_w = cg.tile_w(sw)
     act = ACT_CODES["silu"]
-    if wl.layout == "nhwc":
-        v = 16 // ELEMENT_BYTES[wl.dtype]
-        nvec = _cdiv(wl.c, v)
-        bx = min(nvec, 128 // v)
-        by = THREADS // bx
-        grid = (_cdiv(nvec, bx), min(_cdiv(strips, by), 65535), min(wl.n, 65535))
-        smem = 4 * (wl.k * wl.k * bx * v + by * bx * v)
+    nhwc = wl.layout == "nhwc"
+    grid, (bx, by), smem = cg.dwconv_shape(nhwc, ELEMENT_BYTES[wl.dtype], wl.k, sw, True, wl.n, wl.c, wl.ho, wl.wo)
+    if nhwc:
+        v = cg.pack_width(ELEMENT_BYTES[wl.dtype])
+        nvec = cg.ceil_div(wl.c, v)
         vec = (wl.c * ELEMENT_BYTES[wl.dtype]) % 16 == 0
         notes = [] if vec else ["C*s % 16 != 0: scalar (unvectorised) path"]
         last_tx = nvec - (grid[0] - 1) * bx  # threads along C with channels in the last channel block
@@ -148,40 +143,37 @@ def _dwconv(wl: Workload) -> CudaLaunch:
                           f"block={bx}x{by} V={v} tile_w={tile_w}",
                           dict(k=wl.k, bx=bx, by=by, v=v, cb=bx * v, threads=bx * by), "dwconv_nhwc",
                           note="; ".join(notes), channel_slots=grid[0] * bx * v)
-    bx = min(_cdiv(strips, 32) * 32, THREADS)
-    by = THREADS // bx
-    grid = (_cdiv(wl.n * wl.c, by), min(_cdiv(strips, bx), 65535), 1)
-    return CudaLaunch(f"void effnet::dwconv_nchw_kernel<{t}, {wl.k}, {sw}, true, {act}>", grid, (bx, by, 1), 4 * THREADS,
+    return CudaLaunch(f"void effnet::dwconv_nchw_kernel<{t}, {wl.k}, {sw}, true, {act}>", grid, (bx, by, 1), smem,
                       f"block={bx}x{by} tile_w={tile_w}", dict(k=wl.k, bx=bx, by=by, v=1, cb=bx, threads=bx * by),
                       "dwconv_nchw", channel_slots=grid[0] * by)
 
 
-def _blocks_for(work: int, per_block: int) -> int:
-    """csrc/se.cu ``blocks_for``: one block per ``per_block`` items, at most 2^20 blocks."""
-    return min(_cdiv(work, per_block), 1 << 20)
-
-
 def launches(wl: Workload) -> list[CudaLaunch]:
-    """The CUDA launches the extension makes for ``wl`` (deterministic algorithms off)."""
+    """The CUDA launches the extension makes for ``wl`` (deterministic algorithms off, 16-byte aligned tensors)."""
     if wl.op == "dwconv_bn_act":
         return [_dwconv(wl)]
     warps = THREADS // 32
     if wl.op == "se_gate":  # csrc/se.cu se_gate: pooled fp32, weights in the model's dtype
         tw = CUDA_TYPES[wl.dtype]
+        tiles = cg.ceil_div(wl.n, cg.SAMPLE_TILE)
         return [
             CudaLaunch(f"void effnet::(anonymous namespace)::se_reduce_kernel<float, {tw}, {ACT_CODES['silu']}>",
-                       (_blocks_for(wl.n * wl.r, warps), 1, 1), (THREADS, 1, 1), 0, "warp per (n, r)"),
+                       (cg.blocks_for(tiles * wl.r, warps), 1, 1), (THREADS, 1, 1), 0,
+                       f"warp per (tile of {cg.SAMPLE_TILE} samples, r)"),
             CudaLaunch(f"void effnet::(anonymous namespace)::se_expand_kernel<{tw}, {ACT_CODES['sigmoid']}>",
-                       (_blocks_for(wl.n * wl.c, warps), 1, 1), (THREADS, 1, 1), 0, "warp per (n, c)"),
+                       (cg.ceil_div(wl.c, THREADS), min(tiles, cg.GRID_LIMIT), 1), (THREADS, 1, 1), 0,
+                       f"thread per (tile of {cg.SAMPLE_TILE} samples, c), hidden staged {cg.HIDDEN_CHUNK} at a time",
+                       dict(threads=THREADS, chunks=cg.hidden_chunks(wl.r)), "se_expand"),
         ]
     if wl.op == "se_excite":  # csrc/se.cu se_excite
-        v = 16 // ELEMENT_BYTES[wl.dtype]
+        v = cg.pack_width(ELEMENT_BYTES[wl.dtype])
         total = wl.n * wl.c * wl.h * wl.w
-        vec = ((wl.c if wl.layout == "nhwc" else wl.h * wl.w) % v) == 0
+        vec = total >= v  # and y, out 16-byte aligned (assumed)
+        uniform = ((wl.c if wl.layout == "nhwc" else wl.h * wl.w) % v) == 0
         return [CudaLaunch(f"void effnet::(anonymous namespace)::se_excite_kernel<{CUDA_TYPES[wl.dtype]}>",
-                           (_blocks_for(total // v if vec else total, THREADS), 1, 1), (THREADS, 1, 1), 0,
-                           f"{'vector' if vec else 'scalar'} path, grid-stride",
-                           note="" if vec else "scalar path: one element per thread (H*W or C not a multiple of V)")]
+                           (cg.blocks_for(cg.ceil_div(total, v) if vec else total, THREADS), 1, 1), (THREADS, 1, 1), 0,
+                           f"{'16-byte packs' if vec else 'scalar'}, grid-stride",
+                           note="" if uniform else "per-element gate indices (H*W or C not a multiple of V)")]
     raise ValueError(f"unknown op {wl.op!r}")
 
 
