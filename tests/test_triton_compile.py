@@ -109,6 +109,17 @@ def test_se_excite_compiles(channels_last, int64):
     assert any(".v4." in op for op in global_accesses(compiled.asm["ptx"], "st"))
 
 
+def test_bf16_rounding_by_hand_compiles():
+    """_jit.round_bf16_rtne (the interpreter's bf16 rounding, shared by the kernels) also compiles:
+    with BF16_RTNE set the store is the integer-rounded 16-bit value, not a float conversion."""
+    types = {"y_ptr": "*bf16", "g_ptr": "*fp32", "o_ptr": "*bf16", "ROWS": "i32", "COLS": "i32", "HW": "i32",
+             "COL_BLOCKS": "i32"}
+    consts = dict(CHANNELS_LAST=True, INT64=False, BLOCK_ROWS=16, BLOCK_COLS=256)
+    by_hand = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=True)).asm["ptx"]
+    native = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=False)).asm["ptx"]
+    assert "cvt.rn.bf16" in native and "cvt.rn.bf16" not in by_hand
+
+
 # --------------------------------------------------------------------------------------
 # Launches exactly as a GPU run makes them: the real launchers (tuner included) run on CPU
 # tensors while every kernel launch is bound by Triton's own binder (the one

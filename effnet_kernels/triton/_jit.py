@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import triton
+import triton.language as tl
 from triton.language.standard import _sum_combine
 
 from . import interpreter_enabled
@@ -117,3 +118,11 @@ def needs_bf16_rtne(out: torch.Tensor) -> bool:
     ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16`` (exact for finite values).
     """
     return out.dtype == torch.bfloat16 and interpreted(out)
+
+
+@device_function
+def round_bf16_rtne(out):
+    """float32 ``out`` as bfloat16 rounded to nearest even by integer arithmetic (see :func:`needs_bf16_rtne`)."""
+    bits = out.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -52,7 +52,7 @@ import triton.language as tl
 from .._launch import DWConvLaunch, prepare_dwconv
 from . import _tuning
 from ._activation import activate
-from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2
+from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2, round_bf16_rtne
 from ._weights import tap_major_weight
 
 Tensor = torch.Tensor
@@ -114,8 +114,7 @@ def _dwconv_bn_act_kernel(
     u = activate(acc + tl.load(shift_ptr + c, mask=c_ok, other=0.0), ACT)
     out = u
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
-        out = (out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
-        out = out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = round_bf16_rtne(out)
     tl.store(y_ptr + n * syn + c * syc + oh * syh + ow * syw, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
     if SQUEEZE != 0:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._launch import prepare_se_excite
-from ._jit import device_guard, device_kernel, needs_bf16_rtne, next_pow2
+from ._jit import device_guard, device_kernel, needs_bf16_rtne, next_pow2, round_bf16_rtne
 
 Tensor = torch.Tensor
 
@@ -60,8 +60,7 @@ def _se_excite_planes_kernel(
     y = tl.load(y_ptr + offs, mask=ok, other=0.0)
     out = y.to(tl.float32) * gate.to(tl.float32)
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
-        out = ((out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16)
-        out = out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = round_bf16_rtne(out)
     tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
 
 
@@ -85,8 +84,7 @@ def _se_excite_kernel(
     y = tl.load(y_ptr + offs, mask=ok, other=0.0)
     out = y.to(tl.float32) * gate.to(tl.float32)
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
-        out = ((out.to(tl.uint32, bitcast=True) + 0x7FFF + ((out.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16)
-        out = out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = round_bf16_rtne(out)
     tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
 
 
