@@ -4,6 +4,7 @@ import csv
 import math
 
 import pytest
+from torch import nn
 
 from benchmarks.records import NETWORK_COLUMNS, OPS_COLUMNS, append_rows, format_value, read_rows
 
@@ -152,32 +153,37 @@ def test_run_id_triton_tuning_and_cuda_extension_state(monkeypatch):
     assert env.cuda_extension_hash() == "abc123!stale"
 
 
+class TinyNet(nn.Module):
+    """A conv + BN + SiLU + head network for CPU runs of benchmarks.network (registered as "net")."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def cpu_network_argv(out, providers: str) -> list[str]:
+    """benchmarks.network arguments for a quick CPU run of the "net" model (batch 2, fp32) into ``out``."""
+    return ["--models", "net", "--batches", "2", "--dtypes", "fp32", "--providers", providers, "--out", str(out),
+            "--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0", "--min-time-s", "0",
+            "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
+
+
 def test_network_rows_carry_the_provenance_columns(tmp_path, monkeypatch):
     import platform
 
-    from torch import nn
-
     from benchmarks import env, models, network
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
-
-        def forward(self, x):
-            return self.head(self.body(x))
-
-    monkeypatch.setitem(models._BUILDERS, "net", lambda: (Net(), 8))
+    monkeypatch.setitem(models._BUILDERS, "net", lambda: (TinyNet(), 8))
     monkeypatch.setenv(env.RUN_ID_ENV, "prov-run")
     monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "0")
     out = tmp_path / "r.csv"
     # an older file (no provenance columns) stays readable and keeps its rows
     append_rows(out, [{"gpu": "H100", "model": "b0", "status": "ok"}], ("gpu", "model", "status"))
-    argv = ["--models", "net", "--batches", "2", "--dtypes", "fp32", "--providers", "eager", "--out", str(out),
-            "--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0", "--min-time-s", "0",
-            "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
-    assert network.main(argv) == 0
+    assert network.main(cpu_network_argv(out, "eager")) == 0
     old, row = read_rows(out)
     assert old["model"] == "b0" and old["run_id"] == "" and old["python"] == ""
     assert row["python"] == platform.python_version()

@@ -173,31 +173,19 @@ def test_an_op_benchmark_row_records_the_classes_its_triton_launches_used(tmp_pa
 
 
 def test_network_rows_record_each_jobs_config_sources(tmp_path, monkeypatch):
-    from torch import nn
-
     from benchmarks import models, network
     from benchmarks.records import read_rows
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
-
-        def forward(self, x):
-            return self.head(self.body(x))
+    from .test_bench_records import TinyNet, cpu_network_argv
 
     usages = iter([{"store": 5, "fixed": 2}, {}])
     monkeypatch.setattr(network, "triton_usage", lambda: next(usages))
-    monkeypatch.setitem(models._BUILDERS, "net", lambda: (Net(), 8))
+    monkeypatch.setitem(models._BUILDERS, "net", lambda: (TinyNet(), 8))
     monkeypatch.delenv(_tuning.TUNE_ENV_VAR, raising=False)
     monkeypatch.delenv(_tuning.BUDGET_ENV_VAR, raising=False)
     monkeypatch.delenv(_tuning_store.MODE_ENV_VAR, raising=False)
     out = tmp_path / "r.csv"
-    argv = ["--models", "net", "--batches", "2", "--dtypes", "fp32", "--providers", "eager,eager-folded",
-            "--out", str(out), "--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0",
-            "--min-time-s", "0", "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
-    assert network.main(argv) == 0
+    assert network.main(cpu_network_argv(out, "eager,eager-folded")) == 0
     tunes = [r["triton_tune"] for r in read_rows(out)]
     assert tunes == ["on budget=30 classes=store:5,fixed:2", "on budget=30"]
 
