@@ -313,13 +313,15 @@ def _relink(text: str, old_base: Path, new_base: Path) -> str:
     return re.sub(r"\]\(([^)]+\.png)\)", fix, text)
 
 
-def update_readme(path: Path, text: str) -> None:
-    """Replace what lies between the :data:`MARK_START` and :data:`MARK_END` lines of ``path``."""
+def update_readme(path: Path, text: str, *, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Replace what lies between the ``start`` and ``end`` marker lines of ``path``
+    (default :data:`MARK_START` / :data:`MARK_END`; :mod:`benchmarks.memory` has its own)."""
+    marker_start, marker_end = start, end
     content = path.read_text() if path.exists() else ""
-    start, end = content.find(MARK_START), content.find(MARK_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{path} must contain a line {MARK_START} followed by a line {MARK_END}")
-    path.write_text(content[: start + len(MARK_START)] + "\n" + text.rstrip("\n") + "\n" + content[end:])
+    start_at, end_at = content.find(marker_start), content.find(marker_end)
+    if start_at < 0 or end_at < start_at:
+        raise ValueError(f"{path} must contain a line {marker_start} followed by a line {marker_end}")
+    path.write_text(content[: start_at + len(marker_start)] + "\n" + text.rstrip("\n") + "\n" + content[end_at:])
 
 
 def _rel(path: Path, base: Path) -> str:
