@@ -241,3 +241,26 @@ def test_table_says_when_the_ratio_drops():
                                                                      ("converted", "40", "0.5", "32"))]
     text = memory.memory_table(rows)
     assert "| b0 | 224 | 80.0 | 40.0 | 0.50 |" in text and "exactly what" not in text
+
+
+class NoMetaKernel(nn.Module):
+    """A conv whose forward refuses meta tensors, like an op without a meta kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+
+    def forward(self, x):
+        if x.is_meta:
+            raise NotImplementedError("no meta kernel")
+        return self.conv(x)
+
+
+def test_meta_failure_falls_back_to_cpu_and_says_so(monkeypatch):
+    from benchmarks import models as bench_models
+
+    monkeypatch.setitem(bench_models._BUILDERS, "no-meta-test", lambda: (NoMetaKernel(), 4))  # undone after
+    resolution, device, counts, blocks, note = memory.measure_model("no-meta-test", batch=1, layout="nchw")
+    assert (resolution, device, blocks) == (4, "cpu", 0)
+    assert "meta forward failed (NotImplementedError: no meta kernel)" in note
+    assert counts["eager"].activation_bytes_per_image == 3 * 16 * F32  # the conv saves its input
