@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from benchmarks.kernel_audit import banks
 from benchmarks.kernel_audit.cuda_geometry import (  # the launch and shared-memory formulas, shared with the audit
-    GRID_LIMIT, HIDDEN_CHUNK, SAMPLE_TILE, blocks_for, ceil_div, nhwc_threads_c, pack_width, red_chunk_word, red_pad,
-    staged_channel, tile_w, w_chunk_word)
+    GRID_LIMIT, HIDDEN_CHUNK, SAMPLE_TILE, blocks_for, ceil_div, hidden_stage_unit, hidden_word, nhwc_threads_c,
+    pack_width, red_chunk_word, red_pad, staged_channel, tile_w, w_chunk_word)
 from benchmarks.kernel_audit.cuda_geometry import THREADS as K_THREADS
 from benchmarks.kernel_audit.cuda_geometry import dwconv_shape as _dwconv_shape
 
@@ -489,9 +489,9 @@ def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5, grid
                 for k0 in range(0, r, HIDDEN_CHUNK):
                     ln = min(r - k0, HIDDEN_CHUNK)
                     h_s = np.full(SAMPLE_TILE * HIDDEN_CHUNK, np.nan)
-                    for e in range(SAMPLE_TILE * ln):
-                        t, k = e // ln, e % ln
-                        h_s[t * HIDDEN_CHUNK + k] = hidden.ld((i0 + t) * r + k0 + k) if i0 + t < n else 0.0
+                    for e in range(SAMPLE_TILE * ln):  # unit-major: element e = (t, k) = (e % 8, e / 8) at word e
+                        t, k = hidden_stage_unit(e)
+                        h_s[hidden_word(t, k)] = hidden.ld((i0 + t) * r + k0 + k) if i0 + t < n else 0.0
                     for tx in range(K_THREADS):
                         j = bxi * K_THREADS + tx
                         jr = j if j < c else 0
@@ -499,7 +499,7 @@ def emulate_se_gate(pooled, wr, br, we, be, cap=1 << 20, act=1, gate_act=5, grid
                             wv = WE.ld(jr * r + k0 + k)
                             if j < c:
                                 reads["w_expand"][jr * r + k0 + k] += 1
-                            s[tx] += np.array([h_s[t * HIDDEN_CHUNK + k] for t in range(SAMPLE_TILE)]) * wv
+                            s[tx] += np.array([h_s[hidden_word(t, k)] for t in range(SAMPLE_TILE)]) * wv
                 for tx in range(K_THREADS):
                     j = bxi * K_THREADS + tx
                     if j < c:

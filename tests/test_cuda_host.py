@@ -300,13 +300,15 @@ def test_rewrite_touches_only_launches_and_shared_declarations():
 
     src = ("ns::k<T, Foo<int>><<<dim3(g, 2),\n    kThreads, s.smem, stream>>>(p,\n q);\n"
            "plain<<<1, 32>>>();\nint a = b < c && d > e;\n"
-           "extern __shared__ __align__(16) unsigned char raw[];\n__shared__ float tile[4][33];\n")
+           "extern __shared__ __align__(16) unsigned char raw[];\n__shared__ float tile[4][33];\n"
+           "__shared__ __align__(16) float h_s[8 * 256];\n")
     out = rewrite(src, "x.cu")
     assert out.count("\n") == src.count("\n") + 1  # one #line, every other line where it was
     assert "::ekshim::launch(ns::k<T, Foo<int>>, ::ekshim::LaunchCfg(dim3(g, 2),\n    kThreads, s.smem, stream), p,\n q);" in out
     assert "::ekshim::launch(plain, ::ekshim::LaunchCfg(1, 32));" in out
     assert "int a = b < c && d > e;" in out
     assert "unsigned char* raw = ::ekshim::dynamic_smem<unsigned char>();" in out
-    assert "float (&tile)[4][33] = ::ekshim::static_smem<float[4][33]>(" in out
+    assert "float (&tile)[4][33] = ::ekshim::static_smem<float[4][33]>(&ek_smem_site_1);" in out
+    assert "float (&h_s)[8*256] = ::ekshim::static_smem<float[8*256]>(&ek_smem_site_2, 16);" in out
     with pytest.raises(RewriteError, match="line 1"):
         rewrite("k<<<1, 2>>>;\n", "y.cu")

@@ -194,9 +194,10 @@ void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
 template <class T>
 inline T* dynamic_smem() { return reinterpret_cast<T*>(g.dyn_smem); }
 
+// `align`: the declaration's __align__(n), when it asks for more than alignof(A).
 template <class A>
-inline A& static_smem(const void* site) {
-  return *static_cast<A*>(block_shared(site, sizeof(A), alignof(A)));
+inline A& static_smem(const void* site, size_t align = alignof(A)) {
+  return *static_cast<A*>(block_shared(site, sizeof(A), align > alignof(A) ? align : alignof(A)));
 }
 
 template <class T>
