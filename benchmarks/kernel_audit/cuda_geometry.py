@@ -1,8 +1,9 @@
 """Launch geometry and shared-memory index math of the CUDA kernels (``csrc/``), in Python.
 
 The one copy of these formulas: the kernel audit (:mod:`.cuda_audit` launches, :mod:`.banks`
-simulated accesses) and the CPU emulation of the kernels (``tests/test_cuda_emulation.py``)
-both import them. Each function names the C++ it mirrors; whoever changes that in ``csrc/``
+simulated accesses) and the geometry tests (``tests/test_cuda_geometry.py``) both import
+them; what the kernels compute is tested by running the real sources through the host shim
+(``tests/test_cuda_host.py``). Each function names the C++ it mirrors; whoever changes that in ``csrc/``
 changes it here.
 """
 
