@@ -47,7 +47,7 @@ struct DWConvParams {
 // output strips. grid.x: channel blocks of CB = BX * V channels, grid.y: strips, grid.z:
 // batch (all loop).
 //
-// Shared-memory layout (bank-conflict-free; tests/test_cuda_emulation.py simulates it).
+// Shared-memory layout (bank-conflict-free; benchmarks/kernel_audit/banks.py simulates it).
 // A thread's V channels form G = V / 4 float4 chunks; chunk g of thread tx for tap t sits at
 //   w_s[((t * G + g) * BX + tx) * 4 + q]      (q = 0..3: channel c0 + 4g + q)
 // (the BN shift is staged the same way, as tap t = K * K), so one LDS.128 per (tap, g) reads

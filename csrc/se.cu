@@ -54,11 +54,20 @@ se_reduce_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w, const 
 // kHardSigmoid) the gate's function. One thread per (sample tile, c): the block stages the
 // tile's hidden rows in shared memory (kHiddenChunk units at a time) and each thread reads its
 // W_expand row once for the kSampleTile samples. grid.x: channel blocks, grid.y: tiles (loops).
+//
+// Staging layout, unit-major: unit k of the chunk for sample row t is h_s[k * kSampleTile + t].
+// Staging element e is (t, k) = (e % 8, e / 8) and goes to word e, so a warp's stores are 32
+// consecutive words, one per bank, for every chunk length (R < 32 puts several sample rows in
+// one warp: a row-major h_s[t * 256 + k] put them in the same banks, 2-8 way). The inner loop
+// reads unit k's 8 samples as two 16-byte loads, the same address in every lane (broadcast), as
+// many shared loads as the row-major layout's float4 reads along k; the global reads of the
+// staging (8 rows x 4 units per warp) touch 8 sectors instead of 4, once per chunk per block.
 template <typename TW, int GATE>
 __global__ void __launch_bounds__(kThreads)
 se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, const TW* __restrict__ b,
                  float* __restrict__ gate, int64_t n, int64_t c, int64_t r) {
-  __shared__ float h_s[kSampleTile * kHiddenChunk];
+  static_assert(kSampleTile == 8, "the inner loop reads a unit's samples as two float4");
+  __shared__ __align__(16) float h_s[kSampleTile * kHiddenChunk];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t tiles = ceil_div(n, kSampleTile);
   const TW* wrow = w + (j < c ? j : 0) * r;
@@ -71,14 +80,16 @@ se_expand_kernel(const float* __restrict__ hidden, const TW* __restrict__ w, con
       const int len = static_cast<int>(r - k0 < kHiddenChunk ? r - k0 : kHiddenChunk);
       __syncthreads();  // the previous chunk has been used
       for (int e = threadIdx.x; e < kSampleTile * len; e += blockDim.x) {
-        const int t = e / len, k = e - t * len;
-        h_s[t * kHiddenChunk + k] = i0 + t < n ? hidden[(i0 + t) * r + k0 + k] : 0.0f;
+        const int t = e % kSampleTile, k = e / kSampleTile;
+        h_s[e] = i0 + t < n ? hidden[(i0 + t) * r + k0 + k] : 0.0f;  // e == k * kSampleTile + t
       }
       __syncthreads();
       for (int k = 0; k < len; ++k) {
         const float wv = to_float(wrow[k0 + k]);
+        const float4 lo = load_shared_f4(h_s + k * kSampleTile), hi = load_shared_f4(h_s + k * kSampleTile + 4);
+        const float h[kSampleTile] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-        for (int t = 0; t < kSampleTile; ++t) s[t] = fmaf(h_s[t * kHiddenChunk + k], wv, s[t]);
+        for (int t = 0; t < kSampleTile; ++t) s[t] = fmaf(h[t], wv, s[t]);
       }
     }
     if (j < c) {

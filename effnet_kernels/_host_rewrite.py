@@ -8,7 +8,8 @@ headers, so the rewrite touches only these three forms and keeps every line wher
 * ``kernel<T, K><<<grid, block, smem, stream>>>(a, b)`` ->
   ``::ekshim::launch(kernel<T, K>, ::ekshim::LaunchCfg(grid, block, smem, stream), a, b)``;
 * ``extern __shared__ [__align__(n)] T name[];`` -> ``T* name = ::ekshim::dynamic_smem<T>();``;
-* ``__shared__ T name[A][B];`` -> a reference to the block's storage for that declaration.
+* ``__shared__ [__align__(n)] T name[A][B];`` -> a reference to the block's storage for that
+  declaration (aligned to ``max(n, alignof(T))``).
 """
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ def rewrite_shared(text: str) -> str:
         ty, name, dims = m.group(2).strip(), m.group(3), re.sub(r"\s+", "", m.group(4))
         site = f"ek_smem_site_{counter[0]}"
         full = f"{ty}{dims}"
-        return (f"static char {site}; {ty} (&{name}){dims} = ::ekshim::static_smem<{full}>(&{site});"
-                if dims else f"static char {site}; {ty}& {name} = ::ekshim::static_smem<{ty}>(&{site});")
+        align = re.search(r"\d+", m.group(1))
+        args = f"&{site}, {align.group(0)}" if align else f"&{site}"  # __align__(n) kept
+        return (f"static char {site}; {ty} (&{name}){dims} = ::ekshim::static_smem<{full}>({args});"
+                if dims else f"static char {site}; {ty}& {name} = ::ekshim::static_smem<{ty}>({args});")
 
     return _STATIC_SHARED.sub(static, text)
 

@@ -220,10 +220,10 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 
 # ------------------------------------------------------------------ prepared weights
-def fold_tap_major(weight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``weight`` [C, 1, k, k] with ``scale`` [C] folded in, tap-major [k*k, C] dense, in ``dtype``
-    (the kernels read fp32; the CPU emulation uses float64): :func:`effnet_kernels._folded_weights.fold_tap_major`."""
-    return _folded_weights.fold_tap_major(weight, scale, dtype=dtype)
+def fold_tap_major(weight: Tensor, scale: Tensor) -> Tensor:
+    """``weight`` [C, 1, k, k] with ``scale`` [C] folded in, tap-major [k*k, C] dense fp32 (what the
+    kernels read): :func:`effnet_kernels._folded_weights.fold_tap_major`."""
+    return _folded_weights.fold_tap_major(weight, scale)
 
 
 #: the kernels' folded weights, one entry per live (weight, scale) pair (see effnet_kernels._folded_weights)

@@ -7,8 +7,12 @@ tensors runs the kernels through the whole op path. Checked here, by DESIGN's pa
 against fp64 references, with outputs poisoned (NaN) before each call:
 
 * dwconv_bn_act: every dtype x layout x k x stride x padding form, each activation, the
-  vector and scalar NHWC paths, misaligned pointers, awkward shapes, both squeeze reductions;
-* se_gate (each inner activation and gate, mixed dtypes) and se_excite (vector and scalar);
+  vector and scalar NHWC paths, misaligned pointers, awkward shapes (C = 1, H = W = 1, H = 0,
+  outputs inside the padding, unequal strides, two channel blocks), both squeeze reductions;
+* se_gate (each inner activation and gate, mixed dtypes, partial sample tiles, two channel
+  blocks, several hidden chunks) and se_excite (vector and scalar, misaligned, odd shapes);
+* the grid-stride loops that take over beyond the grid limits, with fewer blocks served than
+  asked (``set_grid_cap``), and a negative control that the cap is real;
 * the shim itself: barriers, shuffles, votes, half/bfloat16 rounding against torch, launch
   errors, and that a missing barrier (in a test kernel and in the real kernels), a broken
   shuffle or a lost atomic make these checks fail (negative controls).
@@ -115,6 +119,52 @@ def test_dwconv_deterministic_squeeze(host, dtype, layout):
         torch.use_deterministic_algorithms(prev)
 
 
+# (n, c, h, w), k, stride, (left, right, top, bottom): shapes whose edges a kernel gets wrong first
+ODD_CASES = [
+    ((2, 13, 7, 9), 3, (1, 1), (1, 1, 1, 1)),     # C not a multiple of any pack, Wo % 4 != 0
+    ((1, 1, 5, 6), 5, (2, 2), (2, 2, 2, 2)),      # C = 1
+    ((2, 16, 1, 1), 3, (1, 1), (1, 1, 1, 1)),     # H = W = 1
+    ((1, 24, 9, 8), 5, (2, 2), (1, 2, 1, 2)),     # TF-same asymmetric padding, stride 2
+    ((1, 8, 6, 11), 7, (1, 2), (2, 1, 0, 3)),     # unequal strides, 4-sided padding, right halo
+    ((1, 8, 4, 4), 3, (2, 1), (0, 0, 0, 0)),      # no padding at all
+    ((1, 136, 3, 5), 3, (1, 1), (1, 1, 1, 1)),    # two channel blocks (16-bit: 128 + 8)
+    ((1, 4, 2, 3), 3, (1, 1), (3, 0, 0, 4)),      # outputs entirely inside the padding
+    ((2, 5, 0, 3), 3, (1, 1), (1, 1, 2, 1)),      # H = 0: padding alone covers the kernel
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,k,stride,pad4", ODD_CASES,
+                         ids=["x".join(map(str, c[0])) + f"-k{c[1]}s{c[2][0]}{c[2][1]}" for c in ODD_CASES])
+def test_dwconv_odd_shapes(host, shape, k, stride, pad4, dtype, layout, deterministic):
+    """Each odd shape with both squeeze reductions (the atomic one and partials + reduce_partials_kernel)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        case(shape, k, stride, pad4, dtype, layout)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dwconv_loops_beyond_the_grid_limit(host, layout):
+    """Launches served with 1 block along the strips and the batch (ekshim::set_grid_cap, standing in
+    for the 65535 clamp of grid.y / grid.z): each block's strip and batch loops cover the rest.
+    (3, 12, 30, 40) at stride 1 has 300 strips: NCHW 2 blocks of 256 along them, fp32 NHWC (3
+    threads along C, 85 strips per block) 4, and 3 samples. Atomic squeeze only: the deterministic
+    one has one partial row per launched grid.y, so a served grid smaller than the computed one
+    leaves rows unwritten (its row count is checked against dwconv_shape in test_cuda_geometry.py)."""
+    try:
+        for cap in ((0, 1, 1), (0, 2, 2)):
+            host.shim.set_grid_cap(*cap)
+            case((3, 12, 30, 40), 3, 1, None, torch.float32, layout)
+            case((3, 12, 30, 40), 5, 2, (1, 2, 1, 2), torch.float16, layout, activation="hardswish", weight_std=1.0)
+    finally:
+        host.shim.set_grid_cap(0, 0, 0)
+
+
 # ------------------------------------------------------------------ se_gate, se_excite
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation,gate", SE_VARIANTS)
@@ -127,6 +177,38 @@ def test_se_gate(host, activation, gate, dtype):
         assert out.dtype == torch.float32 and tuple(out.shape) == (n, c)
         truth = se_truth(pooled, wr, br, we, be, activation, gate)
         assert_parity(out, truth, se_plain(pooled, wr, br, we, be, activation, gate), dtype, what="gate")
+
+
+def se_gate_case(n, c, r, dtype=torch.float32, activation="silu", gate="sigmoid"):
+    pooled = torch.randn(n, c).to(dtype)
+    wr, br = (torch.randn(r, c) / c**0.5).to(dtype), torch.randn(r).to(dtype)
+    we, be = (torch.randn(c, r) / r**0.5).to(dtype), (torch.randn(c) * 3).to(dtype)
+    out = ek.ops.se_gate(pooled, wr, br, we, be, activation=activation, gate=gate, backend="cuda")
+    truth = se_truth(pooled, wr, br, we, be, activation, gate)
+    assert_parity(out, truth, se_plain(pooled, wr, br, we, be, activation, gate), dtype, what="gate")
+
+
+@pytest.mark.parametrize("activation,gate", SE_VARIANTS)
+@pytest.mark.parametrize("n,c,r", [(17, 300, 3), (1, 9, 260), (9, 40, 520), (8, 256, 31), (20, 33, 257)], ids=str)
+def test_se_gate_tiles_channel_blocks_and_hidden_chunks(host, n, c, r, activation, gate):
+    """N = 17 / 20 leave a partial sample tile (8 samples), C = 300 two channel blocks of 256,
+    R = 260 / 257 / 520 two and three hidden chunks of 256 (the last one short), R = 31 a dense
+    staging of 8 rows that do not fill whole warps."""
+    se_gate_case(n, c, r, torch.float32, activation, gate)
+    se_gate_case(n, c, r, torch.float16, activation, gate)
+
+
+def test_se_gate_loops_beyond_the_grid_limit(host):
+    """se_reduce_kernel's warp loop (blocks_for caps grid.x at 2^20) and se_expand_kernel's tile
+    loop (grid.y clamped at 65535) with 1 and 3 blocks served (ekshim::set_grid_cap); C <= 256, so
+    se_expand's grid.x (one block per 256 channels, not a loop) is 1 anyway."""
+    try:
+        for cap in ((1, 1, 0), (3, 2, 0)):
+            host.shim.set_grid_cap(*cap)
+            se_gate_case(17, 37, 6)
+            se_gate_case(33, 200, 260, activation="relu", gate="hardsigmoid")
+    finally:
+        host.shim.set_grid_cap(0, 0, 0)
 
 
 def test_se_gate_mixed_dtypes(host):
@@ -149,6 +231,27 @@ def test_se_excite(host, hw, dtype, layout):
         out = ek.ops.se_excite(y, gate, backend="cuda")
         truth = y.double() * gate.double()[:, :, None, None]
         assert_parity(out, truth, (y * gate.to(dtype)[:, :, None, None]), dtype, what="excite")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1), (3, 24, 3, 5), (1, 8, 14, 14), (1, 3, 3, 3), (2, 16, 1, 1)], ids=str)
+def test_se_excite_odd_shapes_misaligned_and_grid_loop(host, shape, dtype, layout):
+    """Odd shapes; y 4 bytes past a 16-byte boundary (the scalar path); 2 blocks served (grid-stride)."""
+    n, c, h, w = shape
+    gate = torch.rand(n, c)
+    flat = torch.randn(n * c * h * w + 2).to(dtype)[2:]
+    ym = flat.view(n, h, w, c).permute(0, 3, 1, 2) if layout == "channels_last" else flat.view(n, c, h, w)
+    assert ym.data_ptr() % 16 != 0
+    try:
+        for cap in (0, 2):
+            host.shim.set_grid_cap(cap, 0, 0)
+            for y in (make_input(shape, dtype, layout, "cpu"), ym):
+                out = ek.ops.se_excite(y, gate, backend="cuda")
+                truth = y.double() * gate.double()[:, :, None, None]
+                assert_parity(out, truth, (y * gate.to(dtype)[:, :, None, None]), dtype, what="excite")
+    finally:
+        host.shim.set_grid_cap(0, 0, 0)
 
 
 # ------------------------------------------------------------------ negative controls
@@ -190,6 +293,21 @@ def test_negative_control_broken_machine(host, defect):
             check()
     finally:
         host.shim.set_defect(0)
+
+
+def test_negative_control_grid_cap_serves_fewer_blocks(host):
+    """The cap is real: capping a dimension the kernel does not loop over (grid.x, the channel
+    blocks of NHWC dwconv and se_expand) leaves outputs unwritten, and the checks fail."""
+    try:
+        host.shim.set_grid_cap(1, 0, 0)
+        with pytest.raises(AssertionError):
+            case((1, 136, 3, 5), 3, 1, None, torch.float16, "channels_last")
+        with pytest.raises(AssertionError):
+            se_gate_case(3, 300, 5)
+    finally:
+        host.shim.set_grid_cap(0, 0, 0)
+    case((1, 136, 3, 5), 3, 1, None, torch.float16, "channels_last")
+    se_gate_case(3, 300, 5)
 
 
 def test_negative_control_write_outside_an_output_is_caught(host):
@@ -300,13 +418,15 @@ def test_rewrite_touches_only_launches_and_shared_declarations():
 
     src = ("ns::k<T, Foo<int>><<<dim3(g, 2),\n    kThreads, s.smem, stream>>>(p,\n q);\n"
            "plain<<<1, 32>>>();\nint a = b < c && d > e;\n"
-           "extern __shared__ __align__(16) unsigned char raw[];\n__shared__ float tile[4][33];\n")
+           "extern __shared__ __align__(16) unsigned char raw[];\n__shared__ float tile[4][33];\n"
+           "__shared__ __align__(16) float h_s[8 * 256];\n")
     out = rewrite(src, "x.cu")
     assert out.count("\n") == src.count("\n") + 1  # one #line, every other line where it was
     assert "::ekshim::launch(ns::k<T, Foo<int>>, ::ekshim::LaunchCfg(dim3(g, 2),\n    kThreads, s.smem, stream), p,\n q);" in out
     assert "::ekshim::launch(plain, ::ekshim::LaunchCfg(1, 32));" in out
     assert "int a = b < c && d > e;" in out
     assert "unsigned char* raw = ::ekshim::dynamic_smem<unsigned char>();" in out
-    assert "float (&tile)[4][33] = ::ekshim::static_smem<float[4][33]>(" in out
+    assert "float (&tile)[4][33] = ::ekshim::static_smem<float[4][33]>(&ek_smem_site_1);" in out
+    assert "float (&h_s)[8*256] = ::ekshim::static_smem<float[8*256]>(&ek_smem_site_2, 16);" in out
     with pytest.raises(RewriteError, match="line 1"):
         rewrite("k<<<1, 2>>>;\n", "y.cu")

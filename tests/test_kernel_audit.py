@@ -19,7 +19,7 @@ import pytest
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from benchmarks.kernel_audit import banks, hardware, sass, triton_audit  # noqa: E402
+from benchmarks.kernel_audit import banks, cuda_geometry, hardware, sass, triton_audit  # noqa: E402
 from benchmarks.kernel_audit.invariants import MIN_WARPS_PER_SM, audit_invariant_violations  # noqa: E402
 from benchmarks.kernel_audit.report import variant_table  # noqa: E402
 from benchmarks.kernel_audit.rows import COLUMNS, make_row  # noqa: E402
@@ -231,13 +231,29 @@ def test_nhwc_weight_staging_conflicts_match_the_issue():
     assert means == [9, 22, 27]
 
 
-def test_se_expand_hidden_staging_conflicts():
-    """se_expand stages 8 rows of R hidden units 256 floats apart: rows of R < 32 share a warp and its banks
-    (R = 4: 8-way, R = 16: 2-way); the broadcast reads are conflict-free."""
-    got = {r: {c.access.name: c.max_ways for c in banks.cuda_conflicts("se_expand", dict(threads=256, chunks=[r]), True)}
-           for r in (4, 16, 32)}
-    assert [got[r]["hidden staging store"] for r in (4, 16, 32)] == [8, 2, 1]
-    assert {got[r]["hidden read"] for r in got} == {1}
+def test_se_expand_hidden_staging_is_conflict_free_for_every_width():
+    """se_expand stages each hidden chunk unit-major (element e = k * 8 + t at word e): its stores are
+    1-way for every R, one chunk or several (R = 1..520; B0-B7 have R = 2..160), and its float4
+    broadcast reads too. Negative control: the old row-major h_s[t * 256 + k] put the rows of R < 32
+    that share a warp in the same banks (R = 4: 8-way, R = 16: 2-way, R = 3: 8 rows in 24 lanes, 8-way)."""
+    for r in [*range(1, 40), 64, 100, 160, 255, 256, 257, 300, 520]:
+        geo = dict(threads=256, chunks=cuda_geometry.hidden_chunks(r))
+        got = {c.access.name: c.max_ways for c in banks.cuda_conflicts("se_expand", geo, True)}
+        assert got == {"hidden staging store": 1, "hidden read": 1}, (r, got)
+    old = {r: banks.simulate(banks.OLD_SE_EXPAND_STAGE_STORE, dict(threads=256, chunks=[r])).max_ways
+           for r in (3, 4, 16, 32, 64)}
+    assert old == {3: 8, 4: 8, 16: 2, 32: 1, 64: 1}
+
+
+def test_se_expand_staging_fills_the_words_the_reads_take():
+    """Staging element e lands on word e (a bijection onto [0, 8 * len) inside the kernel's
+    h_s[kSampleTile * kHiddenChunk]), and the reads of unit k take words 8k .. 8k + 7: samples 0..7."""
+    cg = cuda_geometry
+    for n in (1, 5, 31, 160, 256):
+        assert [cg.hidden_word(*cg.hidden_stage_unit(e)) for e in range(cg.SAMPLE_TILE * n)] == \
+            list(range(cg.SAMPLE_TILE * n))
+        assert all(cg.hidden_word(t, k) == 8 * k + t for k in range(n) for t in range(8))
+    assert max(cg.hidden_chunks(1000)) <= cg.HIDDEN_CHUNK and sum(cg.hidden_chunks(1000)) == 1000
 
 
 # ------------------------------------------------------------------ workloads and bytes

@@ -9,7 +9,7 @@ issue #10's fixes must establish.
 
 Modules: ``workloads`` (what B0-B7 launch), ``triton_audit`` / ``cuda_audit`` (capture and
 compile), ``cuda_geometry`` (the CUDA launch and shared-memory index formulas, shared with
-tests/test_cuda_emulation.py), ``sass`` (parsers), ``banks`` (bank-conflict simulator and the
+tests/test_cuda_geometry.py), ``sass`` (parsers), ``banks`` (bank-conflict simulator and the
 CUDA shared accesses), ``hardware`` (sm_90 limits, occupancy), ``rows``, ``invariants``, ``report``.
 """
 

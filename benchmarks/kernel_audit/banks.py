@@ -112,13 +112,31 @@ def _nchw_red_sum(tid: int, it: int, g: dict) -> Optional[int]:
     return tid * (g["bx"] // 32) + it if tid < g["by"] else None  # it = r (serial loop of thread tid)
 
 
-def _se_expand_stage_store(tid: int, it: int, g: dict) -> Optional[int]:
-    for n in g["chunks"]:  # it runs over the iterations of every hidden chunk in turn
-        per = cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"])
-        if it < per:
-            e = tid + it * g["threads"]
-            return (e // n) * cg.HIDDEN_CHUNK + e % n if e < cg.SAMPLE_TILE * n else None
-        it -= per
+def _se_stage_iterations(g: dict) -> int:
+    return sum(cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"]) for n in g["chunks"])
+
+
+def _se_expand_stage_store(word: Callable[[int, int], int]) -> Callable[[int, int, dict], Optional[int]]:
+    """Staging loop ``for (e = tid; e < 8 * len; e += blockDim.x)`` storing element e of a chunk of len units at ``word(e, len)``."""
+    def index(tid: int, it: int, g: dict) -> Optional[int]:
+        for n in g["chunks"]:  # it runs over the iterations of every hidden chunk in turn
+            per = cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"])
+            if it < per:
+                e = tid + it * g["threads"]
+                return word(e, n) if e < cg.SAMPLE_TILE * n else None
+            it -= per
+        return None
+    return index
+
+
+def _se_expand_hidden_read(tid: int, it: int, g: dict) -> Optional[int]:
+    """Inner loop: unit k's samples 0-3 then 4-7 (load_shared_f4(h_s + k * 8 + 4 * half)), the same
+    address in every lane; it = 2 * (unit, counted over every chunk in turn) + half."""
+    half, unit = it % 2, it // 2
+    for n in g["chunks"]:
+        if unit < n:
+            return cg.hidden_word(4 * half, unit)
+        unit -= n
     return None
 
 
@@ -138,12 +156,10 @@ CUDA_SHARED_ACCESSES: tuple[SharedAccess, ...] = (
                  4, _nchw_red_store, lambda g: 1, squeeze_only=True),
     SharedAccess("dwconv_nchw", "squeeze plane sum", "dwconv_kernels.cuh: s += red_s[tid * warps_per_plane + r] (tid < blockDim.y)",
                  4, _nchw_red_sum, lambda g: g["bx"] // 32, squeeze_only=True),
-    SharedAccess("se_expand", "hidden staging store", "se.cu se_expand_kernel: h_s[t * kHiddenChunk + k] = ... (e = tid; e < 8*len)",
-                 4, _se_expand_stage_store,
-                 lambda g: sum(cg.ceil_div(cg.SAMPLE_TILE * n, g["threads"]) for n in g["chunks"])),
-    SharedAccess("se_expand", "hidden read", "se.cu se_expand_kernel: h_s[t * kHiddenChunk + k] (the same word in every lane)",
-                 4, lambda tid, it, g: (it % cg.SAMPLE_TILE) * cg.HIDDEN_CHUNK + it // cg.SAMPLE_TILE,
-                 lambda g: cg.SAMPLE_TILE * g["chunks"][0]),
+    SharedAccess("se_expand", "hidden staging store", "se.cu se_expand_kernel: h_s[e] = ... (e = tid; e < 8*len; e == k*8 + t)",
+                 4, _se_expand_stage_store(lambda e, n: cg.hidden_word(*cg.hidden_stage_unit(e))), _se_stage_iterations),
+    SharedAccess("se_expand", "hidden read", "se.cu se_expand_kernel: load_shared_f4(h_s + k * kSampleTile [+ 4]) (one address, every lane)",
+                 16, _se_expand_hidden_read, lambda g: 2 * sum(g["chunks"])),
 )
 
 
@@ -160,6 +176,13 @@ def _old_nhwc_stage_store(tid: int, it: int, g: dict) -> Optional[int]:
 OLD_NHWC_STAGE_STORE = SharedAccess(
     "dwconv_nhwc", "weight staging store (before d772819)", "dwconv_kernels.cuh@37ea15f: w_s[tap * CB + ch] = ...",
     4, _old_nhwc_stage_store, lambda g: cg.ceil_div(g["k"] * g["k"] * g["cb"], g["threads"]))
+
+
+#: Negative control, not a current access: se_expand's hidden staging before issue #10's fix,
+#: h_s[t * kHiddenChunk + k] (2-8 way when R < 32 puts several sample rows in one warp).
+OLD_SE_EXPAND_STAGE_STORE = SharedAccess(
+    "se_expand", "hidden staging store (fixed 256-word row pitch)", "se.cu@4e0e4f4: h_s[t * kHiddenChunk + k] = ...",
+    4, _se_expand_stage_store(cg.old_hidden_stage_word), _se_stage_iterations)
 
 
 @dataclass(frozen=True)

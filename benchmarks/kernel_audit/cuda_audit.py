@@ -8,7 +8,7 @@ disk); every ``__global__`` function of the cubins is then one record (ptxas res
 SASS statistics), keyed by its demangled name.
 
 Launch geometry is computed in C++ (``csrc/``), so it is replicated in Python: the formulas
-in :mod:`.cuda_geometry` (shared with tests/test_cuda_emulation.py), put together per
+in :mod:`.cuda_geometry` (shared with tests/test_cuda_geometry.py), put together per
 workload in :func:`launches`: whoever changes a launch in ``csrc/`` changes them too; a row
 whose kernel is not found in the build says so.
 """

@@ -1,8 +1,9 @@
 """Launch geometry and shared-memory index math of the CUDA kernels (``csrc/``), in Python.
 
 The one copy of these formulas: the kernel audit (:mod:`.cuda_audit` launches, :mod:`.banks`
-simulated accesses) and the CPU emulation of the kernels (``tests/test_cuda_emulation.py``)
-both import them. Each function names the C++ it mirrors; whoever changes that in ``csrc/``
+simulated accesses) and the geometry tests (``tests/test_cuda_geometry.py``) both import
+them; what the kernels compute is tested by running the real sources through the host shim
+(``tests/test_cuda_host.py``). Each function names the C++ it mirrors; whoever changes that in ``csrc/``
 changes it here.
 """
 
@@ -97,3 +98,23 @@ def blocks_for(work: int, per_block: int, cap: int = BLOCKS_CAP) -> int:
 def hidden_chunks(r: int) -> list[int]:
     """se_expand_kernel: the lengths of the hidden chunks it stages (kHiddenChunk units at a time)."""
     return [min(HIDDEN_CHUNK, r - k0) for k0 in range(0, r, HIDDEN_CHUNK)]
+
+
+def hidden_word(t: int, k: int) -> int:
+    """se_expand_kernel ``h_s[k * kSampleTile + t]``: the word of unit ``k`` (of the staged chunk) of
+    sample row ``t`` (unit-major: a unit's 8 samples are two consecutive float4)."""
+    return k * SAMPLE_TILE + t
+
+
+def hidden_stage_unit(e: int) -> tuple[int, int]:
+    """se_expand_kernel's staging loop: element ``e`` is (t, k) = (e % kSampleTile, e / kSampleTile),
+    stored at ``hidden_word(t, k)`` == e."""
+    return e % SAMPLE_TILE, e // SAMPLE_TILE
+
+
+def old_hidden_stage_word(e: int, length: int) -> int:
+    """The staging before issue #10's se_expand fix: element e = t * len + k stored row-major at
+    ``h_s[t * kHiddenChunk + k]`` (rows of R < 32 units sharing a warp land in the same banks).
+    Negative control only."""
+    t, k = divmod(e, length)
+    return t * HIDDEN_CHUNK + k

@@ -42,6 +42,7 @@ int current_device = 0;
 int sched_mode = 2;
 uint64_t sched_seed = 0x9e3779b97f4a7c15ull;
 uint64_t n_launches = 0, n_barriers = 0;
+dim3 grid_cap(0, 0, 0);  // set_grid_cap (0: no cap)
 
 std::vector<Thread> threads;
 std::vector<char*> stacks;  // stack bases (lowest usable address)
@@ -318,6 +319,7 @@ void set_schedule(int mode, uint64_t seed) {
   sched_mode = mode;
   sched_seed = seed ? seed : 1;
 }
+void set_grid_cap(unsigned x, unsigned y, unsigned z) { grid_cap = dim3(x, y, z); }
 uint64_t launches() { return n_launches; }
 uint64_t barriers() { return n_barriers; }
 
@@ -376,6 +378,10 @@ bool run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
     set_error(cudaErrorInvalidConfiguration, why);
     return false;
   }
+  // Validated as asked, served as capped (set_grid_cap).
+  if (grid_cap.x && grid.x > grid_cap.x) grid.x = grid_cap.x;
+  if (grid_cap.y && grid.y > grid_cap.y) grid.y = grid_cap.y;
+  if (grid_cap.z && grid.z > grid_cap.z) grid.z = grid_cap.z;
   smem_cap = smem_limit_for(kernel);
   if (smem > smem_cap) {
     std::snprintf(why, sizeof why, "%zu bytes of dynamic shared memory, the limit is %zu", smem, smem_cap);

@@ -165,6 +165,11 @@ bool run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
 
 // Scheduling order of the threads between barriers: 0 forward, 1 reverse, 2 shuffled.
 void set_schedule(int mode, uint64_t seed);
+// Serve every valid launch with at most (x, y, z) blocks per grid dimension (0: no cap), gridDim
+// reporting the served grid: a stand-in for a grid clamped at the hardware limit, so tests run
+// the kernels' grid-stride loops with small shapes. Only for dimensions the launched kernels loop
+// over (a kernel whose blocks each own a fixed slice of that dimension would leave work undone).
+void set_grid_cap(unsigned x, unsigned y, unsigned z);
 // Launches and barrier releases so far (for tests of the shim).
 uint64_t launches();
 uint64_t barriers();
@@ -194,9 +199,10 @@ void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
 template <class T>
 inline T* dynamic_smem() { return reinterpret_cast<T*>(g.dyn_smem); }
 
+// `align`: the declaration's __align__(n), when it asks for more than alignof(A).
 template <class A>
-inline A& static_smem(const void* site) {
-  return *static_cast<A*>(block_shared(site, sizeof(A), alignof(A)));
+inline A& static_smem(const void* site, size_t align = alignof(A)) {
+  return *static_cast<A*>(block_shared(site, sizeof(A), align > alignof(A) ? align : alignof(A)));
 }
 
 template <class T>

@@ -90,6 +90,9 @@ PYBIND11_MODULE(_ek_shim, m) {
         py::arg("mode"), py::arg("seed") = 1);
   m.def("set_defect", &ekshim::set_defect, "Plant a defect in the machine (0 none; see ek_shim.h kDefect*).",
         py::arg("defect"));
+  m.def("set_grid_cap", &ekshim::set_grid_cap,
+        "Serve launches with at most (x, y, z) blocks per grid dimension (0: no cap; see ek_shim.h).",
+        py::arg("x") = 0, py::arg("y") = 0, py::arg("z") = 0);
   m.def("counters", [] { return py::make_tuple(ekshim::launches(), ekshim::barriers()); },
         "(launches, barrier releases) so far.");
   m.def(
