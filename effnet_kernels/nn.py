@@ -7,9 +7,12 @@ Parameters and optimizer state are those of the eager module it replaces.
 * **eval** with running statistics: BatchNorm is folded (``scale``, ``shift`` in fp32) and
   the depthwise conv + BN + SiLU (+ SE squeeze), the SE gate and the excite run through
   :mod:`effnet_kernels.ops` on the selected backend.
-* **train** (or BatchNorm without running statistics): the eager forward runs, so batch
-  statistics, running-stat updates (momentum, unbiased variance, ``num_batches_tracked``)
-  and stochastic depth behave exactly as in the original module.
+* **train**: BatchNorm with batch statistics in the fused depthwise kernel, running
+  statistics updated as ``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased
+  variance, ``num_batches_tracked``), the library's own stochastic depth, and a backward
+  that recomputes the expanded tensors from the block input (:mod:`effnet_kernels._train_block`).
+  A block whose parts are not all plain (a SyncBatchNorm, a frozen BatchNorm in eval mode,
+  conv biases, an adapter that does not describe the drop) trains through its eager forward.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._train_block import UNKNOWN_DROP, train_blocker, train_forward
 from .backends import check_backend_name
 
 Tensor = torch.Tensor
@@ -216,6 +220,12 @@ class MBConvPlan:
     residual: bool
     original: nn.Module
     source: str  # which library the block came from, for reports
+    # The block's stochastic depth / dropout on the residual branch, called in training as
+    # ``drop(branch, *forward_args, **forward_kwargs)`` with the library's own code (None: the
+    # block has none). Left UNKNOWN_DROP by an adapter that does not describe it: the block
+    # then trains through its original forward.
+    drop: Optional[Callable[..., Tensor]] = UNKNOWN_DROP
+    drop_per_sample: bool = True  # the drop multiplies each sample by one number ([N, 1, 1, 1] mask)
 
 
 class MBConv(nn.Module):
@@ -376,17 +386,31 @@ class MBConv(nn.Module):
             return False
         return x is None or x.dtype in KERNEL_DTYPES
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """Fused forward in eval; the original block's eager forward in training.
+    def train_unfused_reason(self, x: Optional[Tensor] = None) -> Optional[str]:
+        """Why the next training forward (of ``x``, if given) runs the original eager forward, or None
+        when it runs fused (:mod:`effnet_kernels._train_block`)."""
+        self.refresh()
+        if self.unfusable_reason is not None:
+            return self.unfusable_reason
+        if x is not None and x.dtype not in KERNEL_DTYPES:
+            return f"inputs of dtype {x.dtype} train eagerly"
+        return train_blocker(self.plan)
 
-        Extra arguments (efficientnet_pytorch's ``drop_connect_rate``) go to the eager
-        forward; stochastic depth is a training-only operation, so eval ignores them. Inputs
-        in a dtype the kernels do not take (float64, for gradcheck) run the eager forward too,
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Fused forward in eval and in training (see the module docstring).
+
+        Extra arguments (efficientnet_pytorch's ``drop_connect_rate``) go to the block's drop
+        (its stochastic depth) in training and to the eager forward; eval ignores them. Inputs
+        in a dtype the kernels do not take (float64, for gradcheck) run the eager forward,
         unless a kernel backend was asked for explicitly, which raises
         :class:`effnet_kernels.BackendUnavailableError`.
         """
+        if self.training:
+            if self.train_unfused_reason(x) is None:
+                return train_forward(self.plan, x, args, kwargs, self.backend)
+            return self._sync_original()(x, *args, **kwargs)
         if not self.fused_active(x):
-            if not self.training and x.dtype not in KERNEL_DTYPES:
+            if x.dtype not in KERNEL_DTYPES:
                 _refuse_kernel_backend(self.backend, x)
             return self._sync_original()(x, *args, **kwargs)
         plan = self.plan

@@ -87,12 +87,34 @@ def dwconv_bn_act(
     _, _, z = _bn_input(x, weight, stride, padding)
     u = z * _per_channel(scale, z) + _per_channel(shift, z)
     y = ACTIVATION_FNS[activation](u)
-    mean = None
-    if squeeze:
-        mean = y.mean(dim=(2, 3)) if y.shape[2] * y.shape[3] > 0 else y.new_zeros(y.shape[:2])
-        mean = mean.to(torch.float32) if x.dtype != torch.float64 else mean
+    mean = _spatial_mean(y, x) if squeeze else None
     out = y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
     return out, mean
+
+
+def _dwconv_input_grads(
+    gz: Tensor, xp: Tensor, w: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_weight) of the depthwise conv from ``gz``, the gradient at its output (compute dtype)."""
+    c = x.shape[1]
+    grad_xp = torch.nn.grad.conv2d_input(xp.shape, w, gz, stride=tuple(stride), groups=c)
+    left, _, top, _ = padding
+    grad_x = grad_xp[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+    grad_w = torch.nn.grad.conv2d_weight(xp, w.shape, gz, stride=tuple(stride), groups=c)
+    return grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)), grad_w.to(weight.dtype)
+
+
+def _grad_at_activation(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], u: Tensor, activation: str) -> Tensor:
+    """Gradient w.r.t. the activation's input ``u`` from ``grad_y`` and the squeeze's ``grad_mean``."""
+    g = grad_y.to(u.dtype) if grad_y is not None else torch.zeros_like(u)
+    if grad_mean is not None and grad_mean.numel() > 0 and u.shape[2] * u.shape[3] > 0:
+        g = g + grad_mean.to(u.dtype)[:, :, None, None] / (u.shape[2] * u.shape[3])
+    return g if activation == "identity" else g * ACTIVATION_GRADS[activation](u)
+
+
+def _spatial_mean(y: Tensor, x: Tensor) -> Tensor:
+    mean = y.mean(dim=(2, 3)) if y.shape[2] * y.shape[3] > 0 else y.new_zeros(y.shape[:2])
+    return mean.to(torch.float32) if x.dtype != torch.float64 else mean
 
 
 def dwconv_bn_act_backward(
@@ -108,26 +130,83 @@ def dwconv_bn_act_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``dwconv_bn_act`` w.r.t. (x, weight, scale, shift), recomputing z."""
     xp, w, z = _bn_input(x, weight, stride, padding)
-    g = grad_y.to(z.dtype) if grad_y is not None else torch.zeros_like(z)
-    if grad_mean is not None and grad_mean.numel() > 0 and z.shape[2] * z.shape[3] > 0:
-        g = g + grad_mean.to(z.dtype)[:, :, None, None] / (z.shape[2] * z.shape[3])
-    if activation != "identity":
-        u = z * _per_channel(scale, z) + _per_channel(shift, z)
-        g = g * ACTIVATION_GRADS[activation](u)
+    u = z * _per_channel(scale, z) + _per_channel(shift, z)
+    g = _grad_at_activation(grad_y, grad_mean, u, activation)
     grad_scale = (g * z).sum(dim=(0, 2, 3))
     grad_shift = g.sum(dim=(0, 2, 3))
-    gz = g * _per_channel(scale, z)
-    c = x.shape[1]
-    grad_xp = torch.nn.grad.conv2d_input(xp.shape, w, gz, stride=tuple(stride), groups=c)
-    left, _, top, _ = padding
-    grad_x = grad_xp[:, :, top : top + x.shape[2], left : left + x.shape[3]]
-    grad_w = torch.nn.grad.conv2d_weight(xp, w.shape, gz, stride=tuple(stride), groups=c)
-    return (
-        grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
-        grad_w.to(weight.dtype),
-        grad_scale.to(scale.dtype),
-        grad_shift.to(shift.dtype),
-    )
+    grad_x, grad_w = _dwconv_input_grads(g * _per_channel(scale, z), xp, w, x, weight, stride, padding)
+    return grad_x, grad_w, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
+
+
+def _batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``z`` over (N, H, W); zeros for an empty batch."""
+    if z.numel() == 0:
+        return z.new_zeros(z.shape[1]), z.new_zeros(z.shape[1])
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def dwconv_bn_act_train(
+    x: Tensor,
+    weight: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Optional[Tensor],
+    var: Optional[Tensor],
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    squeeze: bool,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Train-mode BatchNorm: ``z = dwconv(pad(x))``, ``y = act((z - mean) / sqrt(var + eps) * gamma + beta)``
+    with the batch's per-channel ``mean`` and biased ``var`` of ``z`` (computed here, or the given
+    ones: the recompute of a forward); returns (y, squeeze, mean, var)."""
+    _, _, z = _bn_input(x, weight, stride, padding)
+    if mean is None or var is None:
+        mean, var = _batch_moments(z)
+    else:
+        mean, var = mean.to(z.dtype), var.to(z.dtype)
+    scale = gamma.to(z.dtype) * torch.rsqrt(var + eps)
+    u = (z - mean[None, :, None, None]) * scale[None, :, None, None] + _per_channel(beta, z)
+    y = ACTIVATION_FNS[activation](u)
+    pooled = _spatial_mean(y, x) if squeeze else None
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x)), pooled, mean.to(gamma.dtype), var.to(gamma.dtype)
+
+
+def dwconv_bn_act_train_backward(
+    grad_y: Optional[Tensor],
+    grad_mean: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``dwconv_bn_act_train`` w.r.t. (x, weight, gamma, beta), through the batch statistics.
+
+    ``mean``/``var`` are the forward's batch statistics of ``z`` (recomputed here from ``x``).
+    With ``g`` the gradient at the BatchNorm output, ``xhat = (z - mean) * invstd`` and M = N*Ho*Wo:
+    ``grad_beta = sum(g)``, ``grad_gamma = sum(g * xhat)``,
+    ``grad_z = gamma * invstd * (g - grad_beta / M - xhat * grad_gamma / M)``.
+    """
+    xp, w, z = _bn_input(x, weight, stride, padding)
+    invstd = torch.rsqrt(var.to(z.dtype) + eps)
+    xhat = (z - mean.to(z.dtype)[None, :, None, None]) * invstd[None, :, None, None]
+    u = xhat * _per_channel(gamma, z) + _per_channel(beta, z)
+    g = _grad_at_activation(grad_y, grad_mean, u, activation)
+    grad_beta = g.sum(dim=(0, 2, 3))
+    grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
+    m = max(z.shape[0] * z.shape[2] * z.shape[3], 1)
+    gz = (g - (grad_beta / m)[None, :, None, None] - xhat * (grad_gamma / m)[None, :, None, None])
+    gz = gz * (gamma.to(z.dtype) * invstd)[None, :, None, None]
+    grad_x, grad_w = _dwconv_input_grads(gz, xp, w, x, weight, stride, padding)
+    return grad_x, grad_w, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
 
 
 def _se_hidden(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,6 +270,8 @@ def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tenso
 IMPLEMENTATIONS = {
     "dwconv_bn_act": dwconv_bn_act,
     "dwconv_bn_act_backward": dwconv_bn_act_backward,
+    "dwconv_bn_act_train": dwconv_bn_act_train,
+    "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
     "se_gate": se_gate,
     "se_gate_backward": se_gate_backward,
     "se_excite": se_excite,

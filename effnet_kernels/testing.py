@@ -38,6 +38,7 @@ __all__ = [
     "model_parity",
     "blockwise_parity",
     "fused_block_names",
+    "train_step_parity",
     "FLOOR",
     "FORWARD_FACTOR",
     "BACKWARD_FACTOR",
@@ -49,6 +50,10 @@ BACKWARD_FACTOR = 3.0
 # right (error 0) does not demand 0 of the model under test. Far below any planted
 # defect's effect (a 1% gate skew in one block moves B0's logits by ~1e-3 relative).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# DESIGN.md's fp32 rule, relative to max |fp64 reference|: forward, backward. The training checks
+# allow the larger of it and the factor rule in fp32 (two fp32 errors of ~1e-6 relative differ by
+# more than 3x in the tail of hundreds of tensors; 1e-4 is still far below any planted defect).
+FP32_RELATIVE = {FORWARD_FACTOR: 1e-5, BACKWARD_FACTOR: 1e-4}
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -322,3 +327,127 @@ def blockwise_parity(
 def failures(results: Sequence[ParityResult]) -> list[ParityResult]:
     """The results that broke the rule."""
     return [r for r in results if not r.ok]
+
+
+def _grad_outputs(out: Tensor, seed: int) -> Tensor:
+    """A fixed random projection of the output (float64), so the loss weighs every element differently."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+
+
+def _judge_train(what: str, out: Tensor, plain: Tensor, ref64: Tensor, dtype: torch.dtype, factor: float) -> ParityResult:
+    """:func:`_judge`, allowing DESIGN.md's fp32 relative rule (:data:`FP32_RELATIVE`) in fp32."""
+    r = _judge(what, out, plain, ref64, dtype, factor)
+    if dtype == torch.float32:
+        r = ParityResult(r.what, r.err, r.eager_err, max(r.limit, FP32_RELATIVE[factor] * r.ref_scale), r.ref_scale)
+    return r
+
+
+def _worst(what: str, pairs: Sequence[tuple[Tensor, Tensor, Tensor]], dtype: torch.dtype, factor: float) -> ParityResult:
+    """One result for many tensors: the worst relative error of the model under test against the
+    worst of eager, each over all ``(model, eager, fp64)`` tensors in ``pairs``.
+
+    Relative to each tensor's max |fp64|, but to at least 1e-3 of the median of those over
+    ``pairs``: a gradient that is zero analytically (a BatchNorm bias feeding straight into
+    another BatchNorm) is ~1e-16 in fp64 and has no meaningful relative error.
+    """
+    scales = [float(ref64.abs().max()) if ref64.numel() else 0.0 for _, _, ref64 in pairs]
+    least = 1e-3 * float(torch.tensor(scales, dtype=torch.float64).median()) if scales else 0.0
+    worst = worst_eager = 0.0
+    for (out, plain, ref64), scale in zip(pairs, scales):
+        scale = max(scale, least)
+        err, eager_err = max_abs_err(out, ref64), max_abs_err(plain, ref64)
+        if scale == 0.0:
+            worst = max(worst, 0.0 if err == 0.0 else math.inf)
+            continue
+        worst, worst_eager = max(worst, err / scale), max(worst_eager, eager_err / scale)
+    limit = parity_limit(worst_eager, 1.0, dtype, factor)
+    if dtype == torch.float32:
+        limit = max(limit, FP32_RELATIVE[factor])
+    return ParityResult(what, worst, worst_eager, limit, 1.0)
+
+
+def train_step_parity(
+    eager: nn.Module,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    steps: int = 1,
+    lr: float = 0.05,
+    seed: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    context: Callable[[], ContextManager] = contextlib.nullcontext,
+    forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+    per_tensor: bool = True,
+) -> list[ParityResult]:
+    """Training parity over ``steps`` SGD steps against an fp64 twin of ``eager`` trained alongside.
+
+    Judged by the rule (in fp32 also DESIGN.md's relative one, :data:`FP32_RELATIVE`, whichever
+    allows more; forward factor for outputs; backward factor for gradients and for the
+    state the optimizer steps leave): each step's output and every parameter gradient, and after
+    the last step every parameter and floating BatchNorm buffer; integer buffers
+    (``num_batches_tracked``) must be equal. With ``per_tensor=False`` the many tensors of a kind are judged together, the
+    worst relative error of the model against the worst of eager (a deep network's training
+    amplifies rounding, and the ratio of two random errors has a tail: per tensor is the precise
+    check for a block, the worst-of comparison the robust one for a whole network).
+
+    All three models run in train mode from the same state, each step under the same seed
+    (stochastic depth draws the same samples in every dtype where the library draws with
+    ``bernoulli_``). The loss is ``sum(output * P)`` for a fixed random ``P`` (its gradient is ``P``).
+
+    Args:
+        eager: the unconverted model in the precision under test (or fp32 with an autocast ``context``).
+        model: the model under test, with the same parameter and buffer names.
+        x: the input, in the precision both take.
+        steps, lr, seed: SGD steps (no momentum), learning rate, seed of step ``i`` is ``seed + i``.
+        dtype, context: as in :func:`model_parity`.
+        forward: ``forward(module, x)`` -> output (default ``module(x)``).
+        per_tensor: one result per tensor (default) or one per kind.
+    """
+    dtype = dtype or _dtype_of(eager)
+    run = forward or (lambda m, t: m(t))
+    ref = _fp64_twin(eager)
+    models = {"fp64": ref, "eager": eager, "model": model}
+    for m in models.values():
+        m.train()
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr) for k, m in models.items()}
+    results: list[ParityResult] = []
+
+    def judge(what: str, items: dict[str, tuple[Tensor, Tensor, Tensor]], factor: float) -> None:
+        if per_tensor:
+            results.extend(_judge_train(f"{what} {name}", *t, dtype, factor) for name, t in items.items())
+        elif items:
+            results.append(_worst(f"{what} (worst of {len(items)})", list(items.values()), dtype, factor))
+
+    for step in range(steps):
+        outs, grads = {}, {}
+        for key, m in models.items():
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(seed + step)
+            if key == "fp64":
+                out = _first_tensor(run(m, x.detach().to(torch.float64)))
+            else:
+                with context():
+                    out = _first_tensor(run(m, x))
+            (out.double() * _grad_outputs(out, seed + step)).sum().backward()
+            outs[key] = out.detach()
+            grads[key] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+            opts[key].step()
+        results.append(_judge_train(f"step {step} output", outs["model"], outs["eager"], outs["fp64"], dtype,
+                                    FORWARD_FACTOR))
+        if grads["model"].keys() != grads["fp64"].keys():
+            missing = sorted(set(grads["fp64"]) ^ set(grads["model"]))
+            results.append(ParityResult(f"step {step} gradients of {missing}", math.inf, 0.0, 0.0, 1.0))
+        judge(f"step {step} grad", {n: (grads["model"][n], grads["eager"][n], g) for n, g in grads["fp64"].items()
+                                    if n in grads["model"]}, BACKWARD_FACTOR)
+    states = {k: m.state_dict() for k, m in models.items()}
+    params = dict(ref.named_parameters())
+    floats = {n: (states["model"][n], states["eager"][n], v) for n, v in states["fp64"].items() if v.is_floating_point()}
+    # the state after optimizer steps is made of gradients: judged with the backward factor
+    judge(f"after {steps} steps: parameter", {n: t for n, t in floats.items() if n in params}, BACKWARD_FACTOR)
+    judge(f"after {steps} steps: buffer", {n: t for n, t in floats.items() if n not in params}, BACKWARD_FACTOR)
+    for name, v64 in states["fp64"].items():
+        if not v64.is_floating_point() and not torch.equal(states["model"][name], v64):
+            results.append(ParityResult(f"after {steps} steps: {name} = {states['model'][name].tolist()} "
+                                        f"(eager: {v64.tolist()})", math.inf, 0.0, 0.0, 1.0))
+    return results

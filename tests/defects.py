@@ -16,6 +16,9 @@
   - ``grad_drop_squeeze``: the depthwise backward ignores the gradient that reaches it
     through the SE squeeze (``grad_mean``);
 
+  each planted in the eval-mode op and its train-mode twin (``dwconv_bn_act_train``,
+  ``dwconv_bn_act_train_backward``) alike;
+
 * op-level backend defects (:data:`OP_DEFECTS`: only the op suites run them; the module and
   network suites, whose models use SiLU and sigmoid, run :data:`DEFECTS`):
 
@@ -122,13 +125,39 @@ def _se_act_swap(impl: Callable) -> Callable:
     return se_gate
 
 
-BACKEND_DEFECTS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
-    "pad_shift": ("dwconv_bn_act", _pad_shift),
-    "skip_silu": ("dwconv_bn_act", _skip_silu),
-    "squeeze_skew": ("dwconv_bn_act", _squeeze_skew),
-    "gate_skew": ("se_gate", _gate_skew),
-    "excite_skip": ("se_excite", _excite_skip),
-    "grad_drop_squeeze": ("dwconv_bn_act_backward", _grad_drop_squeeze),
+# the train-mode op: dwconv_bn_act_train(x, weight, gamma, beta, mean, var, eps, stride, padding,
+# activation, squeeze) -> (y, pooled, mean, var)
+def _pad_shift_train(impl: Callable) -> Callable:
+    def dwconv(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, squeeze):
+        return impl(x, weight, gamma, beta, mean, var, eps, stride, _shift_padding(padding), activation, squeeze)
+
+    return dwconv
+
+
+def _skip_silu_train(impl: Callable) -> Callable:
+    def dwconv(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, squeeze):
+        return impl(x, weight, gamma, beta, mean, var, eps, stride, padding, "identity", squeeze)
+
+    return dwconv
+
+
+def _squeeze_skew_train(impl: Callable) -> Callable:
+    def dwconv(*args):
+        y, pooled, mean, var = impl(*args)
+        return y, (pooled * 1.01 if pooled is not None else None), mean, var
+
+    return dwconv
+
+
+# defect -> the (op, wrapper) pairs it plants: eval and train-mode twins of an op get the same bug
+BACKEND_DEFECTS: dict[str, tuple[tuple[str, Callable[[Callable], Callable]], ...]] = {
+    "pad_shift": (("dwconv_bn_act", _pad_shift), ("dwconv_bn_act_train", _pad_shift_train)),
+    "skip_silu": (("dwconv_bn_act", _skip_silu), ("dwconv_bn_act_train", _skip_silu_train)),
+    "squeeze_skew": (("dwconv_bn_act", _squeeze_skew), ("dwconv_bn_act_train", _squeeze_skew_train)),
+    "gate_skew": (("se_gate", _gate_skew),),
+    "excite_skip": (("se_excite", _excite_skip),),
+    "grad_drop_squeeze": (("dwconv_bn_act_backward", _grad_drop_squeeze),
+                          ("dwconv_bn_act_train_backward", _grad_drop_squeeze)),
 }
 
 
@@ -152,9 +181,9 @@ def _forward_without_residual(forward: Callable) -> Callable:
     return wrapped
 
 
-OP_DEFECTS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
-    "grad_skip_act": ("dwconv_bn_act_backward", _grad_skip_act),
-    "se_act_swap": ("se_gate", _se_act_swap),
+OP_DEFECTS: dict[str, tuple[tuple[str, Callable[[Callable], Callable]], ...]] = {
+    "grad_skip_act": (("dwconv_bn_act_backward", _grad_skip_act), ("dwconv_bn_act_train_backward", _grad_skip_act)),
+    "se_act_swap": (("se_gate", _se_act_swap),),
 }
 
 MODULE_DEFECTS = ("drop_residual", "tf_same_swap")
@@ -167,12 +196,13 @@ def planted(defect: str, backend: str = "torch") -> Iterator[None]:
     defects (in the ``torch`` reference's when ``backend`` leaves that op to it, as kernel
     backends do with backward ops), in the fused module for module defects."""
     if defect in BACKEND_DEFECTS or defect in OP_DEFECTS:
-        op, wrap = {**BACKEND_DEFECTS, **OP_DEFECTS}[defect]
         backends._ensure_registered()
-        impls = backends._REGISTRY[backend].impls()
-        if op not in impls:  # e.g. a backward the backend leaves to the reference: plant it there
-            impls = backends._REGISTRY["torch"].impls()
-        with mock.patch.dict(impls, {op: wrap(impls[op])}):
+        with contextlib.ExitStack() as stack:
+            for op, wrap in {**BACKEND_DEFECTS, **OP_DEFECTS}[defect]:
+                impls = backends._REGISTRY[backend].impls()
+                if op not in impls:  # e.g. a backward the backend leaves to the reference: plant it there
+                    impls = backends._REGISTRY["torch"].impls()
+                stack.enter_context(mock.patch.dict(impls, {op: wrap(impls[op])}))
             yield
     elif defect == "drop_residual":
         with mock.patch.object(ek_nn.MBConv, "forward", _forward_without_residual(ek_nn.MBConv.forward)):

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 import effnet_kernels as ek
+from effnet_kernels import testing
 
 from .defects import DEFECTS, planted
 from .model_checks import assert_converted_matches, calibrated
+from .test_convert_torchvision_timm import check_same_draws
 
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 from efficientnet_pytorch import EfficientNet  # noqa: E402
@@ -125,34 +127,26 @@ def test_parameters_are_shared_not_copied():
 
 
 def test_train_step_matches_unconverted_b0():
-    """Same loss, gradients and running statistics after one SGD step (stochastic depth on)."""
-    ref_model = build("b0", image_size=32).train()
+    """Two SGD steps by the parity rule (every block training fused), the same drop-connect draws in
+    fp32, and back in eval the updated model still agrees. The fp64 comparison runs without
+    drop connect: its ``torch.rand`` draws other numbers in float64."""
+    x = torch.randn(4, 3, 32, 32)
+    ref_model = calibrated(build("b0", image_size=32), x).train()
     model = ek.convert(copy.deepcopy(ref_model)).train()
-    x, target = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
-
-    def step(m):
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        torch.manual_seed(123)  # the same drop-connect masks in both models
-        loss = nn.functional.cross_entropy(m(x), target)
-        opt.zero_grad()
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in m.named_parameters()}
-        opt.step()
-        return loss, grads
-
-    loss_ref, grads_ref = step(ref_model)
-    loss, grads = step(model)
-    torch.testing.assert_close(loss, loss_ref)
-    for k in grads_ref:
-        torch.testing.assert_close(grads[k], grads_ref[k], msg=k)
-    state_ref, state = ref_model.state_dict(), model.state_dict()
-    assert list(state) == list(state_ref)
-    for k in state_ref:
-        torch.testing.assert_close(state[k], state_ref[k], msg=k)
-    # and back in eval the converted model (now fused, with the updated statistics) still agrees
+    assert all(model.get_submodule(n).train_unfused_reason() is None for n in testing.fused_block_names(model))
+    check_same_draws(ref_model, model, x)
+    for m in (ref_model, model):
+        m._global_params = m._global_params._replace(drop_connect_rate=0.0)
+    check_train_step_pair(ref_model, model, x)
     from .model_checks import assert_network_parity
 
     assert_network_parity(ref_model.eval(), model.eval(), x)
+
+
+def check_train_step_pair(ref_model, model, x):
+    results = testing.train_step_parity(ref_model, model, x, steps=2, lr=0.01, per_tensor=False)
+    bad = testing.failures(results)
+    assert not bad, "\n".join(map(str, bad))
 
 
 def test_convert_twice_changes_nothing_and_revert_restores():

@@ -73,7 +73,14 @@ def test_mobilenet_v2_first_block_has_no_expansion():
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small", "mnasnet1_0"])
 def test_torchvision_train_step(name):
-    check_train_step(getattr(tvm, name)())
+    # MobileNetV3-Small reaches 1x1 at 32x32, where batch statistics of 4 values make training
+    # chaotic (eager fp32 itself is 2e-3 off fp64 after two steps): it trains at 64x64, one step.
+    # Its SE has a ReLU on 4 x 144 pooled values: after a step, the fp32 runs' parameters differ
+    # from fp64 by ~1e-6 and a hidden unit 2e-4 (relative) from zero can flip its ReLU in one
+    # run and not the other (seen at this test's seed: features.10's fc1 gradient then differs
+    # by 30% while only features.10 fused agrees to 1e-6), so several steps are not a parity check there.
+    small = name == "mobilenet_v3_small"
+    check_train_step(getattr(tvm, name)(), size=64 if small else 32, steps=1 if small else 2)
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "gate_skew", "excite_skip", "drop_residual"])

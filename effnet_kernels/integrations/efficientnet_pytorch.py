@@ -51,5 +51,12 @@ def plan(block: nn.Module) -> MBConvPlan:
         pre=pre, dw=dw, se=se,
         post=pointwise(block._project_conv, block._bn2, "identity", (block._project_conv, block._bn2),
                        padding=_padding(block._project_conv)),
-        residual=residual, original=block, source=NAME,
+        residual=residual, original=block, source=NAME, drop=_drop_connect,
     )
+
+
+def _drop_connect(t, drop_connect_rate=None):
+    """The block's ``drop_connect`` of the residual branch (training only), given the forward's rate."""
+    if not drop_connect_rate:
+        return t
+    return loaded_module("efficientnet_pytorch.utils").drop_connect(t, p=drop_connect_rate, training=True)

@@ -76,4 +76,13 @@ def plan(block: nn.Module) -> MBConvPlan:
     residual = bool(proj.apply_dropout)
     if residual and not isinstance(getattr(proj, "dropout", None), nn.Dropout):
         raise NotFusable(f"projection dropout is {type(getattr(proj, 'dropout', None)).__name__}, not nn.Dropout")
-    return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=residual, original=block, source=NAME)
+    return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=residual, original=block, source=NAME,
+                      drop=lambda t: _dropout(proj, t), drop_per_sample=False)
+
+
+def _dropout(proj: nn.Module, t):
+    """The projection's elementwise ``nn.Dropout`` of the residual branch (``t`` itself when it drops nothing)."""
+    dropout = proj.dropout
+    if not dropout.training or dropout.p == 0.0:
+        return t
+    return dropout(t)

@@ -16,6 +16,13 @@ def block_types() -> tuple[type, ...]:
     return (MBConvBlock,)
 
 
+def drop_path(t, p: float, training: bool):
+    """:func:`effnet_kernels.blocks.drop_path`, looked up when called."""
+    from ..blocks import drop_path as block_drop_path
+
+    return block_drop_path(t, p, training)
+
+
 def plan_native(block: nn.Module) -> MBConvPlan:
     """Describe an :class:`effnet_kernels.blocks.MBConvBlock` for fusion."""
     pre: tuple = ()
@@ -30,6 +37,7 @@ def plan_native(block: nn.Module) -> MBConvPlan:
         pre=pre, dw=dw, se=se,
         post=pointwise(block.project_conv, block.project_bn, "identity", (block.project_conv, block.project_bn)),
         residual=bool(block.has_residual), original=block, source=NAME,
+        drop=lambda t: drop_path(t, block.drop_path_rate, True),  # called in training only
     )
 
 

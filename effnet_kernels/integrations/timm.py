@@ -130,4 +130,5 @@ def plan(block: nn.Module) -> MBConvPlan:
         post: tuple = _folded(block.conv_pwl, block.bn3, "project")
     else:
         pre, post = (), _folded(block.conv_pw, block.bn2, "project")
-    return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=bool(block.has_skip), original=block, source=NAME)
+    return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=bool(block.has_skip), original=block, source=NAME,
+                      drop=lambda t: block.drop_path(t))  # DropPath (per sample) or nn.Identity

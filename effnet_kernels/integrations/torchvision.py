@@ -88,8 +88,8 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
-def _plan_sequence(layers: list[nn.Module], residual: bool, block: nn.Module) -> MBConvPlan:
-    """Plan a block computed as ``nn.Sequential(layers)`` (+ the input when ``residual``)."""
+def _plan_sequence(layers: list[nn.Module], residual: bool, block: nn.Module, drop=None) -> MBConvPlan:
+    """Plan a block computed as ``nn.Sequential(layers)`` (+ ``drop`` of it + the input when ``residual``)."""
     items = _flat(layers)
     d = next((i for i, m in enumerate(items) if _is_depthwise(m)), None)
     if d is None:
@@ -122,7 +122,7 @@ def _plan_sequence(layers: list[nn.Module], residual: bool, block: nn.Module) ->
     if not post or any(_is_se(m) or _is_depthwise(m) for m in post):
         raise NotFusable("block layout is not [expand], depthwise, [SE], project")
     return MBConvPlan(pre=_chain(items[:d]), dw=dw, se=se, post=_chain(post), residual=bool(residual),
-                      original=block, source=NAME)
+                      original=block, source=NAME, drop=drop)
 
 
 def plan(block: nn.Module) -> MBConvPlan:
@@ -131,7 +131,10 @@ def plan(block: nn.Module) -> MBConvPlan:
     if kind == "FusedMBConv":
         raise NotFusable("FusedMBConv has a full kxk conv in place of expand + depthwise: "
                          "nothing for the depthwise kernel to fuse")
-    if kind in ("MBConv", "MobileNetV3"):
+    if kind == "MBConv":  # EfficientNet: StochasticDepth on the residual branch
+        return _plan_sequence(list(block.block.children()), block.use_res_connect, block,
+                              drop=lambda t: block.stochastic_depth(t))
+    if kind == "MobileNetV3":
         return _plan_sequence(list(block.block.children()), block.use_res_connect, block)
     if kind == "MobileNetV2":
         return _plan_sequence(list(block.conv.children()), block.use_res_connect, block)

@@ -2,12 +2,14 @@
 
 * :func:`dwconv_bn_act` — depthwise conv + folded BatchNorm + activation (+ SE squeeze);
   activations: ``_checks.ACTIVATIONS``
+* :func:`dwconv_bn_act_train` — the same with train-mode BatchNorm (batch statistics, returned)
 * :func:`se_gate` — pooled [N, C] -> SE gate [N, C] (float32); ``_checks.SE_ACTIVATIONS``
   inside, ``_checks.SE_GATES`` at the output
 * :func:`se_excite` — y * gate broadcast over H x W
 """
 
 from .dwconv import dwconv_bn_act
+from .dwconv_train import dwconv_bn_act_train
 from .se import se_excite, se_gate
 
-__all__ = ["dwconv_bn_act", "se_gate", "se_excite"]
+__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "se_gate", "se_excite"]

@@ -162,8 +162,12 @@ def check_dwconv_args(
     shift: torch.Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
+    affine_names: tuple[str, str] = ("scale", "shift"),
 ) -> tuple[int, int]:
-    """Validate ``dwconv_bn_act`` inputs (already normalised); return the output (H, W)."""
+    """Validate ``dwconv_bn_act`` inputs (already normalised); return the output (H, W).
+
+    ``affine_names`` are the names the per-channel pair goes by in errors (``("gamma", "beta")``
+    for the train-mode op)."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4)
     c = x.shape[1]
@@ -172,15 +176,16 @@ def check_dwconv_args(
     k = weight.shape[2]
     if k % 2 == 0:
         raise ValueError(f"weight's kernel size must be odd, got {k}")
-    check_vector(scale, "scale", c, "one per channel of x")
-    check_vector(shift, "shift", c, "one per channel of x")
+    a, b = affine_names
+    check_vector(scale, a, c, "one per channel of x")
+    check_vector(shift, b, c, "one per channel of x")
     folded = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
     if scale.dtype not in folded or shift.dtype not in folded:
         raise TypeError(
-            "scale and shift must be float32 (BatchNorm folded in fp32; float64 too when x is float64), "
+            f"{a} and {b} must be float32 (BatchNorm parameters in fp32; float64 too when x is float64), "
             f"got {scale.dtype} and {shift.dtype}"
         )
-    check_same_device(x, "x", weight=weight, scale=scale, shift=shift)
+    check_same_device(x, "x", weight=weight, **{a: scale, b: shift})
     if len(stride) != 2 or any(s not in (1, 2) for s in stride):
         raise ValueError(f"stride must be a pair of 1s and 2s, got {list(stride)}")
     if len(padding) != 4 or any(p < 0 for p in padding):

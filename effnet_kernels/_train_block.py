@@ -1,0 +1,397 @@
+"""The fused MBConv in training: batch-statistics BatchNorm in the kernels, memory by recompute.
+
+A converted block in training runs one of two computations, both with the semantics of the
+original block (batch statistics, running statistics updated as ``nn.BatchNorm2d`` does,
+the library's own stochastic depth):
+
+* :class:`RecomputedMBConv` (the default): an ``autograd.Function`` whose forward runs the
+  block without building a graph and saves only the block input, the per-channel batch
+  statistics of the three BatchNorms, the SE squeeze and gate (``[N, C]``) and the
+  stochastic-depth mask (``[N, 1, 1, 1]``). Its backward recomputes the expanded tensor,
+  its activation, the depthwise output and the excite product from those, and chains the
+  ops' backward functions by hand (no nested autograd call, so DDP, AMP and gradient
+  accumulation see an ordinary graph node). The depthwise BatchNorm's statistics are
+  computed once, in the forward; the recompute applies them (the train-mode op given the
+  statistics: the same arithmetic as the forward, so the recomputed tensors are the forward's).
+* :func:`composed_forward`: the same block as differentiable ops (the train-mode fused
+  depthwise op with its own autograd, the SE ops, the original 1x1 conv / BN modules);
+  used under ``torch.compile`` (whose partitioner decides what to recompute) and for an
+  empty batch.
+
+Bytes, per output pixel of an MBConv with expansion 6 and C input channels, fp16: eager
+autograd keeps the expand conv output, its BN and SiLU outputs, the depthwise conv, BN and
+SiLU outputs, the excite product and the projection's conv output (~8 tensors of 6C or C
+channels: ~2 * (C + 7 * 6C) bytes); the recomputed block keeps its input (2C bytes) and
+O(C) per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .reference import ACTIVATION_GRADS
+
+Tensor = torch.Tensor
+_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+class _UnknownDrop:
+    """Sentinel for :attr:`effnet_kernels.nn.MBConvPlan.drop`: the adapter did not say."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN_DROP"
+
+
+UNKNOWN_DROP: Any = _UnknownDrop()
+
+
+# ---------------------------------------------------------------- BatchNorm bookkeeping
+def momentum_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The running-statistics factor of this training forward, bumping ``num_batches_tracked``
+    first, exactly as ``_BatchNorm.forward`` does (``momentum=None``: cumulative average)."""
+    factor = 0.0 if bn.momentum is None else float(bn.momentum)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+    return factor
+
+
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int,
+                         factor: float) -> None:
+    """``running = (1 - factor) * running + factor * batch`` with the unbiased variance, as
+    ``torch.batch_norm`` does in training; nothing for a BN without running statistics or an empty batch."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None or count == 0:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def trains_like_batchnorm(bn: nn.Module) -> bool:
+    """A BatchNorm whose training forward is ``_BatchNorm``'s (or timm's ``BatchNormAct2d``, BN then act)."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return False
+    forward = type(bn).forward
+    if forward is _BATCHNORM_FORWARD:
+        return True
+    return any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm") for c in type(bn).__mro__)
+
+
+# ---------------------------------------------------------------- what can train fused
+def train_blocker(plan: Any) -> Optional[str]:
+    """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None."""
+    from .nn import PointwiseSpec
+
+    if plan.drop is UNKNOWN_DROP:
+        return "the adapter does not describe the block's stochastic depth"
+    if len(plan.pre) > 1 or (plan.pre and not isinstance(plan.pre[0], PointwiseSpec)):
+        return "the expand step is not a plain 1x1 conv + BatchNorm (+ activation)"
+    if len(plan.post) != 1 or not isinstance(plan.post[0], PointwiseSpec) or plan.post[0].activation != "identity":
+        return "the projection is not a plain 1x1 conv + BatchNorm"
+    parts = [("expand", plan.pre[0])] if plan.pre else []
+    parts += [("depthwise", plan.dw), ("projection", plan.post[0])]
+    for where, spec in parts:
+        if spec.conv.bias is not None:
+            return f"the {where} conv has a bias"
+        bn = spec.bn
+        if isinstance(bn, nn.SyncBatchNorm):
+            return f"the {where} norm is a SyncBatchNorm (it trains through its own forward)"
+        if not trains_like_batchnorm(bn):
+            return f"the {where} norm is {type(bn).__name__}, whose training forward is its own"
+        if not bn.training:
+            return f"the {where} BatchNorm is in eval mode inside a training block (frozen statistics)"
+    return None
+
+
+# ---------------------------------------------------------------- stochastic depth
+def drop_mask(plan: Any, branch: Tensor, args: Sequence[Any], kwargs: dict) -> Optional[Tensor]:
+    """The multiplier the block's own stochastic depth / dropout applies to ``branch``, drawn with
+    the library's code on a tensor of ones (the same random numbers the original draws), or None.
+
+    Per-sample drops (``plan.drop_per_sample``) get a ``[N, 1, 1, 1]`` ones tensor, others one of
+    ``branch``'s shape.
+    """
+    if plan.drop is None or not plan.residual:
+        return None
+    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1) if plan.drop_per_sample else tuple(branch.shape)
+    ones = torch.ones(shape, dtype=branch.dtype, device=branch.device)
+    mask = plan.drop(ones, *args, **kwargs)
+    return None if mask is ones else mask
+
+
+# ---------------------------------------------------------------- the differentiable composition
+def composed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
+    """The block in training as differentiable ops: the original 1x1 conv / BN modules, the
+    train-mode fused depthwise op (running statistics updated here), the SE ops."""
+    h = x
+    for m in plan.pre:
+        h = m(h)  # a PointwiseSpec in training runs the original conv, BN, activation
+    y, pooled, _, _ = dw_forward(plan, h, backend)
+    if plan.se is not None:
+        y = ops.se_excite(y, plan.se.gate(pooled, backend), backend=backend)
+    for m in plan.post:
+        y = m(y)
+    if plan.residual:
+        mask = drop_mask(plan, y, args, kwargs)
+        y = (y if mask is None else y * mask) + x
+    return y
+
+
+def dw_forward(plan: Any, h: Tensor, backend: Optional[str]) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """The train-mode fused depthwise step (with the squeeze when the block has SE), updating the
+    depthwise BN's running statistics: ``(y, pooled or None, batch mean, biased batch var)``."""
+    dw = plan.dw
+    bn = dw.bn
+    squeeze = plan.se is not None
+    factor = momentum_factor(bn)
+    gamma, beta = _affine(bn.weight, bn.bias, bn.num_features, h)
+    out = ops.dwconv_bn_act_train(h, dw.conv.weight, gamma, beta, eps=float(bn.eps), stride=dw.stride,
+                                  padding=dw.resolve_padding(h), activation=dw.activation, squeeze=squeeze,
+                                  backend=backend)
+    y, pooled, mean, var = out if squeeze else (out[0], None, out[1], out[2])
+    update_running_stats(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3], factor)
+    return y, pooled, mean, var
+
+
+# ---------------------------------------------------------------- the recomputing block
+@dataclass
+class _Step:
+    """What one training forward of a block fixed, for its backward."""
+
+    plan: Any
+    backend: str  # the backend request, resolved when the forward ran
+    padding: tuple[int, int, int, int]
+    autocast: Optional[tuple[str, torch.dtype]]  # (device type, dtype) when the forward ran under autocast
+    args: tuple = ()
+    kwargs: Optional[dict] = None
+    eps: tuple[float, float, float] = (0.0, 0.0, 0.0)  # expand, depthwise, projection BN eps
+
+
+# order of the Parameters RecomputedMBConv takes (absent ones are None)
+_PARAMS = ("pre_w", "pre_g", "pre_b", "dw_w", "dw_g", "dw_b", "se_wr", "se_br", "se_we", "se_be",
+           "post_w", "post_g", "post_b")
+
+
+def _params(plan: Any) -> list[Optional[Tensor]]:
+    """The Parameters the block computes with, in :data:`_PARAMS` order."""
+    pre = plan.pre[0] if plan.pre else None
+    post = plan.post[0]
+    se = plan.se
+    out: list[Optional[Tensor]] = []
+    out += [pre.conv.weight, pre.bn.weight, pre.bn.bias] if pre is not None else [None, None, None]
+    out += [plan.dw.conv.weight, plan.dw.bn.weight, plan.dw.bn.bias]
+    out += ([se.conv_reduce.weight, se.conv_reduce.bias, se.conv_expand.weight, se.conv_expand.bias]
+            if se is not None else [None] * 4)
+    out += [post.conv.weight, post.bn.weight, post.bn.bias]
+    return out
+
+
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor], c: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(gamma, beta) as the kernels take them: float32 (float64 for float64 inputs), ones/zeros without affine."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    gamma = weight.to(dtype) if weight is not None else torch.ones(c, dtype=dtype, device=like.device)
+    beta = bias.to(dtype) if bias is not None else torch.zeros(c, dtype=dtype, device=like.device)
+    return gamma, beta
+
+
+def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd)``, running statistics
+    updated. ``out`` is :func:`_bn_apply`'s, so the backward's recompute reproduces it bit for bit."""
+    factor = momentum_factor(bn)
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(h.to(cdt), dim=(0, 2, 3), correction=0)
+    update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3], factor)
+    invstd = torch.rsqrt(var + float(bn.eps))
+    return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd
+
+
+def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """BatchNorm with given statistics, ``(h - mean) * invstd * gamma + beta`` in float32, h's dtype out."""
+    gamma, beta = _affine(weight, bias, h.shape[1], h)
+    scale = gamma * invstd
+    out = (h.to(scale.dtype) - mean[None, :, None, None]) * scale[None, :, None, None] + beta[None, :, None, None]
+    return out.to(h.dtype)
+
+
+def _bn_backward(grad: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                 invstd: Tensor, eps: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(grad_h, grad_gamma, grad_beta) of train-mode BatchNorm, through the batch statistics."""
+    want = [True, weight is not None, bias is not None]
+    gh, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.to(h.dtype), h, weight, None, None, mean, invstd,
+                                                           True, eps, want)
+    return gh, (gw if weight is not None else None), (gb if bias is not None else None)
+
+
+def _conv1x1(x: Tensor, weight: Tensor) -> Tensor:
+    return F.conv2d(x, weight)
+
+
+def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_weight) of a 1x1 conv, computed in ``grad``'s dtype (autocast's) and cast back."""
+    dt = grad.dtype
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x.to(dt), weight.to(dt), None, [1, 1], [0, 0], [1, 1],
+                                                    False, [0, 0], 1, [True, True, False])
+    return gx.to(x.dtype), gw.to(weight.dtype)
+
+
+def _act(t: Tensor, kind: str) -> Tensor:
+    from .nn import apply_activation
+
+    return apply_activation(t, kind)
+
+
+def _act_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
+    """grad * act'(u), computed in float32 (float64 for float64), in u's dtype."""
+    if kind == "identity":
+        return grad.to(u.dtype)
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return (grad.to(cdt) * ACTIVATION_GRADS[kind](u.to(cdt))).to(u.dtype)
+
+
+def _autocast(step: _Step) -> contextlib.AbstractContextManager:
+    if step.autocast is None:
+        return contextlib.nullcontext()
+    device, dtype = step.autocast
+    return torch.autocast(device, dtype=dtype)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _or_none(t: Tensor) -> Optional[Tensor]:
+    return t if t.numel() else None
+
+
+class RecomputedMBConv(torch.autograd.Function):
+    """One MBConv block in training that saves its input and O(C) per image, and recomputes the rest.
+
+    ``apply(x, step, *params)`` with ``params`` in :data:`_PARAMS` order. Saved (all through
+    ``save_for_backward``): ``x``, the batch statistics of the three BatchNorms, the SE squeeze
+    and gate, the drop mask, and the Parameters (as eager autograd saves them, so in-place
+    changes before backward are caught).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: _Step, *params: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        plan = step.plan
+        pre = plan.pre[0] if plan.pre else None
+        post = plan.post[0]
+        h = x
+        em = es = x.new_empty(0)
+        if pre is not None:
+            b, em, es = _bn_stats_forward(_conv1x1(x, pre.conv.weight), pre.bn)
+            h = _act(b, pre.activation)
+        y, pooled, dw_mean, dw_var = dw_forward(plan, h, step.backend)
+        gate = None
+        if plan.se is not None:
+            gate = plan.se.gate(pooled, step.backend)
+            y = ops.se_excite(y, gate, backend=step.backend)
+        q, pm, ps = _bn_stats_forward(_conv1x1(y, post.conv.weight), post.bn)
+        out = q
+        mask = None
+        if plan.residual:
+            mask = drop_mask(plan, q, step.args, step.kwargs or {})
+            out = (q if mask is None else q * mask) + x
+        step.eps = (float(pre.bn.eps) if pre is not None else 0.0, float(plan.dw.bn.eps), float(post.bn.eps))
+        ctx.save_for_backward(x, em, es, dw_mean, dw_var, _or_empty(pooled, x), _or_empty(gate, x), pm, ps,
+                              _or_empty(mask, x), *[_or_empty(p, x) for p in params])
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        step: _Step = ctx.step
+        plan = step.plan
+        x, em, es, dw_mean, dw_var, pooled, gate, pm, ps, mask, *saved = ctx.saved_tensors
+        mask = _or_none(mask)
+        p = dict(zip(_PARAMS, (_or_none(t) for t in saved)))
+        has_pre = p["pre_w"] is not None
+        pre_eps, dw_eps, post_eps = step.eps
+        pre_act = plan.pre[0].activation if has_pre else "identity"
+        dw = plan.dw
+        se = plan.se
+        backend = step.backend
+        grads: dict[str, Optional[Tensor]] = dict.fromkeys(_PARAMS)
+
+        # ---- recompute the block's large tensors, under the forward's autocast state
+        with torch.no_grad(), _autocast(step):
+            if has_pre:
+                h0 = _conv1x1(x, p["pre_w"])
+                b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es)
+                a = _act(b, pre_act)
+            else:
+                a = x
+            gamma, beta = _affine(p["dw_g"], p["dw_b"], a.shape[1], a)
+            y = ops.dwconv_bn_act_train(a, p["dw_w"], gamma, beta, eps=dw_eps, mean=dw_mean, var=dw_var,
+                                        stride=dw.stride, padding=step.padding, activation=dw.activation,
+                                        backend=backend)[0]
+            e = ops.se_excite(y, gate, backend=backend) if se is not None else y
+            q_in = _conv1x1(e, p["post_w"])
+
+        # ---- backward, op by op
+        gq = grad_out if mask is None else grad_out * mask
+        gp, grads["post_g"], grads["post_b"] = _bn_backward(gq, q_in, p["post_g"], p["post_b"], pm, ps, post_eps)
+        ge, grads["post_w"] = _conv1x1_backward(gp, e, p["post_w"])
+        gpooled = None
+        if se is not None:
+            gy, ggate = torch.ops.effnet.se_excite_backward.default(ge.to(y.dtype), y, gate, backend)
+            wr, we = p["se_wr"], p["se_we"]
+            (gpooled, gwr, grads["se_br"], gwe, grads["se_be"]) = torch.ops.effnet.se_gate_backward.default(
+                ggate.to(gate.dtype), pooled, wr.flatten(1), p["se_br"], we.flatten(1), p["se_be"], se.activation,
+                se.gate_kind, backend)
+            grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
+        else:
+            gy = ge.to(y.dtype)
+        ga, grads["dw_w"], ggamma, gbeta = torch.ops.effnet.dwconv_bn_act_train_backward.default(
+            gy, gpooled, a, p["dw_w"], gamma, beta, dw_mean, dw_var, dw_eps, list(dw.stride), list(step.padding),
+            dw.activation, backend)
+        if p["dw_g"] is not None:
+            grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
+        if p["dw_b"] is not None:
+            grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
+        if has_pre:
+            gb = _act_backward(ga, b, pre_act)
+            gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps)
+            gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
+        else:
+            gx = ga.to(x.dtype)
+        if plan.residual:
+            gx = gx + grad_out.to(gx.dtype)
+        out = [grads[name] if need else None for name, need in zip(_PARAMS, ctx.needs_input_grad[2:])]
+        return (gx, None, *out)
+
+
+def autocast_state(device: str) -> Optional[tuple[str, torch.dtype]]:
+    """``(device, dtype)`` when autocast is on for ``device`` (None for off, or a device autocast does not know: meta)."""
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+    except RuntimeError:
+        return None
+    return device, torch.get_autocast_dtype(device)
+
+
+def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
+    """The block in training through :class:`RecomputedMBConv` (see the module docstring)."""
+    from .backends import requested_backend
+
+    step = _Step(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
+                 autocast=autocast_state(x.device.type), args=tuple(args), kwargs=dict(kwargs))
+    return RecomputedMBConv.apply(x, step, *_params(plan))
+
+
+def train_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
+    """A converted block's training forward: recomputing, or composed under torch.compile, without
+    grad mode, or for an empty batch."""
+    if torch.compiler.is_compiling() or x.shape[0] == 0 or not torch.is_grad_enabled():
+        return composed_forward(plan, x, args, kwargs, backend)
+    return recomputed_forward(plan, x, args, kwargs, backend)
