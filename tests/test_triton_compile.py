@@ -72,7 +72,8 @@ def test_dwconv_compiles(dtype, channels_last, squeeze, int64, activation):
     unit = {"sxc": 1, "syc": 1} if channels_last else {"sxw": 1, "syw": 1}
     consts = dict(K=5, SH=2, SW=1, ACT=ACT_CODES[activation], SQUEEZE=squeeze, CHANNELS_LAST=channels_last,
                   INT64=int64, BF16_RTNE=False, BLOCK_H=4 if channels_last else 2, BLOCK_W=8 if channels_last else 64,
-                  BLOCK_C=64 if channels_last else 8, **unit)
+                  BLOCK_C=64 if channels_last else 8, VEC=(16 // {"fp32": 4}.get(dtype, 2)) if channels_last else 1,
+                  **unit)
     compiled = compile_sm90(dwconv._dwconv_bn_act_kernel, dwconv_types(dtype), consts)
     ptx = compiled.asm["ptx"]
     assert ("ex2.approx" in ptx) == (activation == "silu"), "the other activations' branches must compile away"
@@ -105,7 +106,7 @@ def test_se_excite_compiles(channels_last, int64):
              "COL_BLOCKS": "i32"}
     compiled = compile_sm90(se_excite._se_excite_kernel, types,
                             dict(CHANNELS_LAST=channels_last, INT64=int64, BF16_RTNE=False, BLOCK_ROWS=16,
-                                 BLOCK_COLS=256))
+                                 BLOCK_COLS=256, VEC=8))
     assert any(".v4." in op for op in global_accesses(compiled.asm["ptx"], "st"))
 
 
@@ -114,7 +115,7 @@ def test_bf16_rounding_by_hand_compiles():
     with BF16_RTNE set the store is the integer-rounded 16-bit value, not a float conversion."""
     types = {"y_ptr": "*bf16", "g_ptr": "*fp32", "o_ptr": "*bf16", "ROWS": "i32", "COLS": "i32", "HW": "i32",
              "COL_BLOCKS": "i32"}
-    consts = dict(CHANNELS_LAST=True, INT64=False, BLOCK_ROWS=16, BLOCK_COLS=256)
+    consts = dict(CHANNELS_LAST=True, INT64=False, BLOCK_ROWS=16, BLOCK_COLS=256, VEC=8)
     by_hand = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=True)).asm["ptx"]
     native = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=False)).asm["ptx"]
     assert "cvt.rn.bf16" in native and "cvt.rn.bf16" not in by_hand
@@ -473,3 +474,30 @@ def test_se_excite_nchw_is_128_bit_at_any_plane_size(recorded_launches, dtype):
         assert any(".v4." in op for op in global_accesses(ptx, "ld")), what
         stores = re.findall(r"\bst\.global[\w.:]*", ptx)
         assert stores and all(".v4." in op for op in stores), f"{what}: {sorted(set(stores))}"
+
+
+def all_global_accesses(ptx: str, op: str) -> list[str]:
+    """Every ``ld.global`` / ``st.global`` instruction form in ``ptx``, repeats kept."""
+    return re.findall(rf"\b{op}\.global[\w.:]*", ptx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("c", [24, 40, 56])
+def test_channels_last_is_128_bit_when_c_is_not_a_multiple_of_16(recorded_launches, monkeypatch, c, dtype):
+    """C = 24/40/56 (B1-B6 widths; 48/80/112-byte fp16 pixels, 16-byte aligned, which Triton's divisibility-16
+    specialisation of C does not see): with the launchers' VEC every global load and store of dwconv (input,
+    weights, shift, output) and se_excite (input, gate, output) is a 16-byte vector. Before VEC the C = 24 fp16
+    dwconv compiled to LDG 16:144 32:10 / STG 16:16 and se_excite to LDG 32:32 16:32 / STG 16:32 (SASS widths
+    in bits), and this test failed on their ``ld.global.b16`` / ``ld.global.b32`` forms."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((256, c, 56, 56), 3, 1, dtype, True, squeeze=True)  # several tiles per sample: atomic squeeze
+    se_excite.se_excite(cpu_input((256, c, 56, 56), dtype, True), torch.empty(256, c))
+    check_compiled(recorded_launches, 2)
+    for what, compiled in recorded_launches.compile_all():
+        ptx = compiled.asm["ptx"]
+        for op in ("ld", "st"):
+            forms = all_global_accesses(ptx, op)
+            assert forms and all(".v4." in f for f in forms), f"{what}: {op} {sorted(set(forms))}"
+

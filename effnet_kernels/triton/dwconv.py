@@ -10,7 +10,10 @@ the input's dtype and, with the squeeze, sums the activated float32 values per c
 * channels_last (the fast path): the tile is ``[pixels, BLOCK_C]`` with channels fastest;
   ``BLOCK_C`` is a whole 128-byte line (64 fp16/bf16, 32 fp32) so loads and stores are
   128-bit vectors along C, each thread holding several pixels; the tile is about square
-  (smallest halo);
+  (smallest halo). That needs C * element size to be a multiple of 16 bytes, not C a
+  multiple of 16 (which is all Triton's launch specialisation sees): the constexpr ``VEC``
+  (:func:`channel_vector`) tells the kernel how many channels per vector are aligned, so
+  C = 24, 40, 56 get 128-bit accesses too (and C = 12 fp16 64-bit ones);
 * NCHW: the tile transposed (``[BLOCK_C, pixels]``), up to 64 pixels wide so a warp's 32
   lanes read 32 consecutive W (coalesced 64-128 B per instruction). The k taps of a row are
   shifted by one element each, so these loads cannot be 16-byte aligned and stay scalar;
@@ -52,7 +55,8 @@ import triton.language as tl
 from .._launch import DWConvLaunch, prepare_dwconv
 from . import _tuning
 from ._activation import activate
-from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2, round_bf16_rtne
+from ._jit import (SUM, device_guard, device_kernel, interpreted, multiple_of, needs_bf16_rtne, next_pow2,
+                   round_bf16_rtne, vector_width)
 from ._weights import tap_major_weight
 
 Tensor = torch.Tensor
@@ -76,7 +80,13 @@ def _dwconv_bn_act_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     ACT: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    if VEC > 1:  # channels_last: VEC divides C and the pixel strides, so channel vectors of VEC elements
+        # are aligned, which Triton's specialisation only sees when C % 16 == 0 (see _jit.vector_width)
+        C = multiple_of(C, VEC)
+        sxn, sxh, sxw = multiple_of(sxn, VEC), multiple_of(sxh, VEC), multiple_of(sxw, VEC)
+        syn, syh, syw = multiple_of(syn, VEC), multiple_of(syh, VEC), multiple_of(syw, VEC)
     pid = tl.program_id(0)
     if INT64:  # before any product: th * BLOCK_H, n * stride, ...
         pid = pid.to(tl.int64)
@@ -222,6 +232,16 @@ def _space(lp: DWConvLaunch) -> tuple[list[_tuning.Config], _tuning.Config]:
     return candidates, candidates[0]
 
 
+def channel_vector(lp: DWConvLaunch) -> int:
+    """The kernel's ``VEC``: channels per aligned 128-bit vector (channels_last; 1 for NCHW, whose taps
+    shift W by one element). It divides C and every pixel stride of x and y, so C = 24/40/56 (fp16:
+    48/80/112-byte pixels) still get 16-byte accesses; C = 1, odd C, C = 12 fp16 get narrower ones."""
+    if lp.layout != "nhwc":
+        return 1
+    sx, sy = lp.x.stride(), lp.y.stride()
+    return vector_width(lp.x.element_size(), lp.c, sx[0], sx[2], sx[3], sy[0], sy[2], sy[3])
+
+
 def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
     bh, bw = tile_shape(lp, cfg.block_a)
     bc = cfg.block_b
@@ -245,7 +265,8 @@ def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
         lp.pad_top, lp.pad_left, 1.0 / (lp.ho * lp.wo),
         K=lp.k, SH=lp.stride_h, SW=lp.stride_w,
         ACT=lp.act, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
-        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=cfg.num_warps,
+        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, VEC=channel_vector(lp),
+        num_warps=cfg.num_warps,
     )
     if mode == _SQUEEZE_STORE and red is not lp.mean:
         block_c = min(next_pow2(lp.c), 128)
