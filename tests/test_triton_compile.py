@@ -73,7 +73,7 @@ def test_dwconv_compiles(dtype, channels_last, squeeze, int64, activation):
     consts = dict(K=5, SH=2, SW=1, ACT=ACT_CODES[activation], SQUEEZE=squeeze, CHANNELS_LAST=channels_last,
                   INT64=int64, BF16_RTNE=False, BLOCK_H=4 if channels_last else 2, BLOCK_W=8 if channels_last else 64,
                   BLOCK_C=64 if channels_last else 8, VEC=(16 // {"fp32": 4}.get(dtype, 2)) if channels_last else 1,
-                  **unit)
+                  WEIGHT_TILE=False, **unit)
     compiled = compile_sm90(dwconv._dwconv_bn_act_kernel, dwconv_types(dtype), consts)
     ptx = compiled.asm["ptx"]
     assert ("ex2.approx" in ptx) == (activation == "silu"), "the other activations' branches must compile away"
@@ -501,3 +501,18 @@ def test_channels_last_is_128_bit_when_c_is_not_a_multiple_of_16(recorded_launch
             forms = all_global_accesses(ptx, op)
             assert forms and all(".v4." in f for f in forms), f"{what}: {op} {sorted(set(forms))}"
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_small_tiles_load_weights_as_128_bit(recorded_launches, monkeypatch, dtype):
+    """Batch-1 tiles of one channel vector per thread (8 pixels x 64 fp16 channels on 2 warps, 8 x 32 on 1):
+    the ``[1, BLOCK_C]`` weight and shift rows have as many elements as threads, so Triton gave them a layout
+    of one scalar each (LDG 128:25 32:26 at k5) plus a shuffle; with WEIGHT_TILE every load is 16 bytes."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((1, 144, 56, 56), 5, 2, dtype, True, squeeze=True)
+    run_dwconv((1, 1152, 7, 7), 3, 1, dtype, True, squeeze=True)
+    check_compiled(recorded_launches, 2)
+    for what, compiled in recorded_launches.compile_all():
+        loads = all_global_accesses(compiled.asm["ptx"], "ld")
+        assert loads and all(".v4." in f for f in loads), f"{what}: {sorted(set(loads))}"

@@ -227,15 +227,22 @@ def dwconv_truth_from_scale(x, w, scale, shift, stride=1, padding=None):
 
 
 # C with 16-byte pixels that Triton's divisibility-16 specialisation does not see (24, 40, 56: B1-B6),
-# C = 12 and 20 (8-byte vectors in fp16) and C = 13 (none): the kernel's VEC
+# C = 12 and 20 (8-byte vectors in fp16) and C = 13 (none): the kernel's VEC and, in the 8-pixel x
+# 32-channel single-warp tile, the weights and shift loaded in the tile's layout (WEIGHT_TILE)
 CHANNEL_VECTOR_CASES = [24, 40, 56, 12, 20, 13]
 
 
+@pytest.mark.parametrize("tile", ["default", "weight-tile"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", CHANNEL_VECTOR_CASES)
-def test_channel_vector_widths(poisoned_outputs, c, dtype):
+def test_channel_vector_widths(poisoned_outputs, monkeypatch, c, dtype, tile):
     """channels_last (and a strided view, which the launcher copies) at C not a multiple of 16, every
     output poisoned first; k5 s2 with asymmetric padding: halo masks on every side."""
+    from effnet_kernels.triton import _tuning, dwconv
+
+    if tile == "weight-tile":
+        cfg = _tuning.Config(block_a=8, block_b=32, num_warps=1)
+        monkeypatch.setattr(dwconv, "INTERPRETER_CONFIG", cfg)
     for layout in ("channels_last", "strided"):
         run_dwconv_case("triton", "cpu", (2, c, 7, 6), 5 if layout == "channels_last" else 3, 2,
                         asym_padding(5) if layout == "channels_last" else None, dtype, layout, "silu", True)
@@ -260,7 +267,7 @@ def test_negative_control_wrong_channel_vector_is_caught(poisoned_outputs, monke
 def test_channel_vector_choice(c, dtype, vec):
     """VEC divides C and the pixel strides, at most 16 bytes; NCHW (taps shift W by one element) gets 1."""
     from effnet_kernels._launch import prepare_dwconv
-    from effnet_kernels.triton import dwconv
+    from effnet_kernels.triton import _tuning, dwconv
 
     for layout, expect in (("channels_last", vec), ("nchw", 1)):
         x = torch.empty(2, c, 9, 9, dtype=dtype)
@@ -269,6 +276,9 @@ def test_channel_vector_choice(c, dtype, vec):
         lp = prepare_dwconv(x, torch.empty(c, 1, 3, 3), torch.empty(c), torch.empty(c), (1, 1), (1, 1, 1, 1),
                             "silu", True)
         assert dwconv.channel_vector(lp) == expect, layout
+        # weights in the tile's layout only where a channel row has at least as many elements as threads
+        assert dwconv.weight_tile(lp, _tuning.Config(8, 64, 2)) == (lp.layout == "nhwc")  # C = 1: NCHW
+        assert not dwconv.weight_tile(lp, _tuning.Config(64, 64, 4))
 
 
 def test_int64_offsets_variant(monkeypatch):

@@ -22,8 +22,8 @@ the input's dtype and, with the squeeze, sums the activated float32 values per c
 
 Weights are the tap-major ``[k*k, CP]`` float32 array with the BN scale folded in
 (:mod:`._weights`, prepared once per fold and cached), read per tap as 128-bit vectors
-along C. The k x k windows of neighbouring pixels overlap; the reuse is left to L1 (no
-shared-memory staging), which the squeeze's atomics no longer invalidate: they are
+along C, in the tile's own layout (:func:`weight_tile` says how). The k x k windows of
+neighbouring pixels overlap; the reuse is left to L1 (no shared-memory staging), which the squeeze's atomics no longer invalidate: they are
 ``sem="relaxed"`` (a plain ``REDG`` in SASS, no ``MEMBAR`` / ``CCTL.IVALL``).
 
 Squeeze: sums are pre-scaled by ``1 / (Ho * Wo)``. When one tile covers a sample's
@@ -80,7 +80,7 @@ def _dwconv_bn_act_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     ACT: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, WEIGHT_TILE: tl.constexpr,
 ):
     if VEC > 1:  # channels_last: VEC divides C and the pixel strides, so channel vectors of VEC elements
         # are aligned, which Triton's specialisation only sees when C % 16 == 0 (see _jit.vector_width)
@@ -110,6 +110,8 @@ def _dwconv_bn_act_kernel(
     iw0 = ow * SW - pad_left
     x_tile = x_ptr + n * sxn + c * sxc + iw0 * sxw
     w_c = w_ptr + c  # tap-major [K * K, WC], BN scale folded in (see _weights.py)
+    if WEIGHT_TILE:  # weights (and shift) addressed per tile element: loaded in the tile's layout (see weight_tile)
+        w_c = tl.broadcast_to(w_c, acc.shape)
 
     for kh in tl.static_range(K):
         ih = ih0 + kh
@@ -121,7 +123,10 @@ def _dwconv_bn_act_kernel(
             wv = tl.load(w_c + (kh * K + kw) * WC, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv
 
-    u = activate(acc + tl.load(shift_ptr + c, mask=c_ok, other=0.0), ACT)
+    shift_c = shift_ptr + c
+    if WEIGHT_TILE:
+        shift_c = tl.broadcast_to(shift_c, acc.shape)
+    u = activate(acc + tl.load(shift_c, mask=c_ok, other=0.0), ACT)
     out = u
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
         out = round_bf16_rtne(out)
@@ -242,6 +247,22 @@ def channel_vector(lp: DWConvLaunch) -> int:
     return vector_width(lp.x.element_size(), lp.c, sx[0], sx[2], sx[3], sy[0], sy[2], sy[3])
 
 
+def weight_tile(lp: DWConvLaunch, cfg: _tuning.Config) -> bool:
+    """The kernel's ``WEIGHT_TILE``: load weights and shift through pointers of the whole tile's shape.
+
+    A ``[1, BLOCK_C]`` load (one row of channels, broadcast over the pixels) is laid out by
+    Triton on its own: with fewer elements than threads, Triton 3.6 rematerialises it in the
+    tile's layout (each thread loads its own channel vector, 128-bit); otherwise it keeps a
+    layout of ``BLOCK_C / threads`` elements per thread plus a layout conversion per tap:
+    scalar loads on the batch-1 tiles of 8 pixels x 64 fp16 channels on 64 threads (SASS
+    LDG 128:25 32:26 at k5). Addressed per tile element, the load takes the tile's layout,
+    128-bit, but is repeated for each pixel a thread holds (k5, 64 x 64 fp16 on 4 warps:
+    302 LDG.128 instead of 152), so it is used only where the row load would not be
+    rematerialised (``BLOCK_C >= threads``; those candidate tiles hold 1-2 pixels per thread).
+    """
+    return lp.layout == "nhwc" and cfg.block_b >= 32 * cfg.num_warps
+
+
 def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
     bh, bw = tile_shape(lp, cfg.block_a)
     bc = cfg.block_b
@@ -266,7 +287,7 @@ def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
         K=lp.k, SH=lp.stride_h, SW=lp.stride_w,
         ACT=lp.act, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
         BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, VEC=channel_vector(lp),
-        num_warps=cfg.num_warps,
+        WEIGHT_TILE=weight_tile(lp, cfg), num_warps=cfg.num_warps,
     )
     if mode == _SQUEEZE_STORE and red is not lp.mean:
         block_c = min(next_pow2(lp.c), 128)
