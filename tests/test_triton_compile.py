@@ -516,3 +516,21 @@ def test_small_tiles_load_weights_as_128_bit(recorded_launches, monkeypatch, dty
     for what, compiled in recorded_launches.compile_all():
         loads = all_global_accesses(compiled.asm["ptx"], "ld")
         assert loads and all(".v4." in f for f in loads), f"{what}: {sorted(set(loads))}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_occupancy_classes_fit_in_128_registers(recorded_launches, monkeypatch, dtype):
+    """The channels_last classes the audit found at 8-12 warps per SM (over 128 registers at 128 threads):
+    C = 24/40/56 k3 s1 (146-223 registers with scalar accesses) and the 64-bit-offset B7 class
+    [256, 192, 264, 264] k3 s2 (bf16: 151 registers with the 64-pixel default tile; int64 forced here on a
+    smaller tensor, the same compiled variant): <= MAX_REGISTERS (16 warps per SM), no spills."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for c in (24, 40, 56):
+        run_dwconv((256, c, 56, 56), 3, 1, dtype, True, squeeze=True)
+    run_dwconv((64, 192, 56, 56), 3, 2, dtype, True, squeeze=True, force_int64=True)
+    check_compiled(recorded_launches, 2 if dtype == torch.float32 else 3)  # C = 40, 56 share a tile (fp32: all three)
+    for what, compiled in recorded_launches.compile_all():
+        regs, spills = ptxas_usage(compiled.asm["ptx"])
+        assert spills == 0 and regs <= MAX_REGISTERS, f"{what}: {regs} registers, {spills} B spilled"

@@ -198,11 +198,14 @@ def _candidates(lp: DWConvLaunch) -> list[_tuning.Config]:
     channels_last: BLOCK_C is a whole 128-byte line of channels (64 fp16/bf16, 32 fp32) or two,
     each thread holding 8 (or 4 fp32) channels x 2-4 pixels. NCHW: 4-8 channel planes x 64-256
     pixels. Every tile is clamped to C and Ho x Wo, then shrunk (pixels first) until the grid
-    fills the GPU (small shapes: batch 1, the late 7 x 7 layers).
+    fills the GPU (small shapes: batch 1, the late 7 x 7 layers). With 64-bit offsets the
+    channels_last default is the 32-pixel tile (registers <= 128: 16 warps per SM).
     """
     if lp.layout == "nhwc":
         line = 128 // lp.x.element_size()
         space = [(64, line, 4), (32, line, 4), (16, 2 * line, 4), (128, line, 8), (64, 2 * line, 8)]
+        if lp.int64:  # 64-bit addresses per pixel: 64 x 64 bf16 k3 s2 took 151 registers (12 warps/SM), 32 x 64 86
+            space[0], space[1] = space[1], space[0]
         min_p, min_c = 8, min(line, 32)
     else:
         space = [(128, 8, 4), (256, 4, 8), (64, 8, 4), (256, 8, 8)]  # (128, 4, 4) spilled 4 B at 4 x 32 tiles
