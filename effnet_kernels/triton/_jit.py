@@ -132,8 +132,8 @@ def multiple_of(x, VEC: tl.constexpr):
 
     The same value, but Triton's axis analysis now knows it is divisible by ``VEC``
     (``tl.multiple_of`` on a kernel argument is dropped): offsets built from it keep the
-    alignment that lets masked loads and stores become ``VEC``-element vectors. A shift
-    pair per program, nothing per element.
+    alignment that lets masked loads and stores become ``VEC``-element vectors. A few
+    scalar integer instructions per program, nothing per element.
     """
     return x // VEC * VEC
 

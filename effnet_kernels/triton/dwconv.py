@@ -23,7 +23,8 @@ the input's dtype and, with the squeeze, sums the activated float32 values per c
 Weights are the tap-major ``[k*k, CP]`` float32 array with the BN scale folded in
 (:mod:`._weights`, prepared once per fold and cached), read per tap as 128-bit vectors
 along C, in the tile's own layout (:func:`weight_tile` says how). The k x k windows of
-neighbouring pixels overlap; the reuse is left to L1 (no shared-memory staging), which the squeeze's atomics no longer invalidate: they are
+neighbouring pixels overlap; the reuse is left to L1 (no shared-memory staging), which the
+squeeze's atomics no longer invalidate: they are
 ``sem="relaxed"`` (a plain ``REDG`` in SASS, no ``MEMBAR`` / ``CCTL.IVALL``).
 
 Squeeze: sums are pre-scaled by ``1 / (Ho * Wo)``. When one tile covers a sample's

@@ -4,7 +4,9 @@ The dense tensor is seen as a matrix of rows x columns with the gate constant al
 one axis, so a tile loads its gate values once and broadcasts them:
 
 * channels_last: rows are the N*H*W pixels, columns the C channels (contiguous,
-  vectorised); the gate of row ``i``, column ``c`` is ``gate[i // (H*W), c]``;
+  vectorised; the constexpr ``VEC``, :func:`._jit.vector_width` of C, gives 128-bit
+  accesses wherever a row is a multiple of 16 bytes, e.g. C = 24/40/56 in fp16); the gate
+  of row ``i``, column ``c`` is ``gate[i // (H*W), c]``;
 * NCHW: rows are the N*C planes, columns the H*W pixels; the gate of row ``i`` is
   ``gate.view(-1)[i]``.
 
