@@ -268,6 +268,25 @@ def test_workloads_cover_b0_to_b7_and_bytes_follow_the_readme():
     assert round(ex.compulsory_bytes() / 1e6) == 289
 
 
+def test_captured_launches_carry_the_launchers_vector_config():
+    """The audit captures the launcher's constexprs, so its config column shows what changes the code:
+    VEC (C = 24 fp16 NHWC: 8, NCHW: 1), WEIGHT_TILE (batch-1 tiles of one vector per thread), and
+    outputs per thread from the dwconv tile (BLOCK_H x BLOCK_W x BLOCK_C over the threads)."""
+    def dwconv_launch(n, c, h, k, s, layout):
+        wl = Workload("dwconv_bn_act", n, c, h, h, h // s, h // s, k, s, k // 2, dtype="fp16", layout=layout)
+        (launch,) = [l for l in triton_audit.capture(wl) if l.kernel.startswith("_dwconv")]
+        return launch
+
+    nhwc, nchw = dwconv_launch(256, 24, 56, 3, 1, "nhwc"), dwconv_launch(256, 24, 56, 3, 1, "nchw")
+    assert "VEC=8" in triton_audit.config_of(nhwc) and "VEC=1" in triton_audit.config_of(nchw)
+    assert "WEIGHT_TILE=False" in triton_audit.config_of(nhwc)
+    assert "WEIGHT_TILE=True" in triton_audit.config_of(dwconv_launch(1, 144, 56, 5, 2, "nhwc"))
+    c = nhwc.constexprs
+    assert triton_audit.outputs_per_thread(nhwc) == c["BLOCK_H"] * c["BLOCK_W"] * c["BLOCK_C"] / (32 * nhwc.num_warps)
+    se = triton_audit.capture(Workload("se_excite", 256, 40, 28, 28, 28, 28, dtype="bf16", layout="nhwc"))
+    assert se and "VEC=8" in triton_audit.config_of(se[0])
+
+
 # ------------------------------------------------------------------ the CLI, --quick
 
 @pytest.fixture(scope="module")

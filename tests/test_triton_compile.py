@@ -72,7 +72,8 @@ def test_dwconv_compiles(dtype, channels_last, squeeze, int64, activation):
     unit = {"sxc": 1, "syc": 1} if channels_last else {"sxw": 1, "syw": 1}
     consts = dict(K=5, SH=2, SW=1, ACT=ACT_CODES[activation], SQUEEZE=squeeze, CHANNELS_LAST=channels_last,
                   INT64=int64, BF16_RTNE=False, BLOCK_H=4 if channels_last else 2, BLOCK_W=8 if channels_last else 64,
-                  BLOCK_C=64 if channels_last else 8, **unit)
+                  BLOCK_C=64 if channels_last else 8, VEC=(16 // {"fp32": 4}.get(dtype, 2)) if channels_last else 1,
+                  WEIGHT_TILE=False, **unit)
     compiled = compile_sm90(dwconv._dwconv_bn_act_kernel, dwconv_types(dtype), consts)
     ptx = compiled.asm["ptx"]
     assert ("ex2.approx" in ptx) == (activation == "silu"), "the other activations' branches must compile away"
@@ -105,7 +106,7 @@ def test_se_excite_compiles(channels_last, int64):
              "COL_BLOCKS": "i32"}
     compiled = compile_sm90(se_excite._se_excite_kernel, types,
                             dict(CHANNELS_LAST=channels_last, INT64=int64, BF16_RTNE=False, BLOCK_ROWS=16,
-                                 BLOCK_COLS=256))
+                                 BLOCK_COLS=256, VEC=8))
     assert any(".v4." in op for op in global_accesses(compiled.asm["ptx"], "st"))
 
 
@@ -114,7 +115,7 @@ def test_bf16_rounding_by_hand_compiles():
     with BF16_RTNE set the store is the integer-rounded 16-bit value, not a float conversion."""
     types = {"y_ptr": "*bf16", "g_ptr": "*fp32", "o_ptr": "*bf16", "ROWS": "i32", "COLS": "i32", "HW": "i32",
              "COL_BLOCKS": "i32"}
-    consts = dict(CHANNELS_LAST=True, INT64=False, BLOCK_ROWS=16, BLOCK_COLS=256)
+    consts = dict(CHANNELS_LAST=True, INT64=False, BLOCK_ROWS=16, BLOCK_COLS=256, VEC=8)
     by_hand = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=True)).asm["ptx"]
     native = compile_sm90(se_excite._se_excite_kernel, types, dict(consts, BF16_RTNE=False)).asm["ptx"]
     assert "cvt.rn.bf16" in native and "cvt.rn.bf16" not in by_hand
@@ -473,3 +474,63 @@ def test_se_excite_nchw_is_128_bit_at_any_plane_size(recorded_launches, dtype):
         assert any(".v4." in op for op in global_accesses(ptx, "ld")), what
         stores = re.findall(r"\bst\.global[\w.:]*", ptx)
         assert stores and all(".v4." in op for op in stores), f"{what}: {sorted(set(stores))}"
+
+
+def all_global_accesses(ptx: str, op: str) -> list[str]:
+    """Every ``ld.global`` / ``st.global`` instruction form in ``ptx``, repeats kept."""
+    return re.findall(rf"\b{op}\.global[\w.:]*", ptx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("c", [24, 40, 56])
+def test_channels_last_is_128_bit_when_c_is_not_a_multiple_of_16(recorded_launches, monkeypatch, c, dtype):
+    """C = 24/40/56 (B1-B6 widths; 48/80/112-byte fp16 pixels, 16-byte aligned, which Triton's divisibility-16
+    specialisation of C does not see): with the launchers' VEC every global load and store of dwconv (input,
+    weights, shift, output) and se_excite (input, gate, output) is a 16-byte vector. Before VEC the C = 24 fp16
+    dwconv compiled to LDG 16:144 32:10 / STG 16:16 and se_excite to LDG 32:32 16:32 / STG 16:32 (SASS widths
+    in bits), and this test failed on their ``ld.global.b16`` / ``ld.global.b32`` forms."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((256, c, 56, 56), 3, 1, dtype, True, squeeze=True)  # several tiles per sample: atomic squeeze
+    se_excite.se_excite(cpu_input((256, c, 56, 56), dtype, True), torch.empty(256, c))
+    check_compiled(recorded_launches, 2)
+    for what, compiled in recorded_launches.compile_all():
+        ptx = compiled.asm["ptx"]
+        for op in ("ld", "st"):
+            forms = all_global_accesses(ptx, op)
+            assert forms and all(".v4." in f for f in forms), f"{what}: {op} {sorted(set(forms))}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_small_tiles_load_weights_as_128_bit(recorded_launches, monkeypatch, dtype):
+    """Batch-1 tiles of one channel vector per thread (8 pixels x 64 fp16 channels on 2 warps, 8 x 32 on 1):
+    the ``[1, BLOCK_C]`` weight and shift rows have as many elements as threads, so Triton gave them a layout
+    of one scalar each (LDG 128:25 32:26 at k5) plus a shuffle; with WEIGHT_TILE every load is 16 bytes."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    run_dwconv((1, 144, 56, 56), 5, 2, dtype, True, squeeze=True)
+    run_dwconv((1, 1152, 7, 7), 3, 1, dtype, True, squeeze=True)
+    check_compiled(recorded_launches, 2)
+    for what, compiled in recorded_launches.compile_all():
+        loads = all_global_accesses(compiled.asm["ptx"], "ld")
+        assert loads and all(".v4." in f for f in loads), f"{what}: {sorted(set(loads))}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_occupancy_classes_fit_in_128_registers(recorded_launches, monkeypatch, dtype):
+    """The channels_last classes the audit found at 8-12 warps per SM (over 128 registers at 128 threads):
+    C = 24/40/56 k3 s1 (146-223 registers with scalar accesses) and the 64-bit-offset B7 class
+    [256, 192, 264, 264] k3 s2 (bf16: 151 registers with the 64-pixel default tile; int64 forced here on a
+    smaller tensor, the same compiled variant): <= MAX_REGISTERS (16 warps per SM), no spills."""
+    from effnet_kernels.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "tuning_enabled", lambda t: False)
+    for c in (24, 40, 56):
+        run_dwconv((256, c, 56, 56), 3, 1, dtype, True, squeeze=True)
+    run_dwconv((64, 192, 56, 56), 3, 2, dtype, True, squeeze=True, force_int64=True)
+    check_compiled(recorded_launches, 2 if dtype == torch.float32 else 3)  # C = 40, 56 share a tile (fp32: all three)
+    for what, compiled in recorded_launches.compile_all():
+        regs, spills = ptxas_usage(compiled.asm["ptx"])
+        assert spills == 0 and regs <= MAX_REGISTERS, f"{what}: {regs} registers, {spills} B spilled"

@@ -84,6 +84,26 @@ def tile_sums(monkeypatch):
     return launches
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """The outputs the Triton launchers allocate (dwconv's y, se_excite's out) start as NaN, so an
+    element a kernel fails to write (a vector store masked too far) fails the parity check."""
+    from effnet_kernels.triton import dwconv, se_excite
+
+    def poisoning(module, name, attr):
+        real = getattr(module, name)
+
+        def prepare(*args):
+            lp = real(*args)
+            getattr(lp, attr).fill_(float("nan"))
+            return lp
+
+        monkeypatch.setattr(module, name, prepare)
+
+    poisoning(dwconv, "prepare_dwconv", "y")
+    poisoning(se_excite, "prepare_se_excite", "out")
+
+
 def asym_padding(k: int) -> tuple[int, int, int, int]:
     """A 4-sided padding (left, right, top, bottom) with four different sides."""
     p = k // 2
@@ -204,6 +224,61 @@ def dwconv_truth_from_scale(x, w, scale, shift, stride=1, padding=None):
         bn.bias.copy_(shift.double())
     pad4 = (k // 2,) * 4 if padding is None else padding
     return dwconv_truth(x, w, bn, stride, pad4, "silu")
+
+
+# C with 16-byte pixels that Triton's divisibility-16 specialisation does not see (24, 40, 56: B1-B6),
+# C = 12 and 20 (8-byte vectors in fp16) and C = 13 (none): the kernel's VEC and, in the 8-pixel x
+# 32-channel single-warp tile, the weights and shift loaded in the tile's layout (WEIGHT_TILE)
+CHANNEL_VECTOR_CASES = [24, 40, 56, 12, 20, 13]
+
+
+@pytest.mark.parametrize("tile", ["default", "weight-tile"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", CHANNEL_VECTOR_CASES)
+def test_channel_vector_widths(poisoned_outputs, monkeypatch, c, dtype, tile):
+    """channels_last (and a strided view, which the launcher copies) at C not a multiple of 16, every
+    output poisoned first; k5 s2 with asymmetric padding: halo masks on every side."""
+    from effnet_kernels.triton import _tuning, dwconv
+
+    if tile == "weight-tile":
+        cfg = _tuning.Config(block_a=8, block_b=32, num_warps=1)
+        monkeypatch.setattr(dwconv, "INTERPRETER_CONFIG", cfg)
+    for layout in ("channels_last", "strided"):
+        run_dwconv_case("triton", "cpu", (2, c, 7, 6), 5 if layout == "channels_last" else 3, 2,
+                        asym_padding(5) if layout == "channels_last" else None, dtype, layout, "silu", True)
+
+
+def test_negative_control_wrong_channel_vector_is_caught(poisoned_outputs, monkeypatch):
+    """A VEC that does not divide C (16 for C = 24) rounds C down in the kernel: channels 16-23 stay
+    unwritten (NaN from the poisoning), which the check above must reject."""
+    from effnet_kernels.triton import dwconv
+
+    monkeypatch.setattr(dwconv, "channel_vector", lambda lp: 16)
+    with pytest.raises(AssertionError):
+        run_dwconv_case("triton", "cpu", (2, 24, 7, 6), 3, 1, None, torch.float32, "channels_last", "silu", True)
+
+
+@pytest.mark.parametrize(
+    "c,dtype,vec",
+    [(24, torch.float16, 8), (40, torch.bfloat16, 8), (56, torch.float32, 4), (144, torch.float16, 8),
+     (12, torch.float16, 4), (20, torch.float32, 4), (13, torch.float16, 1), (1, torch.float32, 1),
+     (6, torch.float32, 2)],
+)
+def test_channel_vector_choice(c, dtype, vec):
+    """VEC divides C and the pixel strides, at most 16 bytes; NCHW (taps shift W by one element) gets 1."""
+    from effnet_kernels._launch import prepare_dwconv
+    from effnet_kernels.triton import _tuning, dwconv
+
+    for layout, expect in (("channels_last", vec), ("nchw", 1)):
+        x = torch.empty(2, c, 9, 9, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=CL)
+        lp = prepare_dwconv(x, torch.empty(c, 1, 3, 3), torch.empty(c), torch.empty(c), (1, 1), (1, 1, 1, 1),
+                            "silu", True)
+        assert dwconv.channel_vector(lp) == expect, layout
+        # weights in the tile's layout only where a channel row has at least as many elements as threads
+        assert dwconv.weight_tile(lp, _tuning.Config(8, 64, 2)) == (lp.layout == "nhwc")  # C = 1: NCHW
+        assert not dwconv.weight_tile(lp, _tuning.Config(64, 64, 4))
 
 
 def test_int64_offsets_variant(monkeypatch):

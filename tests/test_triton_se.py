@@ -15,7 +15,7 @@ import effnet_kernels as ek
 from .parity import assert_parity
 from .defects import planted
 from .test_ops_parity import LAYOUTS, SE_VARIANTS, make_input, se_plain, se_truth
-from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module fixture: TRITON_INTERPRET=1)
+from .test_triton_dwconv import poisoned_outputs, triton_interpreter  # noqa: F401  (fixtures)
 
 pytest.importorskip("triton")
 
@@ -104,6 +104,15 @@ def test_se_excite(dtype, layout, gate_dtype):
 def test_se_excite_awkward_shapes(shape, layout):
     y = make_input(shape, torch.bfloat16, layout, "cpu")
     check_excite(y, torch.rand(shape[:2]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [24, 40, 56, 12, 13])
+def test_se_excite_channel_vector_widths(poisoned_outputs, c, dtype):
+    """channels_last rows of C = 24/40/56 (16-byte rows Triton's specialisation does not see: the
+    kernel's VEC), 12 (8-byte vectors in fp16) and 13 (none), outputs poisoned first; and a strided view."""
+    for layout in ("channels_last", "strided"):
+        check_excite(make_input((2, c, 5, 3), dtype, layout, "cpu"), torch.rand(2, c))
 
 
 def test_se_excite_b0_width():

@@ -208,9 +208,15 @@ def compile_launch(launch: Launch, cache: DiskCache) -> dict:
     return cache.get_or_make(launch.key, lambda: compile_source(*launch.source))
 
 
+# launch constexprs that are config, not semantics: the tiles, the channel vector width the launcher
+# derived from C and the dtype (_jit.vector_width) and dwconv's weight-load layout (dwconv.weight_tile)
+CONFIG_CONSTEXPRS = ("VEC", "WEIGHT_TILE")
+
+
 def config_of(launch: Launch) -> str:
-    """The tile constexprs and warps of a launch, e.g. ``BLOCK_P=64 BLOCK_C=32 warps=4``."""
-    tiles = " ".join(f"{k}={v}" for k, v in launch.constexprs.items() if k.startswith("BLOCK"))
+    """The tile constexprs and warps of a launch, e.g. ``BLOCK_H=8 BLOCK_W=8 BLOCK_C=64 VEC=8 WEIGHT_TILE=False warps=4``."""
+    tiles = " ".join(f"{k}={v}" for k, v in launch.constexprs.items()
+                     if k.startswith("BLOCK") or k in CONFIG_CONSTEXPRS)
     return f"{tiles} warps={launch.num_warps}".strip()
 
 
@@ -218,8 +224,8 @@ def outputs_per_thread(launch: Launch) -> Optional[float]:
     """Output elements one thread of the launch computes, from its tile constexprs (None if unknown)."""
     c = launch.constexprs
     threads = 32 * launch.num_warps
-    if "BLOCK_P" in c and "BLOCK_C" in c and launch.kernel.startswith("_dwconv"):
-        return c["BLOCK_P"] * c["BLOCK_C"] / threads
+    if {"BLOCK_H", "BLOCK_W", "BLOCK_C"} <= c.keys() and launch.kernel.startswith("_dwconv"):
+        return c["BLOCK_H"] * c["BLOCK_W"] * c["BLOCK_C"] / threads
     if "BLOCK_ROWS" in c and "BLOCK_COLS" in c:
         return c["BLOCK_ROWS"] * c["BLOCK_COLS"] / threads
     if "BLOCK_N" in c and "BLOCK_C" in c:

@@ -109,6 +109,35 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def vector_width(element_size: int, *extents: int) -> int:
+    """Elements per aligned 128-bit (or narrower) vector along a contiguous axis.
+
+    The largest power of two ``v <= 16 // element_size`` dividing every one of ``extents``
+    (the axis length and the strides of the other axes, in elements): then every run of
+    ``v`` elements starting at a multiple of ``v`` starts ``v * element_size``-byte aligned
+    when the base pointer is 16-byte aligned. Kernels take it as a constexpr ``VEC`` and
+    pass those integers through :func:`multiple_of`, because Triton's launch-time
+    specialisation only marks integers divisible by 16: C = 24, 40, 56 would otherwise
+    give 16-bit (fp16) or 32-bit accesses although their 48/80/112-byte rows are aligned.
+    """
+    vec = max(16 // element_size, 1)
+    while vec > 1 and any(int(e) % vec for e in extents):
+        vec //= 2
+    return vec
+
+
+@device_function
+def multiple_of(x, VEC: tl.constexpr):
+    """``x``, an integer the launcher guarantees is a multiple of ``VEC``, as ``(x // VEC) * VEC``.
+
+    The same value, but Triton's axis analysis now knows it is divisible by ``VEC``
+    (``tl.multiple_of`` on a kernel argument is dropped): offsets built from it keep the
+    alignment that lets masked loads and stores become ``VEC``-element vectors. A few
+    scalar integer instructions per program, nothing per element.
+    """
+    return x // VEC * VEC
+
+
 def needs_bf16_rtne(out: torch.Tensor) -> bool:
     """Whether a kernel storing bfloat16 into ``out`` must round to nearest even by hand.
 

@@ -10,7 +10,10 @@ the input's dtype and, with the squeeze, sums the activated float32 values per c
 * channels_last (the fast path): the tile is ``[pixels, BLOCK_C]`` with channels fastest;
   ``BLOCK_C`` is a whole 128-byte line (64 fp16/bf16, 32 fp32) so loads and stores are
   128-bit vectors along C, each thread holding several pixels; the tile is about square
-  (smallest halo);
+  (smallest halo). That needs C * element size to be a multiple of 16 bytes, not C a
+  multiple of 16 (which is all Triton's launch specialisation sees): the constexpr ``VEC``
+  (:func:`channel_vector`) tells the kernel how many channels per vector are aligned, so
+  C = 24, 40, 56 get 128-bit accesses too (and C = 12 fp16 64-bit ones);
 * NCHW: the tile transposed (``[BLOCK_C, pixels]``), up to 64 pixels wide so a warp's 32
   lanes read 32 consecutive W (coalesced 64-128 B per instruction). The k taps of a row are
   shifted by one element each, so these loads cannot be 16-byte aligned and stay scalar;
@@ -19,8 +22,9 @@ the input's dtype and, with the squeeze, sums the activated float32 values per c
 
 Weights are the tap-major ``[k*k, CP]`` float32 array with the BN scale folded in
 (:mod:`._weights`, prepared once per fold and cached), read per tap as 128-bit vectors
-along C. The k x k windows of neighbouring pixels overlap; the reuse is left to L1 (no
-shared-memory staging), which the squeeze's atomics no longer invalidate: they are
+along C, in the tile's own layout (:func:`weight_tile` says how). The k x k windows of
+neighbouring pixels overlap; the reuse is left to L1 (no shared-memory staging), which the
+squeeze's atomics no longer invalidate: they are
 ``sem="relaxed"`` (a plain ``REDG`` in SASS, no ``MEMBAR`` / ``CCTL.IVALL``).
 
 Squeeze: sums are pre-scaled by ``1 / (Ho * Wo)``. When one tile covers a sample's
@@ -52,7 +56,8 @@ import triton.language as tl
 from .._launch import DWConvLaunch, prepare_dwconv
 from . import _tuning
 from ._activation import activate
-from ._jit import SUM, device_guard, device_kernel, interpreted, needs_bf16_rtne, next_pow2, round_bf16_rtne
+from ._jit import (SUM, device_guard, device_kernel, interpreted, multiple_of, needs_bf16_rtne, next_pow2,
+                   round_bf16_rtne, vector_width)
 from ._weights import tap_major_weight
 
 Tensor = torch.Tensor
@@ -76,7 +81,13 @@ def _dwconv_bn_act_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     ACT: tl.constexpr, SQUEEZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr, WEIGHT_TILE: tl.constexpr,
 ):
+    if VEC > 1:  # channels_last: VEC divides C and the pixel strides, so channel vectors of VEC elements
+        # are aligned, which Triton's specialisation only sees when C % 16 == 0 (see _jit.vector_width)
+        C = multiple_of(C, VEC)
+        sxn, sxh, sxw = multiple_of(sxn, VEC), multiple_of(sxh, VEC), multiple_of(sxw, VEC)
+        syn, syh, syw = multiple_of(syn, VEC), multiple_of(syh, VEC), multiple_of(syw, VEC)
     pid = tl.program_id(0)
     if INT64:  # before any product: th * BLOCK_H, n * stride, ...
         pid = pid.to(tl.int64)
@@ -100,6 +111,8 @@ def _dwconv_bn_act_kernel(
     iw0 = ow * SW - pad_left
     x_tile = x_ptr + n * sxn + c * sxc + iw0 * sxw
     w_c = w_ptr + c  # tap-major [K * K, WC], BN scale folded in (see _weights.py)
+    if WEIGHT_TILE:  # weights (and shift) addressed per tile element: loaded in the tile's layout (see weight_tile)
+        w_c = tl.broadcast_to(w_c, acc.shape)
 
     for kh in tl.static_range(K):
         ih = ih0 + kh
@@ -111,7 +124,10 @@ def _dwconv_bn_act_kernel(
             wv = tl.load(w_c + (kh * K + kw) * WC, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv
 
-    u = activate(acc + tl.load(shift_ptr + c, mask=c_ok, other=0.0), ACT)
+    shift_c = shift_ptr + c
+    if WEIGHT_TILE:
+        shift_c = tl.broadcast_to(shift_c, acc.shape)
+    u = activate(acc + tl.load(shift_c, mask=c_ok, other=0.0), ACT)
     out = u
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
         out = round_bf16_rtne(out)
@@ -183,11 +199,14 @@ def _candidates(lp: DWConvLaunch) -> list[_tuning.Config]:
     channels_last: BLOCK_C is a whole 128-byte line of channels (64 fp16/bf16, 32 fp32) or two,
     each thread holding 8 (or 4 fp32) channels x 2-4 pixels. NCHW: 4-8 channel planes x 64-256
     pixels. Every tile is clamped to C and Ho x Wo, then shrunk (pixels first) until the grid
-    fills the GPU (small shapes: batch 1, the late 7 x 7 layers).
+    fills the GPU (small shapes: batch 1, the late 7 x 7 layers). With 64-bit offsets the
+    channels_last default is the 32-pixel tile (registers <= 128: 16 warps per SM).
     """
     if lp.layout == "nhwc":
         line = 128 // lp.x.element_size()
         space = [(64, line, 4), (32, line, 4), (16, 2 * line, 4), (128, line, 8), (64, 2 * line, 8)]
+        if lp.int64:  # 64-bit addresses per pixel: 64 x 64 bf16 k3 s2 took 151 registers (12 warps/SM), 32 x 64 86
+            space[0], space[1] = space[1], space[0]
         min_p, min_c = 8, min(line, 32)
     else:
         space = [(128, 8, 4), (256, 4, 8), (64, 8, 4), (256, 8, 8)]  # (128, 4, 4) spilled 4 B at 4 x 32 tiles
@@ -222,6 +241,32 @@ def _space(lp: DWConvLaunch) -> tuple[list[_tuning.Config], _tuning.Config]:
     return candidates, candidates[0]
 
 
+def channel_vector(lp: DWConvLaunch) -> int:
+    """The kernel's ``VEC``: channels per aligned 128-bit vector (channels_last; 1 for NCHW, whose taps
+    shift W by one element). It divides C and every pixel stride of x and y, so C = 24/40/56 (fp16:
+    48/80/112-byte pixels) still get 16-byte accesses; C = 1, odd C, C = 12 fp16 get narrower ones."""
+    if lp.layout != "nhwc":
+        return 1
+    sx, sy = lp.x.stride(), lp.y.stride()
+    return vector_width(lp.x.element_size(), lp.c, sx[0], sx[2], sx[3], sy[0], sy[2], sy[3])
+
+
+def weight_tile(lp: DWConvLaunch, cfg: _tuning.Config) -> bool:
+    """The kernel's ``WEIGHT_TILE``: load weights and shift through pointers of the whole tile's shape.
+
+    A ``[1, BLOCK_C]`` load (one row of channels, broadcast over the pixels) is laid out by
+    Triton on its own: with fewer elements than threads, Triton 3.6 rematerialises it in the
+    tile's layout (each thread loads its own channel vector, 128-bit); otherwise it keeps a
+    layout of ``BLOCK_C / threads`` elements per thread plus a layout conversion per tap:
+    scalar loads on the batch-1 tiles of 8 pixels x 64 fp16 channels on 64 threads (SASS
+    LDG 128:25 32:26 at k5). Addressed per tile element, the load takes the tile's layout,
+    128-bit, but is repeated for each pixel a thread holds (k5, 64 x 64 fp16 on 4 warps:
+    302 LDG.128 instead of 152), so it is used only where the row load would not be
+    rematerialised (``BLOCK_C >= threads``; those candidate tiles hold 1-2 pixels per thread).
+    """
+    return lp.layout == "nhwc" and cfg.block_b >= 32 * cfg.num_warps
+
+
 def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
     bh, bw = tile_shape(lp, cfg.block_a)
     bc = cfg.block_b
@@ -245,7 +290,8 @@ def _launch(lp: DWConvLaunch, cfg: _tuning.Config, deterministic: bool) -> None:
         lp.pad_top, lp.pad_left, 1.0 / (lp.ho * lp.wo),
         K=lp.k, SH=lp.stride_h, SW=lp.stride_w,
         ACT=lp.act, SQUEEZE=mode, CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64,
-        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=cfg.num_warps,
+        BF16_RTNE=needs_bf16_rtne(lp.y), BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, VEC=channel_vector(lp),
+        WEIGHT_TILE=weight_tile(lp, cfg), num_warps=cfg.num_warps,
     )
     if mode == _SQUEEZE_STORE and red is not lp.mean:
         block_c = min(next_pow2(lp.c), 128)

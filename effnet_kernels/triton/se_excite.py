@@ -4,7 +4,9 @@ The dense tensor is seen as a matrix of rows x columns with the gate constant al
 one axis, so a tile loads its gate values once and broadcasts them:
 
 * channels_last: rows are the N*H*W pixels, columns the C channels (contiguous,
-  vectorised); the gate of row ``i``, column ``c`` is ``gate[i // (H*W), c]``;
+  vectorised; the constexpr ``VEC``, :func:`._jit.vector_width` of C, gives 128-bit
+  accesses wherever a row is a multiple of 16 bytes, e.g. C = 24/40/56 in fp16); the gate
+  of row ``i``, column ``c`` is ``gate[i // (H*W), c]``;
 * NCHW: rows are the N*C planes, columns the H*W pixels; the gate of row ``i`` is
   ``gate.view(-1)[i]``.
 
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._launch import prepare_se_excite
-from ._jit import device_guard, device_kernel, needs_bf16_rtne, next_pow2, round_bf16_rtne
+from ._jit import device_guard, device_kernel, multiple_of, needs_bf16_rtne, next_pow2, round_bf16_rtne, vector_width
 
 Tensor = torch.Tensor
 
@@ -68,8 +70,10 @@ def _se_excite_planes_kernel(
 def _se_excite_kernel(
     y_ptr, g_ptr, o_ptr, ROWS, COLS, HW, COL_BLOCKS,
     CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BF16_RTNE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, VEC: tl.constexpr,
 ):
+    if VEC > 1:  # VEC divides the row length: rows start VEC-aligned (see _jit.vector_width)
+        COLS = multiple_of(COLS, VEC)
     pid = tl.program_id(0)
     if INT64:  # before the products: (pid // COL_BLOCKS) * BLOCK_ROWS may pass 2^31 too
         pid = pid.to(tl.int64)
@@ -120,6 +124,6 @@ def se_excite(y: Tensor, gate: Tensor) -> Tensor:
         _se_excite_kernel.on(lp.y)[grid](
             lp.y, lp.gate, lp.out, rows, cols, hw, col_blocks,
             CHANNELS_LAST=lp.layout == "nhwc", INT64=lp.int64, BF16_RTNE=needs_bf16_rtne(lp.out),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=4,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, VEC=vector_width(lp.y.element_size(), cols), num_warps=4,
         )
     return lp.out
