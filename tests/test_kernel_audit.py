@@ -378,3 +378,38 @@ def test_invariants_pass_rows_that_keep_them():
                  ldg_by_bits="128:4", stg_by_bits="128:2", ldg_128="4", stg_128="2")
         fixed.append(r)
     assert audit_invariant_violations(fixed) == []
+
+
+# ------------------------------------------------------------------ invariants on the committed "after" audit
+
+AFTER = ROOT / "benchmarks" / "results" / "kernel_audit.csv"
+# kernel sources the committed audit must follow: a change to any of them needs `python -m benchmarks.kernel_audit`
+AUDITED_SOURCES = ("csrc", "effnet_kernels/triton", "effnet_kernels/_folded_weights.py")
+
+
+def _after_rows() -> list[dict]:
+    with open(AFTER, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_committed_audit_keeps_every_invariant():
+    """After issue #10: no spills, no L1-invalidating fence in a squeeze, 128-bit NHWC accesses where C
+    allows, conflict-free staging and >= MIN_WARPS_PER_SM warps/SM on every one of B0-B7's launches."""
+    rows = _after_rows()
+    assert len(rows) >= len(_before_rows()) * 0.9, "the committed audit covers fewer launches than the before one"
+    assert {r["backend"] for r in rows} == {"triton", "cuda"}
+    assert audit_invariant_violations(rows) == []
+
+
+def test_committed_audit_is_not_older_than_the_kernels():
+    """The audit records the commit its kernel sources are from; no audited source changed since (git)."""
+    md = (ROOT / "benchmarks" / "results" / "kernel_audit.md").read_text()
+    line = next(ln for ln in md.splitlines() if "kernel sources" in ln)
+    commit = line.split("as of")[-1].strip().rstrip(".").split()[0]
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "diff", "--stat", commit, "HEAD", "--", *AUDITED_SOURCES],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:  # a source tarball without git history
+        pytest.skip(f"no git history to compare the audit's commit {commit} with: {exc}")
+    assert out.strip() == "", f"kernel sources changed since the committed audit ({commit}); rerun " \
+                              f"python -m benchmarks.kernel_audit:\n{out}"
