@@ -40,23 +40,34 @@ def _finish_forward(out, x, *args):
     return y, (mean if mean is not None else x.new_empty((0,), dtype=torch.float32))
 
 
-def _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation):
-    ho, wo = _check_forward(x, weight, scale, shift, stride, padding, activation, False)
+def check_output_grads(grad_y, grad_mean, x: Tensor, ho: int, wo: int, mean_name: str = "grad_mean") -> None:
+    """The incoming gradients of a depthwise op: ``grad_y`` like its ``[N, C, Ho, Wo]`` output, the
+    squeeze's gradient (``mean_name``) ``[N, C]`` or empty (either may be None)."""
     n, c = x.shape[0], x.shape[1]
     if grad_y is not None and tuple(grad_y.shape) != (n, c, ho, wo):
         raise ValueError(f"grad_y must have shape {[n, c, ho, wo]}, got {list(grad_y.shape)}")
     if grad_mean is not None and grad_mean.numel() and tuple(grad_mean.shape) != (n, c):
-        raise ValueError(f"grad_mean must have shape {[n, c]}, got {list(grad_mean.shape)}")
+        raise ValueError(f"{mean_name} must have shape {[n, c]}, got {list(grad_mean.shape)}")
+
+
+def fake_input_grads(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (grad_x, grad_weight, grad_a, grad_b) of a depthwise op with per-channel parameters a, b."""
+    return (
+        empty_4d(x, tuple(x.shape), _checks.memory_format_of(x)),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(a),
+        torch.empty_like(b),
+    )
+
+
+def _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation):
+    ho, wo = _check_forward(x, weight, scale, shift, stride, padding, activation, False)
+    check_output_grads(grad_y, grad_mean, x, ho, wo)
 
 
 def _fake_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation, backend):
     _check_backward(grad_y, grad_mean, x, weight, scale, shift, stride, padding, activation)
-    return (
-        empty_4d(x, tuple(x.shape), _checks.memory_format_of(x)),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        torch.empty_like(scale),
-        torch.empty_like(shift),
-    )
+    return fake_input_grads(x, weight, scale, shift)
 
 
 define(

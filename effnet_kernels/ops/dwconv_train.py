@@ -15,6 +15,7 @@ import torch
 
 from .. import backends
 from . import _checks
+from .dwconv import check_output_grads, fake_input_grads
 from ._library import define, empty_4d
 
 Tensor = torch.Tensor
@@ -59,21 +60,12 @@ def _finish_forward(out, x, *args):
 
 def _check_backward(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation):
     ho, wo = _check_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, False)
-    n, c = x.shape[0], x.shape[1]
-    if grad_y is not None and tuple(grad_y.shape) != (n, c, ho, wo):
-        raise ValueError(f"grad_y must have shape {[n, c, ho, wo]}, got {list(grad_y.shape)}")
-    if grad_pooled is not None and grad_pooled.numel() and tuple(grad_pooled.shape) != (n, c):
-        raise ValueError(f"grad_pooled must have shape {[n, c]}, got {list(grad_pooled.shape)}")
+    check_output_grads(grad_y, grad_pooled, x, ho, wo, "grad_pooled")
 
 
 def _fake_backward(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation, backend):
     _check_backward(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
-    return (
-        empty_4d(x, tuple(x.shape), _checks.memory_format_of(x)),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        torch.empty_like(gamma),
-        torch.empty_like(beta),
-    )
+    return fake_input_grads(x, weight, gamma, beta)
 
 
 define(
