@@ -308,6 +308,7 @@ class RecomputedMBConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises rather than being wrong
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         step: _Step = ctx.step
         plan = step.plan

@@ -269,6 +269,14 @@ def test_blocks_that_train_eagerly_say_why(why, edit):
     assert out.grad_fn is not None and "Recomputed" not in type(out.grad_fn).__name__
 
 
+def test_double_backward_raises():
+    eager, fused, x = _pair(BLOCKS["k5_s2_se"])
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fused(xr).square().sum(), xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        g.sum().backward()
+
+
 def test_float64_trains_eagerly():
     eager, fused, x = _pair(BLOCKS["k5_s2_se"])
     fused.double()
