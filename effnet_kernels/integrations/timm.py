@@ -15,8 +15,7 @@ from torch import nn
 
 from ..nn import MBConvPlan
 from ._common import (
-    NotFusable, activation_kind, conv_padding, describe, dw_activations, dw_spec, is_plain_conv, loaded_module,
-    pointwise, se_spec,
+    NotFusable, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
 )
 
 NAME = "timm"
@@ -65,7 +64,8 @@ _PLAIN_NORM_FORWARDS = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.mod
 
 
 def _norm_act(bn: nn.Module, where: str) -> str:
-    """The kind of activation a timm norm layer applies after normalising (NotFusable if not recognised).
+    """The kind of activation a timm norm layer applies after normalising (NotFusable if the kernels
+    do not compute it: :func:`~._common.require_activation`).
 
     A norm with a plain BatchNorm forward applies none, whatever children it carries
     (``nn.SyncBatchNorm.convert_sync_batchnorm`` turns a ``BatchNormAct2d`` into a
@@ -76,11 +76,7 @@ def _norm_act(bn: nn.Module, where: str) -> str:
     drop = getattr(bn, "drop", None)
     if drop is not None and not isinstance(drop, nn.Identity):
         raise NotFusable(f"{where} norm has a dropout inside")
-    act = getattr(bn, "act", None)
-    kind = activation_kind(act)
-    if kind is None:
-        raise NotFusable(f"{where} activation {type(act).__name__} is not one the kernels recognise")
-    return kind
+    return require_activation(getattr(bn, "act", None), where)
 
 
 def _folded(conv: nn.Module, bn: nn.Module, where: str) -> tuple:
@@ -115,9 +111,6 @@ def plan(block: nn.Module) -> MBConvPlan:
         raise NotFusable(f"depthwise conv is {type(conv_dw).__name__}, not an nn.Conv2d")
     dw_bn = block.bn2 if inverted else block.bn1
     act_kind = _norm_act(dw_bn, "depthwise")
-    if act_kind not in dw_activations():
-        raise NotFusable(f"depthwise activation {describe(getattr(dw_bn, 'act', None))} is not one the fused "
-                         f"kernel computes ({', '.join(dw_activations())})")
     dw = dw_spec(conv_dw, dw_bn, _padding(conv_dw), act_kind)
     se_mod = block.se
     se = None

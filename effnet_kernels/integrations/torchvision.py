@@ -22,8 +22,8 @@ from torch import nn
 
 from ..nn import MBConvPlan
 from ._common import (
-    NotFusable, activation_kind, conv_bn_act, describe, dw_activations, dw_spec, is_activation, is_batchnorm,
-    loaded_types, plain_conv_padding, se_spec,
+    NotFusable, conv_bn_act, dw_spec, is_activation, is_batchnorm, loaded_types,
+    plain_conv_padding, require_activation, se_spec,
 )
 
 NAME = "torchvision"
@@ -103,12 +103,7 @@ def _plan_sequence(layers: list[nn.Module], residual: bool, block: nn.Module, dr
     act = None
     if j < len(items) and not _is_se(items[j]) and not isinstance(items[j], nn.Conv2d):
         act, j = items[j], j + 1
-    kind = activation_kind(act)
-    if kind is None:
-        raise NotFusable(f"depthwise activation {type(act).__name__} is not one the kernels recognise")
-    if kind not in dw_activations():
-        raise NotFusable(f"depthwise activation {describe(act)} is not one the fused kernel computes "
-                         f"({', '.join(dw_activations())})")
+    kind = require_activation(act, "depthwise")
     dw = dw_spec(dw_conv, dw_bn, plain_conv_padding(dw_conv), kind)
     se = None
     if j < len(items) and _is_se(items[j]):
