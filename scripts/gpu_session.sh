@@ -22,9 +22,11 @@
 #                the store comes back as $OUT/tuning_store.json (rows: triton_tune classes=...)
 #   net256  155  the headline: B0-B7 bs256 fp16 channels_last, eager, eager-folded,
 #                fused-triton, fused-cuda (model by model, so a cut keeps whole models)
-#   compile 120  torch.compile at bs256: B0 with compile, fused-triton+compile,
+#   compile  80  torch.compile at bs256: B0 with compile, fused-triton+compile,
 #                fused-cuda+compile, then B4 with compile (~a minute per compile)
 #   net1     45  B0-B7 at batch 1, eager and CUDA-graph replay, the net256 providers
+#   train    40  one training step (forward, backward, SGD) of B0 and B4 at bs128 fp16
+#                channels_last: eager, fused-triton, fused-cuda (img/s and peak memory)
 #   tests    60  pytest -m "gpu or adapters": parity files first (test_ops_parity,
 #                test_triton_gpu, test_cuda_ops, test_convert_*), then the rest; junit XML
 #   ops      20  op benchmarks (dwconv, SE) at B0-B7 layer shapes
@@ -45,10 +47,11 @@
 # Knobs (environment variables; defaults in brackets):
 #   EFFNET_COMMIT      commit recorded in the CSVs (the device copy has no .git) [unknown]
 #   EFFNET_RUN_ID      run id of every row and of --resume [UTC time + random, per session]
-#   STEPS              which steps (always run in the order above) [env,build,pretune,net256,compile,net1,tests,ops]
+#   STEPS              which steps (always run in the order above) [env,build,pretune,net256,compile,net1,train,tests,ops]
 #   SESSION_BUDGET     seconds for the whole script [570] (device tool: timeout_s=600)
-#   T_ENV T_BUILD T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TESTS T_OPS T_SANITIZER T_MICRO
-#                      slots [15, 90, 45, 155, 120, 45, 60, 20, 60, 60]
+#   T_ENV T_BUILD T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TRAIN T_TESTS T_OPS T_SANITIZER T_MICRO
+#                      slots [15, 90, 45, 155, 80, 45, 40, 60, 20, 60, 60]
+#   TRAIN_MODELS [b0,b4]  TRAIN_PROVIDERS [eager,fused-triton,fused-cuda]  TRAIN_BATCHES [128]
 #   TUNE_BATCHES       batches pretune tunes, in order [$NET256_BATCHES,1,32 = 256,1,32]
 #   TUNE_JOBS          pretune's compile workers [8]
 #   EFFNET_KERNELS_TUNING_CACHE   the tuning store's directory [~/.cache/effnet_kernels/tuning]
@@ -85,7 +88,7 @@ OUT="${OUT:-$PWD/out}"
 PY="${PYTHON:-python3}"
 LOGS="$(mktemp -d /tmp/effnet_logs.XXXXXX)/logs"
 mkdir -p "$OUT" "$LOGS"
-STEPS="${STEPS:-env,build,pretune,net256,compile,net1,tests,ops}"
+STEPS="${STEPS:-env,build,pretune,net256,compile,net1,train,tests,ops}"
 [[ "${SANITIZER:-0}" != 0 ]] && STEPS+=",sanitizer"
 [[ "${MICROBENCH:-0}" != 0 ]] && STEPS+=",microbench"
 SESSION_START=$SECONDS
@@ -286,6 +289,13 @@ net1_step() {
         --warmup-s 0.1 --min-iters 10 --min-time-s 0.25
 }
 
+train_step() {
+    local providers
+    providers=$(without_cuda "${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}")
+    net 15 --models "${TRAIN_MODELS:-b0,b4}" --providers "$providers" --batches "${TRAIN_BATCHES:-128}" \
+        --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
+}
+
 tests_step() {
     # ~1300 GPU tests, many of which compile a Triton kernel first (seconds each, on the
     # host CPU): a few pytest-xdist workers compile in parallel (3: the largest tests hold
@@ -348,8 +358,9 @@ step env "${T_ENV:-15}" env_step
 step build "${T_BUILD:-90}" build_step
 step pretune "${T_PRETUNE:-45}" pretune_step
 step net256 "${T_NET256:-155}" net256_step
-step compile "${T_COMPILE:-120}" compile_step
+step compile "${T_COMPILE:-80}" compile_step
 step net1 "${T_NET1:-45}" net1_step
+step train "${T_TRAIN:-40}" train_step
 step tests "${T_TESTS:-60}" tests_step
 step ops "${T_OPS:-20}" ops_step
 step sanitizer "${T_SANITIZER:-60}" sanitizer_step

@@ -148,9 +148,9 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     summary = (out / "summary.txt").read_text()
     assert "commit cafe1234" in summary and ", done" in summary
     # the headline first, the tests and op benchmarks after it
-    steps = ("env", "build", "pretune", "net256", "compile", "net1", "tests", "ops")
+    steps = ("env", "build", "pretune", "net256", "compile", "net1", "train", "tests", "ops")
     assert _summary_steps(summary) == list(steps), summary
-    for step in ("env", "compile", "net1", "tests", "ops"):
+    for step in ("env", "compile", "net1", "train", "tests", "ops"):
         assert re.search(rf"^{step}\s+rc=0\b", summary, re.M), summary
     assert re.search(r"^build\s+rc=1\b", summary, re.M), summary  # the fake nvcc fails
     assert re.search(r"^pretune\s+rc=69\b", summary, re.M), summary  # no GPU here: nothing tuned
@@ -175,8 +175,8 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     run_id = calls[0]["run_id"]
     assert run_id and f"run {run_id}" in summary and all(c["run_id"] == run_id for c in calls)
     argvs = [c["argv"] for c in calls]
-    assert len(argvs) == 5, argvs
-    first, resumed, compile_b0, compile_b4, net1 = argvs
+    assert len(argvs) == 6, argvs
+    first, resumed, compile_b0, compile_b4, net1, train = argvs
     assert "--resume" not in first and resumed.count("--resume") == 1
     assert _without_time_budget([a for a in resumed if a != "--resume"]) == _without_time_budget(first)
     for argv in argvs:
@@ -190,6 +190,8 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     assert (_arg(compile_b4, "--models"), _arg(compile_b4, "--providers")) == ("b4", "compile")
     assert (_arg(net1, "--models"), _arg(net1, "--batches"), _arg(net1, "--providers")) == (
         all_models, "1", "eager,eager-folded,fused-triton")
+    assert (_arg(train, "--models"), _arg(train, "--batches"), _arg(train, "--providers"), _arg(train, "--modes")) == (
+        "b0,b4", "128", "eager,fused-triton", "train")
     # ... and every command line parses: each printed its plan
     plan = "providers=['eager@channels_last', 'eager-folded@channels_last', 'fused-triton@channels_last']"
     assert "24 jobs" in logs["net256.log"] and plan in logs["net256.log"] and "batches=[256]" in logs["net256.log"]
@@ -197,6 +199,7 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     assert "2 jobs: models=['b0'] batches=[256]" in logs["compile.log"]
     assert "1 jobs: models=['b4'] batches=[256]" in logs["compile.log"]
     assert "24 jobs" in logs["net1.log"] and plan in logs["net1.log"] and "batches=[1]" in logs["net1.log"]
+    assert "4 jobs: models=['b0', 'b4'] batches=[128]" in logs["train.log"]
 
     # tests: parity files first, short tracebacks, a per-test timeout, no JIT rebuild of the
     # extension whose build failed
@@ -249,7 +252,7 @@ def test_session_budget_ends_the_script_30_s_before_the_device_command_limit():
     assert 'SESSION_BUDGET="${SESSION_BUDGET:-570}"' in text
     slots = dict(re.findall(r'^step (\w+) "\$\{T_\w+:-(\d+)\}"', text, re.M))
     default = re.search(r'STEPS="\$\{STEPS:-([\w,]+)\}"', text).group(1).split(",")
-    assert default == ["env", "build", "pretune", "net256", "compile", "net1", "tests", "ops"]
+    assert default == ["env", "build", "pretune", "net256", "compile", "net1", "train", "tests", "ops"]
     assert sum(int(slots[s]) for s in default) == 570 - 20  # 20 s for the summary
 
 
