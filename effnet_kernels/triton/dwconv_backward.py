@@ -31,8 +31,12 @@ results are bitwise reproducible):
 Bytes (``E`` bytes per element, ``X = N C H W``, ``P = N C Ho Wo``), train: ``4 X E + 2 P E + 8 P``
 plus the partials (fp16, stride 1: 20 B per output element; B0's largest layer, N = 256,
 C = 96, 112 x 112 -> 56 x 56 k3 s2: 617 x 4 + 154 x 2 + 308 x 2 MB ~ 3.4 GB); eval: one pass
-fewer, ``3 X E + P E + 4 P + 4 P``. Partials: ``(8 + 4 k^2) C`` B per tile of 64-128 pixels
-(k = 7: ~3 B per input element in the worst case at C = BLOCK_C; not counted above).
+fewer, ``3 X E + P E + 4 P + 4 P``. Partials: ``8 C`` B per tile of passes 1-2 and ``4 k^2 C`` B
+per tile of pass 3, whose channels_last tiles are 32 pixels (registers: see
+:data:`INPUT_GRAD_NHWC_TILE`), i.e. ``k^2 / 8`` B per input element: 1.1 B at k = 3, 3.1 B at
+k = 5 (as much again as grad_x itself in fp16), 6.1 B at k = 7 (NCHW tiles of 128 pixels: a
+quarter of that). A program looping over several tiles while keeping its ``[k^2, BLOCK_C]``
+partial in registers would cut those bytes; not done yet.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ from .dwconv_train import (
 )
 
 Tensor = torch.Tensor
+
+# channels_last tiles (pixels, warps) x a 128-byte line of channels, read off ptxas for sm_90 at
+# B0's shapes (tests/test_triton_train_compile.py): the g / gz pass with 64 pixels on 4 warps took
+# 255 registers + 84 B of spills at k = 5, 32 on 4 warps 180, 32 on 8 warps 118; the input-gradient
+# pass 113 with 32 pixels on 4 warps (150 on 8).
+GRAD_U_NHWC_TILE = (32, 8)
+INPUT_GRAD_NHWC_TILE = (32, 4)
 
 
 @device_kernel(do_not_specialize=DWCONV_DO_NOT_SPECIALIZE)
@@ -138,7 +149,7 @@ def _dwconv_input_grad_kernel(
 def _grad_u(g: Geometry, w_tap: Tensor, grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], chan: Tensor,
             activation: str, reduce: bool, gz: Optional[Tensor]) -> Optional[Tensor]:
     """Launch ``_grad_u_kernel``; returns the per-channel (sum g, sum g xhat) float32 ``[2, C]`` when ``reduce``."""
-    tile = choose_tile(g, g.ho, g.wo)
+    tile = choose_tile(g, g.ho, g.wo, *GRAD_U_NHWC_TILE)
     part = torch.empty((1, tile.rows(g), 2 * g.c), dtype=torch.float32, device=g.x.device) if reduce else None
     has_gp = grad_pooled is not None and grad_pooled.numel() > 0
     gp = grad_pooled.contiguous() if has_gp else chan
@@ -156,7 +167,7 @@ def _grad_u(g: Geometry, w_tap: Tensor, grad_y: Optional[Tensor], grad_pooled: O
 
 def _input_grads(g: Geometry, w_tap: Tensor, gz: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_x in x's dtype and layout, grad_weight ``[C, 1, k, k]`` in weight's dtype) from float32 ``gz``."""
-    tile = choose_tile(g, g.h, g.w)
+    tile = choose_tile(g, g.h, g.w, *INPUT_GRAD_NHWC_TILE)
     kk = g.k * g.k
     grad_x = empty_in_layout((g.n, g.c, g.h, g.w), g.layout, g.x)
     part = torch.empty((1, tile.rows(g), kk * g.c), dtype=torch.float32, device=g.x.device)

@@ -116,17 +116,20 @@ class Tile:
         return dict(BLOCK_H=self.block_h, BLOCK_W=self.block_w, BLOCK_C=self.block_c, num_warps=self.num_warps)
 
 
-def choose_tile(g: Geometry, rows: int, cols: int) -> Tile:
+def choose_tile(g: Geometry, rows: int, cols: int, nhwc_pixels: int = 64, nhwc_warps: int = 4) -> Tile:
     """The tile of a kernel over ``rows x cols`` planes.
 
-    GPU: channels_last a whole 128-byte line of channels x 64 pixels (about square: the
-    smallest halo); NCHW 8 channel planes x 128 pixels up to 64 wide (a warp's lanes on
-    consecutive W). Clamped to C and the plane; one fixed config (untuned).
+    GPU: channels_last a whole 128-byte line of channels x ``nhwc_pixels`` pixels on
+    ``nhwc_warps`` warps (about square: the smallest halo; the backward kernels, which keep more
+    values per element live, take fewer values per thread so that they fit in 128 registers
+    without spilling: see :mod:`.dwconv_backward`); NCHW 8 channel planes x 128
+    pixels up to 64 wide (a warp's lanes on consecutive W). Clamped to C and the plane; one
+    fixed config (untuned).
     """
     if interpreted(g.x):
         bp, bc, nw = (*INTERPRETER_TILE, 4)
     elif g.channels_last:
-        bp, bc, nw = 64, 128 // g.x.element_size(), 4
+        bp, bc, nw = nhwc_pixels, 128 // g.x.element_size(), nhwc_warps
     else:
         bp, bc, nw = 128, 8, 4
     bc = min(bc, max(next_pow2(g.c), 2))
