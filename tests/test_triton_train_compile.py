@@ -80,3 +80,35 @@ def test_b0_training_kernels_compile_without_spills(train_launches, capsys):
         for name, regs, _, _ in report:
             worst[name] = max(worst.get(name, 0), regs)
         print(f"\n{len(report)} training-kernel variants; max registers per kernel: {worst}")
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_nchw_and_int64_variants_compile_without_spills(train_launches, monkeypatch, int64):
+    """NCHW tiles (8 channel planes x 128 pixels), both dtypes of 16 bits and fp32, k 3/5/7, stride 1/2, several
+    activations' derivatives: 0 spill bytes, <= MAX_REGISTERS registers; the 64-bit offset specialisation
+    (both layouts): 0 spill bytes."""
+    if int64:
+        monkeypatch.setattr(dwconv_train, "needs_int64", lambda *tensors: True)
+        monkeypatch.setattr(se_backward, "needs_int64", lambda *tensors: True)
+    cases = [(torch.float16, 3, 1, "relu6"), (torch.bfloat16, 5, 2, "hardswish"), (torch.float32, 7, 1, "silu")]
+    for channels_last in (False, True) if int64 else (False,):
+        for dt, k, stride, act in cases:
+            x = cpu_input((8, 144, 28, 28), dt, channels_last)
+            c, pad = 144, (k // 2, k // 2 + stride - 1, k // 2, k // 2 + stride - 1)
+            weight, g, b = torch.empty(c, 1, k, k, dtype=dt), torch.ones(c), torch.zeros(c)
+            mean, var = dwconv_train.batch_statistics(dwconv_train.geometry(x, weight, (stride,) * 2, pad), weight)
+            ho, wo = (28 + pad[2] + pad[3] - k) // stride + 1, (28 + pad[0] + pad[1] - k) // stride + 1
+            gy = cpu_input((8, c, ho, wo), dt, channels_last)
+            dwconv_backward.dwconv_bn_act_train_backward(gy, torch.empty(8, c), x, weight, g, b, mean, var, 1e-3,
+                                                         (stride,) * 2, pad, act)
+            dwconv_backward.dwconv_bn_act_backward(gy, None, x, weight, g, b, (stride,) * 2, pad, act)
+            se_backward.se_excite_backward(gy, gy, torch.empty(8, c))
+    count = 0
+    for what, compiled in train_launches.compile_all():
+        if what.split()[0] not in TRAIN_KERNELS:
+            continue
+        count += 1
+        regs, spills = ptxas_usage(compiled.asm["ptx"])
+        # 64-bit offsets (tensors past 2^31 elements, rare) double the address registers: no spills is the bar
+        assert spills == 0 and (int64 or regs <= MAX_REGISTERS), f"{what}: {regs} registers, {spills} B spilled"
+    assert count >= 10

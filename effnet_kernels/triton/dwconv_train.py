@@ -49,6 +49,9 @@ Tensor = torch.Tensor
 # (pixels, channels) per program in Triton's interpreter, where every op costs about the same
 # whatever the tile: few, large tiles run fastest. Tests shrink it to exercise several tiles.
 INTERPRETER_TILE = (256, 32)
+# NCHW (pixels, channels, warps) on a GPU, read off ptxas for sm_90 (tests/test_triton_train_compile.py):
+# on 4 warps the stats kernel spilled 24 B and the input-gradient kernel took 254 registers; on 8, <= 128.
+NCHW_TILE = (128, 8, 8)
 
 
 @dataclasses.dataclass
@@ -122,8 +125,8 @@ def choose_tile(g: Geometry, rows: int, cols: int, nhwc_pixels: int = 64, nhwc_w
     GPU: channels_last a whole 128-byte line of channels x ``nhwc_pixels`` pixels on
     ``nhwc_warps`` warps (about square: the smallest halo; the backward kernels, which keep more
     values per element live, take fewer values per thread so that they fit in 128 registers
-    without spilling: see :mod:`.dwconv_backward`); NCHW 8 channel planes x 128
-    pixels up to 64 wide (a warp's lanes on consecutive W). Clamped to C and the plane; one
+    without spilling: see :mod:`.dwconv_backward`); NCHW (:data:`NCHW_TILE`) 8 channel planes x
+    128 pixels up to 64 wide (a warp's lanes on consecutive W) on 8 warps. Clamped to C and the plane; one
     fixed config (untuned).
     """
     if interpreted(g.x):
@@ -131,7 +134,7 @@ def choose_tile(g: Geometry, rows: int, cols: int, nhwc_pixels: int = 64, nhwc_w
     elif g.channels_last:
         bp, bc, nw = nhwc_pixels, 128 // g.x.element_size(), nhwc_warps
     else:
-        bp, bc, nw = 128, 8, 4
+        bp, bc, nw = NCHW_TILE
     bc = min(bc, max(next_pow2(g.c), 2))
     bp = min(bp, max(next_pow2(rows) * next_pow2(cols), 16))
     widest = 1 << (bp.bit_length() // 2) if g.channels_last else 64
