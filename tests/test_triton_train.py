@@ -190,6 +190,34 @@ def test_train_statistics_of_a_large_mean():
     check_train_forward((4, 8, 12, 12), 3, 1, (0, 0, 0, 0), torch.float32, True, "silu", offset=30.0)
 
 
+def test_train_ops_on_a_strided_view_and_an_empty_batch():
+    """A non-contiguous x (a channel-strided, column-cropped view) gives the reference's answers; N = 0
+    gives empty outputs and zero statistics / gradients, as the reference."""
+    base = torch.randn(2, 10, 7, 9)
+    x = base[:, ::2, :, 1:8]
+    wt, gamma, beta = _params(5, 3, torch.float32)
+    args = (EPS, [2, 1], [0, 1, 1, 1], "relu6")
+    y, pooled, mean, var = OPS.dwconv_bn_act_train(x, wt, gamma, beta, None, None, *args, True, "triton")
+    ref = reference.dwconv_bn_act_train(*_f64(x, wt, gamma, beta), None, None, *args, True)
+    for got, want in zip((y, pooled, mean, var), ref):
+        assert_parity(got, want, None, torch.float32)
+    gy = torch.randn(y.shape)
+    got = OPS.dwconv_bn_act_train_backward(gy.transpose(2, 3).contiguous().transpose(2, 3), None, x, wt, gamma, beta,
+                                           mean, var, *args, "triton")
+    want = reference.dwconv_bn_act_train_backward(gy.double(), None, *_f64(x, wt, gamma, beta, mean, var), *args)
+    for g, w in zip(got, want):
+        assert_parity(g, w, None, torch.float32, kind="backward")
+    empty = torch.randn(0, 5, 6, 6)
+    y, pooled, mean, var = OPS.dwconv_bn_act_train(empty, wt, gamma, beta, None, None, *args, True, "triton")
+    assert y.shape == (0, 5, 3, 5) and pooled.shape == (0, 5) and torch.equal(mean, torch.zeros(5))
+    assert torch.equal(var, torch.zeros(5))
+    gx, gw, gg, gb = OPS.dwconv_bn_act_train_backward(torch.randn(0, 5, 3, 5), None, empty, wt, gamma, beta, mean,
+                                                      var, *args, "triton")
+    assert gx.shape == empty.shape and not gw.abs().sum() and not gg.abs().sum() and not gb.abs().sum()
+    gy_e, gg_e = OPS.se_excite_backward(torch.randn(0, 5, 3, 3), torch.randn(0, 5, 3, 3), torch.rand(0, 5), "triton")
+    assert gy_e.shape == (0, 5, 3, 3) and gg_e.shape == (0, 5)
+
+
 # ---------------------------------------------------------------- dwconv_bn_act_train_backward
 def _train_grads(fn, x, wt, gamma, beta, gy, gp, stride, pad, activation):
     leaves = [t.detach().clone().requires_grad_() for t in (x, wt, gamma, beta)]
