@@ -288,6 +288,23 @@ def test_train_backward_several_tiles(small_tiles, channels_last):
     check_train_backward((2, 5, 11, 9), 5, 2, (1, 2, 1, 2), torch.float32, channels_last, "silu")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_64_bit_offset_variants(monkeypatch, channels_last):
+    """The INT64 specialisation (tensors past 2^31 elements, or the weight-gradient partials past it) computes
+    the same: forward, backward and the excite's backward with 64-bit offsets forced."""
+    from effnet_kernels.triton import dwconv_train, se_backward
+
+    monkeypatch.setattr(dwconv_train, "needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(se_backward, "needs_int64", lambda *tensors: True)
+    check_train_forward((2, 5, 7, 6), 3, 2, (0, 1, 0, 1), torch.float16, channels_last, "silu")
+    check_train_backward((2, 5, 7, 6), 5, 1, (2, 2, 2, 2), torch.float32, channels_last, "hardswish")
+    y = _input((2, 5, 3, 4), torch.float32, channels_last)
+    go, gate = torch.randn(2, 5, 3, 4), torch.rand(2, 5)
+    got = OPS.se_excite_backward(go, y, gate, "triton")
+    for g, r in zip(got, reference.se_excite_backward(*_f64(go, y, gate))):
+        assert_parity(g, r, None, torch.float32, kind="backward")
+
+
 # ---------------------------------------------------------------- dwconv_bn_act_backward (eval mode)
 def _eval_fn(scale_shift_dtype):
     def fn(x, wt, scale, shift, stride, pad, activation):

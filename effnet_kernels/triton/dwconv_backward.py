@@ -41,12 +41,13 @@ partial in registers would cut those bytes; not done yet.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 import triton.language as tl
 
-from .._launch import empty_in_layout
+from .._launch import INT32_MAX, empty_in_layout
 from ..ops._checks import ACT_CODES
 from ._activation_grad import activation_grad
 from ._jit import device_guard, device_kernel, needs_bf16_rtne, round_bf16_rtne
@@ -171,6 +172,8 @@ def _input_grads(g: Geometry, w_tap: Tensor, gz: Tensor, weight: Tensor) -> tupl
     kk = g.k * g.k
     grad_x = empty_in_layout((g.n, g.c, g.h, g.w), g.layout, g.x)
     part = torch.empty((1, tile.rows(g), kk * g.c), dtype=torch.float32, device=g.x.device)
+    if part.numel() > INT32_MAX:  # k^2 C per tile of 32 pixels: up to ~1.5 x as many elements as x
+        g = dataclasses.replace(g, int64=True)
     _dwconv_input_grad_kernel.on(g.x)[tile.grid(g)](
         gz, w_tap, g.x, grad_x, part, *conv_args(g, w_tap, tile), *gz.stride(), *grad_x.stride(),
         **conv_constexprs(g, tile), BF16_RTNE=needs_bf16_rtne(grad_x),
