@@ -306,13 +306,11 @@ def test_64_bit_offset_variants(monkeypatch, channels_last):
 
 
 # ---------------------------------------------------------------- dwconv_bn_act_backward (eval mode)
-def _eval_fn(scale_shift_dtype):
-    def fn(x, wt, scale, shift, stride, pad, activation):
-        z = F.conv2d(F.pad(x, pad), wt.to(x.dtype), stride=stride, groups=x.shape[1])
-        u = z * scale.to(scale_shift_dtype or x.dtype)[:, None, None] + shift.to(scale_shift_dtype or x.dtype)[:, None, None]
-        y = reference.ACTIVATION_FNS[activation](u)
-        return y, y.float().mean((2, 3)) if y.dtype != torch.float64 else y.mean((2, 3))
-    return fn
+def _eval_chain(x, wt, scale, shift, stride, pad, activation):
+    """dwconv -> affine -> activation in x's dtype (scale / shift cast to it): (y, pooled)."""
+    z = F.conv2d(F.pad(x, pad), wt.to(x.dtype), stride=stride, groups=x.shape[1])
+    y = reference.ACTIVATION_FNS[activation](z * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None])
+    return y, (y.mean((2, 3)) if y.dtype == torch.float64 else y.float().mean((2, 3)))
 
 
 @pytest.mark.parametrize("conv", CONVS[:2], ids=str)
@@ -320,16 +318,19 @@ def _eval_fn(scale_shift_dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_eval_backward(dtype, channels_last, conv):
     k, stride, pad = conv
-    activation = ACTIVATIONS[(CONVS.index(conv) + DTYPES.index(dtype)) % len(ACTIVATIONS)]
+    check_eval_backward(k, stride, pad, dtype, channels_last,
+                        ACTIVATIONS[(CONVS.index(conv) + DTYPES.index(dtype)) % len(ACTIVATIONS)])
+
+
+def check_eval_backward(k, stride, pad, dtype, channels_last, activation):
     n, c, h, w = 2, 6, 9, 8
     x = _input((n, c, h, w), dtype, channels_last)
     wt, scale, shift = _params(c, k, dtype)
     ho, wo = _out_hw(h, w, k, stride, pad)
     gy, gp = torch.randn(n, c, ho, wo).to(dtype), torch.randn(n, c).to(dtype).float()
     got = OPS.dwconv_bn_act_backward(gy, gp, x, wt, scale, shift, [stride] * 2, list(pad), activation, "triton")
-    ref = _train_grads(_eval_fn(None), *_f64(x, wt, scale, shift), gy, gp, stride, pad, activation)
-    plain = _train_grads(_eval_fn(None), x, wt, scale, shift, gy, gp, stride, pad, activation)
-    plain[2:] = _train_grads(_eval_fn(torch.float32), x, wt, scale, shift, gy, gp, stride, pad, activation)[2:]
+    ref = _train_grads(_eval_chain, *_f64(x, wt, scale, shift), gy, gp, stride, pad, activation)
+    plain = _train_grads(_eval_chain, x, wt, scale, shift, gy, gp, stride, pad, activation)
     assert got[0].is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
     for name, g, r, p in zip(("x", "weight", "scale", "shift"), got, ref, plain):
         assert_parity(g, r, p, dtype, kind="backward", what=f"grad {name}")
@@ -462,6 +463,11 @@ def test_negative_control_pad_shift_fails_the_forward_check():
 def test_negative_control_dropped_squeeze_gradient_fails_the_backward_check():
     with planted("grad_drop_squeeze", "triton"), pytest.raises(AssertionError):
         check_train_backward((2, 6, 9, 8), 3, 1, (1, 1, 1, 1), torch.float16, False, "silu")
+
+
+def test_negative_control_dropped_squeeze_gradient_fails_the_eval_backward_check():
+    with planted("grad_drop_squeeze", "triton"), pytest.raises(AssertionError):
+        check_eval_backward(3, 2, (0, 1, 0, 1), torch.float32, True, "silu")
 
 
 def test_negative_control_skipped_derivative_fails_the_backward_check():
