@@ -46,7 +46,24 @@ def _load() -> dict:
     from .se_excite import se_excite
     from .se_gate import se_gate
 
-    return {"dwconv_bn_act": dwconv_bn_act, "se_gate": se_gate, "se_excite": se_excite}
+    impls = {"dwconv_bn_act": dwconv_bn_act, "se_gate": se_gate, "se_excite": se_excite}
+    impls.update(_training_impls())
+    return impls
+
+
+def _training_impls() -> dict:
+    """The training ops (issue #11): train-mode forward and the backward ops."""
+    from .dwconv_backward import dwconv_bn_act_backward, dwconv_bn_act_train_backward
+    from .dwconv_train import dwconv_bn_act_train
+    from .se_backward import se_excite_backward, se_gate_backward
+
+    return {
+        "dwconv_bn_act_train": dwconv_bn_act_train,
+        "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
+        "dwconv_bn_act_backward": dwconv_bn_act_backward,
+        "se_excite_backward": se_excite_backward,
+        "se_gate_backward": se_gate_backward,
+    }
 
 
 backends.register_backend("triton", unavailable=_unavailable, unsupported=_unsupported, load=_load)
