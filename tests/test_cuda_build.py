@@ -416,6 +416,31 @@ def test_every_activation_instance_is_compiled(jit_module):
     assert len(dwconv) == 2 * 3 * 3 * 2 * 2 * len(ACTIVATIONS), "no other dwconv instances (e.g. sigmoid) are built"
 
 
+# kernels of each training source: 5 templates x k {3, 5, 7} x 3 dtypes + 2 combines; 3 + 4 + 1
+_TRAIN_SOURCES = {"dwconv_train.cu": 47, "se_train.cu": 8}
+
+
+@pytest.mark.parametrize("source", list(_TRAIN_SOURCES))
+def test_training_kernels_compile_for_sm90_without_spills(source, tmp_path):
+    """The training kernels compile with nvcc for sm_90 (the build's flags), every instance there
+    is, none spills registers or uses a stack frame (``ptxas -v``); ~15-60 s per file on 2 cores."""
+    import re
+
+    nvcc = _build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", f"-I{CSRC}",
+           "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", log)
+    assert len(entries) == _TRAIN_SOURCES[source], entries
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(frames) == len(entries)
+    assert all(f == ("0", "0", "0") for f in frames), [(e, f) for e, f in zip(entries, frames) if f != ("0", "0", "0")]
+
+
 def test_deterministic_partials_size(jit_module):
     C = jit_module["module"]
     args = dict(dtype=1, nhwc=True, n=2, c=32, ho=56, wo=56, k=3, stride_w=1)
