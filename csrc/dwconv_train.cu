@@ -280,8 +280,7 @@ TileLaunch tile_launch(const Args& a) {
   return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(ch.chunks)), dim3(t.bx, t.by), ch.chunk};
 }
 
-const char* check_args(const Args& a, const char* op) {
-  (void)op;
+const char* check_args(const Args& a) {
   if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) return "dwconv_bn_act_train: unsupported dtype code";
   if (a.k != 3 && a.k != 5 && a.k != 7) return "dwconv_bn_act_train: the CUDA kernels support kernel sizes 3, 5 and 7";
   if ((a.stride_h != 1 && a.stride_h != 2) || (a.stride_w != 1 && a.stride_w != 2))
@@ -302,13 +301,13 @@ const char* check_partials(const Args& a) {
 }  // namespace
 
 int64_t dwconv_train_partials_numel(const DWConvTrainArgs& a) {
-  if (check_args(a, "") != nullptr || a.n == 0 || a.c == 0) return 0;
+  if (check_args(a) != nullptr || a.n == 0 || a.c == 0) return 0;
   const int64_t per = a.k * a.k > 3 ? a.k * a.k : 3;  // grad_w's rows; the others need 3 or 2
   return static_cast<int64_t>(tile_launch(a).grid.y) * per * a.c;
 }
 
 const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
-  if (const char* err = check_args(a, "stats")) return err;
+  if (const char* err = check_args(a)) return err;
   if (a.n == 0 || a.c == 0) return nullptr;
   if (a.mean == nullptr || a.var == nullptr) return "dwconv_bn_stats: mean and var outputs are required";
   if (const char* err = check_partials(a)) return err;
@@ -328,7 +327,7 @@ const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
 }
 
 const char* dwconv_bn_act_train_backward(const DWConvTrainArgs& a) {
-  if (const char* err = check_args(a, "backward")) return err;
+  if (const char* err = check_args(a)) return err;
   if (a.n == 0 || a.c == 0) return nullptr;
   if (a.gamma == nullptr || a.beta == nullptr || a.in_mean == nullptr || a.in_var == nullptr)
     return "dwconv_bn_act_train_backward: gamma, beta, mean and var are required";
