@@ -58,14 +58,15 @@ class launched:
     """Asserts that the block launched at least ``at_least`` kernels on the host shim: the op was
     served by the kernels, not by the reference that ``auto`` falls back to for a backward."""
 
-    def __init__(self, at_least=1):
+    def __init__(self, at_least=1, device="cpu"):
         self.at_least = at_least
+        self.on_shim = device == "cpu"  # on a GPU (tests/test_cuda_train_gpu.py) the real module runs
 
     def __enter__(self):
-        self.before = cuda_host.load().shim.counters()[0]
+        self.before = cuda_host.load().shim.counters()[0] if self.on_shim else 0
 
     def __exit__(self, *exc):
-        if exc[0] is None:
+        if exc[0] is None and self.on_shim:
             ran = cuda_host.load().shim.counters()[0] - self.before
             assert ran >= self.at_least, f"{ran} kernel launches, expected at least {self.at_least}"
 
@@ -74,11 +75,15 @@ def _pair(stride):
     return (stride, stride) if isinstance(stride, int) else tuple(stride)
 
 
-def _params(c, k, weight_std=0.5):
+def _params(c, k, weight_std=0.5, device="cpu"):
     weight = torch.randn(c, 1, k, k) * weight_std
     gamma = torch.rand(c) + 0.5
     beta = torch.randn(c) * 0.5
-    return weight, gamma, beta
+    return weight.to(device), gamma.to(device), beta.to(device)
+
+
+def _cpu64(*ts):
+    return [None if t is None else t.detach().cpu().double() for t in ts]
 
 
 def _plain_forward(x, weight, gamma, beta, stride, pad4, activation):
@@ -92,27 +97,31 @@ def _plain_forward(x, weight, gamma, beta, stride, pad4, activation):
     return y, y.float().mean(dim=(2, 3)), mean.float(), var.float()
 
 
-def forward_case(shape, k, stride, pad4, dtype, layout, activation="silu", squeeze=True, weight_std=0.5, x=None):
-    """One train forward against the fp64 reference; returns the outputs (y, pooled, mean, var)."""
+def forward_case(shape, k, stride, pad4, dtype, layout, activation="silu", squeeze=True, weight_std=0.5, x=None,
+                 device="cpu", offset=0.0):
+    """One train forward against the fp64 reference; returns the outputs (y, pooled, mean, var).
+    ``offset`` shifts x (a conv output whose batch mean is far from 0)."""
     stride = _pair(stride)
-    x = make_input(shape, dtype, layout, "cpu") if x is None else x
-    weight, gamma, beta = _params(shape[1], k, weight_std)
-    with launched(3 if squeeze else 2):  # stats, combine, apply (+ the squeeze's reduction when deterministic)
+    x = make_input(shape, dtype, layout, device) if x is None else x
+    if offset:
+        x = (x.float() + offset).to(dtype)
+    weight, gamma, beta = _params(shape[1], k, weight_std, device)
+    with launched(3 if squeeze else 2, device):  # stats, combine, apply (+ the squeeze's reduction when deterministic)
         out = ek.ops.dwconv_bn_act_train(x, weight, gamma, beta, eps=EPS, stride=stride, padding=pad4,
                                          activation=activation, squeeze=squeeze, backend="cuda")
     y, pooled, mean, var = out if squeeze else (out[0], None, out[1], out[2])
-    truth = reference.dwconv_bn_act_train(x.double(), weight.double(), gamma.double(), beta.double(), None, None,
-                                          EPS, stride, pad4, activation, True)
-    plain = _plain_forward(x, weight, gamma, beta, stride, pad4, activation)
+    truth = reference.dwconv_bn_act_train(*_cpu64(x, weight, gamma, beta), None, None, EPS, stride, pad4, activation,
+                                          True)
+    plain = [t.cpu() for t in _plain_forward(x, weight, gamma, beta, stride, pad4, activation)]
     assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
     fmt = torch.channels_last if layout == "channels_last" and not x.is_contiguous() else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
     for name, got, want, base in (("mean", mean, truth[2], plain[2]), ("var", var, truth[3], plain[3]),
                                   ("y", y, truth[0], plain[0])):
-        assert_parity(got, want, base, dtype, what=name)
+        assert_parity(got.cpu(), want, base, dtype, what=name)
     if squeeze:
         assert pooled.dtype == torch.float32
-        assert_parity(pooled, truth[1], plain[1], dtype, what="pooled")
+        assert_parity(pooled.cpu(), truth[1], plain[1], dtype, what="pooled")
     return y, pooled, mean, var, (x, weight, gamma, beta)
 
 
@@ -127,35 +136,34 @@ def _plain_grads(gy, gp, x, weight, gamma, beta, stride, pad4, activation, dtype
     if gp is not None:
         loss = loss + (pooled * gp).double().sum()
     loss.backward()
-    return [leaf.grad for leaf in leaves]
+    return [leaf.grad.cpu() for leaf in leaves]
 
 
 def backward_case(shape, k, stride, pad4, dtype, layout, activation="silu", with_y=True, with_pooled=True,
-                  weight_std=0.5, x=None):
+                  weight_std=0.5, x=None, device="cpu"):
     """One train backward (the op, given the forward's statistics) against the fp64 reference."""
     stride = _pair(stride)
-    x = make_input(shape, dtype, layout, "cpu") if x is None else x
+    x = make_input(shape, dtype, layout, device) if x is None else x
     n, c = shape[:2]
-    weight, gamma, beta = _params(c, k, weight_std)
+    weight, gamma, beta = _params(c, k, weight_std, device)
     _, _, mean, var = reference.dwconv_bn_act_train(x, weight, gamma, beta, None, None, EPS, stride, pad4, activation,
                                                     False)
     ho = (shape[2] + pad4[2] + pad4[3] - k) // stride[0] + 1
     wo = (shape[3] + pad4[0] + pad4[1] - k) // stride[1] + 1
     # incoming gradients exactly representable in dtype (both sides receive the same values)
-    gy = torch.randn(n, c, ho, wo).to(dtype) if with_y else None
-    gp = torch.randn(n, c).to(dtype).float() if with_pooled else None
-    with launched(7):  # reduce, 2 combines, gz, grad_x, grad_w, combine
+    gy = torch.randn(n, c, ho, wo).to(device, dtype) if with_y else None
+    gp = torch.randn(n, c).to(dtype).to(device, torch.float32) if with_pooled else None
+    with launched(7, device):  # reduce, 2 combines, gz, grad_x, grad_w, combine
         got = torch.ops.effnet.dwconv_bn_act_train_backward.default(gy, gp, x, weight, gamma, beta, mean, var, EPS,
                                                                     list(stride), list(pad4), activation, "cuda")
-    want = reference.dwconv_bn_act_train_backward(
-        None if gy is None else gy.double(), None if gp is None else gp.double(), x.double(), weight.double(),
-        gamma.double(), beta.double(), mean.double(), var.double(), EPS, stride, pad4, activation)
+    want = reference.dwconv_bn_act_train_backward(*_cpu64(gy, gp, x, weight, gamma, beta, mean, var), EPS, stride,
+                                                  pad4, activation)
     base = _plain_grads(gy, gp, x, weight, gamma, beta, stride, pad4, activation, dtype)
     assert got[0].dtype == dtype and got[1].dtype == weight.dtype and got[2].dtype == torch.float32
     fmt = torch.channels_last if layout == "channels_last" and not x.is_contiguous() else torch.contiguous_format
     assert got[0].is_contiguous(memory_format=fmt)
     for name, g, w, b in zip(("x", "weight", "gamma", "beta"), got, want, base):
-        assert_parity(g, w, b, dtype, kind="backward", what=f"grad {name}")
+        assert_parity(g.cpu(), w, b, dtype, kind="backward", what=f"grad {name}")
     return got
 
 
@@ -208,6 +216,10 @@ def test_train_forward_given_statistics_and_strided_input(host):
     assert torch.equal(y2, y) and torch.equal(pooled2, pooled)
     forward_case((2, 8, 9, 7), 3, 2, (0, 1, 0, 1), torch.float16, "strided",
                  x=make_input((2, 8, 9, 7), torch.float16, "strided", "cpu"))
+    # a batch mean far from 0 (x around 3): the apply pass folds scale into the weights and
+    # shift = beta - mean * scale, which must not lose the rule's accuracy
+    for dtype in DTYPES:
+        forward_case((2, 8, 9, 7), 5, 1, (2, 2, 2, 2), dtype, "channels_last", offset=3.0)
 
 
 def test_train_forward_empty_batch(host):
