@@ -273,6 +273,10 @@ def test_train_backward_strided_input_and_grad(host):
     a = op(gy, None, *args)
     c = op(gy.contiguous(memory_format=torch.channels_last), None, *args)
     assert all(torch.equal(p, q) for p, q in zip(a, c))
+    # an expanded grad_y (all strides 0, as y.sum().backward() hands it) reads the same as its dense copy
+    ones = torch.ones((), dtype=torch.float16).expand(2, 6, 8, 9)
+    assert ones.stride() == (0, 0, 0, 0)
+    assert all(torch.equal(p, q) for p, q in zip(op(ones, None, *args), op(ones.contiguous(), None, *args)))
 
 
 def test_train_backward_empty_batch(host):
