@@ -49,11 +49,10 @@ __device__ __forceinline__ void position(const Args& a, int64_t p, int64_t& n, i
   wo = r - ho * a.wo;
 }
 
-// z = dwconv(x)[n, c, ho, wo] (fp32).
-template <typename T, int K>
-__device__ __forceinline__ float conv_at(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo,
-                                         const float (&wt)[K * K]) {
-  return dw_tap_sum<T, K>(static_cast<const T*>(a.x), a.xs, n, c, ho * a.stride_h - a.pad_top,
+// z = dwconv(x)[n, c, ho, wo] (fp32); W: the taps (dw_tap_sum).
+template <typename T, int K, typename W>
+__device__ __forceinline__ float conv_at(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt) {
+  return dw_tap_sum<T, K, W>(static_cast<const T*>(a.x), a.xs, n, c, ho * a.stride_h - a.pad_top,
                           wo * a.stride_w - a.pad_left, a.h, a.w, wt);
 }
 
@@ -67,10 +66,10 @@ __device__ __forceinline__ ChannelBN channel_bn(const Args& a, int64_t c) {
 
 // g_u, the gradient at the activation's input u = xhat * gamma + beta, at (n, c, ho, wo):
 // (grad_y + grad_pooled / (Ho * Wo)) * act'(u); xhat = (z - mean) * invstd is returned too.
-template <typename T, int K>
-__device__ __forceinline__ float grad_at_u(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo,
-                                           const float (&wt)[K * K], const ChannelBN& bn, float& xhat) {
-  xhat = (conv_at<T, K>(a, n, c, ho, wo, wt) - bn.mean) * bn.invstd;
+template <typename T, int K, typename W>
+__device__ __forceinline__ float grad_at_u(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt,
+                                           const ChannelBN& bn, float& xhat) {
+  xhat = (conv_at<T, K, W>(a, n, c, ho, wo, wt) - bn.mean) * bn.invstd;
   const float u = fmaf(xhat, bn.gamma, bn.beta);
   float g = a.grad_y != nullptr ? to_float(static_cast<const T*>(a.grad_y)[offset4(a.gys, n, c, ho, wo)]) : 0.0f;
   if (a.grad_pooled != nullptr) g += __ldg(a.grad_pooled + n * a.c + c) / static_cast<float>(a.ho * a.wo);
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a, int64_t c
     for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
       int64_t n, ho, wo;
       position(a, p, n, ho, wo);
-      welford_add(mo, conv_at<T, K>(a, n, c, ho, wo, wt));
+      welford_add(mo, conv_at<T, K, float[K * K]>(a, n, c, ho, wo, wt));
     }
   }
   const int nthreads = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -144,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) bwd_reduce_kernel(const Args a, int6
       int64_t n, ho, wo;
       position(a, p, n, ho, wo);
       float xhat;
-      const float g = grad_at_u<T, K>(a, n, c, ho, wo, wt, bn, xhat);
+      const float g = grad_at_u<T, K, float[K * K]>(a, n, c, ho, wo, wt, bn, xhat);
       s_g += g;
       s_gx = fmaf(g, xhat, s_gx);
     }
@@ -179,11 +178,9 @@ __global__ void __launch_bounds__(kThreads) gz_kernel(const Args a) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t n, c, ho, wo;
     decode4(i, a.nhwc, a.c, a.ho, a.wo, n, c, ho, wo);
-    float wt[K * K];
-    load_taps<K>(a.weight, c, wt);
     const ChannelBN bn = channel_bn(a, c);
     float xhat;
-    const float g = grad_at_u<T, K>(a, n, c, ho, wo, wt, bn, xhat);
+    const float g = grad_at_u<T, K, GlobalTaps>(a, n, c, ho, wo, GlobalTaps{a.weight + c * (K * K)}, bn, xhat);
     const float mean_g = __ldg(a.grad_beta + c) * inv_m, mean_gx = __ldg(a.grad_gamma + c) * inv_m;
     a.gz[offset4(a.gzs, n, c, ho, wo)] = bn.gamma * bn.invstd * (g - mean_g - xhat * mean_gx);
   }

@@ -46,12 +46,19 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ weight, int6
   for (int t = 0; t < K * K; ++t) wt[t] = __ldg(weight + c * (K * K) + t);
 }
 
+// The taps of channel c read from global memory (through L1) only where the tap loop uses them:
+// for kernels whose threads change channel from one element to the next (gz_kernel).
+struct GlobalTaps {
+  const float* p;  // weight + c * K * K
+  __device__ __forceinline__ float operator[](int t) const { return __ldg(p + t); }
+};
+
 // z = sum over the K x K taps of x[n, c, hi0 + kh, wi0 + kw] * wt[kh * K + kw] (zero padding
-// outside [0, H) x [0, W)), fp32, kh outer and kw inner as the forward kernels accumulate.
-template <typename T, int K>
+// outside [0, H) x [0, W)), fp32, kh outer and kw inner as the forward kernels accumulate. W:
+// float[K * K] (taps in registers, load_taps) or GlobalTaps.
+template <typename T, int K, typename W>
 __device__ __forceinline__ float dw_tap_sum(const T* __restrict__ x, const Strides4& xs, int64_t n, int64_t c,
-                                            int64_t hi0, int64_t wi0, int64_t h, int64_t w,
-                                            const float (&wt)[K * K]) {
+                                            int64_t hi0, int64_t wi0, int64_t h, int64_t w, const W& wt) {
   const T* base = x + n * xs.n + c * xs.c;
   float acc = 0.0f;
 #pragma unroll
