@@ -74,6 +74,67 @@ effnet::DWConvArgs dwconv_args(uintptr_t x, uintptr_t y, uintptr_t weight, uintp
   return a;
 }
 
+// The training entry points take their arguments as one dict (names as the fields of the
+// effnet_ext.h structs; pointers as ints, strides as 4-tuples): a missing name is a KeyError.
+template <typename V>
+V field(const py::dict& d, const char* name) {
+  return d[name].cast<V>();
+}
+template <typename P>
+P* field_ptr(const py::dict& d, const char* name) {
+  return d.contains(name) ? ptr<P>(d[name].cast<uintptr_t>()) : nullptr;
+}
+effnet::Strides4 field_strides(const py::dict& d, const char* name) {
+  effnet::Strides4 s;
+  if (!d.contains(name)) return s;
+  const py::tuple t = d[name].cast<py::tuple>();
+  s.n = t[0].cast<int64_t>(), s.c = t[1].cast<int64_t>(), s.h = t[2].cast<int64_t>(), s.w = t[3].cast<int64_t>();
+  return s;
+}
+
+effnet::DWConvTrainArgs train_args(const py::dict& d) {
+  effnet::DWConvTrainArgs a;
+  a.x = field_ptr<const void>(d, "x");
+  a.xs = field_strides(d, "xs");
+  a.weight = field_ptr<const float>(d, "weight");
+  a.dtype = field<int>(d, "dtype");
+  a.nhwc = field<bool>(d, "nhwc");
+  a.n = field<int64_t>(d, "n");
+  a.c = field<int64_t>(d, "c");
+  a.h = field<int64_t>(d, "h");
+  a.w = field<int64_t>(d, "w");
+  a.ho = field<int64_t>(d, "ho");
+  a.wo = field<int64_t>(d, "wo");
+  a.k = field<int>(d, "k");
+  a.stride_h = field<int>(d, "stride_h");
+  a.stride_w = field<int>(d, "stride_w");
+  a.pad_top = field<int>(d, "pad_top");
+  a.pad_left = field<int>(d, "pad_left");
+  a.act = d.contains("act") ? field<int>(d, "act") : effnet::kIdentity;
+  a.partials = field_ptr<float>(d, "partials");
+  a.partials_numel = d.contains("partials_numel") ? field<int64_t>(d, "partials_numel") : 0;
+  a.mean = field_ptr<float>(d, "mean");
+  a.var = field_ptr<float>(d, "var");
+  a.grad_y = field_ptr<const void>(d, "grad_y");
+  a.gys = field_strides(d, "gys");
+  a.grad_pooled = field_ptr<const float>(d, "grad_pooled");
+  a.gamma = field_ptr<const float>(d, "gamma");
+  a.beta = field_ptr<const float>(d, "beta");
+  a.in_mean = field_ptr<const float>(d, "in_mean");
+  a.in_var = field_ptr<const float>(d, "in_var");
+  a.eps = d.contains("eps") ? field<float>(d, "eps") : 1e-5f;
+  a.gz = field_ptr<float>(d, "gz");
+  a.gzs = field_strides(d, "gzs");
+  a.grad_x = field_ptr<void>(d, "grad_x");
+  a.gxs = field_strides(d, "gxs");
+  a.grad_weight = field_ptr<float>(d, "grad_weight");
+  a.grad_gamma = field_ptr<float>(d, "grad_gamma");
+  a.grad_beta = field_ptr<float>(d, "grad_beta");
+  a.device = d.contains("device") ? field<int>(d, "device") : 0;
+  a.stream = field_ptr<void>(d, "stream");
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -170,6 +231,67 @@ PYBIND11_MODULE(_C, m) {
       "y * gate; returns None or an error message.", py::arg("y"), py::arg("gate"), py::arg("out"),
       py::arg("dtype"), py::arg("nhwc"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "dwconv_train_partials_numel", [](const py::dict& d) { return effnet::dwconv_train_partials_numel(train_args(d)); },
+      "Floats of scratch the training passes need (a dict of DWConvTrainArgs fields).", py::arg("args"));
+  m.def(
+      "dwconv_bn_stats", [](const py::dict& d) { return result(effnet::dwconv_bn_stats(train_args(d))); },
+      "Per-channel batch mean / biased variance of the depthwise conv output; None or an error message.",
+      py::arg("args"));
+  m.def(
+      "dwconv_bn_act_train_backward",
+      [](const py::dict& d) { return result(effnet::dwconv_bn_act_train_backward(train_args(d))); },
+      "grad_x, grad_weight (tap-major), grad_gamma, grad_beta of dwconv_bn_act_train; None or an error message.",
+      py::arg("args"));
+  m.def(
+      "se_excite_backward",
+      [](const py::dict& d) {
+        effnet::SEExciteBackwardArgs a;
+        a.grad_out = field_ptr<const void>(d, "grad_out");
+        a.y = field_ptr<const void>(d, "y");
+        a.gate = field_ptr<const float>(d, "gate");
+        a.grad_y = field_ptr<void>(d, "grad_y");
+        a.grad_gate = field_ptr<float>(d, "grad_gate");
+        a.dtype = field<int>(d, "dtype");
+        a.nhwc = field<bool>(d, "nhwc");
+        a.n = field<int64_t>(d, "n");
+        a.c = field<int64_t>(d, "c");
+        a.h = field<int64_t>(d, "h");
+        a.w = field<int64_t>(d, "w");
+        a.device = d.contains("device") ? field<int>(d, "device") : 0;
+        a.stream = field_ptr<void>(d, "stream");
+        return result(effnet::se_excite_backward(a));
+      },
+      "grad_y = grad_out * gate, grad_gate = sum_hw grad_out * y; None or an error message.", py::arg("args"));
+  m.def(
+      "se_gate_backward",
+      [](const py::dict& d) {
+        effnet::SEGateBackwardArgs a;
+        a.grad_gate = field_ptr<const float>(d, "grad_gate");
+        a.pooled = field_ptr<const float>(d, "pooled");
+        a.w_reduce = field_ptr<const float>(d, "w_reduce");
+        a.b_reduce = field_ptr<const float>(d, "b_reduce");
+        a.w_expand = field_ptr<const float>(d, "w_expand");
+        a.b_expand = field_ptr<const float>(d, "b_expand");
+        a.dv = field_ptr<float>(d, "dv");
+        a.da = field_ptr<float>(d, "da");
+        a.hidden = field_ptr<float>(d, "hidden");
+        a.grad_pooled = field_ptr<float>(d, "grad_pooled");
+        a.grad_w_reduce = field_ptr<float>(d, "grad_w_reduce");
+        a.grad_b_reduce = field_ptr<float>(d, "grad_b_reduce");
+        a.grad_w_expand = field_ptr<float>(d, "grad_w_expand");
+        a.grad_b_expand = field_ptr<float>(d, "grad_b_expand");
+        a.n = field<int64_t>(d, "n");
+        a.c = field<int64_t>(d, "c");
+        a.r = field<int64_t>(d, "r");
+        a.act = field<int>(d, "act");
+        a.gate_act = field<int>(d, "gate_act");
+        a.device = d.contains("device") ? field<int>(d, "device") : 0;
+        a.stream = field_ptr<void>(d, "stream");
+        return result(effnet::se_gate_backward(a));
+      },
+      "The five gradients of se_gate (fp32 dense); None or an error message.", py::arg("args"));
 
   m.def(
       "build_info",

@@ -44,6 +44,42 @@ __device__ __forceinline__ float activate(float u) {
   return u;  // kIdentity
 }
 
+// d activate<ACT>(u) / du in fp32, as PyTorch's backward defines it (effnet_kernels/reference.py
+// ACTIVATION_GRADS): relu u > 0; relu6 0 < u < 6; hardswish 0 below -3, u / 3 + 1/2 up to 3,
+// then 1; hardsigmoid 1/6 on (-3, 3); silu s (1 + u (1 - s)) and sigmoid s (1 - s), s = sigmoid(u).
+template <int ACT>
+__device__ __forceinline__ float activate_grad(float u) {
+  static_assert(ACT >= kIdentity && ACT <= kHardSigmoid, "unknown activation code");
+  if constexpr (ACT == kSiLU) {
+    const float s = 1.0f / (1.0f + expf(-u));
+    return s * (1.0f + u * (1.0f - s));
+  }
+  if constexpr (ACT == kReLU) return u > 0.0f ? 1.0f : 0.0f;
+  if constexpr (ACT == kReLU6) return (u > 0.0f && u < 6.0f) ? 1.0f : 0.0f;
+  if constexpr (ACT == kHardSwish) return u < -3.0f ? 0.0f : (u <= 3.0f ? u / 3.0f + 0.5f : 1.0f);
+  if constexpr (ACT == kSigmoid) {
+    const float s = 1.0f / (1.0f + expf(-u));
+    return s * (1.0f - s);
+  }
+  if constexpr (ACT == kHardSigmoid) return (u > -3.0f && u < 3.0f) ? 1.0f / 6.0f : 0.0f;
+  return 1.0f;  // kIdentity
+}
+
+// activate_grad with the activation as a runtime value (uniform across a launch: the branch
+// costs nothing next to the memory traffic of the elementwise training kernels, and keeps
+// their instance count down).
+__device__ __forceinline__ float activate_grad_rt(int act, float u) {
+  switch (act) {
+    case kSiLU: return activate_grad<kSiLU>(u);
+    case kReLU: return activate_grad<kReLU>(u);
+    case kReLU6: return activate_grad<kReLU6>(u);
+    case kHardSwish: return activate_grad<kHardSwish>(u);
+    case kSigmoid: return activate_grad<kSigmoid>(u);
+    case kHardSigmoid: return activate_grad<kHardSigmoid>(u);
+    default: return 1.0f;
+  }
+}
+
 // Elements of T in one 16-byte access.
 template <typename T>
 struct PackWidth {

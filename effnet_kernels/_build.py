@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 #: Must equal ``effnet::kAbiVersion`` in ``csrc/effnet_ext.h``: the Python <-> C++
 #: calling convention. A module reporting another number is refused.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 ARCHS_ENV = "EFFNET_KERNELS_CUDA_ARCHS"

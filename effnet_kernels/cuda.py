@@ -189,10 +189,15 @@ def _unavailable() -> list[str]:
     return reasons
 
 
+# where each depthwise op's weight sits among its arguments (the kernel size check)
+_WEIGHT_ARG = {"dwconv_bn_act": 1, "dwconv_bn_act_train": 1, "dwconv_bn_act_train_backward": 3}
+
+
 def _unsupported(op: str, t: Tensor, args: tuple = ()) -> list[str]:
     reasons = []
-    if op == "dwconv_bn_act" and len(args) > 1 and args[1].shape[-1] not in KERNEL_SIZES:
-        reasons.append(f"kernel size {args[1].shape[-1]} is not compiled (3, 5 or 7); the torch and triton backends take any odd k")
+    w = _WEIGHT_ARG.get(op)
+    if w is not None and len(args) > w and isinstance(args[w], Tensor) and args[w].shape[-1] not in KERNEL_SIZES:
+        reasons.append(f"kernel size {args[w].shape[-1]} is not compiled (3, 5 or 7); the torch and triton backends take any odd k")
     if t.device.type != "cuda":
         reasons.append(f"tensors must be on a CUDA device, got {t.device}")
     reasons.extend(backends.dtype_reasons("the cuda kernels", SUPPORTED_DTYPES, (t, *args)))
@@ -323,10 +328,194 @@ def se_excite(y: Tensor, gate: Tensor) -> Tensor:
     return launch.out
 
 
+# ------------------------------------------------------------------ training (issue #11)
+def _new_output(name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype,
+                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """An uninitialised output (or scratch) tensor the kernels fill completely; ``name`` lets the
+    host-shim tests (:mod:`effnet_kernels.cuda_host`) poison and fence it."""
+    return torch.empty(tuple(shape), dtype=dtype, device=like.device, memory_format=memory_format)
+
+
+def _strides(t: Tensor) -> tuple[int, int, int, int]:
+    return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
+
+
+def _check_kernel_size(op: str, weight: Tensor) -> int:
+    k = weight.shape[-1]
+    if k not in KERNEL_SIZES:
+        raise backends.BackendUnavailableError(
+            f"effnet_kernels cuda backend: {op} supports kernel sizes {KERNEL_SIZES}, got {k}; "
+            "use backend='torch' or 'triton'"
+        )
+    return k
+
+
+def _train_args(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], activation: str) -> dict:
+    """The DWConvTrainArgs fields every training pass takes (x read in place, any strides)."""
+    from .ops._checks import ACT_CODES
+
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    left, right, top, bottom = padding
+    return dict(
+        x=x.data_ptr(), xs=_strides(x), weight=_launch.fp32_contiguous(weight.reshape(c, k * k)),
+        dtype=_DTYPE_CODES[x.dtype], nhwc=_launch.layout_of(x) == "nhwc",
+        n=n, c=c, h=h, w=w, ho=(h + top + bottom - k) // stride[0] + 1, wo=(w + left + right - k) // stride[1] + 1,
+        k=k, stride_h=stride[0], stride_w=stride[1], pad_top=top, pad_left=left, act=ACT_CODES[activation],
+        device=x.device.index or 0, stream=_stream(x),
+    )
+
+
+def _with_partials(C: ModuleType, args: dict, like: Tensor) -> Tensor:
+    """Put the weight pointer and a partials scratch buffer into ``args``; returns the scratch."""
+    weight = args["weight"]
+    args["weight"] = weight.data_ptr()
+    numel = C.dwconv_train_partials_numel(args)
+    partials = _new_output("partials", (max(numel, 1),), like, torch.float32)
+    args.update(partials=partials.data_ptr(), partials_numel=numel)
+    return partials
+
+
+def dwconv_bn_act_train(
+    x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
+    eps: float, stride: Sequence[int], padding: Sequence[int], activation: str, squeeze: bool,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """CUDA ``dwconv_bn_act_train`` (signature of :func:`effnet_kernels.reference.dwconv_bn_act_train`).
+
+    Without given statistics, ``dwconv_bn_stats`` computes the batch mean and biased variance
+    of the conv output (per-block Welford partials, combined in a fixed order: deterministic);
+    then the eval forward kernel applies ``scale = gamma / sqrt(var + eps)``, ``shift = beta -
+    mean * scale`` (fp32, folded here) with the activation and the optional squeeze.
+    """
+    _check_kernel_size("dwconv_bn_act_train", weight)
+    C = extension()
+    n, c = x.shape[0], x.shape[1]
+    if mean is None or var is None:
+        if n == 0 or c == 0:
+            mean, var = gamma.new_zeros(c), gamma.new_zeros(c)
+        else:
+            args = _train_args(x, weight, stride, padding, "identity")
+            keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launch is queued
+            mean = _new_output("mean", (c,), x, torch.float32)
+            var = _new_output("var", (c,), x, torch.float32)
+            args.update(mean=mean.data_ptr(), var=var.data_ptr())
+            check("dwconv_bn_act_train", C.dwconv_bn_stats(args))
+            del keep
+    scale = gamma.float() * torch.rsqrt(var.float() + eps)
+    shift = beta.float() - mean.float() * scale
+    y, pooled = dwconv_bn_act(x, weight, scale, shift, stride, padding, activation, squeeze)
+    return y, pooled, mean, var
+
+
+def dwconv_bn_act_train_backward(
+    grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, eps: float, stride: Sequence[int], padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CUDA ``dwconv_bn_act_train_backward`` (signature of the reference's).
+
+    x and grad_y are read in place with their strides (no layout conversion); grad_x comes in
+    x's memory format. Scratch: the fp32 gradient at the conv output (N*C*Ho*Wo floats) and
+    the reductions' partials. Every reduction is fixed-order: the gradients are bitwise
+    reproducible.
+    """
+    k = _check_kernel_size("dwconv_bn_act_train_backward", weight)
+    C = extension()
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if _launch.layout_of(x) == "nhwc" else torch.contiguous_format
+    grad_x = _new_output("grad_x", (n, c, h, w), x, x.dtype, fmt)
+    grad_w = _new_output("grad_weight", (k * k, c), x, torch.float32)
+    grad_gamma = _new_output("grad_gamma", (c,), x, torch.float32)
+    grad_beta = _new_output("grad_beta", (c,), x, torch.float32)
+    if n == 0 or c == 0:
+        grad_x.zero_(), grad_w.zero_(), grad_gamma.zero_(), grad_beta.zero_()
+    else:
+        args = _train_args(x, weight, stride, padding, activation)
+        keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launches are queued
+        ho, wo = args["ho"], args["wo"]
+        if grad_y is not None:
+            grad_y = grad_y.to(x.dtype)
+            keep.append(grad_y)
+            args.update(grad_y=grad_y.data_ptr(), gys=_strides(grad_y))
+        if grad_pooled is not None and grad_pooled.numel() > 0:
+            gp = _launch.fp32_contiguous(grad_pooled)
+            keep.append(gp)
+            args["grad_pooled"] = gp.data_ptr()
+        stats = [_launch.fp32_contiguous(t) for t in (gamma, beta, mean, var)]
+        keep.extend(stats)
+        gz = _new_output("gz", (n, c, ho, wo), x, torch.float32, fmt)
+        args.update(
+            gamma=stats[0].data_ptr(), beta=stats[1].data_ptr(), in_mean=stats[2].data_ptr(),
+            in_var=stats[3].data_ptr(), eps=float(eps), gz=gz.data_ptr(), gzs=_strides(gz),
+            grad_x=grad_x.data_ptr(), gxs=_strides(grad_x), grad_weight=grad_w.data_ptr(),
+            grad_gamma=grad_gamma.data_ptr(), grad_beta=grad_beta.data_ptr(),
+        )
+        check("dwconv_bn_act_train_backward", C.dwconv_bn_act_train_backward(args))
+        del keep
+    grad_weight = grad_w.t().reshape(weight.shape).to(weight.dtype).contiguous()
+    return grad_x, grad_weight, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
+def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """CUDA ``se_excite_backward`` (signature of the reference's): one pass over grad_out and y,
+    grad_gate reduced per (n, c) in a fixed order (fp32, then gate's dtype)."""
+    C = extension()
+    layout = _launch.layout_of(y)
+    yd = _launch.as_layout(y, layout)
+    go = _launch.as_layout(grad_out.to(y.dtype), layout)
+    g = _launch.fp32_contiguous(gate)
+    n, c, h, w = yd.shape
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    grad_y = _new_output("grad_y", (n, c, h, w), y, y.dtype, fmt)
+    grad_gate = _new_output("grad_gate", (n, c), y, torch.float32)
+    check(
+        "se_excite_backward",
+        C.se_excite_backward(dict(
+            grad_out=go.data_ptr(), y=yd.data_ptr(), gate=g.data_ptr(), grad_y=grad_y.data_ptr(),
+            grad_gate=grad_gate.data_ptr(), dtype=_DTYPE_CODES[y.dtype], nhwc=layout == "nhwc",
+            n=n, c=c, h=h, w=w, device=y.device.index or 0, stream=_stream(y),
+        )),
+    )
+    return grad_y, grad_gate.to(gate.dtype)
+
+
+def se_gate_backward(
+    grad_gate: Tensor, pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor, w_expand: Tensor, b_expand: Tensor,
+    activation: str, gate: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """CUDA ``se_gate_backward`` (signature of the reference's): fp32 throughout (the inputs are
+    O(N*C + R*C) and read as fp32 copies when they are not), the gradients in their inputs' dtypes."""
+    from .ops._checks import ACT_CODES
+
+    C = extension()
+    ins = [_launch.fp32_contiguous(t) for t in (grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand)]
+    n, c = pooled.shape
+    r = w_reduce.shape[0]
+    like = pooled
+    dv = _new_output("dv", (n, c), like, torch.float32)
+    da = _new_output("da", (n, r), like, torch.float32)
+    hidden = _new_output("hidden", (n, r), like, torch.float32)
+    outs = [_new_output(name, shape, like, torch.float32) for name, shape in
+            (("grad_pooled", (n, c)), ("grad_w_reduce", (r, c)), ("grad_b_reduce", (r,)), ("grad_w_expand", (c, r)),
+             ("grad_b_expand", (c,)))]
+    names = ("grad_gate", "pooled", "w_reduce", "b_reduce", "w_expand", "b_expand")
+    args = {name: t.data_ptr() for name, t in zip(names, ins)}
+    args.update({name: t.data_ptr() for name, t in zip(
+        ("grad_pooled", "grad_w_reduce", "grad_b_reduce", "grad_w_expand", "grad_b_expand"), outs)})
+    args.update(dv=dv.data_ptr(), da=da.data_ptr(), hidden=hidden.data_ptr(), n=n, c=c, r=r,
+                act=ACT_CODES[activation], gate_act=ACT_CODES[gate], device=pooled.device.index or 0,
+                stream=_stream(pooled))
+    check("se_gate_backward", C.se_gate_backward(args))
+    return tuple(o.to(t.dtype) for o, t in zip(outs, (pooled, w_reduce, b_reduce, w_expand, b_expand)))  # type: ignore[return-value]
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "dwconv_bn_act": dwconv_bn_act,
     "se_gate": se_gate,
     "se_excite": se_excite,
+    "dwconv_bn_act_train": dwconv_bn_act_train,
+    "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
+    "se_excite_backward": se_excite_backward,
+    "se_gate_backward": se_gate_backward,
 }
 
 

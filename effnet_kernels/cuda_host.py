@@ -247,24 +247,28 @@ def _checked(impl):
 def substituted(modules: Optional[HostModules] = None, poison: bool = True) -> Iterator[HostModules]:
     """Within the block, :mod:`effnet_kernels.cuda` calls the host ``_C`` (stream 0) on CPU tensors.
 
-    The outputs the launch code allocates (y, mean, out, gate) sit between canaries that
+    The outputs the launch code allocates (y, mean, out, gate; the training ops' outputs and
+    scratch buffers, :func:`effnet_kernels.cuda._new_output`) sit between canaries that
     the backend's functions check after each call (:func:`as_cuda_backend`); with ``poison``
     they start as NaN (the mean as the zeros it must start from).
     """
     from . import _launch, cuda
 
     mods = modules or load()
-    saved = cuda.extension, cuda._stream
+    saved = cuda.extension, cuda._stream, cuda._new_output
     saved_prep = _launch.prepare_dwconv, _launch.prepare_se_excite, _launch.prepare_se_gate
     cuda.extension = lambda: mods.C
     cuda._stream = lambda t: 0
+    new_output = saved[2]
+    # the training ops' outputs and scratch (cuda._new_output): poisoned and fenced too
+    cuda._new_output = lambda name, *a, **kw: _guarded(new_output(name, *a, **kw), name, poison)
     _launch.prepare_dwconv = _prepared(saved_prep[0], ("y", "mean"), poison)
     _launch.prepare_se_excite = _prepared(saved_prep[1], ("out",), poison)
     _launch.prepare_se_gate = _prepared(saved_prep[2], ("gate",), poison)
     try:
         yield mods
     finally:
-        cuda.extension, cuda._stream = saved
+        cuda.extension, cuda._stream, cuda._new_output = saved
         _launch.prepare_dwconv, _launch.prepare_se_excite, _launch.prepare_se_gate = saved_prep
 
 

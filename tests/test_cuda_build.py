@@ -381,6 +381,45 @@ def test_kernel_errors_name_the_op(jit_module):
             cuda.check("se_excite", cuda_err)
 
 
+def test_training_entry_points_of_the_real_module(jit_module):
+    """The dict-argument training bindings of the real module: a missing field is a KeyError,
+    argument errors and CUDA's own (no GPU here) come back as messages, empty work launches
+    nothing, and the partials size follows the channel tile and chunking of dwconv_train.cu."""
+    C = jit_module["module"]
+    base = dict(x=16, weight=16, dtype=0, nhwc=True, n=2, c=40, h=7, w=9, ho=7, wo=9, k=3, stride_h=1, stride_w=1,
+                pad_top=1, pad_left=1, act=1)
+    with pytest.raises(KeyError):
+        C.dwconv_bn_stats({k: v for k, v in base.items() if k != "ho"})
+    assert C.dwconv_bn_stats({**base, "dtype": 7}) == "dwconv_bn_act_train: unsupported dtype code"
+    assert "kernel sizes 3, 5 and 7" in C.dwconv_bn_act_train_backward({**base, "k": 9})
+    assert C.dwconv_bn_stats({**base, "act": 5}) == "dwconv_bn_act_train: unsupported activation code"
+    assert C.dwconv_bn_stats({**base, "n": 0}) is None, "empty work launches nothing"
+    assert "partials buffer" in C.dwconv_bn_stats({**base, "mean": 16, "var": 16})
+    # NHWC: 2 groups of 32 channels, 126 positions over 8 rows of >= 16 each: 1 chunk; 9 taps per row
+    assert C.dwconv_train_partials_numel(base) == 1 * 9 * 40
+    big = {**base, "n": 64, "h": 56, "w": 56, "ho": 56, "wo": 56, "k": 5}  # 200704 positions
+    m = 64 * 56 * 56
+
+    def chunks(want):  # chunk length ceil(m / want), then as many chunks as that length needs
+        return -(-m // -(-m // want))
+
+    # NHWC: 2 * 132 * 8 target blocks over 2 channel groups; NCHW: 40 channels, but >= 16 positions
+    # per thread of 256 caps it at ceil(m / 4096) = 49
+    assert C.dwconv_train_partials_numel(big) == chunks(1056) * 25 * 40 == 1051 * 25 * 40
+    assert C.dwconv_train_partials_numel({**big, "nhwc": False}) == chunks(49) * 25 * 40 == 49 * 25 * 40
+    gate = dict(n=2, c=4, r=2, act=1, gate_act=5)
+    assert C.se_gate_backward({**gate, "r": 0}) == "se_gate_backward: invalid sizes"
+    assert C.se_gate_backward({**gate, "act": 5}) == "se_gate_backward: unsupported activation code"
+    assert C.se_gate_backward({**gate, "gate_act": 1}) == "se_gate_backward: unsupported gate code"
+    excite = dict(dtype=0, nhwc=False, n=1, c=4, h=2, w=2)
+    assert C.se_excite_backward({**excite, "dtype": 3}) == "se_excite_backward: unsupported dtype code"
+    assert C.se_excite_backward({**excite, "n": 0}) is None
+    if not _has_gpu():
+        for err in (C.se_excite_backward(excite), C.se_gate_backward(gate),
+                    C.dwconv_bn_stats({**base, "mean": 16, "var": 16, "partials": 16, "partials_numel": 360})):
+            assert isinstance(err, str) and err, "a missing GPU must surface as CUDA's message"
+
+
 # Itanium-mangled template arguments of the kernels' element types.
 _MANGLED_TYPES = {"float": "f", "__half": "6__half", "__nv_bfloat16": "13__nv_bfloat16"}
 
@@ -414,6 +453,31 @@ def test_every_activation_instance_is_compiled(jit_module):
         assert codes == sorted([ACT_CODES[f] for f in functions] * per_code), (kernel, codes)
     dwconv = [n for n in names if "dwconv_n" in n]
     assert len(dwconv) == 2 * 3 * 3 * 2 * 2 * len(ACTIVATIONS), "no other dwconv instances (e.g. sigmoid) are built"
+
+
+# kernels of each training source: 5 templates x k {3, 5, 7} x 3 dtypes + 2 combines; 3 + 4 + 1
+_TRAIN_SOURCES = {"dwconv_train.cu": 47, "se_train.cu": 8}
+
+
+@pytest.mark.parametrize("source", list(_TRAIN_SOURCES))
+def test_training_kernels_compile_for_sm90_without_spills(source, tmp_path):
+    """The training kernels compile with nvcc for sm_90 (the build's flags), every instance there
+    is, none spills registers or uses a stack frame (``ptxas -v``); ~15-60 s per file on 2 cores."""
+    import re
+
+    nvcc = _build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", f"-I{CSRC}",
+           "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", log)
+    assert len(entries) == _TRAIN_SOURCES[source], entries
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(frames) == len(entries)
+    assert all(f == ("0", "0", "0") for f in frames), [(e, f) for e, f in zip(entries, frames) if f != ("0", "0", "0")]
 
 
 def test_deterministic_partials_size(jit_module):

@@ -1,0 +1,365 @@
+// dwconv_bn_act_train on CUDA (issue #11): the batch statistics of the depthwise conv output
+// and the backward through them. The forward's apply pass is the eval forward kernel
+// (dwconv_kernels.cuh) with scale = gamma / sqrt(var + eps), shift = beta - mean * scale
+// folded in by effnet_kernels/cuda.py, so this file holds the statistics and the backward.
+//
+// Passes and the bytes each moves (E_in = N*C*H*W, E_out = N*C*Ho*Wo elements, s = the
+// element size of x, P = chunks * C partial rows of the fixed-order reductions; the K x K
+// halo re-reads of x hit L1/L2):
+//
+//   forward   stats_kernel          read x: s*E_in                    write 12*P
+//             stats_combine_kernel  read 12*P                         write 8*C (mean, var)
+//             [apply: the eval forward kernel, read s*E_in, write s*E_out (+ 4*N*C squeeze)]
+//   backward  bwd_reduce_kernel     read x, grad_y: s*(E_in + E_out)  write 8*P
+//             sum_rows_kernel x 2   read 8*P                          write 8*C (grad_beta, grad_gamma)
+//             gz_kernel             read x, grad_y: s*(E_in + E_out)  write gz: 4*E_out
+//             grad_x_kernel         read gz: 4*E_out                  write grad_x: s*E_in
+//             grad_w_kernel         read gz, x: 4*E_out + s*E_in      write 4*K*K*P
+//             sum_rows_kernel       read 4*K*K*P                      write 4*K*K*C
+//
+// (+ 4*N*C of grad_pooled wherever grad_y is read.) Template instances: stats, bwd_reduce, gz,
+// grad_x, grad_w for k in {3, 5, 7} x {fp32, fp16, bf16}: 5 x 9 = 45 kernels, plus 2 untemplated
+// combine kernels. Strides and the activation are runtime values (the activation's derivative
+// is a uniform branch, activate_grad_rt); every reduction is deterministic (no atomics).
+#include "device_utils.cuh"
+#include "effnet_ext.h"
+#include "static_switch.h"
+#include "train_kernels.cuh"
+
+namespace effnet {
+namespace {
+
+using Args = DWConvTrainArgs;
+
+// Positions [first, limit) of the reduction range N * Ho * Wo this block's chunk covers.
+struct ChunkRange {
+  int64_t first, limit;
+};
+__device__ __forceinline__ ChunkRange chunk_range(int64_t m, int64_t chunk) {
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t end = first + chunk;
+  return {first, end < m ? end : m};
+}
+
+__device__ __forceinline__ void position(const Args& a, int64_t p, int64_t& n, int64_t& ho, int64_t& wo) {
+  const int64_t hw = a.ho * a.wo;
+  n = p / hw;
+  const int64_t r = p - n * hw;
+  ho = r / a.wo;
+  wo = r - ho * a.wo;
+}
+
+// z = dwconv(x)[n, c, ho, wo] (fp32); W: the taps (dw_tap_sum).
+template <typename T, int K, typename W>
+__device__ __forceinline__ float conv_at(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt) {
+  return dw_tap_sum<T, K, W>(static_cast<const T*>(a.x), a.xs, n, c, ho * a.stride_h - a.pad_top,
+                          wo * a.stride_w - a.pad_left, a.h, a.w, wt);
+}
+
+// Per-channel constants of the backward: the BatchNorm's and the squeeze gradient's.
+struct ChannelBN {
+  float mean, invstd, gamma, beta;
+};
+__device__ __forceinline__ ChannelBN channel_bn(const Args& a, int64_t c) {
+  return {__ldg(a.in_mean + c), 1.0f / sqrtf(__ldg(a.in_var + c) + a.eps), __ldg(a.gamma + c), __ldg(a.beta + c)};
+}
+
+// g_u, the gradient at the activation's input u = xhat * gamma + beta, at (n, c, ho, wo):
+// (grad_y + grad_pooled / (Ho * Wo)) * act'(u); xhat = (z - mean) * invstd is returned too.
+template <typename T, int K, typename W>
+__device__ __forceinline__ float grad_at_u(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt,
+                                           const ChannelBN& bn, float& xhat) {
+  xhat = (conv_at<T, K, W>(a, n, c, ho, wo, wt) - bn.mean) * bn.invstd;
+  const float u = fmaf(xhat, bn.gamma, bn.beta);
+  float g = a.grad_y != nullptr ? to_float(static_cast<const T*>(a.grad_y)[offset4(a.gys, n, c, ho, wo)]) : 0.0f;
+  if (a.grad_pooled != nullptr) g += __ldg(a.grad_pooled + n * a.c + c) / static_cast<float>(a.ho * a.wo);
+  return a.act == kIdentity ? g : g * activate_grad_rt(a.act, u);
+}
+
+// Per-(chunk, channel) (count, mean, M2) of z: partials[(chunk * 3 + {0, 1, 2}) * C + c].
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) stats_kernel(const Args a, int64_t chunk) {
+  __shared__ float red[3 * kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const ChunkRange range = chunk_range(a.n * a.ho * a.wo, chunk);
+  Moments mo;
+  if (c < a.c) {
+    float wt[K * K];
+    load_taps<K>(a.weight, c, wt);
+    for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
+      int64_t n, ho, wo;
+      position(a, p, n, ho, wo);
+      welford_add(mo, conv_at<T, K, float[K * K]>(a, n, c, ho, wo, wt));
+    }
+  }
+  const int nthreads = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
+  red[tid] = mo.count, red[nthreads + tid] = mo.mean, red[2 * nthreads + tid] = mo.m2;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < a.c) {
+    Moments all;
+    for (unsigned r = 0; r < blockDim.y; ++r) {  // row order: deterministic
+      const int i = r * blockDim.x + threadIdx.x;
+      chan_merge(all, Moments{red[i], red[nthreads + i], red[2 * nthreads + i]});
+    }
+    float* row = a.partials + static_cast<int64_t>(blockIdx.y) * 3 * a.c;
+    row[c] = all.count, row[a.c + c] = all.mean, row[2 * a.c + c] = all.m2;
+  }
+}
+
+// mean[c], var[c] (biased) from the chunks' moments, merged in chunk order in fp64 (exact
+// counts for any batch; C threads, so the cost is nothing).
+__global__ void __launch_bounds__(kThreads)
+stats_combine_kernel(const float* __restrict__ partials, int64_t chunks, int64_t c_, float* __restrict__ mean,
+                     float* __restrict__ var) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < c_;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double cnt = 0.0, mu = 0.0, m2 = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) {
+      const float* row = partials + t * 3 * c_;
+      const double nb = row[c], mb = row[c_ + c], m2b = row[2 * c_ + c];
+      if (nb == 0.0) continue;
+      const double nt = cnt + nb, d = mb - mu;
+      mu += d * nb / nt;
+      m2 += m2b + d * d * cnt * nb / nt;
+      cnt = nt;
+    }
+    mean[c] = static_cast<float>(mu);
+    var[c] = cnt > 0.0 ? static_cast<float>(m2 / cnt) : 0.0f;
+  }
+}
+
+// Per-(chunk, channel) sum(g_u) and sum(g_u * xhat): partials[(chunk * 2 + {0, 1}) * C + c].
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) bwd_reduce_kernel(const Args a, int64_t chunk) {
+  __shared__ float red[kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const ChunkRange range = chunk_range(a.n * a.ho * a.wo, chunk);
+  float s_g = 0.0f, s_gx = 0.0f;
+  if (c < a.c) {
+    float wt[K * K];
+    load_taps<K>(a.weight, c, wt);
+    const ChannelBN bn = channel_bn(a, c);
+    for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
+      int64_t n, ho, wo;
+      position(a, p, n, ho, wo);
+      float xhat;
+      const float g = grad_at_u<T, K, float[K * K]>(a, n, c, ho, wo, wt, bn, xhat);
+      s_g += g;
+      s_gx = fmaf(g, xhat, s_gx);
+    }
+  }
+  s_g = rows_sum(s_g, red);
+  s_gx = rows_sum(s_gx, red);
+  if (threadIdx.y == 0 && c < a.c) {
+    float* row = a.partials + static_cast<int64_t>(blockIdx.y) * 2 * a.c;
+    row[c] = s_g, row[a.c + c] = s_gx;
+  }
+}
+
+// out[i] = sum over the rows t (in order) of partials[t * row_stride + i], i < width.
+__global__ void __launch_bounds__(kThreads)
+sum_rows_kernel(const float* __restrict__ partials, int64_t rows, int64_t row_stride, int64_t width,
+                float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < width;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < rows; ++t) s += partials[t * row_stride + i];
+    out[i] = s;
+  }
+}
+
+// gz = gamma * invstd * (g_u - grad_beta / M - xhat * grad_gamma / M), the gradient at the conv
+// output, fp32 into the scratch gz (strides gzs); one thread per element, in memory order.
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) gz_kernel(const Args a) {
+  const int64_t total = a.n * a.c * a.ho * a.wo;
+  const float inv_m = 1.0f / static_cast<float>(a.n * a.ho * a.wo);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, ho, wo;
+    decode4(i, a.nhwc, a.c, a.ho, a.wo, n, c, ho, wo);
+    const ChannelBN bn = channel_bn(a, c);
+    float xhat;
+    const float g = grad_at_u<T, K, GlobalTaps>(a, n, c, ho, wo, GlobalTaps{a.weight + c * (K * K)}, bn, xhat);
+    const float mean_g = __ldg(a.grad_beta + c) * inv_m, mean_gx = __ldg(a.grad_gamma + c) * inv_m;
+    a.gz[offset4(a.gzs, n, c, ho, wo)] = bn.gamma * bn.invstd * (g - mean_g - xhat * mean_gx);
+  }
+}
+
+// grad_x = the transposed depthwise conv of gz: grad_x[n, c, hi, wi] = sum of gz[n, c, ho, wo] *
+// w[c, kh, kw] over ho * stride_h + kh = hi + pad_top, wo * stride_w + kw = wi + pad_left.
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) grad_x_kernel(const Args a) {
+  const int64_t total = a.n * a.c * a.h * a.w;
+  T* __restrict__ gx = static_cast<T*>(a.grad_x);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, hi, wi;
+    decode4(i, a.nhwc, a.c, a.h, a.w, n, c, hi, wi);
+    const float* g = a.gz + n * a.gzs.n + c * a.gzs.c;
+    const float* wt = a.weight + c * (K * K);
+    float acc = 0.0f;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t th = hi + a.pad_top - kh;
+      if (th < 0 || th % a.stride_h != 0) continue;
+      const int64_t ho = th / a.stride_h;
+      if (ho >= a.ho) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t tw = wi + a.pad_left - kw;
+        if (tw < 0 || tw % a.stride_w != 0) continue;
+        const int64_t wo = tw / a.stride_w;
+        if (wo >= a.wo) continue;
+        acc = fmaf(g[ho * a.gzs.h + wo * a.gzs.w], __ldg(wt + kh * K + kw), acc);
+      }
+    }
+    gx[offset4(a.gxs, n, c, hi, wi)] = from_float<T>(acc);
+  }
+}
+
+// Per-(chunk, tap, channel) sum over the chunk's positions of gz * x at that tap:
+// partials[(chunk * K * K + tap) * C + c] (tap-major, as the grad_weight the combine writes).
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) grad_w_kernel(const Args a, int64_t chunk) {
+  __shared__ float red[kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const ChunkRange range = chunk_range(a.n * a.ho * a.wo, chunk);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  float acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = 0.0f;
+  if (c < a.c) {
+    for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
+      int64_t n, ho, wo;
+      position(a, p, n, ho, wo);
+      const float g = a.gz[offset4(a.gzs, n, c, ho, wo)];
+      const T* base = x + n * a.xs.n + c * a.xs.c;
+      const int64_t hi0 = ho * a.stride_h - a.pad_top, wi0 = wo * a.stride_w - a.pad_left;
+#pragma unroll
+      for (int kh = 0; kh < K; ++kh) {
+        const int64_t hi = hi0 + kh;
+        if (hi < 0 || hi >= a.h) continue;
+#pragma unroll
+        for (int kw = 0; kw < K; ++kw) {
+          const int64_t wi = wi0 + kw;
+          if (wi < 0 || wi >= a.w) continue;
+          acc[kh * K + kw] = fmaf(g, to_float(base[hi * a.xs.h + wi * a.xs.w]), acc[kh * K + kw]);
+        }
+      }
+    }
+  }
+  float* rows = a.partials + static_cast<int64_t>(blockIdx.y) * (K * K) * a.c;
+#pragma unroll 1
+  for (int t = 0; t < K * K; ++t) {
+    float v = 0.0f;
+#pragma unroll
+    for (int j = 0; j < K * K; ++j) v = j == t ? acc[j] : v;  // register select, no local memory
+    const float s = rows_sum(v, red);
+    if (threadIdx.y == 0 && c < a.c) rows[t * a.c + c] = s;
+  }
+}
+
+unsigned grid_1d(int64_t total) {
+  const int64_t b = ceil_div(total, kThreads);
+  return static_cast<unsigned>(b < (1 << 20) ? (b > 0 ? b : 1) : (1 << 20));
+}
+
+struct TileLaunch {
+  dim3 grid, block;
+  int64_t chunk;
+};
+
+TileLaunch tile_launch(const Args& a) {
+  const ChannelTile t = channel_tile(a.nhwc);
+  const int64_t groups = ceil_div(a.c, t.bx);
+  const Chunking ch = chunking(a.n * a.ho * a.wo, groups, t.by);
+  return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(ch.chunks)), dim3(t.bx, t.by), ch.chunk};
+}
+
+const char* check_args(const Args& a) {
+  if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) return "dwconv_bn_act_train: unsupported dtype code";
+  if (a.k != 3 && a.k != 5 && a.k != 7) return "dwconv_bn_act_train: the CUDA kernels support kernel sizes 3, 5 and 7";
+  if ((a.stride_h != 1 && a.stride_h != 2) || (a.stride_w != 1 && a.stride_w != 2))
+    return "dwconv_bn_act_train: stride must be 1 or 2";
+  if (a.n < 0 || a.c < 0 || a.h < 0 || a.w < 0 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act_train: invalid sizes";
+  if (a.pad_top < 0 || a.pad_left < 0) return "dwconv_bn_act_train: padding must be non-negative";
+  if (a.act < kIdentity || a.act > kHardSwish) return "dwconv_bn_act_train: unsupported activation code";
+  if (a.x == nullptr || a.weight == nullptr) return "dwconv_bn_act_train: x and weight are required";
+  return nullptr;
+}
+
+const char* check_partials(const Args& a) {
+  if (a.partials == nullptr || a.partials_numel < dwconv_train_partials_numel(a))
+    return "dwconv_bn_act_train: the partials buffer is missing or smaller than dwconv_train_partials_numel()";
+  return nullptr;
+}
+
+}  // namespace
+
+int64_t dwconv_train_partials_numel(const DWConvTrainArgs& a) {
+  if (check_args(a) != nullptr || a.n == 0 || a.c == 0) return 0;
+  const int64_t per = a.k * a.k > 3 ? a.k * a.k : 3;  // grad_w's rows; the others need 3 or 2
+  return static_cast<int64_t>(tile_launch(a).grid.y) * per * a.c;
+}
+
+const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
+  if (const char* err = check_args(a)) return err;
+  if (a.n == 0 || a.c == 0) return nullptr;
+  if (a.mean == nullptr || a.var == nullptr) return "dwconv_bn_stats: mean and var outputs are required";
+  if (const char* err = check_partials(a)) return err;
+  const DeviceGuard device(a.device);
+  if (const char* err = device.error()) return err;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const TileLaunch t = tile_launch(a);
+  const char* err = DTYPE_SWITCH(a.dtype, T, [&] {
+    return KSIZE_SWITCH(a.k, K, [&] {
+      stats_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+      return launch_error();
+    });
+  });
+  if (err != nullptr) return err;
+  stats_combine_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, a.c, a.mean, a.var);
+  return launch_error();
+}
+
+const char* dwconv_bn_act_train_backward(const DWConvTrainArgs& a) {
+  if (const char* err = check_args(a)) return err;
+  if (a.n == 0 || a.c == 0) return nullptr;
+  if (a.gamma == nullptr || a.beta == nullptr || a.in_mean == nullptr || a.in_var == nullptr)
+    return "dwconv_bn_act_train_backward: gamma, beta, mean and var are required";
+  if (a.gz == nullptr || a.grad_x == nullptr || a.grad_weight == nullptr || a.grad_gamma == nullptr ||
+      a.grad_beta == nullptr)
+    return "dwconv_bn_act_train_backward: the gz scratch and the four gradient outputs are required";
+  if (const char* err = check_partials(a)) return err;
+  const DeviceGuard device(a.device);
+  if (const char* err = device.error()) return err;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const TileLaunch t = tile_launch(a);
+  const int64_t kk = a.k * a.k;
+  return DTYPE_SWITCH(a.dtype, T, [&] {
+    return KSIZE_SWITCH(a.k, K, [&]() -> const char* {
+      // pass 1: per-channel sum(g_u) -> grad_beta, sum(g_u * xhat) -> grad_gamma
+      bwd_reduce_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+      if (const char* e = launch_error()) return e;
+      sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, 2 * a.c, a.c, a.grad_beta);
+      if (const char* e = launch_error()) return e;
+      sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials + a.c, t.grid.y, 2 * a.c, a.c, a.grad_gamma);
+      if (const char* e = launch_error()) return e;
+      // pass 2: gz, then grad_x (transposed conv) and grad_weight (per-tap reduction)
+      gz_kernel<T, K><<<grid_1d(a.n * a.c * a.ho * a.wo), kThreads, 0, stream>>>(a);
+      if (const char* e = launch_error()) return e;
+      if (a.h * a.w > 0) {
+        grad_x_kernel<T, K><<<grid_1d(a.n * a.c * a.h * a.w), kThreads, 0, stream>>>(a);
+        if (const char* e = launch_error()) return e;
+      }
+      grad_w_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+      if (const char* e = launch_error()) return e;
+      sum_rows_kernel<<<grid_1d(kk * a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, kk * a.c, kk * a.c,
+                                                                   a.grad_weight);
+      return launch_error();
+    });
+  });
+}
+
+}  // namespace effnet
