@@ -21,7 +21,7 @@ from effnet_kernels import models  # noqa: E402
 from effnet_kernels.triton import dwconv_backward, dwconv_train, se_backward  # noqa: E402
 
 TRAIN_KERNELS = ("_dwconv_stats_kernel", "_combine_moments_kernel", "_grad_u_kernel", "_dwconv_input_grad_kernel",
-                 "_sum_rows_kernel", "_se_excite_backward_kernel", "_rows_times_kernel", "_outer_kernel")
+                 "_sum_tiles_kernel", "_se_excite_backward_kernel", "_rows_times_kernel", "_outer_kernel")
 
 
 @pytest.fixture

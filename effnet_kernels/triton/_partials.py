@@ -6,7 +6,8 @@ order, so the result is bitwise reproducible run to run (``torch.use_determinist
 holds always) and no fp32 atomic contention limits the reduction.
 
 * :func:`sum_rows`: ``part [B, T, L] -> [B, L]``, the plain sum over ``T`` (chunks of
-  ``BLOCK_T`` rows summed in a ``[BLOCK_T, BLOCK_L]`` accumulator, folded once at the end);
+  ``BLOCK_T`` rows summed in a ``[BLOCK_T, BLOCK_L]`` accumulator, folded once at the end) by
+  the eval squeeze's own fixed-order kernel (``dwconv._sum_tiles_kernel``, the same reduction);
 * :func:`combine_moments`: per-program ``(count, mean, M2)`` of a per-channel sample ->
   the whole sample's mean and biased variance, by Chan et al.'s pairwise formula
   (``delta = mean_b - mean_a``, ``M2 = M2_a + M2_b + delta^2 n_a n_b / n``), chunk by chunk:
@@ -23,27 +24,12 @@ import triton
 import triton.language as tl
 
 from ._jit import SUM, device_guard, device_kernel, next_pow2
+from .dwconv import _sum_tiles_kernel
 
 Tensor = torch.Tensor
 
 BLOCK_T = 16  # rows per step of the fixed-order loop
 MAX_BLOCK_L = 128
-
-
-@device_kernel(do_not_specialize=("T",))
-def _sum_rows_kernel(part_ptr, out_ptr, T, L, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[b, l] = sum over t of part[b, t, l], in a fixed order."""
-    b = tl.program_id(1).to(tl.int64)
-    col = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    col_ok = col < L
-    acc = tl.full([BLOCK_T, BLOCK_L], 0.0, tl.float32)
-    t0 = 0
-    while t0 < T:  # not range(): see se_gate.py on Triton's interpreter and numpy >= 2.4
-        t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < T)[:, None] & col_ok[None, :]
-        acc += tl.load(part_ptr + (b * T + t[:, None]) * L + col[None, :], mask=ok, other=0.0)
-        t0 += BLOCK_T
-    tl.store(out_ptr + b * L + col, tl.reduce(acc, 0, SUM), mask=col_ok)
 
 
 def sum_rows(part: Tensor) -> Tensor:
@@ -56,8 +42,8 @@ def sum_rows(part: Tensor) -> Tensor:
         return out.zero_()
     block_l = min(next_pow2(length), MAX_BLOCK_L)
     with device_guard(part):
-        _sum_rows_kernel.on(part)[(triton.cdiv(length, block_l), b)](
-            part, out, t, length, BLOCK_T=min(next_pow2(t), BLOCK_T), BLOCK_L=block_l, num_warps=4,
+        _sum_tiles_kernel.on(part)[(b, triton.cdiv(length, block_l))](
+            part, out, length, t, BLOCK_T=min(next_pow2(t), BLOCK_T), BLOCK_C=block_l, num_warps=4,
         )
     return out
 
