@@ -28,7 +28,7 @@ O(C) per image.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .reference import ACTIVATION_GRADS
+from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
 Tensor = torch.Tensor
 _BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
@@ -170,9 +170,9 @@ class _Step:
     backend: str  # the backend request, resolved when the forward ran
     padding: tuple[int, int, int, int]
     autocast: Optional[tuple[str, torch.dtype]]  # (device type, dtype) when the forward ran under autocast
+    eps: tuple[float, float, float]  # expand (0 without one), depthwise, projection BN eps
     args: tuple = ()
-    kwargs: Optional[dict] = None
-    eps: tuple[float, float, float] = (0.0, 0.0, 0.0)  # expand, depthwise, projection BN eps
+    kwargs: dict = field(default_factory=dict)
 
 
 # order of the Parameters RecomputedMBConv takes (absent ones are None)
@@ -242,12 +242,6 @@ def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, 
     return gx.to(x.dtype), gw.to(weight.dtype)
 
 
-def _act(t: Tensor, kind: str) -> Tensor:
-    from .nn import apply_activation
-
-    return apply_activation(t, kind)
-
-
 def _act_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
     """grad * act'(u), computed in float32 (float64 for float64), in u's dtype."""
     if kind == "identity":
@@ -289,7 +283,7 @@ class RecomputedMBConv(torch.autograd.Function):
         em = es = x.new_empty(0)
         if pre is not None:
             b, em, es = _bn_stats_forward(_conv1x1(x, pre.conv.weight), pre.bn)
-            h = _act(b, pre.activation)
+            h = ACTIVATION_FNS[pre.activation](b)
         y, pooled, dw_mean, dw_var = dw_forward(plan, h, step.backend)
         gate = None
         if plan.se is not None:
@@ -299,9 +293,8 @@ class RecomputedMBConv(torch.autograd.Function):
         out = q
         mask = None
         if plan.residual:
-            mask = drop_mask(plan, q, step.args, step.kwargs or {})
+            mask = drop_mask(plan, q, step.args, step.kwargs)
             out = (q if mask is None else q * mask) + x
-        step.eps = (float(pre.bn.eps) if pre is not None else 0.0, float(plan.dw.bn.eps), float(post.bn.eps))
         ctx.save_for_backward(x, em, es, dw_mean, dw_var, _or_empty(pooled, x), _or_empty(gate, x), pm, ps,
                               _or_empty(mask, x), *[_or_empty(p, x) for p in params])
         ctx.step = step
@@ -328,7 +321,7 @@ class RecomputedMBConv(torch.autograd.Function):
             if has_pre:
                 h0 = _conv1x1(x, p["pre_w"])
                 b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es)
-                a = _act(b, pre_act)
+                a = ACTIVATION_FNS[pre_act](b)
             else:
                 a = x
             gamma, beta = _affine(p["dw_g"], p["dw_b"], a.shape[1], a)
@@ -385,8 +378,9 @@ def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, 
     """The block in training through :class:`RecomputedMBConv` (see the module docstring)."""
     from .backends import requested_backend
 
+    eps = (float(plan.pre[0].bn.eps) if plan.pre else 0.0, float(plan.dw.bn.eps), float(plan.post[0].bn.eps))
     step = _Step(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
-                 autocast=autocast_state(x.device.type), args=tuple(args), kwargs=dict(kwargs))
+                 autocast=autocast_state(x.device.type), eps=eps, args=tuple(args), kwargs=dict(kwargs))
     return RecomputedMBConv.apply(x, step, *_params(plan))
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ops
 from ._train_block import UNKNOWN_DROP, train_blocker, train_forward
+from .reference import ACTIVATION_FNS
 from .backends import check_backend_name
 
 Tensor = torch.Tensor
@@ -84,14 +85,10 @@ def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
 
 
-_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "identity": lambda t: t, "silu": F.silu, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish,
-}
-
-
 def apply_activation(t: Tensor, name: str) -> Tensor:
-    """``t`` through the activation called ``name`` (one of the kernels' activations), eagerly."""
-    return _ACTIVATION_FNS[name](t)
+    """``t`` through the activation called ``name`` (one of the kernels' activations), eagerly
+    (:data:`effnet_kernels.reference.ACTIVATION_FNS`, PyTorch's own functions)."""
+    return ACTIVATION_FNS[name](t)
 
 
 def tf_same_padding(h: int, w: int, kernel_size: int, stride: Sequence[int]) -> tuple[int, int, int, int]:

@@ -335,12 +335,16 @@ def _grad_outputs(out: Tensor, seed: int) -> Tensor:
     return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
 
 
+def _train_limit(eager_err: float, ref_scale: float, dtype: torch.dtype, factor: float) -> float:
+    """:func:`parity_limit`, or in fp32 DESIGN.md's relative rule (:data:`FP32_RELATIVE`) where it allows more."""
+    limit = parity_limit(eager_err, ref_scale, dtype, factor)
+    return max(limit, FP32_RELATIVE[factor] * ref_scale) if dtype == torch.float32 else limit
+
+
 def _judge_train(what: str, out: Tensor, plain: Tensor, ref64: Tensor, dtype: torch.dtype, factor: float) -> ParityResult:
-    """:func:`_judge`, allowing DESIGN.md's fp32 relative rule (:data:`FP32_RELATIVE`) in fp32."""
+    """:func:`_judge` with the training checks' limit (:func:`_train_limit`)."""
     r = _judge(what, out, plain, ref64, dtype, factor)
-    if dtype == torch.float32:
-        r = ParityResult(r.what, r.err, r.eager_err, max(r.limit, FP32_RELATIVE[factor] * r.ref_scale), r.ref_scale)
-    return r
+    return ParityResult(r.what, r.err, r.eager_err, _train_limit(r.eager_err, r.ref_scale, dtype, factor), r.ref_scale)
 
 
 def _worst(what: str, pairs: Sequence[tuple[Tensor, Tensor, Tensor]], dtype: torch.dtype, factor: float) -> ParityResult:
@@ -361,10 +365,7 @@ def _worst(what: str, pairs: Sequence[tuple[Tensor, Tensor, Tensor]], dtype: tor
             worst = max(worst, 0.0 if err == 0.0 else math.inf)
             continue
         worst, worst_eager = max(worst, err / scale), max(worst_eager, eager_err / scale)
-    limit = parity_limit(worst_eager, 1.0, dtype, factor)
-    if dtype == torch.float32:
-        limit = max(limit, FP32_RELATIVE[factor])
-    return ParityResult(what, worst, worst_eager, limit, 1.0)
+    return ParityResult(what, worst, worst_eager, _train_limit(worst_eager, 1.0, dtype, factor), 1.0)
 
 
 def train_step_parity(
