@@ -17,7 +17,8 @@ from torch import nn
 
 from effnet_kernels import testing
 
-__all__ = ["calibrated", "assert_network_parity", "assert_blockwise_parity", "assert_converted_matches"]
+__all__ = ["calibrated", "assert_network_parity", "assert_blockwise_parity", "assert_converted_matches",
+           "assert_train_parity"]
 
 
 def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
@@ -27,6 +28,16 @@ def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
 
 def _in(dtype: torch.dtype, *models: nn.Module) -> list[nn.Module]:
     return [m if dtype == torch.float32 else copy.deepcopy(m).to(dtype) for m in models]
+
+
+def assert_train_parity(eager: nn.Module, model: nn.Module, x: torch.Tensor, *, steps: int = 3, lr: float = 0.01,
+                        **kwargs) -> list[testing.ParityResult]:
+    """:func:`effnet_kernels.testing.train_step_parity` over ``steps`` SGD steps (``kwargs`` go to it):
+    every result within the rule."""
+    results = testing.train_step_parity(eager, model, x, steps=steps, lr=lr, **kwargs)
+    bad = testing.failures(results)
+    assert not bad, f"{len(bad)} of {len(results)} break the rule:\n" + "\n".join(map(str, bad[:12]))
+    return results
 
 
 def assert_network_parity(eager: nn.Module, converted: nn.Module, x: torch.Tensor, *,

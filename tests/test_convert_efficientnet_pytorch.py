@@ -18,7 +18,7 @@ import effnet_kernels as ek
 from effnet_kernels import testing
 
 from .defects import DEFECTS, planted
-from .model_checks import assert_converted_matches, calibrated
+from .model_checks import assert_converted_matches, assert_train_parity, calibrated
 from .test_convert_torchvision_timm import check_same_draws
 
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
@@ -137,16 +137,10 @@ def test_train_step_matches_unconverted_b0():
     check_same_draws(ref_model, model, x)
     for m in (ref_model, model):
         m._global_params = m._global_params._replace(drop_connect_rate=0.0)
-    check_train_step_pair(ref_model, model, x)
+    assert_train_parity(ref_model, model, x, steps=2, per_tensor=False)
     from .model_checks import assert_network_parity
 
     assert_network_parity(ref_model.eval(), model.eval(), x)
-
-
-def check_train_step_pair(ref_model, model, x):
-    results = testing.train_step_parity(ref_model, model, x, steps=2, lr=0.01, per_tensor=False)
-    bad = testing.failures(results)
-    assert not bad, "\n".join(map(str, bad))
 
 
 def test_convert_twice_changes_nothing_and_revert_restores():

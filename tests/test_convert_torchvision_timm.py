@@ -26,7 +26,7 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels import testing
 
-from .model_checks import assert_converted_matches, calibrated
+from .model_checks import assert_converted_matches, assert_train_parity, calibrated
 
 pytestmark = pytest.mark.adapters
 
@@ -133,10 +133,7 @@ def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: in
     eager_trained = {n: fused.get_submodule(n).train_unfused_reason() for n in names}
     assert not any(eager_trained.values()), {n: r for n, r in eager_trained.items() if r}
     check_same_draws(ref_model, fused, x)
-    results = testing.train_step_parity(ref_model, fused, x, steps=steps, lr=0.01, per_tensor=False,
-                                        forward=lambda m, t: _output(m(t)))
-    bad = testing.failures(results)
-    assert not bad, "\n".join(map(str, bad))
+    assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, forward=lambda m, t: _output(m(t)))
 
 
 def check_same_draws(eager: nn.Module, fused: nn.Module, x: torch.Tensor, seed: int = 7) -> None:

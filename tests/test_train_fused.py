@@ -25,6 +25,7 @@ import effnet_kernels as ek
 from effnet_kernels import _train_block, models, ops, testing
 from effnet_kernels.blocks import MBConvBlock
 from tests.defects import BACKEND_DEFECTS, planted
+from tests.model_checks import assert_train_parity
 
 CL = torch.channels_last
 
@@ -146,15 +147,6 @@ def _pair(cfg: dict, seed: int = 0, batch: int = 4, size: int = 12, fmt=torch.co
     fused = ek.convert(copy.deepcopy(block), backend="torch")
     assert isinstance(fused, ek.MBConv)
     return block.train(), fused.train(), x
-
-
-def assert_train_parity(eager, fused, x, *, steps=3, dtype=None, context=None, per_tensor=True):
-    kwargs = {"context": context} if context is not None else {}
-    results = testing.train_step_parity(eager, fused, x, steps=steps, lr=0.01, dtype=dtype,
-                                        per_tensor=per_tensor, **kwargs)
-    bad = testing.failures(results)
-    assert not bad, f"{len(bad)} of {len(results)} break the rule:\n" + "\n".join(map(str, bad[:12]))
-    return results
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
