@@ -135,6 +135,7 @@ def test_train_step_matches_unconverted_b0():
     model = ek.convert(copy.deepcopy(ref_model)).train()
     assert all(model.get_submodule(n).train_unfused_reason() is None for n in testing.fused_block_names(model))
     check_same_draws(ref_model, model, x)
+    testing.assert_sensitive(copy.deepcopy(ref_model).train(), x, testing.FP32_RELATIVE[testing.BACKWARD_FACTOR])
     for m in (ref_model, model):
         m._global_params = m._global_params._replace(drop_connect_rate=0.0)
     assert_train_parity(ref_model, model, x, steps=2, per_tensor=False)

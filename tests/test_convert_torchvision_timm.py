@@ -133,6 +133,7 @@ def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: in
     eager_trained = {n: fused.get_submodule(n).train_unfused_reason() for n in names}
     assert not any(eager_trained.values()), {n: r for n, r in eager_trained.items() if r}
     check_same_draws(ref_model, fused, x)
+    testing.assert_sensitive(copy.deepcopy(ref_model).train(), x, testing.FP32_RELATIVE[testing.BACKWARD_FACTOR])
     assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, forward=lambda m, t: _output(m(t)))
 
 
