@@ -7,6 +7,7 @@ Each compares the converted model with the unconverted one doing the same thing.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -116,6 +117,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             torch.manual_seed(7 + rank)
             model(x).square().mean().backward()
             torch.save(_grads(model.module), os.path.join(out_dir, f"{tag}{rank}.pt"))
+            del model, net
+        # Nothing may hold the gloo group past its destruction: a DDP reducer still referencing it
+        # when the interpreter exits aborts the process (about 1 run in 15 before this), and neither
+        # rank may tear down while the other still talks to it.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
