@@ -267,6 +267,69 @@ def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tenso
     return grad_y.to(y.dtype).contiguous(memory_format=memory_format_of(y)), grad_gate.to(gate.dtype)
 
 
+def _pointwise_pre(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(gated input in the compute dtype, weight [Cout, K] in it, z = the 1x1 conv + bias) of ``pointwise_conv``.
+
+    The gated input is ``se_excite(x, gate)``, rounded to x's dtype as the excite op's output
+    is; the GEMM then runs in float32 (float64 for float64 x) on x's-dtype values of the weight.
+    """
+    cdt = _compute_dtype(x)
+    xin = (se_excite(x, gate) if gate is not None else x).to(cdt)
+    w = weight.to(x.dtype).to(cdt)
+    z = torch.einsum("nkhw,ok->nohw", xin, w)
+    if bias is not None:
+        z = z + _per_channel(bias, z)
+    return xin, w, z
+
+
+def pointwise_conv(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], residual: Optional[Tensor],
+    activation: str, pool: bool,
+) -> Tensor:
+    """``act(conv1x1(se_excite(x, gate), weight) + bias) + residual``, or its spatial mean with ``pool``.
+
+    Computed in float32 (float64 for float64 x) and rounded once to x's dtype and memory
+    format; with ``pool`` the ``[N, Cout]`` float32 (float64) mean, the full output never formed
+    in x's dtype.
+    """
+    _, _, z = _pointwise_pre(x, weight, bias, gate)
+    y = ACTIVATION_FNS[activation](z)
+    if pool:
+        return _spatial_mean(y, x)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def pointwise_conv_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+    residual: Optional[Tensor], activation: str, pool: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``pointwise_conv`` w.r.t. (x, weight, bias, gate, residual); an absent input's is empty."""
+    xin, w, z = _pointwise_pre(x, weight, bias, gate)
+    g = grad_out.to(z.dtype)
+    if pool:
+        hw = z.shape[2] * z.shape[3]
+        g = (g / max(hw, 1))[:, :, None, None].expand_as(z)
+    grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format_of(x)) if residual is not None else None
+    if activation != "identity":
+        g = g * ACTIVATION_GRADS[activation](z)
+    grad_w = torch.einsum("nohw,nkhw->ok", g, xin)
+    grad_in = torch.einsum("nohw,ok->nkhw", g, w)
+    grad_gate = None
+    if gate is not None:
+        grad_gate = (grad_in * x.to(z.dtype)).sum(dim=(2, 3)).to(gate.dtype)
+        grad_in = grad_in * gate.to(z.dtype)[:, :, None, None]
+    empty = x.new_empty((0,))
+    return (
+        grad_in.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
+        grad_w.to(weight.dtype),
+        g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else empty,
+        grad_gate if grad_gate is not None else empty,
+        grad_residual if grad_residual is not None else empty,
+    )
+
+
 IMPLEMENTATIONS = {
     "dwconv_bn_act": dwconv_bn_act,
     "dwconv_bn_act_backward": dwconv_bn_act_backward,
@@ -276,6 +339,8 @@ IMPLEMENTATIONS = {
     "se_gate_backward": se_gate_backward,
     "se_excite": se_excite,
     "se_excite_backward": se_excite_backward,
+    "pointwise_conv": pointwise_conv,
+    "pointwise_conv_backward": pointwise_conv_backward,
 }
 
 backends.register_backend(

@@ -6,10 +6,13 @@
 * :func:`se_gate` — pooled [N, C] -> SE gate [N, C] (float32); ``_checks.SE_ACTIVATIONS``
   inside, ``_checks.SE_GATES`` at the output
 * :func:`se_excite` — y * gate broadcast over H x W
+* :func:`pointwise_conv` — 1x1 conv as a GEMM: SE gate on load, bias + activation + residual
+  (or the global average pool) in the epilogue
 """
 
 from .dwconv import dwconv_bn_act
 from .dwconv_train import dwconv_bn_act_train
+from .pointwise import pointwise_conv
 from .se import se_excite, se_gate
 
-__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "se_gate", "se_excite"]
+__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "se_gate", "se_excite", "pointwise_conv"]

@@ -229,6 +229,48 @@ def check_se_excite_args(y: torch.Tensor, gate: torch.Tensor) -> None:
     check_same_device(y, "y", gate=gate)
 
 
+def check_pointwise_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    pool: bool,
+) -> None:
+    """Validate ``pointwise_conv`` inputs: x [N, K, H, W], weight [Cout, K], bias [Cout] (float32, x's
+    dtype, or float64 when x is), gate [N, K] (float32 or x's dtype), residual like the output
+    (x's dtype; not with ``pool``)."""
+    check_tensor(x, "x", 4)
+    check_tensor(weight, "weight", 2)
+    n, k = x.shape[0], x.shape[1]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must have shape [Cout, {k}] (K = x's channels), got {_shape(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one output channel (Cout >= 1)")
+    cout = weight.shape[0]
+    allowed = {torch.float32, x.dtype} | ({torch.float64} if x.dtype == torch.float64 else set())
+    if bias is not None:
+        check_vector(bias, "bias", cout, "Cout, weight's rows")
+        if bias.dtype not in allowed:
+            raise TypeError(f"bias must be float32 or x's dtype ({x.dtype}), got {bias.dtype}")
+    if gate is not None:
+        check_tensor(gate, "gate", 2)
+        if tuple(gate.shape) != (n, k):
+            raise ValueError(f"gate must have shape [{n}, {k}] ([N, K] of x), got {_shape(gate)}")
+        if gate.dtype not in allowed:
+            raise TypeError(f"gate must be float32 or x's dtype ({x.dtype}), got {gate.dtype}")
+    if residual is not None:
+        if pool:
+            raise ValueError("residual cannot be combined with pool=True (the pooled output has no pixels to add to)")
+        check_tensor(residual, "residual", 4)
+        want = (n, cout, x.shape[2], x.shape[3])
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual must have the output's shape {list(want)}, got {_shape(residual)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype ({x.dtype}), got {residual.dtype}")
+    check_same_device(x, "x", weight=weight, bias=bias, gate=gate, residual=residual)
+
+
 def squeeze_weight_2d(w: torch.Tensor, name: str) -> torch.Tensor:
     """A 1x1 conv weight [O, I, 1, 1] -> [O, I]; a 2-D weight passes through."""
     check_tensor(w, name, (2, 4))
