@@ -508,8 +508,18 @@ def se_gate_backward(
     return tuple(o.to(t.dtype) for o, t in zip(outs, (pooled, w_reduce, b_reduce, w_expand, b_expand)))  # type: ignore[return-value]
 
 
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+                   residual: Optional[Tensor], activation: str, pool: bool) -> Tensor:
+    """cuDNN's 1x1 conv and aten's epilogue ops, the gate by this backend's excite kernel
+    (:mod:`effnet_kernels._aten_pointwise`: no CUDA C++ GEMM)."""
+    from . import _aten_pointwise
+
+    return _aten_pointwise.pointwise_conv(x, weight, bias, gate, residual, activation, pool, excite=se_excite)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "dwconv_bn_act": dwconv_bn_act,
+    "pointwise_conv": pointwise_conv,
     "se_gate": se_gate,
     "se_excite": se_excite,
     "dwconv_bn_act_train": dwconv_bn_act_train,

@@ -42,6 +42,11 @@ def _se_excite(y: Tensor, gate: Tensor, backend: str) -> Tensor:
     return reference.se_excite(y, gate)
 
 
+def _pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+                    residual: Optional[Tensor], activation: str, pool: bool, backend: str) -> Tensor:
+    return reference.pointwise_conv(x, weight, bias, gate, residual, activation, pool)
+
+
 def decompositions() -> dict[Any, Callable[..., Any]]:
     """``{torch.ops.effnet.<op>.default: fn}``: each forward op as aten ops, for
     ``ExportedProgram.run_decompositions`` (the backend argument is ignored)."""
@@ -50,6 +55,7 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
         ops.dwconv_bn_act.default: _dwconv_bn_act,
         ops.se_gate.default: _se_gate,
         ops.se_excite.default: _se_excite,
+        ops.pointwise_conv.default: _pointwise_conv,
     }
 
 

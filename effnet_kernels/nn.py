@@ -171,10 +171,12 @@ class SESpec:
 
 @dataclass
 class PointwiseSpec:
-    """A 1x1 conv + BatchNorm (+ SiLU) run as one cuDNN conv with the BN folded into it.
+    """A 1x1 conv + BatchNorm (+ activation) run as one :func:`effnet_kernels.ops.pointwise_conv`
+    with the BN folded into it, which can also take the SE gate on load and add a residual.
 
-    In eval with running statistics the conv runs with ``weight * scale`` and bias
-    ``shift`` (folded in fp32, cached); otherwise ``fallback`` (the original modules) runs.
+    In eval with running statistics the op runs with ``weight * scale`` (in the weight's dtype)
+    and bias ``shift`` (float32), folded and cached; otherwise ``fallback`` (the original
+    modules) runs, and the caller applies any gate and residual itself.
     """
 
     conv: nn.Conv2d
@@ -186,18 +188,27 @@ class PointwiseSpec:
         def compute() -> tuple[Tensor, Tensor]:
             scale, shift = fold_batchnorm(self.bn, self.conv.bias)
             w = self.conv.weight
-            return (w.to(torch.float32) * scale[:, None, None, None]).to(w.dtype), shift.to(w.dtype)
+            w2 = w.reshape(w.shape[0], w.shape[1])
+            return (w2.to(torch.float32) * scale[:, None]).to(w.dtype), shift
 
         return cached_fold(self, self.conv, self.bn, compute)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if not bn_uses_running_stats(self.bn):
+    @property
+    def folds(self) -> bool:
+        """True when the next call runs the folded op (eval BatchNorm with running statistics)."""
+        return bn_uses_running_stats(self.bn)
+
+    def __call__(self, x: Tensor, *, gate: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                 backend: Optional[str] = None) -> Tensor:
+        if not self.folds:
+            if gate is not None or residual is not None:
+                raise ValueError("a PointwiseSpec that is not folded applies no gate or residual; the caller does")
             for m in self.fallback:
                 x = m(x)
             return x
         weight, bias = self.folded()
-        y = F.conv2d(x, weight, bias)
-        return apply_activation(y, self.activation)
+        return ops.pointwise_conv(x, weight, bias, gate=gate, residual=residual, activation=self.activation,
+                                  backend=backend)
 
 
 @dataclass
@@ -410,15 +421,22 @@ class MBConv(nn.Module):
             if x.dtype not in KERNEL_DTYPES:
                 _refuse_kernel_backend(self.backend, x)
             return self._sync_original()(x, *args, **kwargs)
-        plan = self.plan
+        plan, backend = self.plan, self.backend
         h = x
         for m in plan.pre:
-            h = m(h)
+            h = m(h, backend=backend) if isinstance(m, PointwiseSpec) else m(h)
+        gate = None
         if plan.se is not None:
-            y, pooled = plan.dw.fused(h, squeeze=True, backend=self.backend)
-            y = ops.se_excite(y, plan.se.gate(pooled, self.backend), backend=self.backend)
+            y, pooled = plan.dw.fused(h, squeeze=True, backend=backend)
+            gate = plan.se.gate(pooled, backend)
         else:
-            y = plan.dw.fused(h, squeeze=False, backend=self.backend)
+            y = plan.dw.fused(h, squeeze=False, backend=backend)
+        project = plan.post[0] if len(plan.post) == 1 and isinstance(plan.post[0], PointwiseSpec) else None
+        if project is not None and project.folds:
+            # the four-kernel block: the projection takes the gate on load and adds the residual
+            return project(y, gate=gate, residual=x if plan.residual else None, backend=backend)
+        if gate is not None:
+            y = ops.se_excite(y, gate, backend=backend)
         for m in plan.post:
             y = m(y)
         if plan.residual:

@@ -276,7 +276,7 @@ def _pointwise_pre(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Opti
     cdt = _compute_dtype(x)
     xin = (se_excite(x, gate) if gate is not None else x).to(cdt)
     w = weight.to(x.dtype).to(cdt)
-    z = torch.einsum("nkhw,ok->nohw", xin, w)
+    z = F.conv2d(xin, w[:, :, None, None])
     if bias is not None:
         z = z + _per_channel(bias, z)
     return xin, w, z
@@ -311,7 +311,8 @@ def pointwise_conv_backward(
     if pool:
         hw = z.shape[2] * z.shape[3]
         g = (g / max(hw, 1))[:, :, None, None].expand_as(z)
-    grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format_of(x)) if residual is not None else None
+    # a copy: an op's output must not alias its input grad_out
+    grad_residual = g.to(x.dtype).clone(memory_format=memory_format_of(x)) if residual is not None else None
     if activation != "identity":
         g = g * ACTIVATION_GRADS[activation](z)
     grad_w = torch.einsum("nohw,nkhw->ok", g, xin)
@@ -320,13 +321,12 @@ def pointwise_conv_backward(
     if gate is not None:
         grad_gate = (grad_in * x.to(z.dtype)).sum(dim=(2, 3)).to(gate.dtype)
         grad_in = grad_in * gate.to(z.dtype)[:, :, None, None]
-    empty = x.new_empty((0,))
     return (
         grad_in.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
         grad_w.to(weight.dtype),
-        g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else empty,
-        grad_gate if grad_gate is not None else empty,
-        grad_residual if grad_residual is not None else empty,
+        g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else x.new_empty((0,)),
+        grad_gate if grad_gate is not None else x.new_empty((0,)),
+        grad_residual if grad_residual is not None else x.new_empty((0,)),
     )
 
 

@@ -12,7 +12,10 @@
     whichever the call asks for; it returns the BatchNorm output),
   - ``squeeze_skew``: the SE squeeze (spatial mean) comes out 1% high,
   - ``gate_skew``: the SE gate comes out scaled by 0.99,
-  - ``excite_skip``: the excite returns its input ungated,
+  - ``excite_skip``: the excite returns its input ungated (the separate ``se_excite`` op, and the
+    gate a ``pointwise_conv`` applies on load),
+  - ``residual_shift``: the ``pointwise_conv`` epilogue adds the residual one pixel off (rolled
+    along the width),
   - ``grad_drop_squeeze``: the depthwise backward ignores the gradient that reaches it
     through the SE squeeze (``grad_mean``);
 
@@ -21,6 +24,8 @@
 
 * op-level backend defects (:data:`OP_DEFECTS`: only the op suites run them; the module and
   network suites, whose models use SiLU and sigmoid, run :data:`DEFECTS`):
+
+  - ``pointwise_skip_act``: ``pointwise_conv`` skips its activation,
 
   - ``grad_skip_act``: the depthwise backward skips the activation's derivative,
   - ``se_act_swap``: the SE gate swaps its functions (SiLU <-> ReLU inside, sigmoid <->
@@ -45,7 +50,7 @@ from unittest import mock
 from effnet_kernels import backends
 from effnet_kernels import nn as ek_nn
 
-__all__ = ["BACKEND_DEFECTS", "OP_DEFECTS", "MODULE_DEFECTS", "DEFECTS", "planted"]
+__all__ = ["BACKEND_DEFECTS", "OP_DEFECTS", "MODULE_DEFECTS", "EVAL_ONLY_DEFECTS", "DEFECTS", "planted"]
 
 
 def _shift_padding(padding):
@@ -99,6 +104,30 @@ def _excite_skip(impl: Callable) -> Callable:
         return impl(y, gate.new_ones(gate.shape))
 
     return se_excite
+
+
+# pointwise_conv(x, weight, bias, gate, residual, activation, pool)
+def _pointwise_ungated(impl: Callable) -> Callable:
+    def pointwise(x, weight, bias, gate, residual, activation, pool):
+        return impl(x, weight, bias, None, residual, activation, pool)
+
+    return pointwise
+
+
+def _pointwise_residual_shift(impl: Callable) -> Callable:
+    def pointwise(x, weight, bias, gate, residual, activation, pool):
+        if residual is not None:
+            residual = residual.roll(1, dims=3)
+        return impl(x, weight, bias, gate, residual, activation, pool)
+
+    return pointwise
+
+
+def _pointwise_skip_act(impl: Callable) -> Callable:
+    def pointwise(x, weight, bias, gate, residual, activation, pool):
+        return impl(x, weight, bias, gate, residual, "identity", pool)
+
+    return pointwise
 
 
 def _grad_drop_squeeze(impl: Callable) -> Callable:
@@ -155,7 +184,8 @@ BACKEND_DEFECTS: dict[str, tuple[tuple[str, Callable[[Callable], Callable]], ...
     "skip_silu": (("dwconv_bn_act", _skip_silu), ("dwconv_bn_act_train", _skip_silu_train)),
     "squeeze_skew": (("dwconv_bn_act", _squeeze_skew), ("dwconv_bn_act_train", _squeeze_skew_train)),
     "gate_skew": (("se_gate", _gate_skew),),
-    "excite_skip": (("se_excite", _excite_skip),),
+    "excite_skip": (("se_excite", _excite_skip), ("pointwise_conv", _pointwise_ungated)),
+    "residual_shift": (("pointwise_conv", _pointwise_residual_shift),),
     "grad_drop_squeeze": (("dwconv_bn_act_backward", _grad_drop_squeeze),
                           ("dwconv_bn_act_train_backward", _grad_drop_squeeze)),
 }
@@ -184,9 +214,12 @@ def _forward_without_residual(forward: Callable) -> Callable:
 OP_DEFECTS: dict[str, tuple[tuple[str, Callable[[Callable], Callable]], ...]] = {
     "grad_skip_act": (("dwconv_bn_act_backward", _grad_skip_act), ("dwconv_bn_act_train_backward", _grad_skip_act)),
     "se_act_swap": (("se_gate", _se_act_swap),),
+    "pointwise_skip_act": (("pointwise_conv", _pointwise_skip_act),),
 }
 
 MODULE_DEFECTS = ("drop_residual", "tf_same_swap")
+#: defects only an eval-mode block can show (a training block runs its 1x1 convs through aten)
+EVAL_ONLY_DEFECTS = ("residual_shift",)
 DEFECTS = tuple(BACKEND_DEFECTS) + MODULE_DEFECTS
 
 

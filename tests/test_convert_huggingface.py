@@ -92,7 +92,7 @@ def test_huggingface_train_step():
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "gate_skew", "excite_skip",
-                                    "drop_residual"])
+                                    "residual_shift", "drop_residual"])
 def test_negative_control_huggingface_check_rejects_defect(defect):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)

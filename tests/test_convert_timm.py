@@ -97,7 +97,7 @@ def test_timm_train_step(name):
 
 
 @pytest.mark.parametrize("defect", ["tf_same_swap", "pad_shift", "squeeze_skew", "gate_skew", "excite_skip",
-                                    "drop_residual"])
+                                    "residual_shift", "drop_residual"])
 def test_negative_control_timm_check_rejects_defect(defect):
     """timm's own TF "same" padding (Conv2dSame) against a fused block with each planted defect."""
     torch.manual_seed(0)

@@ -53,14 +53,13 @@ def _check_backward(grad_out, x, weight, bias, gate, residual, activation, pool)
 
 def _fake_backward(grad_out, x, weight, bias, gate, residual, activation, pool, backend):
     _check_backward(grad_out, x, weight, bias, gate, residual, activation, pool)
-    empty = x.new_empty((0,))
     fmt = _checks.memory_format_of(x)
-    return (
+    return (  # an absent input's gradient: an empty tensor (each its own: outputs must not alias)
         empty_4d(x, tuple(x.shape), fmt),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
-        torch.empty_like(bias) if bias is not None else empty,
-        torch.empty_like(gate) if gate is not None else empty,
-        empty_4d(x, tuple(residual.shape), fmt) if residual is not None else empty,
+        torch.empty_like(bias) if bias is not None else x.new_empty((0,)),
+        torch.empty_like(gate) if gate is not None else x.new_empty((0,)),
+        empty_4d(x, tuple(residual.shape), fmt) if residual is not None else x.new_empty((0,)),
     )
 
 
