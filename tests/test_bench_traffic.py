@@ -148,6 +148,41 @@ def test_converted_mbconv_counts_its_effnet_ops_and_cached_folds():
     assert cold.kernels > got.kernels  # the first forward also folds
 
 
+def test_converted_block_counts_the_same_on_cpu_as_on_meta():
+    # On the CPU the effnet ops run a real backend (the torch reference: many aten ops inside);
+    # none of them is seen, so the count is the meta one (no BatchNorm is left to differ).
+    torch.manual_seed(0)
+    block = effnet_kernels.MBConv(16, 16, 3, 1, 4).eval()
+    x = torch.randn(N, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    cpu = traffic.count_traffic(block, x)
+    meta = traffic.count_traffic(block.to("meta"), x.to("meta"))
+    assert cpu.by_op == meta.by_op and cpu.calls == meta.calls and cpu.effnet_kernels == 3
+
+
+@torch.library.custom_op("traffic_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).clone()
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x).clone()
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return _twice(x)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_any_custom_op_is_one_kernel_whatever_runs_inside(device):
+    # Nothing is keyed on op names: an op the counter has never heard of (as effnet::pointwise_conv
+    # will be) counts as one kernel reading its input and writing its output, on its fake or real kernel.
+    got = traffic.count_traffic(_Twice(), torch.zeros(3, 4, device=device))
+    assert got.by_op == {"traffic_test::twice": traffic.OpTraffic(1, 2 * 12 * F32)}
+    assert got.calls == 1 and got.effnet_kernels == 0
+
+
 def b0_at(resolution: int, batch: int = 1) -> tuple[traffic.PerImage, traffic.PerImage, int]:
     model, _ = memory._build("b0", "meta")
     model = model.to(dtype=torch.float16, memory_format=torch.channels_last).eval()
