@@ -511,15 +511,24 @@ def se_gate_backward(
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
                    residual: Optional[Tensor], activation: str, pool: bool) -> Tensor:
     """cuDNN's 1x1 conv and aten's epilogue ops, the gate by this backend's excite kernel
-    (:mod:`effnet_kernels._aten_pointwise`: no CUDA C++ GEMM)."""
-    from . import _aten_pointwise
+    (:mod:`effnet_kernels._aten_convs`: no CUDA C++ GEMM)."""
+    from . import _aten_convs
 
-    return _aten_pointwise.pointwise_conv(x, weight, bias, gate, residual, activation, pool, excite=se_excite)
+    return _aten_convs.pointwise_conv(x, weight, bias, gate, residual, activation, pool, excite=se_excite)
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                activation: str) -> Tensor:
+    """cuDNN's conv with the folded bias, then aten's activation (:mod:`effnet_kernels._aten_convs`)."""
+    from . import _aten_convs
+
+    return _aten_convs.conv_bn_act(x, weight, bias, stride, padding, activation)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {
     "dwconv_bn_act": dwconv_bn_act,
     "pointwise_conv": pointwise_conv,
+    "conv_bn_act": conv_bn_act,
     "se_gate": se_gate,
     "se_excite": se_excite,
     "dwconv_bn_act_train": dwconv_bn_act_train,

@@ -47,6 +47,11 @@ def _pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Opt
     return reference.pointwise_conv(x, weight, bias, gate, residual, activation, pool)
 
 
+def _conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                 activation: str, backend: str) -> Tensor:
+    return reference.conv_bn_act(x, weight, bias, stride, padding, activation)
+
+
 def decompositions() -> dict[Any, Callable[..., Any]]:
     """``{torch.ops.effnet.<op>.default: fn}``: each forward op as aten ops, for
     ``ExportedProgram.run_decompositions`` (the backend argument is ignored)."""
@@ -56,6 +61,7 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
         ops.se_gate.default: _se_gate,
         ops.se_excite.default: _se_excite,
         ops.pointwise_conv.default: _pointwise_conv,
+        ops.conv_bn_act.default: _conv_bn_act,
     }
 
 

@@ -330,6 +330,44 @@ def pointwise_conv_backward(
     )
 
 
+def _conv_pre(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int]
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(padded x, weight, z = conv + bias) of ``conv_bn_act`` in the compute dtype (the weight's
+    values in x's dtype, as an autocast conv uses them)."""
+    cdt = _compute_dtype(x)
+    xp = F.pad(x.to(cdt), tuple(padding))
+    w = weight.to(x.dtype).to(cdt)
+    z = F.conv2d(xp, w, stride=tuple(stride))
+    if bias is not None:
+        z = z + _per_channel(bias, z)
+    return xp, w, z
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                activation: str) -> Tensor:
+    """``act(conv2d(pad(x), weight, stride) + bias)``: a network's stem, BatchNorm folded into weight and bias."""
+    _, _, z = _conv_pre(x, weight, bias, stride, padding)
+    return ACTIVATION_FNS[activation](z).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                         padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``conv_bn_act`` w.r.t. (x, weight, bias); an absent bias's is empty."""
+    xp, w, z = _conv_pre(x, weight, bias, stride, padding)
+    g = grad_out.to(z.dtype)
+    if activation != "identity":
+        g = g * ACTIVATION_GRADS[activation](z)
+    grad_xp = torch.nn.grad.conv2d_input(xp.shape, w, g, stride=tuple(stride))
+    left, _, top, _ = padding
+    grad_x = grad_xp[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+    grad_w = torch.nn.grad.conv2d_weight(xp, w.shape, g, stride=tuple(stride))
+    return (
+        grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
+        grad_w.to(weight.dtype),
+        g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else x.new_empty((0,)),
+    )
+
+
 IMPLEMENTATIONS = {
     "dwconv_bn_act": dwconv_bn_act,
     "dwconv_bn_act_backward": dwconv_bn_act_backward,
@@ -341,6 +379,8 @@ IMPLEMENTATIONS = {
     "se_excite_backward": se_excite_backward,
     "pointwise_conv": pointwise_conv,
     "pointwise_conv_backward": pointwise_conv_backward,
+    "conv_bn_act": conv_bn_act,
+    "conv_bn_act_backward": conv_bn_act_backward,
 }
 
 backends.register_backend(

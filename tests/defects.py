@@ -26,6 +26,7 @@
   network suites, whose models use SiLU and sigmoid, run :data:`DEFECTS`):
 
   - ``pointwise_skip_act``: ``pointwise_conv`` skips its activation,
+  - ``conv_pad_shift``: ``conv_bn_act`` (the stem) pads one pixel off,
 
   - ``grad_skip_act``: the depthwise backward skips the activation's derivative,
   - ``se_act_swap``: the SE gate swaps its functions (SiLU <-> ReLU inside, sigmoid <->
@@ -130,6 +131,14 @@ def _pointwise_skip_act(impl: Callable) -> Callable:
     return pointwise
 
 
+# conv_bn_act(x, weight, bias, stride, padding, activation)
+def _conv_pad_shift(impl: Callable) -> Callable:
+    def conv(x, weight, bias, stride, padding, activation):
+        return impl(x, weight, bias, stride, _shift_padding(padding), activation)
+
+    return conv
+
+
 def _grad_drop_squeeze(impl: Callable) -> Callable:
     def backward(grad_y, grad_mean, *args):
         return impl(grad_y, None, *args)
@@ -215,6 +224,7 @@ OP_DEFECTS: dict[str, tuple[tuple[str, Callable[[Callable], Callable]], ...]] = 
     "grad_skip_act": (("dwconv_bn_act_backward", _grad_skip_act), ("dwconv_bn_act_train_backward", _grad_skip_act)),
     "se_act_swap": (("se_gate", _se_act_swap),),
     "pointwise_skip_act": (("pointwise_conv", _pointwise_skip_act),),
+    "conv_pad_shift": (("conv_bn_act", _conv_pad_shift),),
 }
 
 MODULE_DEFECTS = ("drop_residual", "tf_same_swap")

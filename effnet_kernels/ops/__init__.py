@@ -8,11 +8,13 @@
 * :func:`se_excite` — y * gate broadcast over H x W
 * :func:`pointwise_conv` — 1x1 conv as a GEMM: SE gate on load, bias + activation + residual
   (or the global average pool) in the epilogue
+* :func:`conv_bn_act` — dense k x k conv + folded BatchNorm + activation (a network's stem)
 """
 
+from .conv import conv_bn_act
 from .dwconv import dwconv_bn_act
 from .dwconv_train import dwconv_bn_act_train
 from .pointwise import pointwise_conv
 from .se import se_excite, se_gate
 
-__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "se_gate", "se_excite", "pointwise_conv"]
+__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "se_gate", "se_excite", "pointwise_conv", "conv_bn_act"]

@@ -229,6 +229,38 @@ def check_se_excite_args(y: torch.Tensor, gate: torch.Tensor) -> None:
     check_same_device(y, "y", gate=gate)
 
 
+def check_conv_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[int, int]:
+    """Validate ``conv_bn_act`` inputs (a dense k x k conv, one group); return the output (H, W)."""
+    check_tensor(x, "x", 4)
+    check_tensor(weight, "weight", 4)
+    cin = x.shape[1]
+    if weight.shape[1] != cin or weight.shape[2] != weight.shape[3] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [Cout, {cin}, k, k] (Cin = x's channels, Cout >= 1), "
+                         f"got {_shape(weight)}")
+    k = weight.shape[2]
+    if k % 2 == 0:
+        raise ValueError(f"weight's kernel size must be odd, got {k}")
+    if bias is not None:
+        check_vector(bias, "bias", weight.shape[0], "Cout, weight's first dimension")
+        allowed = {torch.float32, x.dtype} | ({torch.float64} if x.dtype == torch.float64 else set())
+        if bias.dtype not in allowed:
+            raise TypeError(f"bias must be float32 or x's dtype ({x.dtype}), got {bias.dtype}")
+    check_same_device(x, "x", weight=weight, bias=bias)
+    if len(stride) != 2 or any(s not in (1, 2) for s in stride):
+        raise ValueError(f"stride must be a pair of 1s and 2s, got {list(stride)}")
+    if len(padding) != 4 or any(p < 0 for p in padding):
+        raise ValueError(f"padding must be 4 non-negative ints (left, right, top, bottom), got {list(padding)}")
+    left, right, top, bottom = padding
+    return (conv_output_size(x.shape[2], top, bottom, k, stride[0], "height"),
+            conv_output_size(x.shape[3], left, right, k, stride[1], "width"))
+
+
 def check_pointwise_args(
     x: torch.Tensor,
     weight: torch.Tensor,

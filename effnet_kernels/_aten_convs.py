@@ -1,6 +1,7 @@
-"""``pointwise_conv`` as aten ops in the input's dtype: the ``cuda`` backend's implementation.
+"""``pointwise_conv`` and ``conv_bn_act`` as aten ops in the input's dtype: the ``cuda`` backend's
+implementation of the two (no CUDA C++ GEMM or dense conv is written).
 
-cuDNN's 1x1 convolution with the folded BatchNorm's shift as its bias, then the activation,
+``pointwise_conv``: cuDNN's 1x1 convolution with the folded BatchNorm's shift as its bias, then the activation,
 the residual add (or the spatial mean) as separate aten ops, and the SE gate as the excite
 op before the conv: how converted blocks ran their 1x1 convs before the fused GEMM, up to four
 kernels. No CUDA C++ GEMM is written: cuDNN / cuBLAS is the one to beat, and
@@ -13,7 +14,7 @@ fused kernels' single rounding: the parity rule's "plain PyTorch" itself.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,15 @@ def pointwise_conv(
     if residual is not None:
         y = y + residual
     return y.contiguous(memory_format=memory_format_of(x))
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                activation: str) -> Tensor:
+    """``reference.conv_bn_act``'s result as eager PyTorch computes it: cuDNN's conv with the folded
+    bias, then the activation, in x's dtype."""
+    xp = F.pad(x, tuple(padding)) if any(padding) else x
+    y = F.conv2d(xp, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None, stride=tuple(stride))
+    return ACTIVATION_FNS[activation](y).contiguous(memory_format=memory_format_of(x))
 
 
 def _pooled_dtype(y: Tensor) -> torch.dtype:
