@@ -14,7 +14,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["SqueezeExcite", "MBConvBlock", "drop_path", "se_reduced_channels"]
+__all__ = ["ConvBNAct", "SqueezeExcite", "MBConvBlock", "drop_path", "se_reduced_channels"]
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -44,6 +44,29 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     if keep > 0.0:
         mask.div_(keep)
     return x * mask
+
+
+class ConvBNAct(nn.Sequential):
+    """``conv -> BatchNorm -> activation`` (children ``conv``, ``bn``, ``act``): a network's stem and head.
+
+    Args:
+        in_channels, out_channels: channels.
+        kernel_size: odd; padding ``kernel_size // 2``.
+        stride: conv stride.
+        bn_eps, bn_momentum: BatchNorm settings.
+        activation: the activation module (default ``nn.SiLU()``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 bn_eps: float = 1e-3, bn_momentum: float = 0.01, activation: Optional[nn.Module] = None) -> None:
+        _check_positive_int(in_channels, "in_channels")
+        _check_positive_int(out_channels, "out_channels")
+        if _check_positive_int(kernel_size, "kernel_size") % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.act = activation if activation is not None else nn.SiLU()
 
 
 def se_reduced_channels(in_channels: int, se_ratio: Optional[float]) -> Optional[int]:

@@ -18,6 +18,7 @@ from torch import nn
 from .backends import check_backend_name
 from .integrations._common import NotFusable
 from .nn import MBConv
+from .stem_head import FusedConvBNAct, container_types, fusable_reason
 
 logger = logging.getLogger("effnet_kernels")
 
@@ -33,11 +34,15 @@ class ConversionReport:
 
     swapped: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: conv + BN + activation containers outside the blocks (stems, heads) fused into one op
+    fused_convs: list[str] = field(default_factory=list)
     already_fused: list[str] = field(default_factory=list)
     filtered_out: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"{len(self.swapped)} blocks fused"]
+        if self.fused_convs:
+            parts.append(f"{len(self.fused_convs)} stem/head convs fused ({', '.join(self.fused_convs)})")
         if self.already_fused:
             parts.append(f"{len(self.already_fused)} already fused")
         if self.filtered_out:
@@ -71,7 +76,10 @@ def convert(
     backend: Optional[str] = "auto",
     filter_fn: Optional[FilterFn] = None,
 ) -> nn.Module:
-    """Swap every fusable MBConv block of ``model`` for a fused :class:`effnet_kernels.MBConv`, in place.
+    """Swap every fusable MBConv block of ``model`` for a fused :class:`effnet_kernels.MBConv`, in place,
+    and every conv + BatchNorm + activation container outside the blocks (the stem and head of
+    :mod:`effnet_kernels.models` and torchvision's models) for a
+    :class:`~effnet_kernels.stem_head.FusedConvBNAct`.
 
     Recognised blocks: :class:`effnet_kernels.blocks.MBConvBlock`, efficientnet_pytorch
     ``MBConvBlock``, torchvision ``MBConv`` / ``FusedMBConv`` / MobileNetV2 and V3
@@ -99,11 +107,18 @@ def convert(
         check_backend_name(backend)
     adapters = list(_adapters())
     report = ConversionReport()
+    containers = container_types()
 
     def visit(module: nn.Module, name: str) -> nn.Module:
-        if isinstance(module, MBConv):
+        if isinstance(module, (MBConv, FusedConvBNAct)):
             report.already_fused.append(name or "<model>")
             return module
+        if type(module) in containers and fusable_reason(module) is None:
+            if filter_fn is not None and not filter_fn(module, name):
+                report.filtered_out.append(name or "<model>")
+                return module
+            report.fused_convs.append(name or "<model>")
+            return FusedConvBNAct.from_container(module, backend)
         planner = _match(module, adapters)
         if planner is not None:
             if filter_fn is not None and not filter_fn(module, name):
@@ -146,17 +161,17 @@ def revert(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    def unwrap(fused: MBConv) -> nn.Module:
-        original = fused.plan.original
+    def unwrap(fused: nn.Module) -> nn.Module:
+        original = fused.plan.original if isinstance(fused, MBConv) else fused.original
         for child_name, child in fused.named_children():
             setattr(original, child_name, child)
         original.train(fused.training)
         return original
 
-    if isinstance(model, MBConv):
+    if isinstance(model, (MBConv, FusedConvBNAct)):
         return unwrap(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, MBConv):
+            if isinstance(child, (MBConv, FusedConvBNAct)):
                 setattr(parent, child_name, unwrap(child))
     return model

@@ -18,7 +18,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .blocks import MBConvBlock
+from .blocks import ConvBNAct, MBConvBlock
 
 Tensor = torch.Tensor
 
@@ -144,6 +144,9 @@ def block_configs(name: str) -> list[BlockConfig]:
 class EfficientNet(nn.Module):
     """EfficientNet: stem, MBConv blocks, head, global average pool, dropout, classifier.
 
+    Children ``stem`` and ``head`` (:class:`~effnet_kernels.blocks.ConvBNAct`: conv, BN, SiLU),
+    ``blocks``, ``pool``, ``dropout``, ``classifier``.
+
     Build it with :func:`efficientnet`. Attributes ``name`` (``"b0"``..``"b7"``) and
     ``resolution`` (native input size) describe the variant.
     """
@@ -156,10 +159,7 @@ class EfficientNet(nn.Module):
         self.name = name
         self.resolution = resolution
 
-        stem = round_filters(STEM_CHANNELS, width)
-        self.conv_stem = nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.act1 = nn.SiLU()
+        self.stem = ConvBNAct(3, round_filters(STEM_CHANNELS, width), 3, stride=2, bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM)
 
         configs = block_configs(name)
         self.blocks = nn.Sequential(
@@ -167,9 +167,7 @@ class EfficientNet(nn.Module):
         )
 
         head = round_filters(HEAD_CHANNELS, width)
-        self.conv_head = nn.Conv2d(configs[-1].out_channels, head, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(head, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.act2 = nn.SiLU()
+        self.head = ConvBNAct(configs[-1].out_channels, head, 1, bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(head, num_classes)
@@ -177,9 +175,7 @@ class EfficientNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem, blocks and head: the [N, head_channels, H/32, W/32] feature map."""
-        x = self.act1(self.bn1(self.conv_stem(x)))
-        x = self.blocks(x)
-        return self.act2(self.bn2(self.conv_head(x)))
+        return self.head(self.blocks(self.stem(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(self.forward_features(x)).flatten(1)
@@ -266,8 +262,8 @@ def layer_shapes(name: str, batch: int = 1, resolution: Optional[int] = None) ->
         raise ValueError(f"resolution must be None or a positive int, got {resolution!r}")
     with torch.device("meta"):
         model = EfficientNet(name)
-    h = _conv_out(resolution, model.conv_stem, 0)
-    w = _conv_out(resolution, model.conv_stem, 1)
+    h = _conv_out(resolution, model.stem.conv, 0)
+    w = _conv_out(resolution, model.stem.conv, 1)
     shapes = []
     for i, block in enumerate(model.blocks):
         dw = block.dw_conv

@@ -142,7 +142,7 @@ def test_converted_mbconv_counts_its_effnet_ops_and_cached_folds():
     x = torch.empty(N, 16, 8, 8, device="meta", dtype=torch.float32).contiguous(memory_format=torch.channels_last)
     got = traffic.count_traffic(block, x)
     assert {k: v.kernels for k, v in got.by_op.items() if k.startswith("effnet::")} == {
-        "effnet::dwconv_bn_act": 1, "effnet::se_gate": 1, "effnet::se_excite": 1}
+        "effnet::pointwise_conv": 2, "effnet::dwconv_bn_act": 1, "effnet::se_gate": 1}  # the four-kernel block
     assert got.cached_bytes > 0  # folded BatchNorms, cached at the warm-up: constants
     cold = traffic.count_traffic(copy.deepcopy(block), x, warmup=False)
     assert cold.kernels > got.kernels  # the first forward also folds
@@ -156,7 +156,7 @@ def test_converted_block_counts_the_same_on_cpu_as_on_meta():
     x = torch.randn(N, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     cpu = traffic.count_traffic(block, x)
     meta = traffic.count_traffic(block.to("meta"), x.to("meta"))
-    assert cpu.by_op == meta.by_op and cpu.calls == meta.calls and cpu.effnet_kernels == 3
+    assert cpu.by_op == meta.by_op and cpu.calls == meta.calls and cpu.effnet_kernels == 4
 
 
 @torch.library.custom_op("traffic_test::twice", mutates_args=())
@@ -195,7 +195,8 @@ def b0_at(resolution: int, batch: int = 1) -> tuple[traffic.PerImage, traffic.Pe
 def test_converted_b0_moves_less_in_fewer_kernels_and_rows_round_trip(tmp_path):
     eager, conv, blocks = b0_at(64)
     assert blocks == 16
-    assert conv.kernels < eager.kernels and conv.at_batch.effnet_kernels == 3 * 16
+    # per block: depthwise + gate + projection, + expand in the 15 blocks that have one; + stem + head
+    assert conv.kernels < eager.kernels and conv.at_batch.effnet_kernels == 3 * 16 + 15 + 2
     assert eager.at_batch.effnet_kernels == 0
     assert 0 < conv.activation_bytes_per_image < eager.activation_bytes_per_image
     # per image: the slope; at batch 1 the fixed part is the meta BN's [C] float32 stats

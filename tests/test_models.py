@@ -62,7 +62,7 @@ def test_structure_and_param_count_match_efficientnet_pytorch(name):
                 b._project_conv.out_channels, b._se_reduce.out_channels)
         assert got == want, f"block {i}"
         assert hasattr(a, "expand_conv") == hasattr(b, "_expand_conv"), f"block {i}"
-    assert ours.conv_head.out_channels == theirs._conv_head.out_channels
+    assert ours.head.conv.out_channels == theirs._conv_head.out_channels
     assert ours.dropout.p == theirs._global_params.dropout_rate
 
 
@@ -119,10 +119,10 @@ def test_bad_arguments_name_the_argument():
 
 def test_initialisation():
     m = models.efficientnet("b0")
-    w = m.conv_head.weight  # fan_out = 1280 -> std sqrt(2 / 1280)
+    w = m.head.conv.weight  # fan_out = 1280 -> std sqrt(2 / 1280)
     assert abs(w.std().item() / math.sqrt(2 / 1280) - 1) < 0.02
-    assert torch.equal(m.bn2.weight, torch.ones_like(m.bn2.weight))
-    assert torch.equal(m.bn2.bias, torch.zeros_like(m.bn2.bias))
+    assert torch.equal(m.head.bn.weight, torch.ones_like(m.head.bn.weight))
+    assert torch.equal(m.head.bn.bias, torch.zeros_like(m.head.bn.bias))
     bound = 1 / math.sqrt(1000)
     assert m.classifier.weight.abs().max() <= bound and m.classifier.weight.abs().max() > 0.9 * bound
     assert torch.equal(m.blocks[3].se.conv_reduce.bias, torch.zeros_like(m.blocks[3].se.conv_reduce.bias))

@@ -1,0 +1,157 @@
+"""Stems and heads (conv + BN + activation containers) fused by ``convert``: one op each in eval,
+the container's own children, keys and behaviour otherwise."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import effnet_kernels as ek
+from effnet_kernels.blocks import ConvBNAct
+from effnet_kernels.stem_head import FusedConvBNAct, fusable_reason
+
+from .defects import planted
+from .model_checks import assert_network_parity, calibrated
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.namespace == "aten" and func.is_view):
+            self.names.append(f"{func.namespace}.{func._opname}")
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of(module, x):
+    with torch.no_grad():
+        module(x)  # fold and cache
+        with _Ops() as rec:
+            out = module(x)
+    return rec.names, out
+
+
+@pytest.fixture(scope="module")
+def b0_pair():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    eager = calibrated(ek.models.efficientnet("b0"), x)
+    return eager, ek.convert(copy.deepcopy(eager), backend="torch"), x
+
+
+def test_convert_fuses_the_stem_and_head_and_keeps_keys(b0_pair):
+    eager, converted, x = b0_pair
+    report = ek.conversion_report(converted)
+    assert report.fused_convs == ["stem", "head"] and len(report.swapped) == 16
+    assert "2 stem/head convs fused" in str(report)
+    assert isinstance(converted.stem, FusedConvBNAct) and isinstance(converted.head, nn.Sequential)
+    assert list(converted.state_dict()) == list(eager.state_dict())
+    assert converted.stem[0] is converted.stem.conv  # still indexable and iterable like the container
+    assert converted.head.conv.out_channels == 1280
+    assert_network_parity(eager, converted, x)
+
+
+def test_each_is_one_op(b0_pair):
+    _, converted, x = b0_pair
+    stem_names, y = _ops_of(converted.stem, x)
+    assert stem_names == ["effnet.conv_bn_act"]
+    head_in = torch.randn(2, 320, 2, 2)
+    assert _ops_of(converted.head, head_in)[0] == ["effnet.pointwise_conv"]
+    with torch.no_grad():
+        torch.testing.assert_close(y, ek.revert(copy.deepcopy(converted)).stem(x), rtol=1e-5, atol=1e-5)
+
+
+def test_negative_control_network_check_rejects_a_stem_padding_shift(b0_pair):
+    eager, converted, x = b0_pair
+    with planted("conv_pad_shift"), pytest.raises(AssertionError, match="network output"):
+        assert_network_parity(eager, converted, x)
+
+
+def _pair(container: nn.Module, x: torch.Tensor):
+    eager = calibrated(container, x)
+    return eager, ek.convert(copy.deepcopy(eager), backend="torch")
+
+
+def test_training_runs_the_children_in_sequence():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 9, 9)
+    eager, fused = _pair(ConvBNAct(3, 8, 3, 2), x)
+    assert isinstance(fused, FusedConvBNAct)
+    eager.train(), fused.train()
+    torch.testing.assert_close(fused(x), eager(x))
+    for a, b in zip(eager.buffers(), fused.buffers()):  # running statistics updated alike
+        torch.testing.assert_close(b, a)
+    assert fused.unfused_reason() == "training"
+
+
+def test_a_replaced_child_is_honoured():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(ConvBNAct(3, 8, 3, 1), x)
+    for m in (eager, fused):
+        m.act = nn.ReLU6()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert fused.unfused_reason() is None  # still one op, now with relu6
+    for m in (eager, fused):
+        m.act = nn.GELU()
+    assert "GELU" in fused.unfused_reason()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))
+
+
+def test_float64_runs_eagerly_and_an_explicit_kernel_backend_refuses_it():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    eager = calibrated(ConvBNAct(3, 4, 3, 2).double(), x)
+    fused = ek.convert(copy.deepcopy(eager), backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))
+    pinned = ek.convert(copy.deepcopy(eager), backend="triton")
+    with pytest.raises(ek.BackendUnavailableError, match="float64"):
+        pinned(x)
+
+
+def test_revert_deepcopy_pickle_and_filter():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(ConvBNAct(3, 4, 3, 2), x)
+    with torch.no_grad():
+        want = fused(x)
+        for other in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert isinstance(other, FusedConvBNAct)
+            torch.testing.assert_close(other(x), want)
+    back = ek.revert(fused)
+    assert type(back) is ConvBNAct and back.conv is fused.conv
+    net = nn.Sequential(ConvBNAct(3, 4, 3, 2), ConvBNAct(4, 4, 1))
+    ek.convert(net, filter_fn=lambda m, name: name != "1")
+    assert isinstance(net[0], FusedConvBNAct) and type(net[1]) is ConvBNAct
+    assert ek.convert(net) is net and isinstance(net[0], FusedConvBNAct)  # converting twice changes nothing
+
+
+def test_unfusable_containers_are_left_alone():
+    grouped = ConvBNAct(4, 4, 3)
+    grouped.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
+    dilated = ConvBNAct(4, 4, 3)
+    dilated.conv = nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)
+    gelu = ConvBNAct(4, 4, 3, activation=nn.GELU())
+    for c in (grouped, dilated, gelu):
+        assert fusable_reason(c) is not None
+        assert type(ek.convert(c)) is ConvBNAct
+    with pytest.raises(ValueError, match="cannot fuse"):
+        FusedConvBNAct.from_container(gelu)
+
+
+def test_compiled_converted_model_fullgraph(b0_pair):
+    _, converted, x = b0_pair
+    with torch.no_grad():
+        want = converted(x)
+        got = torch.compile(converted, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
