@@ -292,3 +292,60 @@ def test_pointwise_triton_row_skipped_until_the_backend_implements_it(monkeypatc
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert rows[1]["min_bytes"] == case.min_bytes(4) and rows[1]["speedup_vs_eager"] > 0
 
+
+def test_classes_first_puts_one_shape_per_auto_table_class_in_front():
+    from benchmarks.auto_table import classes_of_row
+    from effnet_kernels.models import MODEL_NAMES
+
+    cases = op_cases.cases_for_models(MODEL_NAMES, 32)
+    ordered = ops.classes_first(cases)
+    assert sorted(ordered, key=cases.index) == cases  # a permutation
+
+    def keys(case):
+        return classes_of_row({"op": case.op, "shape": case.shape, "dtype": "fp16", "layout": "channels_last"})
+
+    every = {k for c in cases for k in keys(c)}
+    covered, n_first = set(), 0
+    for c in ordered:
+        new = set(keys(c)) - covered
+        if not new:
+            break
+        covered |= new
+        n_first += 1
+    assert covered == every  # the front decides every class
+    assert (n_first, len(every), len(cases)) == (33, 34, 369)
+    assert {k.split("/")[0] for k in every} == {"dwconv", "se", "se_gate", "pw"}
+    front, rest = ordered[:n_first], ordered[n_first:]
+    assert front == [c for c in cases if c in front] and rest == [c for c in cases if c in rest]  # stable
+
+
+def test_main_runs_pointwise_in_class_order(tmp_path):
+    out = tmp_path / "ops.csv"
+    argv = ["--models", "b0", "--ops", "pointwise,dwconv", "--order", "classes", "--batch", "1",
+            "--resolution", "16", "--limit", "3", "--dtypes", "bf16", "--providers", "eager,torch,cuda",
+            "--device", "cpu", "--out", str(out), "--copy-mb", "1", "--warmup-s", "0", "--min-time-s", "0",
+            "--min-iters", "2", "--max-iters", "2", "--quiet"]
+    assert ops.main(argv) == 0
+    rows = read_rows(out)
+    cases = ops.classes_first(op_cases.cases_for_models(["b0"], 1, ["pointwise", "dwconv"], 16), "bf16")[:3]
+    assert [(r["op"], r["shape"], r["provider"]) for r in rows] == [
+        (c.op, c.shape, p) for c in cases for p in ("eager", "torch", "cuda")]
+    assert "pointwise" in {r["op"] for r in rows}
+    for r in rows:
+        assert r["status"] == "ok" or (r["provider"] == "cuda" and r["status"].startswith("skipped: ")), r
+
+
+def test_gpu_session_ops_step_measures_every_family_classes_first(tmp_path):
+    import re
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parent.parent / "scripts" / "gpu_session.sh").read_text()
+    default = shlex.split(re.search(r"\$\{OPS_ARGS:-([^}]*)\}", script).group(1))
+    assert "--ops" not in default and "pointwise" in op_cases.OPS  # every family, the new one included
+    assert default[default.index("--order") + 1] == "classes"
+    # the default command line parses and runs (nothing timed: the budget is used up at once)
+    out = tmp_path / "ops.csv"
+    assert ops.main(default + ["--device", "cpu", "--out", str(out), "--copy-mb", "1", "--time-budget", "1e-9",
+                               "--quiet"]) == 0
+    assert not out.exists()
