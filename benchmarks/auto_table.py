@@ -19,8 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from effnet_kernels.auto_table import TABLE_PATH, shape_class
+from effnet_kernels.auto_table import TABLE_PATH, pointwise_class, shape_class, stored_layout
 
+from .op_cases import parse_pointwise_shape
 from .records import read_rows
 
 BACKENDS = ("triton", "cuda")
@@ -28,22 +29,30 @@ DEFAULT_CSV = Path(__file__).with_name("results") / "ops.csv"
 
 
 def _parse_shape(shape: str) -> tuple[int, int, int, int, str]:
-    """``"NxCxHxW/k3s2"`` or ``"NxCxHxW/r48"`` -> (n, c, h, w, suffix)."""
+    """``"NxCxHxW/k3s2"`` or ``"NxCxHxW/r48"`` -> (n, c, h, w, suffix) (pointwise shapes:
+    :func:`benchmarks.op_cases.parse_pointwise_shape`)."""
     dims, _, suffix = shape.partition("/")
     n, c, h, w = (int(v) for v in dims.split("x"))
     return n, c, h, w, suffix
 
 
 def classes_of_row(row: dict) -> list[str]:
-    """The shape classes a benchmark row decides (an "se" row decides se_excite and se_gate)."""
+    """The shape classes a benchmark row decides (an "se" row decides se_excite and se_gate,
+    a "pointwise" row its ``pw/...`` class)."""
+    if row["op"] == "pointwise":
+        case = parse_pointwise_shape(row["shape"])
+        layout = stored_layout(row["layout"], case.c, case.h, case.w)
+        return [pointwise_class(row["dtype"], layout, case.n, case.c, case.h, case.w, case.cout,
+                                case.gate, case.residual, pool=False)]
     n, c, h, w, suffix = _parse_shape(row["shape"])
+    layout = stored_layout(row["layout"], c, h, w)  # x's (dwconv) / y's (se) layout as the op call sees it
     if row["op"] == "dwconv":
         k, stride = (int(v) for v in suffix[1:].split("s"))
         ho = (h + 2 * (k // 2) - k) // stride + 1
         wo = (w + 2 * (k // 2) - k) // stride + 1
-        return [shape_class("dwconv", row["dtype"], row["layout"], n * c * ho * wo, k, stride)]
+        return [shape_class("dwconv", row["dtype"], layout, n * c * ho * wo, k, stride)]
     if row["op"] == "se":
-        return [shape_class("se", row["dtype"], row["layout"], n * c * h * w),
+        return [shape_class("se", row["dtype"], layout, n * c * h * w),
                 shape_class("se_gate", row["dtype"], "any", n * c)]
     return []
 

@@ -12,9 +12,23 @@ pytest-benchmark suite). Two ops:
   (``pooled_eager``); fused: ``se_gate`` + ``se_excite`` on the fp32 means the fused
   ``dwconv`` already produced (``pooled``). Neither side re-reads ``y`` to pool: the pool is
   timed once, in ``dwconv``, on both sides.
+* ``pointwise``: a block's 1x1 conv + eval BatchNorm, as ``pointwise_conv`` with the BN folded
+  into the weight (fp32, as a converted block passes it under autocast) and its shift as the
+  bias. Two kinds per MBConv block: the expand conv (K = block input channels -> expanded,
+  SiLU; blocks with expand ratio 1 have none) at the block's input size, and the projection
+  (K = expanded -> output channels, identity, the SE gate applied on load where the block has
+  SE, the residual added where it has one) at its output size. Eager chain: (``x * gate``,
+  the eager SE's excite, with the gate in x's dtype [N, K, 1, 1]) + ``conv2d`` (the fp32
+  weight cast to x's dtype in the call, as autocast casts a parameter) + ``batch_norm`` + the
+  activation (+ ``residual``); fused: ``pointwise_conv(x, w*scale, shift, gate=fp32 [N, K],
+  residual=..., activation=...)``. (The ``se`` case times the standalone excite of the
+  three-kernel block; the projection case the excite the four-kernel block fuses into the
+  GEMM: on both sides an excite appears in both.)
 
 Minimum bytes: every activation tensor read once and written once (dwconv: x, y and the
-fp32 means; se: y, the output and the fp32 means); weights are not counted.
+fp32 means; se: y, the output and the fp32 means); weights are not counted, except in
+``pointwise``, whose weight is a GEMM operand ([Cout, K] in x's dtype, up to ~10 MB in
+B7): x, the fp32 gate, the weight, the fp32 bias and the residual read, y written.
 """
 
 from __future__ import annotations
@@ -27,10 +41,12 @@ import torch.nn.functional as F
 
 from effnet_kernels import ops as fused
 from effnet_kernels.models import layer_shapes
+from effnet_kernels.reference import ACTIVATION_FNS
 
-__all__ = ["OpCase", "cases_for_models", "make_inputs", "make_call", "reference", "OPS", "OP_PROVIDERS", "BN_EPS"]
+__all__ = ["OpCase", "cases_for_models", "make_inputs", "make_call", "reference", "parse_pointwise_shape",
+           "OPS", "OP_PROVIDERS", "BN_EPS"]
 
-OPS = ("dwconv", "se")
+OPS = ("dwconv", "se", "pointwise")
 OP_PROVIDERS = ("eager", "triton", "cuda", "torch")
 BN_EPS = 1e-3
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,7 +54,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class OpCase:
-    """One op at one layer shape: ``x`` is ``[n, c, h, w]``; dwconv outputs ``[n, c, ho, wo]``."""
+    """One op at one layer shape: ``x`` is ``[n, c, h, w]``; dwconv outputs ``[n, c, ho, wo]``,
+    pointwise ``[n, cout, h, w]`` (``c`` is its K)."""
 
     op: str
     model: str
@@ -49,6 +66,10 @@ class OpCase:
     k: int = 3
     stride: int = 1
     reduced: int = 1  # SE squeeze width
+    cout: int = 0  # pointwise: output channels
+    activation: str = "identity"  # pointwise: after the bias
+    gate: bool = False  # pointwise: the SE gate applied to x on load
+    residual: bool = False  # pointwise: a residual [n, cout, h, w] added last
 
     @property
     def ho(self) -> int:
@@ -60,16 +81,44 @@ class OpCase:
 
     @property
     def shape(self) -> str:
+        """``NxCxHxW/k3s2`` (dwconv), ``NxCxHxW/r48`` (se), ``NxKxHxW/o{Cout}[/{act}][/gate][/res]``
+        (pointwise; the activation named unless identity); :func:`parse_pointwise_shape` reads it back."""
         base = f"{self.n}x{self.c}x{self.h}x{self.w}"
-        return f"{base}/k{self.k}s{self.stride}" if self.op == "dwconv" else f"{base}/r{self.reduced}"
+        if self.op == "dwconv":
+            return f"{base}/k{self.k}s{self.stride}"
+        if self.op == "pointwise":
+            parts = [base, f"o{self.cout}"]
+            if self.activation != "identity":
+                parts.append(self.activation)
+            return "/".join(parts + ["gate"] * self.gate + ["res"] * self.residual)
+        return f"{base}/r{self.reduced}"
 
     def min_bytes(self, element_size: int) -> int:
-        """Activation bytes read once and written once (see the module docstring)."""
+        """Bytes read once and written once (see the module docstring)."""
         x = self.n * self.c * self.h * self.w * element_size
         means = self.n * self.c * 4
         if self.op == "dwconv":
             return x + self.n * self.c * self.ho * self.wo * element_size + means
+        if self.op == "pointwise":
+            y = self.n * self.cout * self.h * self.w * element_size
+            weight, bias = self.cout * self.c * element_size, self.cout * 4
+            gate = self.n * self.c * 4 if self.gate else 0
+            return x + gate + weight + bias + y * (2 if self.residual else 1)
         return 2 * x + means
+
+
+def parse_pointwise_shape(shape: str, model: str = "") -> OpCase:
+    """The pointwise :class:`OpCase` whose :attr:`OpCase.shape` is ``shape``."""
+    dims, *parts = shape.split("/")
+    n, c, h, w = (int(v) for v in dims.split("x"))
+    if not parts or not parts[0].startswith("o"):
+        raise ValueError(f"not a pointwise shape (NxKxHxW/o<Cout>[/act][/gate][/res]): {shape!r}")
+    cout, flags = int(parts[0][1:]), parts[1:]
+    activation = flags.pop(0) if flags and flags[0] in ACTIVATION_FNS else "identity"
+    if set(flags) - {"gate", "res"} or len(set(flags)) != len(flags):
+        raise ValueError(f"unknown or repeated flags in pointwise shape {shape!r}")
+    return OpCase("pointwise", model, n, c, h, w, cout=cout, activation=activation,
+                  gate="gate" in flags, residual="res" in flags)
 
 
 def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS, resolution: int | None = None) -> list[OpCase]:
@@ -84,12 +133,19 @@ def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS
             h, w = getattr(layer, "H", None) or layer.h, getattr(layer, "W", None) or layer.w
             ho, wo = getattr(layer, "Ho", None) or layer.ho, getattr(layer, "Wo", None) or layer.wo
             found = []
+            if "pointwise" in ops and layer.expand_ratio != 1:  # the expand conv, at the block's input size
+                found.append(OpCase("pointwise", name, batch, layer.in_channels, h, w, cout=layer.mid_channels,
+                                    activation="silu"))
             if "dwconv" in ops:
                 found.append(OpCase("dwconv", name, batch, layer.mid_channels, h, w, layer.kernel, layer.stride))
             if "se" in ops and layer.se_reduced:
                 found.append(OpCase("se", name, batch, layer.mid_channels, ho, wo, reduced=layer.se_reduced))
+            if "pointwise" in ops:  # the projection, at the block's output size
+                found.append(OpCase("pointwise", name, batch, layer.mid_channels, ho, wo, cout=layer.out_channels,
+                                    gate=bool(layer.se_reduced), residual=layer.has_residual))
             for case in found:
-                key = (case.op, case.n, case.c, case.h, case.w, case.k, case.stride, case.reduced)
+                key = (case.op, case.n, case.c, case.h, case.w, case.k, case.stride, case.reduced,
+                       case.cout, case.activation, case.gate, case.residual)
                 if key not in seen:
                     seen.add(key)
                     out.append(case)
@@ -106,6 +162,19 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
         return torch.randn(*shape, generator=generator, device=device) * scale + offset
 
     x = rnd(case.n, case.c, case.h, case.w).to(dtype).contiguous(memory_format=layout)
+    if case.op == "pointwise":
+        co = case.cout
+        out = {
+            "x": x, "weight": rnd(co, case.c, 1, 1, scale=case.c ** -0.5),
+            "gamma": rnd(co, scale=0.2, offset=1.0), "beta": rnd(co, scale=0.1),
+            "running_mean": rnd(co, scale=0.1), "running_var": torch.rand(co, generator=generator, device=device) + 0.5,
+        }
+        if case.gate:  # se_gate's fp32 [N, K] (fused) and the eager SE's sigmoid in x's dtype [N, K, 1, 1]
+            g = torch.sigmoid(rnd(case.n, case.c))
+            out.update(gate=g, gate_eager=g.to(dtype)[:, :, None, None])
+        if case.residual:
+            out["residual"] = rnd(case.n, co, case.h, case.w).to(dtype).contiguous(memory_format=layout)
+        return out
     if case.op == "dwconv":
         var = torch.rand(case.c, generator=generator, device=device) + 0.5
         return {
@@ -133,6 +202,8 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
     if provider not in OP_PROVIDERS:
         raise ValueError(f"provider must be one of {OP_PROVIDERS}, got {provider!r}")
     x = inp["x"]
+    if case.op == "pointwise":
+        return _pointwise_call(case, provider, inp)
     if case.op == "dwconv":
         pad = case.k // 2
         if provider == "eager":
@@ -162,9 +233,37 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
     return lambda: fused.se_excite(x, fused.se_gate(pooled, wr, br, we, be, backend=provider), backend=provider)
 
 
+def _pointwise_call(case: OpCase, provider: str, inp: dict) -> Callable[[], torch.Tensor]:
+    x, residual = inp["x"], inp.get("residual")
+    act = ACTIVATION_FNS[case.activation]
+    if provider == "eager":
+        w = inp["weight"]  # fp32: cast in the call, as autocast casts a conv's parameter
+        gate = inp.get("gate_eager")
+        bn = [inp[k] for k in ("running_mean", "running_var", "gamma", "beta")]  # fp32, as under autocast
+
+        def eager_pw():
+            xin = x * gate if gate is not None else x  # the eager SE's excite
+            y = act(F.batch_norm(F.conv2d(xin, w.to(x.dtype)), *bn, training=False, eps=BN_EPS))
+            return y + residual if residual is not None else y
+
+        return eager_pw
+    scale, shift = _folded(inp)  # folded once, as a converted block caches it
+    weight = inp["weight"][:, :, 0, 0] * scale[:, None]
+    gate = inp.get("gate")
+    return lambda: fused.pointwise_conv(x, weight, shift, gate=gate, residual=residual, activation=case.activation,
+                                        backend=provider)
+
+
 def reference(case: OpCase, inp: dict) -> torch.Tensor:
     """The op's main output computed in float64 from the same inputs (the gate's reference)."""
     x = inp["x"].double()
+    if case.op == "pointwise":
+        scale, shift = _folded({k: inp[k].double() for k in ("gamma", "beta", "running_mean", "running_var")})
+        if case.gate:
+            x = x * inp["gate"].double()[:, :, None, None]
+        z = F.conv2d(x, inp["weight"].double()) * scale[None, :, None, None] + shift[None, :, None, None]
+        y = ACTIVATION_FNS[case.activation](z)
+        return y + inp["residual"].double() if case.residual else y
     if case.op == "dwconv":
         scale, shift = _folded({k: v.double() for k, v in inp.items() if k != "x"})
         z = F.conv2d(x, inp["weight"].double(), stride=case.stride, padding=case.k // 2, groups=case.c)

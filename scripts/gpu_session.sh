@@ -29,7 +29,11 @@
 #                channels_last: eager, fused-triton, fused-cuda (img/s and peak memory)
 #   tests    60  pytest -m "gpu or adapters": parity files first (test_ops_parity,
 #                test_triton_gpu, test_cuda_ops, test_convert_*), then the rest; junit XML
-#   ops      20  op benchmarks (dwconv, SE) at B0-B7 layer shapes
+#   ops      20  op benchmarks (dwconv, SE, pointwise 1x1 convs) at B0-B7 layer shapes, batch 32:
+#                369 distinct shapes (165 pointwise), more than the slot's ~15 s budget holds (not
+#                yet timed on a GPU: each shape times 3 providers for >= 0.07 s each), so
+#                --order classes runs first one shape of each auto-table class (33 shapes decide
+#                all 34 classes), then the rest in block order until the budget stops starting shapes
 #   sanitizer 60, microbench 60: off by default (SANITIZER=1, MICROBENCH=1); they come
 #                after ops, so leave other steps out (STEPS) or shrink their slots to make room
 # Every step has its own log and runs even if an earlier one failed. The network steps
@@ -72,7 +76,8 @@
 #   PYTEST_ARGS        extra args for the GPU test step, e.g. "-k triton"
 #   TESTS_TRITON_TUNE  Triton tuning during the tests step [0]
 #   OPS_PROVIDERS      [eager,triton,cuda]   MICROBENCH_PROVIDERS [eager,triton,cuda]
-#   OPS_ARGS           args for python -m benchmarks.ops [--models b0,...,b7 --batch 32 --dtypes fp16 (fast timing)]
+#   OPS_ARGS           args for python -m benchmarks.ops [--models b0,...,b7 --batch 32 --dtypes fp16 --order classes
+#                      (fast timing)]
 #   SANITIZER=1        add step sanitizer: compute-sanitizer memcheck of benchmarks/cuda_ops_once.py [0]
 #   MICROBENCH=1       add step microbench: the pytest-benchmark suite benchmarks/microbench [0]
 #   LOG_MAX_KB         each step's log is cut to its first quarter and last three quarters of this [1024]
@@ -335,7 +340,7 @@ ops_step() {
     local left=$(( DEADLINE - SECONDS ))
     run "$PY" -m benchmarks.ops --out "$OUT/ops.csv" --time-budget $(( left * 3 / 4 )) \
         --providers "$(without_cuda "${OPS_PROVIDERS:-eager,triton,cuda}")" \
-        ${OPS_ARGS:---models b0,b1,b2,b3,b4,b5,b6,b7 --batch 32 --dtypes fp16 --warmup-s 0.02 --min-time-s 0.05}
+        ${OPS_ARGS:---models b0,b1,b2,b3,b4,b5,b6,b7 --batch 32 --dtypes fp16 --order classes --warmup-s 0.02 --min-time-s 0.05}
 }
 
 sanitizer_step() {

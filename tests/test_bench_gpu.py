@@ -32,7 +32,11 @@ def test_network_runner_on_gpu(tmp_path):
             assert r["gpu"] == torch.cuda.get_device_name()
 
 
-@pytest.mark.parametrize("case", [OpCase("dwconv", "b0", 8, 96, 56, 56, 3, 2), OpCase("se", "b0", 8, 144, 28, 28, reduced=6)])
+@pytest.mark.parametrize("case", [
+    OpCase("dwconv", "b0", 8, 96, 56, 56, 3, 2), OpCase("se", "b0", 8, 144, 28, 28, reduced=6),
+    OpCase("pointwise", "b0", 8, 24, 56, 56, cout=144, activation="silu"),
+    OpCase("pointwise", "b0", 8, 144, 56, 56, cout=24, gate=True, residual=True),
+], ids=lambda c: f"{c.op}-{c.shape}")
 def test_op_runner_on_gpu(case):
     cfg = TimingConfig(warmup_iters=2, warmup_s=0.0, min_time_s=0.02, min_iters=5, max_iters=20)
     rows = ops.run_case(case, "fp16", "channels_last", ["eager", "triton", "cuda"], torch.device("cuda"), cfg, 3000.0)
