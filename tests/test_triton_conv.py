@@ -218,7 +218,7 @@ def test_every_gpu_candidate_config(monkeypatch, layout):
 
     lp = conv.prepare_conv(torch.empty(32, 3, 224, 224), torch.empty(32, 3, 3, 3), None, (2, 2), TF_SAME, "silu")
     candidates = conv._candidates(lp)
-    assert [(c.block_a, c.num_warps) for c in candidates] == [(128, 8), (64, 4), (256, 16)]
+    assert [(c.block_a, c.block_b, c.num_warps) for c in candidates] == [(128, 32, 8), (64, 32, 4), (256, 32, 16)]
     for cfg in candidates:
         cfg = _tuning.Config(cfg.block_a, 64, cfg.num_warps)  # BLOCK_N as Cout = 40 gets it
         monkeypatch.setattr(_tuning, "choose", lambda *args, cfg=cfg: cfg)
@@ -331,3 +331,17 @@ def test_backward_is_the_reference():
     want = torch.autograd.grad(ops.conv_bn_act(*ref, stride=2, padding=TF_SAME, backend="torch").sum(), ref)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_int64_is_decided_per_sample():
+    """The sample base is always 64-bit: B7's stem at batch 1000 (5.8 G output elements) keeps 32-bit
+    offsets within a sample; a sample of more than 2^31 elements needs the INT64 variant."""
+    from effnet_kernels.triton import conv
+
+    def lp(shape, cout):
+        return conv.prepare_conv(torch.empty(shape, device="meta"), torch.empty(cout, 3, 3, 3, device="meta"), None,
+                                 (2, 2), TF_SAME, "silu")
+
+    assert not lp((1000, 3, 600, 600), 64).int64
+    assert lp((1, 3, 27000, 27000), 8).int64  # x: 2.19 G elements in one sample
+    assert lp((1, 3, 12000, 12000), 256).int64  # y: 9.2 G elements in one sample

@@ -48,8 +48,10 @@ General shapes (Cin 1..64, k 1/3/5/7, any H, W) run the same kernel with more K 
 Operands: weight in x's dtype (cast by the launcher only when it is not), any strides;
 bias float32 or x's dtype (or none, ``HAS_BIAS``). In Triton's interpreter the 16-bit
 operands are widened to float32 before the dot (``DOT_F32``: its numpy matmul has no
-bfloat16), which computes the same exact products. Offsets are 32-bit unless
-:func:`._launch.needs_int64` says they may not fit (``INT64``).
+bfloat16), which computes the same exact products. A sample's base address is computed in
+64 bits (one scalar product per program), offsets within a sample in 32 bits unless one
+sample's may not fit (``INT64``, :func:`._launch.needs_int64` of one sample: a 46k x 46k
+image; then twice the warps per tile, as 64-bit offsets take 172 registers at 8 warps).
 
 :data:`KERNEL_ARGS` and :func:`compile_signature` describe the compile signature (types and
 constexprs of a launch) for tests and the kernel audit.
@@ -100,16 +102,19 @@ def _conv_bn_act_kernel(
             HWO = multiple_of(HWO, VEC)
             syc = multiple_of(syc, VEC)
     pid = tl.program_id(0)
-    if INT64:  # before any product
-        pid = pid.to(tl.int64)
     n = pid // TILES
+    # a sample's base in 64 bits (one scalar product); offsets within a sample are 32-bit unless INT64
+    x_n = x_ptr + n.to(tl.int64) * sxn
+    y_n = y_ptr + n.to(tl.int64) * syn
     p = (pid % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels oh * WO + ow of sample n
+    if INT64:  # before any product
+        p = p.to(tl.int64)
     p_ok = p < HWO
     oh = p // WO
     ow = p - oh * WO
     ih0 = oh * SH - pad_top
     iw0 = ow * SW - pad_left
-    x_pix = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw  # [BLOCK_M]: the window's top-left tap (may be padding)
+    x_pix = x_n + ih0 * sxh + iw0 * sxw  # [BLOCK_M]: the window's top-left tap (may be padding)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < COUT
     if INT64:
@@ -150,7 +155,7 @@ def _conv_bn_act_kernel(
     if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
         out = round_bf16_rtne(out)
     # y is dense in its layout (the launcher allocates it): pixel p sits at p * syw (syh == WO * syw)
-    tl.store(y_ptr + n * syn + co[None, :] * syc + p[:, None] * syw, out.to(y_ptr.dtype.element_ty),
+    tl.store(y_n + co[None, :] * syc + p[:, None] * syw, out.to(y_ptr.dtype.element_ty),
              mask=p_ok[:, None] & co_ok[None, :])
 
 
@@ -180,7 +185,7 @@ class ConvLaunch:
     pad_top: int
     pad_left: int
     act: int
-    int64: bool
+    int64: bool  # offsets within one sample may not fit in int32
 
 
 def prepare_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -203,7 +208,7 @@ def prepare_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
         n=n, cin=cin, cout=cout, h=h, w=w, ho=ho, wo=wo, k=k,
         stride_h=stride[0], stride_w=stride[1], pad_top=top, pad_left=left,
         act=ACT_CODES[activation],
-        int64=needs_int64(xd, y),
+        int64=needs_int64(xd[:1], y[:1]),  # one sample's offsets (the sample base is always 64-bit)
     )
 
 
@@ -239,13 +244,13 @@ def _programs(lp: ConvLaunch, block_m: int, block_n: int) -> int:
 def _candidates(lp: ConvLaunch) -> list[_tuning.Config]:
     """GPU configs ``Config(BLOCK_M, BLOCK_N, warps)``; the first is the untuned default.
 
-    BLOCK_N covers Cout (<= 64, >= 16 for tl.dot); BLOCK_M pixels on ``BLOCK_M / 16`` warps
-    (16 pixels per warp: the im2col gather is 16 x 32 elements per warp, 16 per thread, whose
-    addresses and masks are what the registers hold). ``BLOCK_M = 128`` on 4 warps took
-    168-177 registers for sm_90 (8 warps per SM); on 8 warps 97-128 (16 warps per SM). 128 is
-    the default, 64 and 256 the alternatives; each is clamped to the sample's pixels and halved
-    (not below 32) until the grid has two programs per SM (batch 1 at 224: 98 tiles of 128 ->
-    196 of 64).
+    BLOCK_N covers Cout (<= 64, >= 16 for tl.dot); a tile runs on :func:`warps_for` warps (one
+    per 512 outputs: at BLOCK_N = 32, 16 pixels per warp, whose 16 x 32 im2col gather -- 16
+    addresses and masks per thread -- and accumulators are what the registers hold).
+    ``128 x 32`` on 4 warps took 168-177 registers for sm_90 (8 warps per SM), on 8 warps 97-116
+    (16 warps per SM); ``64 x 64`` on 4 warps 168. BLOCK_M 128 is the default, 64 and 256 the
+    alternatives; each is clamped to the sample's pixels and halved (not below 32) until the
+    grid has two programs per SM (batch 1 at 224: 98 tiles of 128 -> 392 of 32).
     """
     bn = _block_n(lp)
     pmax = max(next_pow2(lp.ho * lp.wo), MIN_DOT)
@@ -254,15 +259,17 @@ def _candidates(lp: ConvLaunch) -> list[_tuning.Config]:
         bm = min(bm, pmax)
         while bm > MIN_BLOCK_M and _programs(lp, bm, bn) < MIN_PROGRAMS:
             bm //= 2
-        cfg = _tuning.Config(bm, bn, warps_for(bm))
+        cfg = _tuning.Config(bm, bn, min(warps_for(bm, bn) * (2 if lp.int64 else 1), 16))
         if cfg not in out:
             out.append(cfg)
     return out
 
 
-def warps_for(block_m: int) -> int:
-    """Warps of a ``block_m``-pixel tile: one per 16 pixels (1 to 16)."""
-    return min(max(block_m // 16, 1), 16)
+def warps_for(block_m: int, block_n: int = 32) -> int:
+    """Warps of a ``block_m x block_n`` tile, 1 to 16: at most 16 gathered im2col elements (``block_m x 32``)
+    and 16 accumulators per thread (a 32 x 16 tile on one warp, 32 gathered elements per thread, took 135
+    registers)."""
+    return min(max(block_m // 16, block_m * block_n // 512, 1), 16)
 
 
 # Shape classes with fewer output elements than this are not timed (a launch-latency-bound call).
@@ -274,7 +281,7 @@ def _space(lp: ConvLaunch) -> tuple[list[_tuning.Config], _tuning.Config]:
     if interpreted(lp.x):
         bn = min(INTERPRETER_CONFIG.block_b, _block_n(lp))
         bm = min(INTERPRETER_CONFIG.block_a, max(next_pow2(lp.ho * lp.wo), MIN_DOT))
-        return candidates, _tuning.Config(bm, bn, warps_for(bm))
+        return candidates, _tuning.Config(bm, bn, warps_for(bm, bn))
     if next_pow2(lp.n) * next_pow2(lp.cout) * next_pow2(lp.ho) * next_pow2(lp.wo) < TUNE_MIN_ELEMENTS:
         return candidates[:1], candidates[0]
     return candidates, candidates[0]
