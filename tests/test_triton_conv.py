@@ -345,3 +345,15 @@ def test_int64_is_decided_per_sample():
     assert not lp((1000, 3, 600, 600), 64).int64
     assert lp((1, 3, 27000, 27000), 8).int64  # x: 2.19 G elements in one sample
     assert lp((1, 3, 12000, 12000), 256).int64  # y: 9.2 G elements in one sample
+
+
+def test_docstring_arithmetic():
+    """The numbers the module docstring argues with (B0's stem at 224 x 224)."""
+    from effnet_kernels.triton import conv
+
+    assert conv.compulsory_bytes(1, 3, 224, 224, 32, 112, 112, 3, 2) == 2 * (150_528 + 401_408 + 864) + 128
+    assert conv.compulsory_bytes(1, 3, 224, 224, 32, 112, 112, 3, 2, bias_bytes=0) == 1_105_600
+    assert conv.flops(1, 3, 32, 112, 112, 3) == 21_676_032
+    fp16_us = conv.compulsory_bytes(256, 3, 224, 224, 32, 112, 112, 3, 2) / 4.3e12 * 1e6
+    fma_us = conv.flops(256, 3, 32, 112, 112, 3) / 67e12 * 1e6
+    assert 65 < fp16_us < 67 and 82 < fma_us < 84

@@ -34,9 +34,9 @@ per image, ``s`` bytes per element:
   256 *at peak* -- more than the 66 us the fp16 bytes take, so a direct convolution (864
   FMAs per output pixel, plus its operand loads and address arithmetic) would make the
   16-bit stem compute-bound at well under the bandwidth; on the tensor cores (~990 TFLOP/s
-  dense fp16/bf16) they take 5.6 us even with K padded 27 -> 32 (+19 % MMA work): the stem
-  stays memory-bound with a 10x margin. fp16 x fp16 products are exact in float32 and the
-  MMA accumulates in float32, so this is still "fp32 accumulation, one rounding".
+  dense fp16/bf16) they take 5.6 us (6.6 us with K padded 27 -> 32): the stem stays
+  memory-bound with a 10x margin. fp16 x fp16 products are exact in float32 and the MMA
+  accumulates in float32, so this is still "fp32 accumulation, one rounding".
 * float32 inputs: the rule is IEEE fp32 (relative error <= 1e-5, no TF32), so the dot is
   ``input_precision="ieee"``, which Triton lowers to FMAs on the CUDA cores -- 83 us of
   FLOPs under 131 us of fp32 bytes at batch 256: memory-bound at peak, about balanced in
@@ -53,8 +53,17 @@ bfloat16), which computes the same exact products. A sample's base address is co
 sample's may not fit (``INT64``, :func:`._launch.needs_int64` of one sample: a 46k x 46k
 image; then twice the warps per tile, as 64-bit offsets take 172 registers at 8 warps).
 
-:data:`KERNEL_ARGS` and :func:`compile_signature` describe the compile signature (types and
-constexprs of a launch) for tests and the kernel audit.
+Compiled for sm_90 (``tests/test_triton_conv_compile.py``, every B0-B7 / MobileNetV3 stem,
+batch 1 and 256, fp16/bf16/fp32, NCHW and channels_last: 63 variants): 0 spill bytes, 56-128
+registers, wgmma (``m64n32k16`` at Cout 32) or mma.sync (1-2 warp tiles) for 16-bit inputs,
+FMAs and no MMA instruction for float32, 128-bit stores of y. Not measured on a GPU yet: the
+im2col gather shares the store's layout (NCHW: 8 pixels per thread, ~4 cache lines per warp
+load; channels_last: 32 pixels per warp load, 3 lines), L1 work a measurement should weigh
+against the DRAM time before anything is changed for it.
+
+:data:`KERNEL_ARGS`, :func:`compile_signature`, :func:`compile_constexprs` and
+:func:`launch_args` describe a launch's compile signature (types, constexprs, warps) for tests
+and the kernel audit; :func:`compulsory_bytes` and :func:`flops` its arithmetic.
 """
 
 from __future__ import annotations
@@ -338,6 +347,18 @@ def compile_constexprs(k: int = 3, stride: int = 2, activation: str = "silu", ch
                 INT64=int64, BF16_RTNE=False, DOT_F32=dtype == "fp32", BLOCK_M=block_m,
                 BLOCK_N=max(min(next_pow2(cout), MAX_BLOCK_N), MIN_DOT), BLOCK_K=BLOCK_K,
                 VEC=vector_width(es, cout) if channels_last else 16 // es)
+
+
+def compulsory_bytes(n: int, cin: int, h: int, w: int, cout: int, ho: int, wo: int, k: int, element_size: int,
+                     bias_bytes: int = 4) -> int:
+    """Bytes one launch must move through HBM: x once, y once, the weight (in x's dtype) and the bias once
+    (``bias_bytes`` per element, 0 without bias). B0's stem at 224, fp16: 1,105,728 B per image."""
+    return element_size * (n * cin * h * w + n * cout * ho * wo + cout * cin * k * k) + bias_bytes * cout
+
+
+def flops(n: int, cin: int, cout: int, ho: int, wo: int, k: int) -> int:
+    """Multiply-adds x 2 of the convolution (the epilogue not counted): 21.7 M per image for B0's stem."""
+    return 2 * n * cout * ho * wo * cin * k * k
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
