@@ -76,8 +76,9 @@ def small_tiles(monkeypatch):
 
 def run_case(shape, cout, k, stride, padding, dtype, layout="nchw", activation="silu", bias="fp32",
              weight_dtype=None, weight_std=1.0, weight_view=False):
-    """One triton call against the fp64 truth. ``bias``: "fp32", "x" (x's dtype) or None; ``weight_dtype``:
-    the weight's own dtype (default x's); ``weight_view``: a non-contiguous weight."""
+    """One triton call against the fp64 truth. ``bias``: "fp32", "x" (x's dtype), "strided" (an fp32 view
+    of every other element) or None; ``weight_dtype``: the weight's own dtype (default x's); ``weight_view``:
+    a non-contiguous weight."""
     n, cin, h, w = shape
     x = make_input(shape, dtype, layout, "cpu")
     wdt = weight_dtype or dtype
@@ -85,7 +86,10 @@ def run_case(shape, cout, k, stride, padding, dtype, layout="nchw", activation="
     if weight_view:
         weight = weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # [Cout, Cin, k, k], Cin fastest
         assert not weight.is_contiguous()
-    b = None if bias is None else torch.randn(cout).to(torch.float32 if bias == "fp32" else dtype)
+    if bias == "strided":
+        b = torch.randn(2 * cout)[::2]
+    else:
+        b = None if bias is None else torch.randn(cout).to(torch.float32 if bias == "fp32" else dtype)
     out = ops.conv_bn_act(x, weight, b, stride=stride, padding=padding, activation=activation, backend="triton")
     from effnet_kernels.ops._checks import memory_format_of, normalize_padding, normalize_stride
 
@@ -145,7 +149,7 @@ def test_activations(activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [None, "fp32", "x"])
+@pytest.mark.parametrize("bias", [None, "fp32", "x", "strided"])
 def test_bias_variants(bias, dtype):
     run_case((2, 3, 7, 6), 12, 3, 2, TF_SAME, dtype, "channels_last", bias=bias)
 

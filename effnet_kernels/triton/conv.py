@@ -178,7 +178,7 @@ class ConvLaunch:
 
     x: Tensor
     weight: Tensor  # [Cout, Cin, k, k] in x's dtype, any strides
-    bias: Optional[Tensor]  # [Cout] float32 or x's dtype
+    bias: Optional[Tensor]  # [Cout] float32 or x's dtype, dense
     y: Tensor
     layout: str
     n: int
@@ -211,7 +211,7 @@ def prepare_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     return ConvLaunch(
         x=xd,
         weight=weight if weight.dtype == x.dtype else weight.to(x.dtype),
-        bias=bias,
+        bias=bias.contiguous() if bias is not None else None,  # the kernel reads it at unit stride
         y=y,
         layout=layout,
         n=n, cin=cin, cout=cout, h=h, w=w, ho=ho, wo=wo, k=k,
