@@ -50,8 +50,9 @@ bias float32 or x's dtype (or none, ``HAS_BIAS``). In Triton's interpreter the 1
 operands are widened to float32 before the dot (``DOT_F32``: its numpy matmul has no
 bfloat16), which computes the same exact products. A sample's base address is computed in
 64 bits (one scalar product per program), offsets within a sample in 32 bits unless one
-sample's may not fit (``INT64``, :func:`._launch.needs_int64` of one sample: a 46k x 46k
-image; then twice the warps per tile, as 64-bit offsets take 172 registers at 8 warps).
+sample's may not fit (``INT64``, :func:`._launch.needs_int64` of one sample: a stem input
+of ~16k x 16k pixels; then twice the warps per tile, as 64-bit offsets took 172 registers
+at 8 warps).
 
 Compiled for sm_90 (``tests/test_triton_conv_compile.py``, every B0-B7 / MobileNetV3 stem,
 batch 1 and 256, fp16/bf16/fp32, NCHW and channels_last: 63 variants): 0 spill bytes, 56-128
