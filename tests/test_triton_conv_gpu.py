@@ -82,7 +82,8 @@ def test_stems_batch_2(model, cout, res, dtype, layout):
     activation = "hardswish" if model == "mobilenet_v3" else "silu"
     lo, hi = tf_same(res)
     stem_case(2, cout, res, dtype, layout, (lo, hi, lo, hi), activation)
-    stem_case(2, cout, res, dtype, layout, None, activation, bias=False)
+    # torchvision's symmetric padding 1; without bias (another compiled variant) only at B0 / MobileNetV3
+    stem_case(2, cout, res, dtype, layout, None, activation, bias=model not in ("b0", "mobilenet_v3"))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
