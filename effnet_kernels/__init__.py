@@ -11,6 +11,7 @@ from . import export, models, ops
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .convert import ConversionReport, conversion_report, convert, revert
 from .nn import FusedDWConvBNAct, MBConv, SqueezeExcite
+from .stem_head import FusedConvBNAct
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "MBConv",
     "SqueezeExcite",
     "FusedDWConvBNAct",
+    "FusedConvBNAct",
     "ops",
     "models",
     "export",
