@@ -26,7 +26,8 @@
 #                fused-cuda+compile, then B4 with compile (~a minute per compile)
 #   net1     45  B0-B7 at batch 1, eager and CUDA-graph replay, the net256 providers
 #   train    40  one training step (forward, backward, SGD) of B0 and B4 at bs128 fp16
-#                channels_last: eager, fused-triton, fused-cuda (img/s and peak memory)
+#                channels_last: eager, fused-triton, fused-cuda (img/s and peak memory), then
+#                B0 with torch.compile and fused-triton+compile if the slot has time left
 #   tests    60  pytest -m "gpu or adapters": parity files first (test_ops_parity,
 #                test_triton_gpu, test_cuda_ops, test_convert_*), then the rest; junit XML
 #   ops      20  op benchmarks (dwconv, SE, pointwise 1x1 convs) at B0-B7 layer shapes, batch 32:
@@ -55,7 +56,8 @@
 #   SESSION_BUDGET     seconds for the whole script [570] (device tool: timeout_s=600)
 #   T_ENV T_BUILD T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TRAIN T_TESTS T_OPS T_SANITIZER T_MICRO
 #                      slots [15, 90, 45, 155, 80, 45, 40, 60, 20, 60, 60]
-#   TRAIN_MODELS [b0,b4]  TRAIN_PROVIDERS [eager,fused-triton,fused-cuda]  TRAIN_BATCHES [128]
+#   TRAIN_PLAN ["b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile"] (or
+#   TRAIN_MODELS [b0,b4] + TRAIN_PROVIDERS [eager,fused-triton,fused-cuda] for one group)  TRAIN_BATCHES [128]
 #   TUNE_BATCHES       batches pretune tunes, in order [$NET256_BATCHES,1,32 = 256,1,32]
 #   TUNE_JOBS          pretune's compile workers [8]
 #   EFFNET_KERNELS_TUNING_CACHE   the tuning store's directory [~/.cache/effnet_kernels/tuning]
@@ -295,10 +297,28 @@ net1_step() {
 }
 
 train_step() {
-    local providers
-    providers=$(without_cuda "${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}")
-    net 15 --models "${TRAIN_MODELS:-b0,b4}" --providers "$providers" --batches "${TRAIN_BATCHES:-128}" \
-        --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
+    # groups "models:providers" in order; torch.compile of a training step (forward and
+    # backward graphs, ~a minute) comes last, so the uncompiled rows are measured first and
+    # it runs when the slot has time left (TRAIN_PLAN / T_TRAIN to give it the time)
+    local plan group models providers rc=0 r
+    if [[ -n "${TRAIN_MODELS:-}${TRAIN_PROVIDERS:-}" ]]; then
+        plan="${TRAIN_MODELS:-b0,b4}:${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}"
+    else
+        plan="${TRAIN_PLAN:-b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile}"
+    fi
+    for group in $plan; do
+        models=${group%%:*}
+        providers=$(without_cuda "${group#*:}")
+        if [[ -z "$providers" ]]; then
+            echo "not run: $group (no providers left)" >>"$LOG"
+            continue
+        fi
+        net 15 --models "$models" --providers "$providers" --batches "${TRAIN_BATCHES:-128}" \
+            --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
+        r=$?
+        (( r )) && rc=$r
+    done
+    return $rc
 }
 
 tests_step() {

@@ -175,8 +175,8 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     run_id = calls[0]["run_id"]
     assert run_id and f"run {run_id}" in summary and all(c["run_id"] == run_id for c in calls)
     argvs = [c["argv"] for c in calls]
-    assert len(argvs) == 6, argvs
-    first, resumed, compile_b0, compile_b4, net1, train = argvs
+    assert len(argvs) == 7, argvs
+    first, resumed, compile_b0, compile_b4, net1, train, train_compiled = argvs
     assert "--resume" not in first and resumed.count("--resume") == 1
     assert _without_time_budget([a for a in resumed if a != "--resume"]) == _without_time_budget(first)
     for argv in argvs:
@@ -192,6 +192,8 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
         all_models, "1", "eager,eager-folded,fused-triton")
     assert (_arg(train, "--models"), _arg(train, "--batches"), _arg(train, "--providers"), _arg(train, "--modes")) == (
         "b0,b4", "128", "eager,fused-triton", "train")
+    assert (_arg(train_compiled, "--models"), _arg(train_compiled, "--providers"), _arg(train_compiled, "--modes")) == (
+        "b0", "compile,fused-triton+compile", "train")  # the compiled training steps last
     # ... and every command line parses: each printed its plan
     plan = "providers=['eager@channels_last', 'eager-folded@channels_last', 'fused-triton@channels_last']"
     assert "24 jobs" in logs["net256.log"] and plan in logs["net256.log"] and "batches=[256]" in logs["net256.log"]
@@ -200,6 +202,7 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     assert "1 jobs: models=['b4'] batches=[256]" in logs["compile.log"]
     assert "24 jobs" in logs["net1.log"] and plan in logs["net1.log"] and "batches=[1]" in logs["net1.log"]
     assert "4 jobs: models=['b0', 'b4'] batches=[128]" in logs["train.log"]
+    assert "2 jobs: models=['b0'] batches=[128]" in logs["train.log"]
 
     # tests: parity files first, short tracebacks, a per-test timeout, no JIT rebuild of the
     # extension whose build failed
