@@ -26,14 +26,15 @@ Bytes and FLOPs (fp16, per image; ``s`` = 2 B): read x (``s M K``), write out (`
 read the weight once per launch (``s K Cout``), bias / gate ``4 Cout`` / ``4 K``; ``2 M K Cout`` FLOPs.
 The ridge of an H200 is 990 TFLOP/s / 4.3 TB/s = 230 FLOP/B:
 
-* B0 expand 24 -> 144 at 56 x 56 (M = 3136): 150.5 KB + 903.2 KB + 6.9 KB = 1.06 MB and
-  21.7 MFLOP per image (20 FLOP/B: memory-bound 11x). Batch 256: 272 MB -> 63 us at 4.3 TB/s
-  against 5.6 us of tensor-core time; the kernel's job is to stream A once and write the output
-  with 128-bit stores, not to be a fast GEMM.
-* B0 project 1152 -> 320 at 7 x 7 (M = 49), gated: 112.9 KB + 31.4 KB + 4.6 KB (gate) per
-  image, the weight 737 KB once; 36.1 MFLOP per image. Batch 256: 38.9 MB -> 9.0 us and
-  9.3 GFLOP -> 9.3 us: at the ridge, where the MMA tiles must stay busy. Batch 1: 0.89 MB
-  (mostly the weight) -> 0.2 us and 0.04 us: launch latency (~3-5 us) dominates.
+* B0 expand 24 -> 144 at 56 x 56 (M = 3136 per image): x 150.5 KB + out 903.2 KB per image, the
+  weight 6.9 KB once; 21.7 MFLOP per image (20.6 FLOP/B: memory-bound 11x). Batch 256: 269.8 MB
+  -> 63 us at 4.3 TB/s against 5.6 GFLOP -> 5.6 us of tensor-core time; the kernel's job is to
+  stream A once and write the output with 128-bit stores, not to be a fast GEMM.
+* B0 project 1152 -> 320 at 7 x 7 (M = 49), gated: x 112.9 KB + out 31.4 KB + gate 4.6 KB per
+  image, the weight 737 KB once; 36.1 MFLOP per image. Batch 256: 38.8 MB -> 9.0 us and
+  9.25 GFLOP -> 9.3 us: at the ridge, where the MMA tiles must stay busy. Batch 1: 0.89 MB
+  (mostly the weight) -> 0.2 us and 0.04 us: launch latency (~3-5 us) dominates; the fill step
+  below spreads it over 20 programs instead of 3.
 
 (Implied by the arithmetic, not measured.)
 
@@ -42,7 +43,10 @@ a GPU): ``BLOCK_N`` = Cout rounded up to a power of two, at most 128 (Cout <= 12
 A read once; wider Cout reuses A from L2), ``BLOCK_M`` 128 on large images and 64 from 16 x 16
 down (a 7 x 7 sample is one 64-row tile: 77% of its rows used; smaller tiles would only re-read
 the weight more often), ``BLOCK_K`` = K rounded up to a power of two, at most 64 (32 for
-float32, whose FMA path holds its operands in registers). ``num_warps`` 8 for 128 x 128 tiles,
+float32, whose FMA path holds its operands in registers); then BLOCK_M, and BLOCK_N, are halved
+(not below 32) until the grid has 2 programs per SM (``dwconv.MIN_PROGRAMS``: batch 1, the 7 x 7
+layers). The pool keeps the pixel loop's column sums live: 64 x 64 on 4 warps (64 x 128 took 255
+registers), float32 64 x 64 on 8. ``num_warps`` 8 for 128 x 128 tiles,
 else 4 (64 float32 accumulators per thread); ``num_stages`` 3 for 16-bit (3 x 32 KB of shared
 memory at 128 x 128 x 64), 2 for float32. Tile dims are at least 16 (``tl.dot``'s minimum).
 
@@ -67,6 +71,7 @@ import triton.language as tl
 from .._launch import PointwiseLaunch, prepare_pointwise
 from . import _tuning
 from ._activation import activate
+from .dwconv import MIN_PROGRAMS
 from ._jit import (SUM, device_function, device_guard, device_kernel, interpreted, loop_bound, multiple_of,
                    needs_bf16_rtne, needs_dot_upcast, next_pow2, round_bf16_rtne, vector_width)
 
@@ -99,7 +104,7 @@ def _gemm_tile(
                 a = round_bf16_rtne(a32)
             else:
                 a = a32.to(x_ptr.dtype.element_ty)
-        b = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & c_ok, other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=(k < KW)[:, None] & c_ok, other=0.0)  # KW: K, known VEC_W-aligned
         if UPCAST:  # interpreted bfloat16 (see _jit.needs_dot_upcast): exact products, float32 sums
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:  # float32: IEEE FMA, no TF32
@@ -183,11 +188,25 @@ def num_stages(lp: PointwiseLaunch) -> int:
     return 2 if lp.x.dtype == torch.float32 else 3
 
 
+def _programs(lp: PointwiseLaunch, bm: int, bn: int) -> int:
+    return lp.n * triton.cdiv(lp.cout, bn) * (1 if lp.pool else triton.cdiv(lp.h * lp.w, bm))
+
+
+MIN_FILL_BLOCK = 32  # smallest BLOCK_M / BLOCK_N the fill step shrinks to
+
+
 def _clamp(lp: PointwiseLaunch, bm: int, bn: int, nw: int) -> _tuning.Config:
-    """A candidate tile clamped to the shape (tiles no larger than H W and Cout rounded up, >= 16), warps
-    halved for tiles too small to give every thread 16 accumulators."""
+    """A candidate tile clamped to the shape (tiles no larger than H W and Cout rounded up, >= 16), shrunk
+    (pixels first, not below 32) until the grid has MIN_PROGRAMS programs (batch 1: B0's gated 1152 -> 320
+    projection at 7 x 7 is 3 programs of 64 x 128, 20 of 32 x 32), warps halved for tiles too small to give
+    every thread 16 accumulators."""
     bm = max(MIN_DOT, min(bm, next_pow2(lp.h * lp.w)))
     bn = max(MIN_DOT, min(bn, next_pow2(lp.cout)))
+    while _programs(lp, bm, bn) < MIN_PROGRAMS and ((bm > MIN_FILL_BLOCK and not lp.pool) or bn > MIN_FILL_BLOCK):
+        if bm > MIN_FILL_BLOCK and not lp.pool:
+            bm //= 2
+        else:
+            bn //= 2
     while nw > 1 and bm * bn < nw * 32 * 16:
         nw //= 2
     return _tuning.Config(bm, bn, nw)
