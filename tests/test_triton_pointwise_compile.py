@@ -177,11 +177,14 @@ def test_int64_variants_compile(launches):
 
 
 def test_awkward_shapes_compile(launches):
-    """K = 3, Cout = 17 (masked K and Cout, scalar accesses), H = W = 1, every activation's specialisation."""
+    """K = 3, Cout = 17 (masked K and Cout, scalar accesses), H = W = 1, no bias (with and without the pool),
+    every activation's specialisation."""
     from effnet_kernels.ops._checks import ACTIVATIONS
 
     run_pointwise((2, 3, 5, 7), 17, torch.float16, True, gate=True, residual=True)
     run_pointwise((8, 40, 1, 1), 1, torch.bfloat16, False)
+    run_pointwise((2, 24, 8, 8), 40, torch.float32, False, bias=False, residual=True)
+    run_pointwise((2, 24, 8, 8), 40, torch.bfloat16, True, bias=False, gate=True, pool=True)
     for act in ACTIVATIONS:
         run_pointwise((2, 24, 8, 8), 40, torch.float16, True, activation=act)
-    assert len(check_compiled(launches)) == 2 + len(ACTIVATIONS)
+    assert len(check_compiled(launches)) == 4 + len(ACTIVATIONS)
