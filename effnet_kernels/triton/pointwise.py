@@ -49,6 +49,9 @@ layers). The pool keeps the pixel loop's column sums live: 64 x 64 on 4 warps (6
 registers), float32 64 x 64 on 8. ``num_warps`` 8 for 128 x 128 tiles,
 else 4 (64 float32 accumulators per thread); ``num_stages`` 3 for 16-bit (3 x 32 KB of shared
 memory at 128 x 128 x 64), 2 for float32. Tile dims are at least 16 (``tl.dot``'s minimum).
+Compiled for sm_90 (tests/test_triton_pointwise_compile.py prints them): 108-208 registers and no
+spills at B0's expand / project / head, 8-16 warps resident per SM; 16-bit dots are ``wgmma``
+(``mma.sync`` below 64 rows), float32 is FMA.
 
 Vector accesses: Triton's launch specialisation only marks integers divisible by 16, so the
 kernel takes ``VEC_X`` / ``VEC_W`` / ``VEC_O`` (:func:`._jit.vector_width` of the contiguous
