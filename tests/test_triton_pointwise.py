@@ -115,7 +115,7 @@ def small_tiles(monkeypatch):
     from effnet_kernels.triton import _tuning, pointwise
 
     monkeypatch.setattr(pointwise, "_candidates", lambda lp: [_tuning.Config(16, 16, 1)])
-    monkeypatch.setattr(pointwise, "block_k", lambda lp: 16)
+    monkeypatch.setattr(pointwise, "block_k", lambda lp, cfg: 16)
 
 
 def planted_launch(monkeypatch, change):

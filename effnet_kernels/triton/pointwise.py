@@ -43,7 +43,8 @@ a GPU): ``BLOCK_N`` = Cout rounded up to a power of two, at most 128 (Cout <= 12
 A read once; wider Cout reuses A from L2), ``BLOCK_M`` 128 on large images and 64 from 16 x 16
 down (a 7 x 7 sample is one 64-row tile: 77% of its rows used; smaller tiles would only re-read
 the weight more often), ``BLOCK_K`` = K rounded up to a power of two, at most 64 (32 for
-float32, whose FMA path holds its operands in registers); then BLOCK_M, and BLOCK_N, are halved
+float32, whose FMA path holds its operands in registers, and for ungated 128 x 128 tiles, to keep
+two 8-warp CTAs per SM); then BLOCK_M, and BLOCK_N, are halved
 (not below 32) until the grid has 2 programs per SM (``dwconv.MIN_PROGRAMS``: batch 1, the 7 x 7
 layers). The pool keeps the pixel loop's column sums live: 64 x 64 on 4 warps (64 x 128 took 255
 registers), float32 64 x 64 on 8. ``num_warps`` 8 for 128 x 128 tiles,
@@ -181,9 +182,14 @@ def _pointwise_kernel(
         tl.store(o_ptr + offs, u.to(o_ptr.dtype.element_ty), mask=ok)
 
 
-def block_k(lp: PointwiseLaunch) -> int:
-    """``BLOCK_K``: K rounded up to a power of two, 16 to 64 (32 for float32: FMA operands live in registers)."""
-    return max(MIN_DOT, min(next_pow2(lp.k), 32 if lp.x.dtype == torch.float32 else 64))
+def block_k(lp: PointwiseLaunch, cfg: _tuning.Config) -> int:
+    """``BLOCK_K``: K rounded up to a power of two, 16 to 64; 32 for float32 (FMA operands live in registers)
+    and for ungated 128 x 128 tiles (sm_90, fp16, B7's 640 -> 3840 expand: 128 registers at 32, 152 at 64,
+    which leaves one 8-warp CTA per SM instead of two; gated, whose A tile passes through registers, 32
+    took more: 175 against 161 at 3840 -> 640)."""
+    wide_tile = cfg.block_a * cfg.block_b >= 128 * 128 and lp.gate is None
+    widest = 32 if lp.x.dtype == torch.float32 or wide_tile else 64
+    return max(MIN_DOT, min(next_pow2(lp.k), widest))
 
 
 def num_stages(lp: PointwiseLaunch) -> int:
@@ -281,7 +287,7 @@ def _launch(lp: PointwiseLaunch, cfg: _tuning.Config) -> None:
         sx[0], sx[1], sx[3], *out_strides, 1.0 / max(hw, 1),
         ACT=lp.act, HAS_BIAS=lp.bias is not None, HAS_GATE=lp.gate is not None, HAS_RES=lp.residual is not None,
         POOL=lp.pool, IEEE=lp.x.dtype == torch.float32, UPCAST=needs_dot_upcast(lp.x), INT64=lp.int64,
-        BF16_RTNE=needs_bf16_rtne(lp.x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(lp),
+        BF16_RTNE=needs_bf16_rtne(lp.x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k(lp, cfg),
         VEC_X=vec_x, VEC_W=vec_w, VEC_O=vec_o, CHANNELS_LAST=lp.layout == "nhwc",
         num_warps=cfg.num_warps, num_stages=num_stages(lp),
     )
