@@ -169,3 +169,70 @@ def prepare_se_gate(
         n=n, c=c, r=w_reduce.shape[0],
         act=ACT_CODES[activation], gate_act=ACT_CODES[gate],
     )
+
+
+def _same_strides(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (dense, the shape of ``like`` and dense in the same order) viewed with exactly ``like``'s strides.
+
+    Two dense tensors of one shape and dimension order can differ only in the strides of size-1
+    dimensions (C = 1 or H = W = 1 is both NCHW and channels_last), which address nothing: the
+    view reads the same elements, and a kernel can use one set of offsets for both."""
+    if t.stride() == like.stride():
+        return t
+    if t.numel() == 0:  # every layout of an empty tensor is "contiguous"
+        return t.as_strided(like.shape, like.stride())
+    assert all(a == b for a, b, s in zip(t.stride(), like.stride(), t.shape) if s > 1), (t.stride(), like.stride())
+    return t.as_strided(like.shape, like.stride())
+
+
+@dataclass
+class PointwiseLaunch:
+    """``pointwise_conv`` inputs dense in ``layout`` (x, residual, out), weight ``[Cout, K]`` in x's dtype."""
+
+    x: Tensor
+    weight: Tensor  # [Cout, K] in x's dtype, dense
+    bias: Optional[Tensor]  # [Cout] float32 or x's dtype, dense
+    gate: Optional[Tensor]  # [N, K] float32 or x's dtype, dense
+    residual: Optional[Tensor]  # [N, Cout, H, W] in x's dtype, dense in ``layout``
+    out: Tensor  # [N, Cout, H, W] dense in ``layout``, or [N, Cout] float32 with ``pool``
+    layout: str
+    n: int
+    k: int
+    h: int
+    w: int
+    cout: int
+    act: int  # the activation's code (ops._checks.ACT_CODES)
+    pool: bool
+    int64: bool
+
+
+def prepare_pointwise(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], residual: Optional[Tensor],
+    activation: str, pool: bool,
+) -> PointwiseLaunch:
+    """Lay out inputs and allocate the output for ``pointwise_conv`` (arguments already validated).
+
+    The weight is cast to x's dtype per call (as an autocast conv casts it; a few KB to MB, nothing cached
+    that could go stale when the Parameter changes in place)."""
+    layout = layout_of(x)
+    xd = as_layout(x, layout)
+    n, k, h, w = xd.shape
+    cout = weight.shape[0]
+    if pool:
+        out = torch.empty((n, cout), dtype=torch.float32, device=x.device)
+    else:
+        out = empty_in_layout((n, cout, h, w), layout, xd)
+    res = _same_strides(as_layout(residual, layout), out) if residual is not None else None
+    return PointwiseLaunch(
+        x=xd,
+        weight=weight.to(x.dtype).contiguous(),
+        bias=bias.contiguous() if bias is not None else None,
+        gate=gate.contiguous() if gate is not None else None,
+        residual=res,
+        out=out,
+        layout=layout,
+        n=n, k=k, h=h, w=w, cout=cout,
+        act=ACT_CODES[activation],
+        pool=pool,
+        int64=needs_int64(xd, out, res),
+    )

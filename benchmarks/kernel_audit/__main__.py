@@ -1,4 +1,4 @@
-"""``python -m benchmarks.kernel_audit [--quick] [--out-dir DIR] [--csv FILE] [--md FILE]``."""
+"""``python -m benchmarks.kernel_audit [--quick] [--ops OPS] [--out-dir DIR] [--csv FILE] [--md FILE]``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="compile cache (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compile everything afresh, cache nothing")
     p.add_argument("--jobs", type=int, default=2, help="nvcc jobs at once (default %(default)s)")
+    p.add_argument("--ops", default="", help="comma-separated subset of the ops to audit (e.g. pointwise_conv); "
+                   "default all of dwconv_bn_act, se_gate, se_excite, pointwise_conv")
     p.add_argument("--check", action="store_true", help="exit 1 when audit_invariant_violations() finds any")
     p.add_argument("--md-from", type=Path, default=None, metavar="CSV",
                    help="compile nothing: write the markdown (--md) from an existing audit CSV")
@@ -41,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backends = [b for b in a.backends.split(",") if b]
     t0 = time.perf_counter()
     wls = quick_workloads() if a.quick else network_workloads()
+    if a.ops:
+        ops = {o for o in a.ops.split(",") if o}
+        wls = [wl for wl in wls if wl.op in ops]
     rows = run_audit(wls, backends, None if a.no_cache else a.cache_dir, cuda_dtypes=("fp16",) if a.quick else None,
                      jobs=a.jobs)
     csv_path = a.csv or a.out_dir / "kernel_audit.csv"

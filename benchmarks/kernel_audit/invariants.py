@@ -10,7 +10,14 @@
   fp32 weights are 200 scalar loads against 54 vector ones at k5);
 * **conflict-free staging**: every simulated shared access of the CUDA kernels at 1 way;
 * **occupancy**: bandwidth kernels (dwconv, se_excite) keep at least :data:`MIN_WARPS_PER_SM`
-  warps resident per SM.
+  warps resident per SM;
+* **the pointwise GEMM** (``pointwise_conv``: expand, projection and head 1x1 convs): no spills
+  (as above); on NHWC, 128-bit global loads where K allows (``K * bytes % 16 == 0``: the A and
+  weight tiles' ``cp.async`` / ``LDGSTS.128`` or ``LDG.128``) and 128-bit stores where Cout allows
+  (not pooled); 16-bit inputs on the tensor cores (``HGMMA`` / ``HMMA`` in the SASS), float32 on
+  IEEE FMA (no MMA: TF32 would break the 1e-5 rule); and at least :data:`MIN_GEMM_WARPS_PER_SM`
+  warps per SM (registers and the pipeline's shared memory allowing two 4-warp CTAs): a GEMM
+  covers its load latency with the ``num_stages``-deep ``cp.async`` pipeline, not with warps.
 
 Why 16 warps (25% of the 64): these kernels are DRAM-bound, so an SM must keep enough
 bytes in flight to cover latency (Little's law): ~4.8 TB/s x ~0.6 us ~ 2.9 MB over 132 SMs
@@ -25,6 +32,8 @@ from __future__ import annotations
 from typing import Iterable
 
 MIN_WARPS_PER_SM = 16
+MIN_GEMM_WARPS_PER_SM = 8
+_GEMM_OPS = ("pointwise_conv",)
 _BANDWIDTH_OPS = ("dwconv_bn_act", "se_excite")
 _BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -71,7 +80,30 @@ def audit_invariant_violations(rows: Iterable[dict], min_warps_per_sm: int = MIN
                 out.append(f"{label}: narrow global loads outnumber 128-bit ones ({r['ldg_by_bits']})")
         if r.get("bank_max_ways", "") != "" and float(r["bank_max_ways"]) > 1:
             out.append(f"{label}: shared-memory bank conflicts ({r['bank_conflicts']})")
+        if r["op"] in _GEMM_OPS:
+            out += _gemm_violations(r, label)
         if r["op"] in _BANDWIDTH_OPS and _int(r["warps_per_sm"]) < min_warps_per_sm:
             out.append(f"{label}: {r['warps_per_sm']} warps/SM < {min_warps_per_sm} "
                        f"({r['ctas_per_sm']} CTAs of {r['threads']} threads, {r['regs']} regs, limit: {r['occupancy_limiter']})")
+    return out
+
+
+def _gemm_violations(r: dict, label: str) -> list[str]:
+    """The pointwise GEMM's own invariants (see the module docstring)."""
+    out = []
+    nbytes = _BYTES[r["dtype"]]
+    pooled = "pool" in r["shape_class"].split(",")
+    if r["layout"] == "nhwc":
+        if (_int(r["C"]) * nbytes) % 16 == 0 and not _int(r["ldg_128"]):
+            out.append(f"{label}: NHWC GEMM without 128-bit tile loads (ldg {r['ldg_by_bits']})")
+        if not pooled and (_int(r["Cout"]) * nbytes) % 16 == 0 and not _int(r["stg_128"]):
+            out.append(f"{label}: NHWC GEMM without 128-bit output stores (stg {r['stg_by_bits']})")
+    mma = _int(r.get("mma"))
+    if r["dtype"] == "fp32" and mma:
+        out.append(f"{label}: fp32 GEMM on the tensor cores ({mma} MMA instructions: TF32, not IEEE)")
+    elif r["dtype"] != "fp32" and not mma:
+        out.append(f"{label}: 16-bit GEMM without tensor-core instructions")
+    if _int(r["warps_per_sm"]) < MIN_GEMM_WARPS_PER_SM:
+        out.append(f"{label}: {r['warps_per_sm']} warps/SM < {MIN_GEMM_WARPS_PER_SM} "
+                   f"({r['ctas_per_sm']} CTAs of {r['threads']} threads, {r['regs']} regs, limit: {r['occupancy_limiter']})")
     return out

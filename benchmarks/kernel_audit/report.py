@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import hardware, sass
-from .invariants import MIN_WARPS_PER_SM, audit_invariant_violations
+from .invariants import MIN_GEMM_WARPS_PER_SM, MIN_WARPS_PER_SM, audit_invariant_violations
 from .rows import COLUMNS
 
 #: Columns that identify one compiled variant (and its static properties) in the markdown summary.
@@ -132,7 +132,8 @@ def markdown(rows: Sequence[dict], title: str = "Kernel audit") -> str:
         f"the compulsory bytes divided by {hardware.H200_PEAK_TBPS} TB/s (H200 peak HBM3e): implied by bytes at "
         f"{hardware.H200_PEAK_TBPS} TB/s, not measured.\n\n")
     buf.write(f"## Invariant violations ({len(violations)})\n\n`audit_invariant_violations()` "
-              f"(occupancy threshold {MIN_WARPS_PER_SM} warps/SM for dwconv and se_excite):\n\n")
+              f"(occupancy threshold {MIN_WARPS_PER_SM} warps/SM for dwconv and se_excite, "
+              f"{MIN_GEMM_WARPS_PER_SM} for the pointwise GEMM):\n\n")
     for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]):
         buf.write(f"- {n} × {kind}\n")
     buf.write("\n## Compiled variants\n\n")

@@ -10,12 +10,12 @@ from .workloads import ELEMENT_BYTES, Workload
 
 #: CSV columns, in order.
 COLUMNS = (
-    "backend", "kernel", "op", "shape_class", "N", "C", "H", "W", "Ho", "Wo", "k", "stride", "R", "dtype", "layout",
+    "backend", "kernel", "op", "shape_class", "N", "C", "Cout", "H", "W", "Ho", "Wo", "k", "stride", "R", "dtype", "layout",
     "used_by", "config", "config_source", "threads", "grid", "ctas", "regs", "spill_store_B", "spill_load_B",
     "stack_B", "local_ld_st", "static_smem_B", "dynamic_smem_B", "ctas_per_sm", "warps_per_sm", "occupancy_limiter",
     "waves_132sm", "channel_utilization", "code_source", "loops", "ldg_by_bits", "stg_by_bits", "ldg", "stg", "ldg_128", "stg_128",
     "outputs_per_thread", "ldg_per_output", "stg_per_output", "lds_by_bits", "sts_by_bits", "membar", "cctl_invalidate",
-    "atomics", "reductions", "ordering_ops", "bank_conflicts", "bank_max_ways", "compulsory_bytes",
+    "mma", "atomics", "reductions", "ordering_ops", "bank_conflicts", "bank_max_ways", "compulsory_bytes",
     "implied_us_at_4.8TBps", "notes",
 )
 
@@ -23,6 +23,7 @@ COLUMNS = (
 def _base(wl: Workload, backend: str, kernel: str) -> dict:
     return {
         "backend": backend, "kernel": kernel, "op": wl.op, "shape_class": wl.shape_class, "N": wl.n, "C": wl.c,
+        "Cout": wl.cout or "",
         "H": wl.h if wl.op != "se_gate" else "", "W": wl.w if wl.op != "se_gate" else "",
         "Ho": wl.ho if wl.op == "dwconv_bn_act" else "", "Wo": wl.wo if wl.op == "dwconv_bn_act" else "",
         "k": wl.k or "", "stride": wl.stride if wl.op == "dwconv_bn_act" else "", "R": wl.r or "",
@@ -71,7 +72,7 @@ def make_row(wl: Workload, backend: str, kernel: str, config: str, config_source
                    ldg=ldg, stg=stg, ldg_128=st.ldg.get(128, 0), stg_128=st.stg.get(128, 0),
                    local_ld_st=st.local_loads + st.local_stores,
                    lds_by_bits=st.widths(st.lds), sts_by_bits=st.widths(st.sts), membar=st.membars,
-                   cctl_invalidate=st.l1_invalidations, atomics=" ".join(f"{k}:{v}" for k, v in st.atom.items()),
+                   cctl_invalidate=st.l1_invalidations, mma=st.mma, atomics=" ".join(f"{k}:{v}" for k, v in st.atom.items()),
                    reductions=" ".join(f"{k}:{v}" for k, v in st.red.items()),
                    ordering_ops=" ".join(f"{k}:{v}" for k, v in st.ordering.items()),
                    outputs_per_thread=_fmt(outputs_per_thread), ldg_per_output=_fmt(per and ldg / per, 3),

@@ -130,6 +130,8 @@ _PTX_RELEASE = re.compile(r"^(?:atom|red)\..*\.(?:release|acq_rel)\b")
 # Memory-ordering instructions: MEMBAR (fence), FENCE, ERRBAR, CCTL (cache control:
 # CCTL.IVALL invalidates the SM's L1).
 _ORDERING = ("MEMBAR", "FENCE", "ERRBAR", "CCTL")
+# Tensor-core matrix instructions: HMMA (mma.sync, sm_80+), HGMMA (wgmma, sm_90)
+_MMA = ("HMMA", "HGMMA")
 
 
 @dataclass
@@ -148,6 +150,7 @@ class CodeStats:
     local_stores: int = 0  # STL
     loops: int = 0  # backward branches
     instructions: int = 0
+    mma: int = 0  # tensor-core instructions (HMMA, HGMMA; PTX: mma.sync, wgmma.mma_async)
 
     @property
     def l1_invalidations(self) -> int:
@@ -178,7 +181,7 @@ def sass_stats(sass: str) -> CodeStats:
     for addr, op, operands in instructions(sass):
         st.instructions += 1
         base = op.split(".")[0]
-        if base == "LDG":
+        if base in ("LDG", "LDGSTS"):  # LDGSTS: cp.async, a global load straight into shared memory (GEMM tiles)
             st.ldg[access_bits(op)] += 1
         elif base == "STG":
             st.stg[access_bits(op)] += 1
@@ -186,6 +189,8 @@ def sass_stats(sass: str) -> CodeStats:
             st.lds[access_bits(op) if base == "LDS" else 128] += 1
         elif base == "STS":
             st.sts[access_bits(op)] += 1
+        elif base in _MMA:
+            st.mma += 1
         elif base in ("ATOMG", "ATOM"):
             st.atom[op] += 1
         elif base in ("RED", "REDG"):
@@ -237,6 +242,10 @@ def ptx_stats(ptx: str) -> CodeStats:
         else:
             st.ordering[op] += 1
     st.loops = len(re.findall(r"^\s*(?:@%p\d+\s+)?bra(?:\.uni)?\s+\$L__BB\d+_\d+;", ptx, re.M))  # upper bound
+    st.mma = len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:mma\.sync|wgmma\.mma_async)\b", ptx, re.M))
+    for m in re.finditer(r"^\s*(?:@%p\d+\s+)?cp\.async\.\w+\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*(?:,[^;]*)?;",
+                         ptx, re.M):  # cp.async global -> shared: a global load of that many bytes
+        st.ldg[8 * int(m.group(1), 0)] += 1
     return st
 
 

@@ -1,7 +1,7 @@
 """Triton launches as the backend makes them, compiled for sm_90 without a GPU.
 
 :func:`capture` runs the real launcher (``effnet_kernels.triton``'s ``dwconv_bn_act``,
-``se_gate``, ``se_excite``) on meta tensors with ``DeviceKernel.on`` patched, so every
+``se_gate``, ``se_excite``, ``pointwise_conv``) on meta tensors with ``DeviceKernel.on`` patched, so every
 launch is recorded (kernel, grid, arguments, constexprs, ``num_warps``) instead of run.
 The arguments are bound by Triton's own binder (the one ``JITFunction.run`` uses), which
 gives the same signature, constexprs and ``tt.divisibility`` / ``== 1`` specialisation as a
@@ -130,7 +130,7 @@ def _meta(shape, dtype, layout: str = "nchw") -> torch.Tensor:
 
 def capture(wl: Workload) -> list[Launch]:
     """The Triton launches the backend makes for ``wl`` (deterministic algorithms off: the atomic squeeze)."""
-    from effnet_kernels.triton import dwconv, se_excite, se_gate
+    from effnet_kernels.triton import dwconv, pointwise, se_excite, se_gate
 
     dt = TORCH_DTYPES[wl.dtype]
     prev = torch.are_deterministic_algorithms_enabled()
@@ -146,6 +146,12 @@ def capture(wl: Workload) -> list[Launch]:
                                 _meta((wl.c, wl.r), dt), _meta((wl.c,), dt), "silu", "sigmoid")
             elif wl.op == "se_excite":
                 se_excite.se_excite(_meta((wl.n, wl.c, wl.h, wl.w), dt, wl.layout), _meta((wl.n, wl.c), torch.float32))
+            elif wl.op == "pointwise_conv":  # the folded BN's shift as an fp32 bias, the SE gate in fp32
+                shape = (wl.n, wl.cout, wl.h, wl.w)
+                pointwise.pointwise_conv(_meta((wl.n, wl.c, wl.h, wl.w), dt, wl.layout), _meta((wl.cout, wl.c), dt),
+                                         _meta((wl.cout,), torch.float32),
+                                         _meta((wl.n, wl.c), torch.float32) if wl.gate else None,
+                                         _meta(shape, dt, wl.layout) if wl.residual else None, wl.activation, wl.pool)
             else:
                 raise ValueError(f"unknown op {wl.op!r}")
     finally:
@@ -209,15 +215,24 @@ def compile_launch(launch: Launch, cache: DiskCache) -> dict:
 
 
 # launch constexprs that are config, not semantics: the tiles, the channel vector width the launcher
-# derived from C and the dtype (_jit.vector_width) and dwconv's weight-load layout (dwconv.weight_tile)
-CONFIG_CONSTEXPRS = ("VEC", "WEIGHT_TILE")
+# derived from C and the dtype (_jit.vector_width), dwconv's weight-load layout (dwconv.weight_tile) and
+# the pointwise GEMM's vector widths along x, the weight and the output (pointwise.vectors)
+CONFIG_CONSTEXPRS = ("VEC", "WEIGHT_TILE", "VEC_X", "VEC_W", "VEC_O")
+# kernels whose launcher sets the software-pipeline depth of a K loop (num_stages): shown in their config
+GEMM_KERNELS = ("_pointwise",)
+
+
+def is_gemm(kernel: str) -> bool:
+    return kernel.startswith(GEMM_KERNELS)
 
 
 def config_of(launch: Launch) -> str:
-    """The tile constexprs and warps of a launch, e.g. ``BLOCK_H=8 BLOCK_W=8 BLOCK_C=64 VEC=8 WEIGHT_TILE=False warps=4``."""
+    """The tile constexprs and warps of a launch, e.g. ``BLOCK_H=8 BLOCK_W=8 BLOCK_C=64 VEC=8 WEIGHT_TILE=False warps=4``
+    (GEMM kernels also ``stages=3``)."""
     tiles = " ".join(f"{k}={v}" for k, v in launch.constexprs.items()
                      if k.startswith("BLOCK") or k in CONFIG_CONSTEXPRS)
-    return f"{tiles} warps={launch.num_warps}".strip()
+    stages = f" stages={launch.source[4].num_stages}" if is_gemm(launch.kernel) else ""
+    return f"{tiles} warps={launch.num_warps}{stages}".strip()
 
 
 def outputs_per_thread(launch: Launch) -> Optional[float]:
@@ -228,6 +243,8 @@ def outputs_per_thread(launch: Launch) -> Optional[float]:
         return c["BLOCK_H"] * c["BLOCK_W"] * c["BLOCK_C"] / threads
     if "BLOCK_ROWS" in c and "BLOCK_COLS" in c:
         return c["BLOCK_ROWS"] * c["BLOCK_COLS"] / threads
+    if is_gemm(launch.kernel) and not c.get("POOL"):  # one BLOCK_M x BLOCK_N output tile (the kernel loops over K)
+        return c["BLOCK_M"] * c["BLOCK_N"] / threads
     if "BLOCK_N" in c and "BLOCK_C" in c:
         return None  # se_gate loops over C
     return None

@@ -20,11 +20,13 @@ ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 @dataclass(frozen=True)
 class Workload:
-    """One op call: ``op`` in {"dwconv_bn_act", "se_gate", "se_excite"}; sizes as the op sees them.
+    """One op call: ``op`` in {"dwconv_bn_act", "se_gate", "se_excite", "pointwise_conv"}; sizes as the op sees them.
 
     dwconv_bn_act: x ``[n, c, h, w]`` -> y ``[n, c, ho, wo]`` (k x k, ``stride``, symmetric
     ``pad``) with the squeeze; se_gate: pooled ``[n, c]`` (fp32, the squeeze's output) through
-    ``r`` hidden units with weights in ``dtype``; se_excite: y ``[n, c, h, w]`` times gate ``[n, c]`` (fp32).
+    ``r`` hidden units with weights in ``dtype``; se_excite: y ``[n, c, h, w]`` times gate ``[n, c]`` (fp32);
+    pointwise_conv: x ``[n, c, h, w]`` (c = K) through a ``[cout, c]`` weight in ``dtype`` + fp32 bias, with the
+    fp32 SE ``gate`` on the input, the ``residual`` added or the spatial mean taken (``pool``).
     """
 
     op: str
@@ -41,6 +43,12 @@ class Workload:
     dtype: str = "fp16"
     layout: str = "nhwc"
     used_by: tuple[str, ...] = field(default=(), compare=False)
+    # pointwise_conv only: output channels, the fused parts, the activation (bias is always there: the folded BN)
+    cout: int = 0
+    gate: bool = False
+    residual: bool = False
+    pool: bool = False
+    activation: str = ""
 
     @property
     def shape_class(self) -> str:
@@ -49,6 +57,9 @@ class Workload:
             return f"{self.n},{self.c},R={self.r}"
         if self.op == "se_excite":
             return f"{self.n},{self.c},{self.h},{self.w}"
+        if self.op == "pointwise_conv":
+            parts = [p for p, on in (("gate", self.gate), ("res", self.residual), ("pool", self.pool)) if on]
+            return ",".join([f"{self.n},{self.c}->{self.cout},{self.h},{self.w}", self.activation, *parts])
         return f"{self.n},{self.c},{self.h},{self.w},k{self.k},s{self.stride}"
 
     def compulsory_bytes(self) -> int:
@@ -56,7 +67,9 @@ class Workload:
 
         dwconv: s·N·C·H·W (x) + s·N·C·Ho·Wo (y) + 4·C·k² (fp32 weights) + 8·C (scale, shift) + 4·N·C
         (squeeze); se_gate: 4·N·C (pooled) + 4·N·C (gate) + s_w·(2·C·R + C + R) (weights, biases);
-        se_excite: 2·s·N·C·H·W + 4·N·C. s = bytes per element of ``dtype``.
+        se_excite: 2·s·N·C·H·W + 4·N·C; pointwise_conv: s·N·C·H·W (x) + s·N·Cout·H·W (out; 4·N·Cout pooled)
+        + s·Cout·C (weight) + 4·Cout (bias) [+ 4·N·C gate] [+ s·N·Cout·H·W residual]. s = bytes per element
+        of ``dtype``.
         """
         s = ELEMENT_BYTES[self.dtype]
         n, c = self.n, self.c
@@ -66,16 +79,25 @@ class Workload:
             return 8 * n * c + s * (2 * c * self.r + c + self.r)
         if self.op == "se_excite":
             return 2 * s * n * c * self.h * self.w + 4 * n * c
+        if self.op == "pointwise_conv":
+            m = n * self.h * self.w
+            out = 4 * n * self.cout if self.pool else s * m * self.cout
+            return (s * m * c + out + s * self.cout * c + 4 * self.cout + (4 * n * c if self.gate else 0)
+                    + (s * m * self.cout if self.residual else 0))
         raise ValueError(f"unknown op {self.op!r}")
 
 
 def network_workloads(names: Sequence[str] = models.MODEL_NAMES, batches: Iterable[int] = BATCHES,
                       dtypes: Iterable[str] = DTYPES, layouts: Iterable[str] = LAYOUTS) -> list[Workload]:
-    """Every distinct op call of the MBConv blocks of ``names`` at their native resolution, deduplicated."""
+    """Every distinct op call of the MBConv blocks of ``names`` at their native resolution, deduplicated:
+    the depthwise step, the SE gate and excite, and the 1x1 convs (pointwise_conv: each block's expand
+    (bias + SiLU) and projection (bias, the SE gate on its input, the residual where the block has one),
+    and the network's head (bias + SiLU + the global average pool))."""
     seen: dict[Workload, list[str]] = {}
     for name in names:
         for batch in batches:
-            for layer in models.layer_shapes(name, batch=batch):
+            layers = models.layer_shapes(name, batch=batch)
+            for layer in layers:
                 for dtype in dtypes:
                     for layout in layouts:
                         n, c = batch, layer.mid_channels
@@ -85,6 +107,9 @@ def network_workloads(names: Sequence[str] = models.MODEL_NAMES, batches: Iterab
                             calls.append(Workload("se_gate", n, c, r=layer.se_reduced, dtype=dtype, layout="-"))
                             calls.append(Workload("se_excite", n, c, layer.Ho, layer.Wo, layer.Ho, layer.Wo,
                                                   dtype=dtype, layout=layout))
+                        calls += pointwise_workloads(layer, dtype, layout)
+                        if layer is layers[-1]:
+                            calls.append(head_workload(name, layer, dtype, layout))
                         for wl in calls:
                             users = seen.setdefault(wl, [])
                             if name not in users:
@@ -92,8 +117,34 @@ def network_workloads(names: Sequence[str] = models.MODEL_NAMES, batches: Iterab
     return [Workload(**{**wl.__dict__, "used_by": tuple(users)}) for wl, users in seen.items()]
 
 
+def pointwise_workloads(layer: models.LayerShape, dtype: str, layout: str) -> list[Workload]:
+    """The 1x1 convs of one MBConv block: the expand (when the block has one) and the projection."""
+    n = layer.batch
+    out = []
+    if layer.expand_ratio != 1:
+        out.append(Workload("pointwise_conv", n, layer.in_channels, layer.H, layer.W, layer.H, layer.W, k=1,
+                            dtype=dtype, layout=layout, cout=layer.mid_channels, activation="silu"))
+    out.append(Workload("pointwise_conv", n, layer.mid_channels, layer.Ho, layer.Wo, layer.Ho, layer.Wo, k=1,
+                        dtype=dtype, layout=layout, cout=layer.out_channels, gate=bool(layer.se_reduced),
+                        residual=layer.has_residual, activation="identity"))
+    return out
+
+
+def head_channels(name: str) -> int:
+    """Output channels of EfficientNet-``name``'s head conv (1280 scaled by the width coefficient)."""
+    return models.round_filters(models.HEAD_CHANNELS, models.PARAMS[name][0])
+
+
+def head_workload(name: str, last: models.LayerShape, dtype: str, layout: str) -> Workload:
+    """The head conv after the last block, with the global average pool fused (its output is never stored)."""
+    return Workload("pointwise_conv", last.batch, last.out_channels, last.Ho, last.Wo, last.Ho, last.Wo, k=1,
+                    dtype=dtype, layout=layout, cout=head_channels(name), pool=True, activation="silu")
+
+
 def quick_workloads() -> list[Workload]:
-    """A small subset for tests: B0's 144-channel k5/s2 and 672-channel k5 layers, fp16, batch 1 and 256, both layouts."""
+    """A small subset for tests: B0's 144-channel k5/s2 and 672-channel k5 layers, fp16, batch 1 and 256, both
+    layouts; of the 1x1 convs, the 24 -> 144 expand and the 144 -> 40 gated projection around the first."""
     keep = {(144, 5, 2), (672, 5, 2)}
     return [wl for wl in network_workloads(("b0",), dtypes=("fp16",))
-            if (wl.c, wl.k, wl.stride) in keep or (wl.op != "dwconv_bn_act" and wl.c in (144,))]
+            if (wl.c, wl.k, wl.stride) in keep or (wl.op in ("se_gate", "se_excite") and wl.c in (144,))
+            or (wl.op == "pointwise_conv" and (wl.c, wl.cout) in ((24, 144), (144, 40)))]

@@ -44,11 +44,12 @@ def _unsupported(op: str, t: torch.Tensor, args: tuple = ()) -> list[str]:
 def _load() -> dict:
     from .conv import conv_bn_act
     from .dwconv import dwconv_bn_act
+    from .pointwise import pointwise_conv
     from .se_excite import se_excite
     from .se_gate import se_gate
 
-    impls = {"dwconv_bn_act": dwconv_bn_act, "se_gate": se_gate, "se_excite": se_excite}
-    impls["conv_bn_act"] = conv_bn_act
+    impls = {"dwconv_bn_act": dwconv_bn_act, "se_gate": se_gate, "se_excite": se_excite,
+             "pointwise_conv": pointwise_conv, "conv_bn_act": conv_bn_act}
     impls.update(_training_impls())
     return impls
 

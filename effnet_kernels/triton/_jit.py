@@ -155,3 +155,34 @@ def round_bf16_rtne(out):
     bits = out.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+class _LoopBound(DeviceFunction):
+    """:func:`loop_bound`: inlined as the identity in compiled kernels, a Python int when interpreted."""
+
+    def __call__(self, x):
+        handle = getattr(x, "handle", None)
+        return int(handle.data.reshape(-1)[0]) if handle is not None else int(x)
+
+
+def _loop_bound(x):
+    return x
+
+
+#: ``for k0 in range(0, loop_bound(K), BLOCK_K)``: a runtime loop bound both ways. Compiled, it is
+#: ``K`` itself, so the loop is an ``scf.for`` that Triton software-pipelines (``num_stages``; a
+#: ``while`` loop is not pipelined). Interpreted, it is ``K`` as a Python int: Triton 3.6's
+#: interpreter passes integer arguments as 1-element arrays, which ``range`` cannot take under
+#: numpy >= 2.4 (it calls ``int()`` on them).
+loop_bound = _LoopBound(_loop_bound)
+
+
+def needs_dot_upcast(x: torch.Tensor) -> bool:
+    """Whether a kernel's ``tl.dot`` on bfloat16 tiles of ``x`` must upcast them to float32 first.
+
+    Triton 3.6's interpreter multiplies bfloat16 tiles as their raw 16-bit integers (garbage);
+    compiled kernels run them on the tensor cores. The upcast is exact (bfloat16 products fit
+    float32's mantissa), so an interpreted kernel computes what the MMA computes, up to the
+    order of the float32 accumulation.
+    """
+    return x.dtype == torch.bfloat16 and interpreted(x)
