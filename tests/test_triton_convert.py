@@ -47,14 +47,19 @@ def test_efficientnet_pytorch_b0_converted_with_triton_matches(b0_pair):
     counting = {op: (lambda f, name: lambda *a: calls.append(name) or f(*a))(fn, op) for op, fn in impls.items()}
     with mock.patch.dict(impls, counting):
         assert_converted_matches(eager, model, x, expect_blocks=16)
-    # one network forward + one block-by-block pass: every fused op ran in Triton, twice per block
-    assert calls.count("dwconv_bn_act") == 32 and calls.count("se_gate") == 32 and calls.count("se_excite") == 32
+    # one network forward + one block-by-block pass: every fused op ran in Triton, twice per block:
+    # the depthwise step, the gate, the projection (taking the gate on load: no se_excite) and the
+    # expand conv in the 15 blocks that have one
+    assert calls.count("dwconv_bn_act") == 32 and calls.count("se_gate") == 32 and calls.count("se_excite") == 0
+    assert calls.count("pointwise_conv") == 2 * (16 + 15)
 
 
-@pytest.mark.parametrize("defect", ["pad_shift", "gate_skew"])
+@pytest.mark.parametrize("defect", ["pad_shift", "gate_skew", "excite_skip", "residual_shift"])
 def test_negative_control_triton_block_check_rejects_defect(b0_pair, defect):
     eager, model, x = b0_pair
     names = ["_blocks.1", "_blocks.3"]  # stride-2 blocks, k3 and k5
+    if defect == "residual_shift":
+        names = ["_blocks.2"]  # stride 1, 24 -> 24: the residual the projection adds
     assert_blockwise_parity(eager, model, x, torch.float32, names=names)
     with planted(defect, backend="triton"), pytest.raises(AssertionError, match="break the parity rule"):
         assert_blockwise_parity(eager, model, x, torch.float32, names=names)
