@@ -26,7 +26,8 @@ runs below autograd. Each op is classified by :func:`classify` from its schema:
   annotations: ``view``, ``t``, ``transpose``, ``permute``, ``expand``, ``as_strided``,
   ``squeeze``, ``slice``, ``select``, ``split``, ``alias``, ``detach``, ...), plus
   ``aten::_unsafe_view`` (fresh in its schema, a view in fact, e.g. what ``reshape`` of a
-  copied tensor ends with): no kernel, no bytes.
+  copied tensor ends with) and ``aten::as_strided_`` (in place in its schema, but it only
+  restrides: what ``adaptive_avg_pool2d`` does to a channels_last result): no kernel, no bytes.
 * **alloc**: ``empty``, ``empty_like``, ``empty_strided``, ``empty_permuted``,
   ``new_empty``, ``new_empty_strided``: memory is allocated, nothing is launched or moved
   (``zeros`` / ``full`` are kernels: fills that write their output).
@@ -105,7 +106,7 @@ EFFNET_NAMESPACE = "effnet"
 # What the schema does not say (see the module docstring).
 _ALLOC_OPS = frozenset({"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::empty_permuted",
                         "aten::new_empty", "aten::new_empty_strided"})
-_VIEW_OPS = frozenset({"aten::_unsafe_view"})
+_VIEW_OPS = frozenset({"aten::_unsafe_view", "aten::as_strided_"})
 _OVERWRITE_OPS = frozenset({"aten::copy_", "aten::fill_", "aten::zero_", "aten::normal_", "aten::uniform_"})
 _SHAPE_ONLY_OPS = frozenset({"aten::zeros_like", "aten::ones_like", "aten::full_like", "aten::rand_like",
                              "aten::randn_like", "aten::randint_like", "aten::new_zeros", "aten::new_ones",

@@ -261,3 +261,11 @@ def test_negative_control_ignoring_effnet_ops_breaks_the_count(monkeypatch):
         model = _DWConv(16)
     got = traffic.count_traffic(model, torch.empty(N, 16, 8, 8, device="meta", dtype=torch.float16))
     assert got.kernels == 0 and got.by_op == {}
+
+
+def test_an_in_place_restride_is_not_a_kernel():
+    """``as_strided_`` mutates only metadata (the pool of a channels_last map restrides its result)."""
+    assert traffic.classify(torch.ops.aten.as_strided_.default) == traffic.VIEW
+    x = torch.empty(N, 8, 4, 4, device="meta", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    got = traffic.count_traffic(nn.AdaptiveAvgPool2d(1), x)
+    assert got.kernels == 1 and "aten::as_strided_" not in got.by_op
