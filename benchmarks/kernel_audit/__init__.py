@@ -1,4 +1,5 @@
-"""Kernel audit without a GPU: every Triton and CUDA kernel launch of EfficientNet B0-B7 compiled for sm_90.
+"""Kernel audit without a GPU: every Triton and CUDA kernel launch of EfficientNet B0-B7 compiled for sm_90
+(the MBConv blocks' depthwise, SE and 1x1 convs, the head, and the stem's ``conv_bn_act``).
 
 ``python -m benchmarks.kernel_audit`` writes ``benchmarks/results/kernel_audit.csv`` (one row per
 launch: registers, spills, shared memory, CTAs/SM, waves at 132 SMs, global load/store

@@ -12,7 +12,7 @@ from . import cache as cache_mod
 from .audit import BACKENDS, run_audit
 from .invariants import audit_invariant_violations
 from .report import read_csv, write_csv, write_markdown
-from .workloads import network_workloads, quick_workloads
+from .workloads import OPS, network_workloads, quick_workloads
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -30,8 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="compile cache (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compile everything afresh, cache nothing")
     p.add_argument("--jobs", type=int, default=2, help="nvcc jobs at once (default %(default)s)")
-    p.add_argument("--ops", default="", help="comma-separated subset of the ops to audit (e.g. pointwise_conv); "
-                   "default all of dwconv_bn_act, se_gate, se_excite, pointwise_conv")
+    p.add_argument("--ops", default="", help="comma-separated subset of the ops to audit (e.g. pointwise_conv or "
+                   f"conv_bn_act); default all of {', '.join(OPS)}")
     p.add_argument("--check", action="store_true", help="exit 1 when audit_invariant_violations() finds any")
     p.add_argument("--md-from", type=Path, default=None, metavar="CSV",
                    help="compile nothing: write the markdown (--md) from an existing audit CSV")
@@ -45,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wls = quick_workloads() if a.quick else network_workloads()
     if a.ops:
         ops = {o for o in a.ops.split(",") if o}
+        unknown = sorted(ops - set(OPS))
+        if unknown:
+            p.error(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
         wls = [wl for wl in wls if wl.op in ops]
     rows = run_audit(wls, backends, None if a.no_cache else a.cache_dir, cuda_dtypes=("fp16",) if a.quick else None,
                      jobs=a.jobs)

@@ -176,6 +176,8 @@ def launches(wl: Workload) -> list[CudaLaunch]:
                            note="" if uniform else "per-element gate indices (H*W or C not a multiple of V)")]
     if wl.op == "pointwise_conv":  # no CUDA kernel for it (yet): the cuda backend leaves it to the reference
         return []
+    if wl.op == "conv_bn_act":  # the stem: the cuda backend runs it in cuDNN (effnet_kernels/_aten_convs.py)
+        return []
     raise ValueError(f"unknown op {wl.op!r}")
 
 

@@ -18,6 +18,13 @@
   IEEE FMA (no MMA: TF32 would break the 1e-5 rule); and at least :data:`MIN_GEMM_WARPS_PER_SM`
   warps per SM (registers and the pipeline's shared memory allowing two 4-warp CTAs): a GEMM
   covers its load latency with the ``num_stages``-deep ``cp.async`` pipeline, not with warps.
+* **the stem conv** (``conv_bn_act``: the dense 3x3 stride-2 conv 3 -> Cout + folded BN + SiLU, an
+  implicit GEMM): no spills (as above); 16-bit inputs on the tensor cores (``HGMMA`` / ``HMMA``), float32
+  without MMA (IEEE FMA, no TF32); on NHWC, 128-bit stores of y where Cout allows (``Cout * bytes % 16
+  == 0``: every B0-B7 stem, Cout 32-64) -- no rule on the loads: the im2col gather of a 3-channel
+  image has no 16-byte runs (NHWC: 3 taps x 3 channels of one row are 9 contiguous elements); and at
+  least :data:`MIN_CONV_WARPS_PER_SM` warps per SM (its K = 27 is one chunk: no loop to pipeline, the
+  tile's 16 gathered elements per thread are what is in flight).
 
 Why 16 warps (25% of the 64): these kernels are DRAM-bound, so an SM must keep enough
 bytes in flight to cover latency (Little's law): ~4.8 TB/s x ~0.6 us ~ 2.9 MB over 132 SMs
@@ -33,7 +40,9 @@ from typing import Iterable
 
 MIN_WARPS_PER_SM = 16
 MIN_GEMM_WARPS_PER_SM = 8
+MIN_CONV_WARPS_PER_SM = MIN_GEMM_WARPS_PER_SM
 _GEMM_OPS = ("pointwise_conv",)
+_CONV_OPS = ("conv_bn_act",)
 _BANDWIDTH_OPS = ("dwconv_bn_act", "se_excite")
 _BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -82,6 +91,8 @@ def audit_invariant_violations(rows: Iterable[dict], min_warps_per_sm: int = MIN
             out.append(f"{label}: shared-memory bank conflicts ({r['bank_conflicts']})")
         if r["op"] in _GEMM_OPS:
             out += _gemm_violations(r, label)
+        if r["op"] in _CONV_OPS:
+            out += _conv_violations(r, label)
         if r["op"] in _BANDWIDTH_OPS and _int(r["warps_per_sm"]) < min_warps_per_sm:
             out.append(f"{label}: {r['warps_per_sm']} warps/SM < {min_warps_per_sm} "
                        f"({r['ctas_per_sm']} CTAs of {r['threads']} threads, {r['regs']} regs, limit: {r['occupancy_limiter']})")
@@ -98,12 +109,29 @@ def _gemm_violations(r: dict, label: str) -> list[str]:
             out.append(f"{label}: NHWC GEMM without 128-bit tile loads (ldg {r['ldg_by_bits']})")
         if not pooled and (_int(r["Cout"]) * nbytes) % 16 == 0 and not _int(r["stg_128"]):
             out.append(f"{label}: NHWC GEMM without 128-bit output stores (stg {r['stg_by_bits']})")
+    return out + _tensor_core_violations(r, label, "GEMM") + _warps_violations(r, label, MIN_GEMM_WARPS_PER_SM)
+
+
+def _conv_violations(r: dict, label: str) -> list[str]:
+    """The stem conv's own invariants (see the module docstring)."""
+    out = []
+    if r["layout"] == "nhwc" and (_int(r["Cout"]) * _BYTES[r["dtype"]]) % 16 == 0 and not _int(r["stg_128"]):
+        out.append(f"{label}: NHWC conv without 128-bit output stores (stg {r['stg_by_bits']})")
+    return out + _tensor_core_violations(r, label, "conv") + _warps_violations(r, label, MIN_CONV_WARPS_PER_SM)
+
+
+def _tensor_core_violations(r: dict, label: str, what: str) -> list[str]:
+    """16-bit inputs on the tensor cores, float32 on IEEE FMA (no MMA: TF32 would break the 1e-5 rule)."""
     mma = _int(r.get("mma"))
     if r["dtype"] == "fp32" and mma:
-        out.append(f"{label}: fp32 GEMM on the tensor cores ({mma} MMA instructions: TF32, not IEEE)")
-    elif r["dtype"] != "fp32" and not mma:
-        out.append(f"{label}: 16-bit GEMM without tensor-core instructions")
-    if _int(r["warps_per_sm"]) < MIN_GEMM_WARPS_PER_SM:
-        out.append(f"{label}: {r['warps_per_sm']} warps/SM < {MIN_GEMM_WARPS_PER_SM} "
-                   f"({r['ctas_per_sm']} CTAs of {r['threads']} threads, {r['regs']} regs, limit: {r['occupancy_limiter']})")
-    return out
+        return [f"{label}: fp32 {what} on the tensor cores ({mma} MMA instructions: TF32, not IEEE)"]
+    if r["dtype"] != "fp32" and not mma:
+        return [f"{label}: 16-bit {what} without tensor-core instructions"]
+    return []
+
+
+def _warps_violations(r: dict, label: str, floor: int) -> list[str]:
+    if _int(r["warps_per_sm"]) < floor:
+        return [f"{label}: {r['warps_per_sm']} warps/SM < {floor} ({r['ctas_per_sm']} CTAs of {r['threads']} "
+                f"threads, {r['regs']} regs, limit: {r['occupancy_limiter']})"]
+    return []

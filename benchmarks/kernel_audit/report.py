@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import hardware, sass
-from .invariants import MIN_GEMM_WARPS_PER_SM, MIN_WARPS_PER_SM, audit_invariant_violations
+from .invariants import MIN_CONV_WARPS_PER_SM, MIN_GEMM_WARPS_PER_SM, MIN_WARPS_PER_SM, audit_invariant_violations
 from .rows import COLUMNS
 
 #: Columns that identify one compiled variant (and its static properties) in the markdown summary.
@@ -133,7 +133,8 @@ def markdown(rows: Sequence[dict], title: str = "Kernel audit") -> str:
         f"{hardware.H200_PEAK_TBPS} TB/s, not measured.\n\n")
     buf.write(f"## Invariant violations ({len(violations)})\n\n`audit_invariant_violations()` "
               f"(occupancy threshold {MIN_WARPS_PER_SM} warps/SM for dwconv and se_excite, "
-              f"{MIN_GEMM_WARPS_PER_SM} for the pointwise GEMM):\n\n")
+              f"{MIN_GEMM_WARPS_PER_SM} for the pointwise GEMM (pointwise_conv), {MIN_CONV_WARPS_PER_SM} for the "
+              f"stem's implicit-GEMM conv (conv_bn_act, Triton only: the cuda backend runs the stem in cuDNN)):\n\n")
     for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]):
         buf.write(f"- {n} × {kind}\n")
     buf.write("\n## Compiled variants\n\n")

@@ -20,13 +20,16 @@ COLUMNS = (
 )
 
 
+_STRIDED_OPS = ("dwconv_bn_act", "conv_bn_act")  # ops whose output size differs from the input's
+
+
 def _base(wl: Workload, backend: str, kernel: str) -> dict:
     return {
         "backend": backend, "kernel": kernel, "op": wl.op, "shape_class": wl.shape_class, "N": wl.n, "C": wl.c,
         "Cout": wl.cout or "",
         "H": wl.h if wl.op != "se_gate" else "", "W": wl.w if wl.op != "se_gate" else "",
-        "Ho": wl.ho if wl.op == "dwconv_bn_act" else "", "Wo": wl.wo if wl.op == "dwconv_bn_act" else "",
-        "k": wl.k or "", "stride": wl.stride if wl.op == "dwconv_bn_act" else "", "R": wl.r or "",
+        "Ho": wl.ho if wl.op in _STRIDED_OPS else "", "Wo": wl.wo if wl.op in _STRIDED_OPS else "",
+        "k": wl.k or "", "stride": wl.stride if wl.op in _STRIDED_OPS else "", "R": wl.r or "",
         "dtype": wl.dtype, "layout": wl.layout, "used_by": " ".join(wl.used_by),
     }
 
@@ -43,15 +46,16 @@ def make_row(wl: Workload, backend: str, kernel: str, config: str, config_source
 
     ``bytes_share``: the fraction of the workload's compulsory bytes attributed to this launch
     (an op of two kernels, the CUDA se_gate, splits them by what each reads and writes; 1 otherwise).
-    ``channel_slots``: channels (NCHW CUDA: planes) the grid's channel blocks cover; the row's
-    ``channel_utilization`` is the real ones over that (1 = no lanes idle for want of channels).
+    ``channel_slots``: channels (NCHW CUDA: planes; conv_bn_act: output channels) the grid's channel blocks
+    cover; the row's ``channel_utilization`` is the real ones over that (1 = no lanes idle for want of channels).
     """
     row = _base(wl, backend, kernel)
     ctas = grid[0] * grid[1] * grid[2]
     row.update(config=config, config_source=config_source, threads=threads, grid="x".join(map(str, grid)), ctas=ctas,
                dynamic_smem_B=dynamic_smem)
     if channel_slots:
-        real = wl.n * wl.c if wl.layout == "nchw" and backend == "cuda" else wl.c
+        real = wl.n * wl.c if wl.layout == "nchw" and backend == "cuda" else (
+            wl.cout if wl.op == "conv_bn_act" else wl.c)
         row["channel_utilization"] = round(real / channel_slots, 3)
     notes = list(notes)
     res = record.get("resources") if record else None

@@ -1,9 +1,9 @@
 """Triton launches as the backend makes them, compiled for sm_90 without a GPU.
 
 :func:`capture` runs the real launcher (``effnet_kernels.triton``'s ``dwconv_bn_act``,
-``se_gate``, ``se_excite``, ``pointwise_conv``) on meta tensors with ``DeviceKernel.on`` patched, so every
-launch is recorded (kernel, grid, arguments, constexprs, ``num_warps``) instead of run.
-The arguments are bound by Triton's own binder (the one ``JITFunction.run`` uses), which
+``se_gate``, ``se_excite``, ``pointwise_conv``, ``conv.conv_bn_act``) on meta tensors with
+``DeviceKernel.on`` patched, so every launch is recorded (kernel, grid, arguments, constexprs,
+``num_warps``) instead of run. The arguments are bound by Triton's own binder (the one ``JITFunction.run`` uses), which
 gives the same signature, constexprs and ``tt.divisibility`` / ``== 1`` specialisation as a
 GPU launch (meta tensors report ``data_ptr() == 0``: 16-byte aligned, as CUDA allocations
 are). Tuning is off while capturing (``EFFNET_KERNELS_TRITON_TUNE=0``): the config audited
@@ -130,7 +130,7 @@ def _meta(shape, dtype, layout: str = "nchw") -> torch.Tensor:
 
 def capture(wl: Workload) -> list[Launch]:
     """The Triton launches the backend makes for ``wl`` (deterministic algorithms off: the atomic squeeze)."""
-    from effnet_kernels.triton import dwconv, pointwise, se_excite, se_gate
+    from effnet_kernels.triton import conv, dwconv, pointwise, se_excite, se_gate
 
     dt = TORCH_DTYPES[wl.dtype]
     prev = torch.are_deterministic_algorithms_enabled()
@@ -152,6 +152,10 @@ def capture(wl: Workload) -> list[Launch]:
                                          _meta((wl.cout,), torch.float32),
                                          _meta((wl.n, wl.c), torch.float32) if wl.gate else None,
                                          _meta(shape, dt, wl.layout) if wl.residual else None, wl.activation, wl.pool)
+            elif wl.op == "conv_bn_act":  # the stem: weight in x's dtype, the folded BN's shift as an fp32 bias
+                conv.conv_bn_act(_meta((wl.n, wl.c, wl.h, wl.w), dt, wl.layout), _meta((wl.cout, wl.c, wl.k, wl.k), dt),
+                                 _meta((wl.cout,), torch.float32), (wl.stride, wl.stride), (wl.pad,) * 4,
+                                 wl.activation)
             else:
                 raise ValueError(f"unknown op {wl.op!r}")
     finally:
@@ -220,6 +224,8 @@ def compile_launch(launch: Launch, cache: DiskCache) -> dict:
 CONFIG_CONSTEXPRS = ("VEC", "WEIGHT_TILE", "VEC_X", "VEC_W", "VEC_O")
 # kernels whose launcher sets the software-pipeline depth of a K loop (num_stages): shown in their config
 GEMM_KERNELS = ("_pointwise",)
+# implicit-GEMM convs: one BLOCK_M x BLOCK_N output tile per program (a `while` K loop, not pipelined)
+CONV_KERNELS = ("_conv_bn_act",)
 
 
 def is_gemm(kernel: str) -> bool:
@@ -243,15 +249,18 @@ def outputs_per_thread(launch: Launch) -> Optional[float]:
         return c["BLOCK_H"] * c["BLOCK_W"] * c["BLOCK_C"] / threads
     if "BLOCK_ROWS" in c and "BLOCK_COLS" in c:
         return c["BLOCK_ROWS"] * c["BLOCK_COLS"] / threads
-    if is_gemm(launch.kernel) and not c.get("POOL"):  # one BLOCK_M x BLOCK_N output tile (the kernel loops over K)
-        return c["BLOCK_M"] * c["BLOCK_N"] / threads
+    if (is_gemm(launch.kernel) and not c.get("POOL")) or launch.kernel.startswith(CONV_KERNELS):
+        return c["BLOCK_M"] * c["BLOCK_N"] / threads  # one BLOCK_M x BLOCK_N output tile (the kernel loops over K)
     if "BLOCK_N" in c and "BLOCK_C" in c:
         return None  # se_gate loops over C
     return None
 
 
 def channel_slots(launch: Launch) -> Optional[int]:
-    """Channels the dwconv grid's channel axis covers (``grid[1] * BLOCK_C``); None for other kernels."""
+    """Channels the dwconv grid's channel axis covers (``grid[1] * BLOCK_C``; conv_bn_act: output channels,
+    ``grid[1] * BLOCK_N``); None for other kernels."""
     if launch.kernel.startswith("_dwconv") and "BLOCK_C" in launch.constexprs:
         return launch.grid[1] * launch.constexprs["BLOCK_C"]
+    if launch.kernel.startswith(CONV_KERNELS) and "BLOCK_N" in launch.constexprs:
+        return launch.grid[1] * launch.constexprs["BLOCK_N"]
     return None

@@ -1,14 +1,18 @@
 """The launches EfficientNet B0-B7 make, and the bytes each must move.
 
 A :class:`Workload` is one op call of a network layer (depthwise conv + BN + SiLU +
-squeeze, SE gate, SE excite) at one batch, dtype and layout; identical calls of several
-layers or networks are one workload with every user listed in ``used_by``.
+squeeze, SE gate, SE excite, the 1x1 convs, the stem's dense conv + BN + SiLU) at one batch,
+dtype and layout; identical calls of several layers or networks are one workload with every
+user listed in ``used_by``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+import torch
 
 from effnet_kernels import models
 
@@ -16,17 +20,22 @@ DTYPES = ("fp16", "bf16", "fp32")
 LAYOUTS = ("nhwc", "nchw")
 BATCHES = (1, 256)
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+#: The ops audited (``--ops`` chooses among them).
+OPS = ("dwconv_bn_act", "se_gate", "se_excite", "pointwise_conv", "conv_bn_act")
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One op call: ``op`` in {"dwconv_bn_act", "se_gate", "se_excite", "pointwise_conv"}; sizes as the op sees them.
+    """One op call: ``op`` in {"dwconv_bn_act", "se_gate", "se_excite", "pointwise_conv", "conv_bn_act"}; sizes as
+    the op sees them.
 
     dwconv_bn_act: x ``[n, c, h, w]`` -> y ``[n, c, ho, wo]`` (k x k, ``stride``, symmetric
     ``pad``) with the squeeze; se_gate: pooled ``[n, c]`` (fp32, the squeeze's output) through
     ``r`` hidden units with weights in ``dtype``; se_excite: y ``[n, c, h, w]`` times gate ``[n, c]`` (fp32);
     pointwise_conv: x ``[n, c, h, w]`` (c = K) through a ``[cout, c]`` weight in ``dtype`` + fp32 bias, with the
-    fp32 SE ``gate`` on the input, the ``residual`` added or the spatial mean taken (``pool``).
+    fp32 SE ``gate`` on the input, the ``residual`` added or the spatial mean taken (``pool``); conv_bn_act
+    (the stem): x ``[n, c, h, w]`` (c = Cin = 3) through a dense ``[cout, c, k, k]`` weight in ``dtype``
+    (``stride``, symmetric ``pad``) + fp32 bias (the folded BN) + ``activation`` -> y ``[n, cout, ho, wo]``.
     """
 
     op: str
@@ -60,6 +69,8 @@ class Workload:
         if self.op == "pointwise_conv":
             parts = [p for p, on in (("gate", self.gate), ("res", self.residual), ("pool", self.pool)) if on]
             return ",".join([f"{self.n},{self.c}->{self.cout},{self.h},{self.w}", self.activation, *parts])
+        if self.op == "conv_bn_act":
+            return f"{self.n},{self.c}->{self.cout},{self.h},{self.w},k{self.k},s{self.stride},{self.activation}"
         return f"{self.n},{self.c},{self.h},{self.w},k{self.k},s{self.stride}"
 
     def compulsory_bytes(self) -> int:
@@ -68,8 +79,9 @@ class Workload:
         dwconv: s·N·C·H·W (x) + s·N·C·Ho·Wo (y) + 4·C·k² (fp32 weights) + 8·C (scale, shift) + 4·N·C
         (squeeze); se_gate: 4·N·C (pooled) + 4·N·C (gate) + s_w·(2·C·R + C + R) (weights, biases);
         se_excite: 2·s·N·C·H·W + 4·N·C; pointwise_conv: s·N·C·H·W (x) + s·N·Cout·H·W (out; 4·N·Cout pooled)
-        + s·Cout·C (weight) + 4·Cout (bias) [+ 4·N·C gate] [+ s·N·Cout·H·W residual]. s = bytes per element
-        of ``dtype``.
+        + s·Cout·C (weight) + 4·Cout (bias) [+ 4·N·C gate] [+ s·N·Cout·H·W residual]; conv_bn_act:
+        s·N·C·H·W (x) + s·N·Cout·Ho·Wo (y) + s·Cout·C·k² (weight) + 4·Cout (bias), the kernel module's
+        ``compulsory_bytes``. s = bytes per element of ``dtype``.
         """
         s = ELEMENT_BYTES[self.dtype]
         n, c = self.n, self.c
@@ -84,6 +96,10 @@ class Workload:
             out = 4 * n * self.cout if self.pool else s * m * self.cout
             return (s * m * c + out + s * self.cout * c + 4 * self.cout + (4 * n * c if self.gate else 0)
                     + (s * m * self.cout if self.residual else 0))
+        if self.op == "conv_bn_act":  # the kernel module's formula (imported here: it needs triton)
+            from effnet_kernels.triton import conv as triton_conv
+
+            return triton_conv.compulsory_bytes(n, c, self.h, self.w, self.cout, self.ho, self.wo, self.k, s)
         raise ValueError(f"unknown op {self.op!r}")
 
 
@@ -92,11 +108,18 @@ def network_workloads(names: Sequence[str] = models.MODEL_NAMES, batches: Iterab
     """Every distinct op call of the MBConv blocks of ``names`` at their native resolution, deduplicated:
     the depthwise step, the SE gate and excite, and the 1x1 convs (pointwise_conv: each block's expand
     (bias + SiLU) and projection (bias, the SE gate on its input, the residual where the block has one),
-    and the network's head (bias + SiLU + the global average pool))."""
+    and the network's head (bias + SiLU + the global average pool)), and the network's stem (conv_bn_act:
+    3 -> Cout dense 3x3 stride-2 conv + folded BN + SiLU on the input image)."""
     seen: dict[Workload, list[str]] = {}
     for name in names:
         for batch in batches:
             layers = models.layer_shapes(name, batch=batch)
+            for dtype in dtypes:
+                for layout in layouts:
+                    wl = stem_workload(name, batch, dtype, layout)
+                    users = seen.setdefault(wl, [])
+                    if name not in users:
+                        users.append(name)
             for layer in layers:
                 for dtype in dtypes:
                     for layout in layouts:
@@ -141,10 +164,27 @@ def head_workload(name: str, last: models.LayerShape, dtype: str, layout: str) -
                     dtype=dtype, layout=layout, cout=head_channels(name), pool=True, activation="silu")
 
 
+@functools.lru_cache(maxsize=None)
+def stem_conv(name: str) -> tuple[int, int, int, int, int]:
+    """``(Cin, Cout, k, stride, padding)`` of EfficientNet-``name``'s stem conv, read off the model built on meta."""
+    with torch.device("meta"):
+        conv = models.efficientnet(name).stem.conv
+    return conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0]
+
+
+def stem_workload(name: str, batch: int, dtype: str, layout: str) -> Workload:
+    """The stem of EfficientNet-``name`` on its ``3 x R x R`` input at the native resolution R."""
+    cin, cout, k, stride, pad = stem_conv(name)
+    r = models.native_resolution(name)
+    ro = (r + 2 * pad - k) // stride + 1
+    return Workload("conv_bn_act", batch, cin, r, r, ro, ro, k, stride, pad, dtype=dtype, layout=layout, cout=cout,
+                    activation="silu")
+
+
 def quick_workloads() -> list[Workload]:
     """A small subset for tests: B0's 144-channel k5/s2 and 672-channel k5 layers, fp16, batch 1 and 256, both
-    layouts; of the 1x1 convs, the 24 -> 144 expand and the 144 -> 40 gated projection around the first."""
+    layouts; of the 1x1 convs, the 24 -> 144 expand and the 144 -> 40 gated projection around the first; the stem."""
     keep = {(144, 5, 2), (672, 5, 2)}
     return [wl for wl in network_workloads(("b0",), dtypes=("fp16",))
             if (wl.c, wl.k, wl.stride) in keep or (wl.op in ("se_gate", "se_excite") and wl.c in (144,))
-            or (wl.op == "pointwise_conv" and (wl.c, wl.cout) in ((24, 144), (144, 40)))]
+            or (wl.op == "pointwise_conv" and (wl.c, wl.cout) in ((24, 144), (144, 40))) or wl.op == "conv_bn_act"]
