@@ -174,7 +174,7 @@ def launches(wl: Workload) -> list[CudaLaunch]:
                            (cg.blocks_for(cg.ceil_div(total, v) if vec else total, THREADS), 1, 1), (THREADS, 1, 1), 0,
                            f"{'16-byte packs' if vec else 'scalar'}, grid-stride",
                            note="" if uniform else "per-element gate indices (H*W or C not a multiple of V)")]
-    if wl.op == "pointwise_conv":  # no CUDA kernel for it (yet): the cuda backend leaves it to the reference
+    if wl.op == "pointwise_conv":  # no CUDA C++ kernel: the cuda backend runs it in cuDNN + aten (_aten_convs.py)
         return []
     if wl.op == "conv_bn_act":  # the stem: the cuda backend runs it in cuDNN (effnet_kernels/_aten_convs.py)
         return []
