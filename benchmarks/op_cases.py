@@ -17,7 +17,8 @@ pytest-benchmark suite). Two ops:
   bias. Two kinds per MBConv block: the expand conv (K = block input channels -> expanded,
   SiLU; blocks with expand ratio 1 have none) at the block's input size, and the projection
   (K = expanded -> output channels, identity, the SE gate applied on load where the block has
-  SE, the residual added where it has one) at its output size. Eager chain: (``x * gate``,
+  SE, the residual added where it has one) at its output size; and per network the head
+  (last block's output channels -> 1280 x width, SiLU) after the last block. Eager chain: (``x * gate``,
   the eager SE's excite, with the gate in x's dtype [N, K, 1, 1]) + ``conv2d`` (the fp32
   weight cast to x's dtype in the call, as autocast casts a parameter) + ``batch_norm`` + the
   activation (+ ``residual``); fused: ``pointwise_conv(x, w*scale, shift, gate=fp32 [N, K],
@@ -129,7 +130,8 @@ def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS
             raise ValueError(f"ops must be among {OPS}, got {op!r}")
     seen, out = set(), []
     for name in models:
-        for layer in layer_shapes(name, batch, resolution):
+        shapes = layer_shapes(name, batch, resolution)
+        for layer in shapes:
             h, w = getattr(layer, "H", None) or layer.h, getattr(layer, "W", None) or layer.w
             ho, wo = getattr(layer, "Ho", None) or layer.ho, getattr(layer, "Wo", None) or layer.wo
             found = []
@@ -143,6 +145,9 @@ def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS
             if "pointwise" in ops:  # the projection, at the block's output size
                 found.append(OpCase("pointwise", name, batch, layer.mid_channels, ho, wo, cout=layer.out_channels,
                                     gate=bool(layer.se_reduced), residual=layer.has_residual))
+            if "pointwise" in ops and layer is shapes[-1]:  # the head: 1x1 conv + BN + SiLU after the last block
+                found.append(OpCase("pointwise", name, batch, layer.out_channels, ho, wo, cout=_head_channels(name),
+                                    activation="silu"))
             for case in found:
                 key = (case.op, case.n, case.c, case.h, case.w, case.k, case.stride, case.reduced,
                        case.cout, case.activation, case.gate, case.residual)
@@ -150,6 +155,13 @@ def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS
                     seen.add(key)
                     out.append(case)
     return out
+
+
+def _head_channels(name: str) -> int:
+    """The head conv's output channels of EfficientNet-``name`` (1280 scaled by the width)."""
+    from effnet_kernels import models
+
+    return models.round_filters(models.HEAD_CHANNELS, models.PARAMS[name][0])
 
 
 def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, generator: torch.Generator) -> dict:

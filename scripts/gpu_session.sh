@@ -31,7 +31,7 @@
 #   tests    60  pytest -m "gpu or adapters": parity files first (test_ops_parity,
 #                test_triton_gpu, test_cuda_ops, test_convert_*), then the rest; junit XML
 #   ops      20  op benchmarks (dwconv, SE, pointwise 1x1 convs) at B0-B7 layer shapes, batch 32:
-#                369 distinct shapes (165 pointwise), more than the slot's ~15 s budget holds (not
+#                377 distinct shapes (173 pointwise), more than the slot's ~15 s budget holds (not
 #                yet timed on a GPU: each shape times 3 providers for >= 0.07 s each), so
 #                --order classes runs first one shape of each auto-table class (33 shapes decide
 #                all 34 classes), then the rest in block order until the budget stops starting shapes

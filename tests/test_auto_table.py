@@ -149,7 +149,7 @@ def test_pointwise_rows_map_to_the_keys_the_benchmarked_calls_have(monkeypatch, 
 
 
 def test_pointwise_rows_match_what_a_converted_block_calls(monkeypatch):
-    """The benchmark's pointwise shapes are exactly the expand / projection calls a converted
+    """The benchmark's pointwise shapes are exactly the expand / projection / head calls a converted
     B0 makes in eval (same shapes, gate and residual flags), so its classes are theirs."""
     import effnet_kernels
     from benchmarks import op_cases
@@ -171,7 +171,7 @@ def test_pointwise_rows_match_what_a_converted_block_calls(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     cases = op_cases.cases_for_models(["b0"], 1, ["pointwise"], resolution=64)
-    assert len(calls) == 31 and set(calls) == {c.shape for c in cases}
+    assert len(calls) == 15 + 16 + 1 and set(calls) == {c.shape for c in cases}  # expand, projection, head
 
 
 def test_pointwise_table_entry_changes_the_auto_choice(monkeypatch):

@@ -51,7 +51,7 @@ def test_cases_cover_b0_without_duplicates():
         op_cases.cases_for_models(["b0"], 1, ops=["conv"])
 
 
-def test_pointwise_cases_are_every_expand_and_projection_conv():
+def test_pointwise_cases_are_every_expand_projection_and_head_conv():
     from effnet_kernels.models import layer_shapes
 
     cases = op_cases.cases_for_models(["b0"], batch=4, ops=["pointwise"])
@@ -59,8 +59,10 @@ def test_pointwise_cases_are_every_expand_and_projection_conv():
     # B0's first block has expand ratio 1: its projection (32 -> 16, SE gate, no residual) comes first
     assert cases[0] == OpCase("pointwise", "b0", 4, 32, 112, 112, cout=16, gate=True)
     assert cases[1] == OpCase("pointwise", "b0", 4, 16, 112, 112, cout=96, activation="silu")
-    want = set()
-    for layer in layer_shapes("b0", 4):
+    layers = layer_shapes("b0", 4)
+    last = layers[-1]
+    want = {OpCase("pointwise", "b0", 4, last.out_channels, last.Ho, last.Wo, cout=1280, activation="silu").shape}  # head
+    for layer in layers:
         if layer.expand_ratio != 1:
             want.add(OpCase("pointwise", "b0", 4, layer.in_channels, layer.H, layer.W, cout=layer.mid_channels,
                             activation="silu").shape)
@@ -76,8 +78,8 @@ def test_pointwise_cases_b0_to_b7_at_batch_32():
 
     cases = op_cases.cases_for_models(MODEL_NAMES, 32)
     pw = [c for c in cases if c.op == "pointwise"]
-    assert len({c.shape for c in pw}) == len(pw) == 165  # distinct shapes only
-    assert sum(c.activation == "silu" for c in pw) == 55  # expand convs
+    assert len({c.shape for c in pw}) == len(pw) == 173  # distinct shapes only
+    assert sum(c.activation == "silu" for c in pw) == 55 + 8  # expand convs, the eight heads
     assert sum(c.gate for c in pw) == 110 and sum(c.residual for c in pw) == 54  # projections
     assert [c.op for c in cases[:3]] == ["dwconv", "se", "pointwise"]  # block order: expand, dw, se, project
 
@@ -313,7 +315,7 @@ def test_classes_first_puts_one_shape_per_auto_table_class_in_front():
         covered |= new
         n_first += 1
     assert covered == every  # the front decides every class
-    assert (n_first, len(every), len(cases)) == (33, 34, 369)
+    assert (n_first, len(every), len(cases)) == (33, 34, 377)
     assert {k.split("/")[0] for k in every} == {"dwconv", "se", "se_gate", "pw"}
     front, rest = ordered[:n_first], ordered[n_first:]
     assert front == [c for c in cases if c in front] and rest == [c for c in cases if c in rest]  # stable
