@@ -43,7 +43,7 @@ def classes_of_row(row: dict) -> list[str]:
         case = parse_pointwise_shape(row["shape"])
         layout = stored_layout(row["layout"], case.c, case.h, case.w)
         return [pointwise_class(row["dtype"], layout, case.n, case.c, case.h, case.w, case.cout,
-                                case.gate, case.residual, pool=False)]
+                                case.gate, case.residual, pool=case.pool)]
     n, c, h, w, suffix = _parse_shape(row["shape"])
     layout = stored_layout(row["layout"], c, h, w)  # x's (dwconv) / y's (se) layout as the op call sees it
     if row["op"] == "dwconv":

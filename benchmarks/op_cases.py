@@ -18,7 +18,9 @@ pytest-benchmark suite). Two ops:
   SiLU; blocks with expand ratio 1 have none) at the block's input size, and the projection
   (K = expanded -> output channels, identity, the SE gate applied on load where the block has
   SE, the residual added where it has one) at its output size; and per network the head
-  (last block's output channels -> 1280 x width, SiLU) after the last block. Eager chain: (``x * gate``,
+  (last block's output channels -> 1280 x width, SiLU) with the global average pool after it
+  (``pool=True``, as a converted ``effnet_kernels.models`` network calls it; eager: the head
+  chain + ``adaptive_avg_pool2d``). Eager chain: (``x * gate``,
   the eager SE's excite, with the gate in x's dtype [N, K, 1, 1]) + ``conv2d`` (the fp32
   weight cast to x's dtype in the call, as autocast casts a parameter) + ``batch_norm`` + the
   activation (+ ``residual``); fused: ``pointwise_conv(x, w*scale, shift, gate=fp32 [N, K],
@@ -71,6 +73,7 @@ class OpCase:
     activation: str = "identity"  # pointwise: after the bias
     gate: bool = False  # pointwise: the SE gate applied to x on load
     residual: bool = False  # pointwise: a residual [n, cout, h, w] added last
+    pool: bool = False  # pointwise: the head's global average pool in the epilogue ([n, cout] fp32 out)
 
     @property
     def ho(self) -> int:
@@ -82,7 +85,7 @@ class OpCase:
 
     @property
     def shape(self) -> str:
-        """``NxCxHxW/k3s2`` (dwconv), ``NxCxHxW/r48`` (se), ``NxKxHxW/o{Cout}[/{act}][/gate][/res]``
+        """``NxCxHxW/k3s2`` (dwconv), ``NxCxHxW/r48`` (se), ``NxKxHxW/o{Cout}[/{act}][/gate][/res][/pool]``
         (pointwise; the activation named unless identity); :func:`parse_pointwise_shape` reads it back."""
         base = f"{self.n}x{self.c}x{self.h}x{self.w}"
         if self.op == "dwconv":
@@ -91,7 +94,7 @@ class OpCase:
             parts = [base, f"o{self.cout}"]
             if self.activation != "identity":
                 parts.append(self.activation)
-            return "/".join(parts + ["gate"] * self.gate + ["res"] * self.residual)
+            return "/".join(parts + ["gate"] * self.gate + ["res"] * self.residual + ["pool"] * self.pool)
         return f"{base}/r{self.reduced}"
 
     def min_bytes(self, element_size: int) -> int:
@@ -101,7 +104,7 @@ class OpCase:
         if self.op == "dwconv":
             return x + self.n * self.c * self.ho * self.wo * element_size + means
         if self.op == "pointwise":
-            y = self.n * self.cout * self.h * self.w * element_size
+            y = self.n * self.cout * (4 if self.pool else self.h * self.w * element_size)
             weight, bias = self.cout * self.c * element_size, self.cout * 4
             gate = self.n * self.c * 4 if self.gate else 0
             return x + gate + weight + bias + y * (2 if self.residual else 1)
@@ -116,10 +119,10 @@ def parse_pointwise_shape(shape: str, model: str = "") -> OpCase:
         raise ValueError(f"not a pointwise shape (NxKxHxW/o<Cout>[/act][/gate][/res]): {shape!r}")
     cout, flags = int(parts[0][1:]), parts[1:]
     activation = flags.pop(0) if flags and flags[0] in ACTIVATION_FNS else "identity"
-    if set(flags) - {"gate", "res"} or len(set(flags)) != len(flags):
+    if set(flags) - {"gate", "res", "pool"} or len(set(flags)) != len(flags):
         raise ValueError(f"unknown or repeated flags in pointwise shape {shape!r}")
     return OpCase("pointwise", model, n, c, h, w, cout=cout, activation=activation,
-                  gate="gate" in flags, residual="res" in flags)
+                  gate="gate" in flags, residual="res" in flags, pool="pool" in flags)
 
 
 def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS, resolution: int | None = None) -> list[OpCase]:
@@ -145,12 +148,12 @@ def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS
             if "pointwise" in ops:  # the projection, at the block's output size
                 found.append(OpCase("pointwise", name, batch, layer.mid_channels, ho, wo, cout=layer.out_channels,
                                     gate=bool(layer.se_reduced), residual=layer.has_residual))
-            if "pointwise" in ops and layer is shapes[-1]:  # the head: 1x1 conv + BN + SiLU after the last block
+            if "pointwise" in ops and layer is shapes[-1]:  # the head (1x1 conv + BN + SiLU) + global average pool
                 found.append(OpCase("pointwise", name, batch, layer.out_channels, ho, wo, cout=_head_channels(name),
-                                    activation="silu"))
+                                    activation="silu", pool=True))
             for case in found:
                 key = (case.op, case.n, case.c, case.h, case.w, case.k, case.stride, case.reduced,
-                       case.cout, case.activation, case.gate, case.residual)
+                       case.cout, case.activation, case.gate, case.residual, case.pool)
                 if key not in seen:
                     seen.add(key)
                     out.append(case)
@@ -256,6 +259,8 @@ def _pointwise_call(case: OpCase, provider: str, inp: dict) -> Callable[[], torc
         def eager_pw():
             xin = x * gate if gate is not None else x  # the eager SE's excite
             y = act(F.batch_norm(F.conv2d(xin, w.to(x.dtype)), *bn, training=False, eps=BN_EPS))
+            if case.pool:  # the network's pool after the head
+                return F.adaptive_avg_pool2d(y, 1).flatten(1)
             return y + residual if residual is not None else y
 
         return eager_pw
@@ -263,7 +268,7 @@ def _pointwise_call(case: OpCase, provider: str, inp: dict) -> Callable[[], torc
     weight = inp["weight"][:, :, 0, 0] * scale[:, None]
     gate = inp.get("gate")
     return lambda: fused.pointwise_conv(x, weight, shift, gate=gate, residual=residual, activation=case.activation,
-                                        backend=provider)
+                                        pool=case.pool, backend=provider)
 
 
 def reference(case: OpCase, inp: dict) -> torch.Tensor:
@@ -275,6 +280,8 @@ def reference(case: OpCase, inp: dict) -> torch.Tensor:
             x = x * inp["gate"].double()[:, :, None, None]
         z = F.conv2d(x, inp["weight"].double()) * scale[None, :, None, None] + shift[None, :, None, None]
         y = ACTIVATION_FNS[case.activation](z)
+        if case.pool:
+            return y.mean((2, 3))
         return y + inp["residual"].double() if case.residual else y
     if case.op == "dwconv":
         scale, shift = _folded({k: v.double() for k, v in inp.items() if k != "x"})

@@ -178,8 +178,17 @@ class EfficientNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
+        pooled_head = getattr(self.head, "forward_pooled", None)  # a converted head: conv + BN + SiLU + pool in one op
+        if pooled_head is not None and _is_global_avg_pool(self.pool):
+            x = pooled_head(self.blocks(self.stem(x)))
+        else:
+            x = self.pool(self.forward_features(x)).flatten(1)
         return self.classifier(self.dropout(x))
+
+
+def _is_global_avg_pool(pool: nn.Module) -> bool:
+    """``nn.AdaptiveAvgPool2d(1)`` (what a converted head may compute with its conv)."""
+    return type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))
 
 
 def init_weights(model: nn.Module) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -137,6 +138,23 @@ class FusedConvBNAct(nn.Sequential):
                                       activation=activation, backend=self.backend)
         return ops.conv_bn_act(x, weight, bias, stride=tuple(conv.stride), padding=conv_padding(conv),
                                activation=activation, backend=self.backend)
+
+    def forward_pooled(self, x: Tensor) -> Tensor:
+        """``adaptive_avg_pool2d(self(x), 1).flatten(1)`` (a head and the global average pool after it),
+        as one :func:`~effnet_kernels.ops.pointwise_conv` with ``pool=True`` when the conv is 1x1 and
+        the forward would fuse: the head's output is never stored. In x's dtype, as the pool's is."""
+        conv = _parts(self)[0]
+        one_by_one = (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1)
+                      and conv.padding == (0, 0))
+        if not one_by_one or self.unfused_reason(x) is not None:
+            return torch.flatten(F.adaptive_avg_pool2d(self(x), 1), 1)
+        from .integrations._common import activation_kind
+
+        conv, bn, act = _parts(self)
+        weight, bias = self._folded(conv, bn)
+        pooled = ops.pointwise_conv(x, weight.reshape(weight.shape[0], weight.shape[1]), bias,
+                                    activation=activation_kind(act), pool=True, backend=self.backend)
+        return pooled.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"fused from {type(self.original).__name__}, backend={self.backend or 'auto'}"

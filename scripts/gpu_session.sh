@@ -33,8 +33,8 @@
 #   ops      20  op benchmarks (dwconv, SE, pointwise 1x1 convs) at B0-B7 layer shapes, batch 32:
 #                377 distinct shapes (173 pointwise), more than the slot's ~15 s budget holds (not
 #                yet timed on a GPU: each shape times 3 providers for >= 0.07 s each), so
-#                --order classes runs first one shape of each auto-table class (33 shapes decide
-#                all 34 classes), then the rest in block order until the budget stops starting shapes
+#                --order classes runs first one shape of each auto-table class (36 shapes decide
+#                all 37 classes), then the rest in block order until the budget stops starting shapes
 #   sanitizer 60, microbench 60: off by default (SANITIZER=1, MICROBENCH=1); they come
 #                after ops, so leave other steps out (STEPS) or shrink their slots to make room
 # Every step has its own log and runs even if an earlier one failed. The network steps

@@ -145,7 +145,7 @@ def test_pointwise_rows_map_to_the_keys_the_benchmarked_calls_have(monkeypatch, 
         op_cases.make_call(case, "torch", inp)()
         row = {"op": "pointwise", "shape": case.shape, "dtype": dtype, "layout": layout}
         assert seen == table_tool.classes_of_row(row), case
-        assert seen[0].split("/")[3] == ("project" if case.gate or case.residual else "expand")
+        assert seen[0].split("/")[3] == ("pool" if case.pool else "project" if case.gate or case.residual else "expand")
 
 
 def test_pointwise_rows_match_what_a_converted_block_calls(monkeypatch):
@@ -163,7 +163,7 @@ def test_pointwise_rows_match_what_a_converted_block_calls(monkeypatch):
             x, weight, _, gate, residual, activation, pool = args
             n, k, h, w = x.shape
             calls.append(op_cases.OpCase("pointwise", "", n, k, h, w, cout=weight.shape[0], activation=activation,
-                                         gate=gate is not None, residual=residual is not None).shape)
+                                         gate=gate is not None, residual=residual is not None, pool=pool).shape)
         return real(op, requested, tensor, args)
 
     model = effnet_kernels.convert(models.efficientnet("b0").eval())
@@ -171,7 +171,8 @@ def test_pointwise_rows_match_what_a_converted_block_calls(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     cases = op_cases.cases_for_models(["b0"], 1, ["pointwise"], resolution=64)
-    assert len(calls) == 15 + 16 + 1 and set(calls) == {c.shape for c in cases}  # expand, projection, head
+    assert len(calls) == 15 + 16 + 1 and set(calls) == {c.shape for c in cases}  # expand, projection, head + pool
+    assert calls[-1].endswith("/silu/pool")
 
 
 def test_pointwise_table_entry_changes_the_auto_choice(monkeypatch):

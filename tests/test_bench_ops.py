@@ -61,7 +61,8 @@ def test_pointwise_cases_are_every_expand_projection_and_head_conv():
     assert cases[1] == OpCase("pointwise", "b0", 4, 16, 112, 112, cout=96, activation="silu")
     layers = layer_shapes("b0", 4)
     last = layers[-1]
-    want = {OpCase("pointwise", "b0", 4, last.out_channels, last.Ho, last.Wo, cout=1280, activation="silu").shape}  # head
+    want = {OpCase("pointwise", "b0", 4, last.out_channels, last.Ho, last.Wo, cout=1280, activation="silu",
+                   pool=True).shape}  # head + pool
     for layer in layers:
         if layer.expand_ratio != 1:
             want.add(OpCase("pointwise", "b0", 4, layer.in_channels, layer.H, layer.W, cout=layer.mid_channels,
@@ -315,7 +316,7 @@ def test_classes_first_puts_one_shape_per_auto_table_class_in_front():
         covered |= new
         n_first += 1
     assert covered == every  # the front decides every class
-    assert (n_first, len(every), len(cases)) == (33, 34, 377)
+    assert (n_first, len(every), len(cases)) == (36, 37, 377)
     assert {k.split("/")[0] for k in every} == {"dwconv", "se", "se_gate", "pw"}
     front, rest = ordered[:n_first], ordered[n_first:]
     assert front == [c for c in cases if c in front] and rest == [c for c in cases if c in rest]  # stable

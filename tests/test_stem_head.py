@@ -155,3 +155,31 @@ def test_compiled_converted_model_fullgraph(b0_pair):
         want = converted(x)
         got = torch.compile(converted, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_and_the_pool_are_one_op_in_a_converted_network(b0_pair):
+    """effnet_kernels.models: the converted head computes conv + BN + SiLU + global average pool in
+    one pointwise_conv(pool=True); the [N, 1280, H, W] map is never formed."""
+    eager, converted, x = b0_pair
+    names, out = _ops_of(converted, x)
+    assert names.count("effnet.pointwise_conv") == 15 + 16 + 1 and "aten.mean" not in names
+    assert "aten.adaptive_avg_pool2d" not in names and "aten._adaptive_avg_pool2d" not in names
+    feats = torch.randn(2, 320, 3, 2)
+    with torch.no_grad():
+        want = torch.flatten(nn.functional.adaptive_avg_pool2d(eager.head(feats), 1), 1)
+        torch.testing.assert_close(converted.head.forward_pooled(feats), want, rtol=1e-5, atol=1e-6)
+    # forward_features still returns the head's feature map
+    with torch.no_grad():
+        want = eager.forward_features(x)
+        torch.testing.assert_close(converted.forward_features(x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_replaced_pool_is_honoured(b0_pair):
+    eager, converted, x = b0_pair
+    eager, converted = copy.deepcopy(eager), copy.deepcopy(converted)
+    for m in (eager, converted):
+        m.pool = nn.AdaptiveMaxPool2d(1)
+    names, out = _ops_of(converted, x)
+    assert "aten.adaptive_max_pool2d" in names
+    with torch.no_grad():
+        torch.testing.assert_close(out, eager(x), rtol=1e-4, atol=1e-4 * eager(x).abs().max().item())
