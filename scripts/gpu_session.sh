@@ -267,13 +267,12 @@ net256_step() {
         --batches "${NET256_BATCHES:-256}" --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
 }
 
-compile_step() {
-    local plan group models providers rc=0 r
-    if [[ -n "${COMPILE_MODELS:-}${COMPILE_PROVIDERS:-}" ]]; then
-        plan="${COMPILE_MODELS:-b0}:${COMPILE_PROVIDERS:-compile}"
-    else
-        plan="${COMPILE_PLAN:-b0:compile,fused-triton+compile,fused-cuda+compile b4:compile}"
-    fi
+run_groups() {
+    # run_groups MARGIN PLAN ARGS...: one network run per "models:providers" group of PLAN, in
+    # order, with ARGS; a group whose providers are all dropped (no usable _C) is logged as
+    # not run; returns the last failing run's status
+    local margin=$1 plan=$2 group models providers rc=0 r
+    shift 2
     for group in $plan; do
         models=${group%%:*}
         providers=$(without_cuda "${group#*:}")
@@ -281,12 +280,22 @@ compile_step() {
             echo "not run: $group (no providers left)" >>"$LOG"
             continue
         fi
-        net 30 --models "$models" --providers "$providers" --batches "${COMPILE_BATCHES:-256}" \
-            --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
+        net "$margin" --models "$models" --providers "$providers" "$@"
         r=$?
         (( r )) && rc=$r
     done
     return $rc
+}
+
+compile_step() {
+    local plan
+    if [[ -n "${COMPILE_MODELS:-}${COMPILE_PROVIDERS:-}" ]]; then
+        plan="${COMPILE_MODELS:-b0}:${COMPILE_PROVIDERS:-compile}"
+    else
+        plan="${COMPILE_PLAN:-b0:compile,fused-triton+compile,fused-cuda+compile b4:compile}"
+    fi
+    run_groups 30 "$plan" --batches "${COMPILE_BATCHES:-256}" \
+        --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
 }
 
 net1_step() {
@@ -300,25 +309,14 @@ train_step() {
     # groups "models:providers" in order; torch.compile of a training step (forward and
     # backward graphs, ~a minute) comes last, so the uncompiled rows are measured first and
     # it runs when the slot has time left (TRAIN_PLAN / T_TRAIN to give it the time)
-    local plan group models providers rc=0 r
+    local plan
     if [[ -n "${TRAIN_MODELS:-}${TRAIN_PROVIDERS:-}" ]]; then
         plan="${TRAIN_MODELS:-b0,b4}:${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}"
     else
         plan="${TRAIN_PLAN:-b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile}"
     fi
-    for group in $plan; do
-        models=${group%%:*}
-        providers=$(without_cuda "${group#*:}")
-        if [[ -z "$providers" ]]; then
-            echo "not run: $group (no providers left)" >>"$LOG"
-            continue
-        fi
-        net 15 --models "$models" --providers "$providers" --batches "${TRAIN_BATCHES:-128}" \
-            --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
-        r=$?
-        (( r )) && rc=$r
-    done
-    return $rc
+    run_groups 15 "$plan" --batches "${TRAIN_BATCHES:-128}" \
+        --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
 }
 
 tests_step() {
