@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .ops._checks import memory_format_of
+from .ops._checks import accumulation_dtype, memory_format_of
 from .reference import ACTIVATION_FNS
 
 Tensor = torch.Tensor
@@ -41,8 +41,8 @@ def pointwise_conv(
     y = ACTIVATION_FNS[activation](y)
     if pool:
         if y.shape[2] * y.shape[3] == 0:
-            return y.new_zeros(y.shape[:2], dtype=_pooled_dtype(y))
-        return y.mean(dim=(2, 3), dtype=_pooled_dtype(y))
+            return y.new_zeros(y.shape[:2], dtype=accumulation_dtype(y))
+        return y.mean(dim=(2, 3), dtype=accumulation_dtype(y))
     if residual is not None:
         y = y + residual
     return y.contiguous(memory_format=memory_format_of(x))
@@ -56,6 +56,3 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seque
     y = F.conv2d(xp, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None, stride=tuple(stride))
     return ACTIVATION_FNS[activation](y).contiguous(memory_format=memory_format_of(x))
 
-
-def _pooled_dtype(y: Tensor) -> torch.dtype:
-    return torch.float64 if y.dtype == torch.float64 else torch.float32

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops._checks import accumulation_dtype
 from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
 Tensor = torch.Tensor
@@ -196,7 +197,7 @@ def _params(plan: Any) -> list[Optional[Tensor]]:
 
 def _affine(weight: Optional[Tensor], bias: Optional[Tensor], c: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """(gamma, beta) as the kernels take them: float32 (float64 for float64 inputs), ones/zeros without affine."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(like)
     gamma = weight.to(dtype) if weight is not None else torch.ones(c, dtype=dtype, device=like.device)
     beta = bias.to(dtype) if bias is not None else torch.zeros(c, dtype=dtype, device=like.device)
     return gamma, beta
@@ -206,7 +207,7 @@ def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[T
     """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd)``, running statistics
     updated. ``out`` is :func:`_bn_apply`'s, so the backward's recompute reproduces it bit for bit."""
     factor = momentum_factor(bn)
-    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(h)
     var, mean = torch.var_mean(h.to(cdt), dim=(0, 2, 3), correction=0)
     update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3], factor)
     invstd = torch.rsqrt(var + float(bn.eps))
@@ -246,7 +247,7 @@ def _act_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
     """grad * act'(u), computed in float32 (float64 for float64), in u's dtype."""
     if kind == "identity":
         return grad.to(u.dtype)
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(u)
     return (grad.to(cdt) * ACTIVATION_GRADS[kind](u.to(cdt))).to(u.dtype)
 
 

@@ -16,13 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .ops._checks import accumulation_dtype as _compute_dtype
 from .ops._checks import memory_format_of
 
 Tensor = torch.Tensor
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _bn_input(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

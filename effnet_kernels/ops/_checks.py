@@ -32,6 +32,12 @@ SE_GATES = ("sigmoid", "hardsigmoid")
 ACT_CODES = {"identity": 0, "silu": 1, "relu": 2, "relu6": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6}
 
 
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 ``t``: the dtype the ops accumulate in and return their
+    float results (squeeze, pool, gate, statistics) in; float64 is the ``torch`` reference's."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 

@@ -22,16 +22,11 @@ def _check_forward(x, weight, scale, shift, stride, padding, activation, squeeze
     return _checks.check_dwconv_args(x, weight, scale, shift, stride, padding)
 
 
-def _mean_dtype(x: Tensor) -> torch.dtype:
-    """The squeeze's dtype: float32, or float64 for float64 inputs (the reference computes in float64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x, weight, scale, shift, stride, padding, activation, squeeze, backend):
     ho, wo = _check_forward(x, weight, scale, shift, stride, padding, activation, squeeze)
     n, c = x.shape[0], x.shape[1]
     y = empty_4d(x, (n, c, ho, wo), _checks.memory_format_of(x))
-    mean = x.new_empty((n, c), dtype=_mean_dtype(x)) if squeeze else x.new_empty((0,), dtype=torch.float32)
+    mean = x.new_empty((n, c), dtype=_checks.accumulation_dtype(x)) if squeeze else x.new_empty((0,), dtype=torch.float32)
     return y, mean
 
 

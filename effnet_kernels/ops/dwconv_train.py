@@ -21,10 +21,6 @@ from ._library import define, empty_4d
 Tensor = torch.Tensor
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, squeeze):
     _checks.normalize_activation(activation)
     ho, wo = _checks.check_dwconv_args(x, weight, gamma, beta, stride, padding, ("gamma", "beta"))
@@ -47,7 +43,7 @@ def _check_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, acti
 def _fake_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, squeeze, backend):
     ho, wo = _check_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, activation, squeeze)
     n, c = x.shape[0], x.shape[1]
-    sdt = _stat_dtype(x)
+    sdt = _checks.accumulation_dtype(x)
     y = empty_4d(x, (n, c, ho, wo), _checks.memory_format_of(x))
     pooled = x.new_empty((n, c), dtype=sdt) if squeeze else x.new_empty((0,), dtype=torch.float32)
     return y, pooled, x.new_empty((c,), dtype=sdt), x.new_empty((c,), dtype=sdt)

@@ -31,15 +31,11 @@ def _check_forward(x, weight, bias, gate, residual, activation, pool):
     _checks.check_pointwise_args(x, weight, bias, gate, residual, pool)
 
 
-def _pooled_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x, weight, bias, gate, residual, activation, pool, backend):
     _check_forward(x, weight, bias, gate, residual, activation, pool)
     n, cout = x.shape[0], weight.shape[0]
     if pool:
-        return x.new_empty((n, cout), dtype=_pooled_dtype(x))
+        return x.new_empty((n, cout), dtype=_checks.accumulation_dtype(x))
     return empty_4d(x, (n, cout, x.shape[2], x.shape[3]), _checks.memory_format_of(x))
 
 

@@ -25,7 +25,7 @@ def _check_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, g
 def _fake_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend):
     _check_se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     # float32; float64 for float64 pooled (computed in float64 by the reference)
-    return pooled.new_empty(pooled.shape, dtype=torch.float64 if pooled.dtype == torch.float64 else torch.float32)
+    return pooled.new_empty(pooled.shape, dtype=_checks.accumulation_dtype(pooled))
 
 
 def _check_se_gate_backward(grad_gate, pooled, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
