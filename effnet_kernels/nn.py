@@ -57,6 +57,14 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tu
     return scale, shift
 
 
+def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(weight * scale, shift)`` of ``conv`` + ``bn`` (see :func:`fold_batchnorm`): the weight in its own
+    dtype and shape, the shift (the conv's bias folded in) in float32."""
+    scale, shift = fold_batchnorm(bn, conv.bias)
+    w = conv.weight
+    return (w.to(torch.float32) * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype), shift
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -186,10 +194,8 @@ class PointwiseSpec:
 
     def folded(self) -> tuple[Tensor, Tensor]:
         def compute() -> tuple[Tensor, Tensor]:
-            scale, shift = fold_batchnorm(self.bn, self.conv.bias)
-            w = self.conv.weight
-            w2 = w.reshape(w.shape[0], w.shape[1])
-            return (w2.to(torch.float32) * scale[:, None]).to(w.dtype), shift
+            weight, shift = fold_into_conv(self.conv, self.bn)
+            return weight.reshape(weight.shape[0], weight.shape[1]), shift
 
         return cached_fold(self, self.conv, self.bn, compute)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .nn import KERNEL_DTYPES, _refuse_kernel_backend, bn_uses_running_stats, cached_fold, fold_batchnorm, pinned_backend
+from .nn import KERNEL_DTYPES, _refuse_kernel_backend, bn_uses_running_stats, cached_fold, fold_into_conv, pinned_backend
 
 Tensor = torch.Tensor
 
@@ -44,6 +44,12 @@ def _parts(container: nn.Module) -> tuple[Any, Any, Any]:
     if len(children) not in (2, 3):
         return None, None, None
     return children[0], children[1], (children[2] if len(children) == 3 else None)
+
+
+def _is_pointwise(conv: Any) -> bool:
+    """A 1x1, stride-1, unpadded conv: one ``pointwise_conv`` (else ``conv_bn_act``)."""
+    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+            and tuple(conv.padding) == (0, 0))
 
 
 def fusable_reason(container: nn.Module) -> Optional[str]:
@@ -115,12 +121,7 @@ class FusedConvBNAct(nn.Sequential):
         return None
 
     def _folded(self, conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
-        def compute() -> tuple[Tensor, Tensor]:
-            scale, shift = fold_batchnorm(bn, conv.bias)
-            w = conv.weight
-            return (w.to(torch.float32) * scale[:, None, None, None]).to(w.dtype), shift
-
-        return cached_fold(self, conv, bn, compute)
+        return cached_fold(self, conv, bn, lambda: fold_into_conv(conv, bn))
 
     def forward(self, x: Tensor) -> Tensor:
         reason = self.unfused_reason(x)
@@ -133,7 +134,7 @@ class FusedConvBNAct(nn.Sequential):
         conv, bn, act = _parts(self)
         weight, bias = self._folded(conv, bn)
         activation = activation_kind(act)
-        if conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0):
+        if _is_pointwise(conv):
             return ops.pointwise_conv(x, weight.reshape(weight.shape[0], weight.shape[1]), bias,
                                       activation=activation, backend=self.backend)
         return ops.conv_bn_act(x, weight, bias, stride=tuple(conv.stride), padding=conv_padding(conv),
@@ -143,10 +144,7 @@ class FusedConvBNAct(nn.Sequential):
         """``adaptive_avg_pool2d(self(x), 1).flatten(1)`` (a head and the global average pool after it),
         as one :func:`~effnet_kernels.ops.pointwise_conv` with ``pool=True`` when the conv is 1x1 and
         the forward would fuse: the head's output is never stored. In x's dtype, as the pool's is."""
-        conv = _parts(self)[0]
-        one_by_one = (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1)
-                      and conv.padding == (0, 0))
-        if not one_by_one or self.unfused_reason(x) is not None:
+        if not _is_pointwise(_parts(self)[0]) or self.unfused_reason(x) is not None:
             return torch.flatten(F.adaptive_avg_pool2d(self(x), 1), 1)
         from .integrations._common import activation_kind
 
