@@ -9,7 +9,6 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import effnet_kernels as ek
 from effnet_kernels.blocks import ConvBNAct
@@ -17,25 +16,7 @@ from effnet_kernels.stem_head import FusedConvBNAct, fusable_reason
 
 from .defects import planted
 from .model_checks import assert_network_parity, calibrated
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.namespace == "aten" and func.is_view):
-            self.names.append(f"{func.namespace}.{func._opname}")
-        return func(*args, **(kwargs or {}))
-
-
-def _ops_of(module, x):
-    with torch.no_grad():
-        module(x)  # fold and cache
-        with _Ops() as rec:
-            out = module(x)
-    return rec.names, out
+from .test_ops_pointwise import _calls as _ops_of
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,18 @@ padding shift, a store vector width that does not divide Cout) that the check mu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import effnet_kernels as ek
-from effnet_kernels import backends, ops
-
+from effnet_kernels import ops
 from effnet_kernels.ops._checks import ACTIVATIONS
 
 from .defects import planted
 from .parity import assert_parity
 from .test_ops_conv_bn_act import plain, truth
 from .test_ops_parity import make_input
+from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module-scoped TRITON_INTERPRET=1)
 
 pytest.importorskip("triton")
 
@@ -35,20 +33,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 CL = torch.channels_last
 TF_SAME = (0, 1, 0, 1)  # (left, right, top, bottom): the extra pixel right and bottom
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    """``TRITON_INTERPRET=1`` for this module only (see tests/test_triton_dwconv.py)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    backends._reset_caches()
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    backends._reset_caches()
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -37,6 +36,7 @@ from effnet_kernels.blocks import MBConvBlock
 
 from .defects import planted
 from .parity import assert_parity
+from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module-scoped TRITON_INTERPRET=1)
 
 pytest.importorskip("triton")
 
@@ -49,20 +49,6 @@ ACTIVATIONS = ["identity", "silu", "relu", "relu6", "hardswish"]
 CONVS = [(3, 1, (1, 1, 1, 1)), (5, 2, (1, 2, 1, 2)), (7, 1, (3, 3, 3, 3)), (3, 2, (0, 1, 0, 1))]
 EPS = 1e-3
 OPS = torch.ops.effnet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    """``TRITON_INTERPRET=1`` for this module only (the triton backend takes CPU tensors)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    backends._reset_caches()
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    backends._reset_caches()
 
 
 @pytest.fixture(autouse=True)
