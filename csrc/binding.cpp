@@ -130,6 +130,7 @@ effnet::DWConvTrainArgs train_args(const py::dict& d) {
   a.grad_weight = field_ptr<float>(d, "grad_weight");
   a.grad_gamma = field_ptr<float>(d, "grad_gamma");
   a.grad_beta = field_ptr<float>(d, "grad_beta");
+  a.count = d.contains("count") ? field<int64_t>(d, "count") : 0;
   a.device = d.contains("device") ? field<int>(d, "device") : 0;
   a.stream = field_ptr<void>(d, "stream");
   return a;
@@ -243,6 +244,16 @@ PYBIND11_MODULE(_C, m) {
       "dwconv_bn_act_train_backward",
       [](const py::dict& d) { return result(effnet::dwconv_bn_act_train_backward(train_args(d))); },
       "grad_x, grad_weight (tap-major), grad_gamma, grad_beta of dwconv_bn_act_train; None or an error message.",
+      py::arg("args"));
+  m.def(
+      "dwconv_bn_grad_sums", [](const py::dict& d) { return result(effnet::dwconv_bn_grad_sums(train_args(d))); },
+      "The backward's first half: grad_gamma = sum(g * xhat), grad_beta = sum(g) over this batch; None or an "
+      "error message.",
+      py::arg("args"));
+  m.def(
+      "dwconv_bn_input_grads", [](const py::dict& d) { return result(effnet::dwconv_bn_input_grads(train_args(d))); },
+      "The backward's second half: grad_x, grad_weight (tap-major) given grad_gamma / grad_beta summed over `count` "
+      "values per channel; None or an error message.",
       py::arg("args"));
   m.def(
       "se_excite_backward",

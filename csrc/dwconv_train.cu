@@ -173,7 +173,7 @@ sum_rows_kernel(const float* __restrict__ partials, int64_t rows, int64_t row_st
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads) gz_kernel(const Args a) {
   const int64_t total = a.n * a.c * a.ho * a.wo;
-  const float inv_m = 1.0f / static_cast<float>(a.n * a.ho * a.wo);
+  const float inv_m = 1.0f / static_cast<float>(a.count > 0 ? a.count : a.n * a.ho * a.wo);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t n, c, ho, wo;
@@ -323,43 +323,79 @@ const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
   return launch_error();
 }
 
-const char* dwconv_bn_act_train_backward(const DWConvTrainArgs& a) {
-  if (const char* err = check_args(a)) return err;
-  if (a.n == 0 || a.c == 0) return nullptr;
+namespace {
+
+const char* check_backward_args(const DWConvTrainArgs& a) {
   if (a.gamma == nullptr || a.beta == nullptr || a.in_mean == nullptr || a.in_var == nullptr)
     return "dwconv_bn_act_train_backward: gamma, beta, mean and var are required";
-  if (a.gz == nullptr || a.grad_x == nullptr || a.grad_weight == nullptr || a.grad_gamma == nullptr ||
-      a.grad_beta == nullptr)
-    return "dwconv_bn_act_train_backward: the gz scratch and the four gradient outputs are required";
-  if (const char* err = check_partials(a)) return err;
+  if (a.grad_gamma == nullptr || a.grad_beta == nullptr)
+    return "dwconv_bn_act_train_backward: the grad_gamma and grad_beta buffers are required";
+  return check_partials(a);
+}
+
+// pass 1: per-channel sum(g_u) -> grad_beta, sum(g_u * xhat) -> grad_gamma
+template <typename T, int K>
+const char* launch_grad_sums(const DWConvTrainArgs& a, const TileLaunch& t, cudaStream_t stream) {
+  bwd_reduce_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+  if (const char* e = launch_error()) return e;
+  sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, 2 * a.c, a.c, a.grad_beta);
+  if (const char* e = launch_error()) return e;
+  sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials + a.c, t.grid.y, 2 * a.c, a.c, a.grad_gamma);
+  return launch_error();
+}
+
+// pass 2: gz from the sums in grad_beta / grad_gamma, then grad_x (transposed conv) and grad_weight
+// (per-tap reduction)
+template <typename T, int K>
+const char* launch_input_grads(const DWConvTrainArgs& a, const TileLaunch& t, cudaStream_t stream) {
+  const int64_t kk = a.k * a.k;
+  gz_kernel<T, K><<<grid_1d(a.n * a.c * a.ho * a.wo), kThreads, 0, stream>>>(a);
+  if (const char* e = launch_error()) return e;
+  if (a.h * a.w > 0) {
+    grad_x_kernel<T, K><<<grid_1d(a.n * a.c * a.h * a.w), kThreads, 0, stream>>>(a);
+    if (const char* e = launch_error()) return e;
+  }
+  grad_w_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+  if (const char* e = launch_error()) return e;
+  sum_rows_kernel<<<grid_1d(kk * a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, kk * a.c, kk * a.c,
+                                                               a.grad_weight);
+  return launch_error();
+}
+
+enum class Half { kSums, kInputGrads, kBoth };
+
+const char* run_backward(const DWConvTrainArgs& a, Half half) {
+  if (const char* err = check_args(a)) return err;
+  if (a.n == 0 || a.c == 0) return nullptr;
+  if (const char* err = check_backward_args(a)) return err;
+  if (half != Half::kSums && (a.gz == nullptr || a.grad_x == nullptr || a.grad_weight == nullptr))
+    return "dwconv_bn_act_train_backward: the gz scratch and the grad_x and grad_weight outputs are required";
+  if (a.count < 0) return "dwconv_bn_input_grads: count must be non-negative";
   const DeviceGuard device(a.device);
   if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const TileLaunch t = tile_launch(a);
-  const int64_t kk = a.k * a.k;
   return DTYPE_SWITCH(a.dtype, T, [&] {
     return KSIZE_SWITCH(a.k, K, [&]() -> const char* {
-      // pass 1: per-channel sum(g_u) -> grad_beta, sum(g_u * xhat) -> grad_gamma
-      bwd_reduce_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
-      if (const char* e = launch_error()) return e;
-      sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, 2 * a.c, a.c, a.grad_beta);
-      if (const char* e = launch_error()) return e;
-      sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials + a.c, t.grid.y, 2 * a.c, a.c, a.grad_gamma);
-      if (const char* e = launch_error()) return e;
-      // pass 2: gz, then grad_x (transposed conv) and grad_weight (per-tap reduction)
-      gz_kernel<T, K><<<grid_1d(a.n * a.c * a.ho * a.wo), kThreads, 0, stream>>>(a);
-      if (const char* e = launch_error()) return e;
-      if (a.h * a.w > 0) {
-        grad_x_kernel<T, K><<<grid_1d(a.n * a.c * a.h * a.w), kThreads, 0, stream>>>(a);
-        if (const char* e = launch_error()) return e;
+      if (half != Half::kInputGrads) {
+        if (const char* e = launch_grad_sums<T, K>(a, t, stream)) return e;
       }
-      grad_w_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
-      if (const char* e = launch_error()) return e;
-      sum_rows_kernel<<<grid_1d(kk * a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, kk * a.c, kk * a.c,
-                                                                   a.grad_weight);
-      return launch_error();
+      if (half == Half::kSums) return nullptr;
+      return launch_input_grads<T, K>(a, t, stream);
     });
   });
 }
+
+}  // namespace
+
+const char* dwconv_bn_act_train_backward(const DWConvTrainArgs& a) {
+  DWConvTrainArgs local = a;
+  local.count = 0;  // this batch's statistics
+  return run_backward(local, Half::kBoth);
+}
+
+const char* dwconv_bn_grad_sums(const DWConvTrainArgs& a) { return run_backward(a, Half::kSums); }
+
+const char* dwconv_bn_input_grads(const DWConvTrainArgs& a) { return run_backward(a, Half::kInputGrads); }
 
 }  // namespace effnet

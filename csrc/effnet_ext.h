@@ -129,6 +129,9 @@ struct DWConvTrainArgs {
   float* grad_weight = nullptr;    // [k * k, C] fp32 (tap-major)
   float* grad_gamma = nullptr;     // [C] fp32
   float* grad_beta = nullptr;      // [C] fp32
+  // dwconv_bn_input_grads: the values per channel the statistics span (a process group's, for
+  // SyncBatchNorm); 0: n * ho * wo, this batch's
+  int64_t count = 0;
   int device = 0;
   void* stream = nullptr;
 };
@@ -143,6 +146,14 @@ const char* dwconv_bn_stats(const DWConvTrainArgs& args);
 // grad_x, grad_weight (tap-major), grad_gamma, grad_beta of dwconv_bn_act_train (through the
 // batch statistics; effnet_kernels/reference.py dwconv_bn_act_train_backward).
 const char* dwconv_bn_act_train_backward(const DWConvTrainArgs& args);
+
+// The backward's two halves, for statistics that span a process group (the caller all-reduces
+// between them): dwconv_bn_grad_sums writes this batch's grad_beta = sum(g), grad_gamma =
+// sum(g * xhat) (pass 1); dwconv_bn_input_grads reads grad_beta / grad_gamma as the sums over
+// `count` values per channel and writes grad_x and grad_weight (pass 2). The backward is the two
+// in sequence with count = n * ho * wo.
+const char* dwconv_bn_grad_sums(const DWConvTrainArgs& args);
+const char* dwconv_bn_input_grads(const DWConvTrainArgs& args);
 
 // se_excite_backward (se_train.cu): grad_y = grad_out * gate, grad_gate = sum_hw grad_out * y.
 struct SEExciteBackwardArgs {

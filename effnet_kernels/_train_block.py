@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .ops._checks import accumulation_dtype
+from .ops._checks import accumulation_dtype, conv_output_size
+from ._sync_bn import group_moments, group_sums, process_group, sync_blocker
 from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
 Tensor = torch.Tensor
@@ -77,7 +78,10 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var:
 
 
 def trains_like_batchnorm(bn: nn.Module) -> bool:
-    """A BatchNorm whose training forward is ``_BatchNorm``'s (or timm's ``BatchNormAct2d``, BN then act)."""
+    """A BatchNorm whose training forward is ``_BatchNorm``'s (or timm's ``BatchNormAct2d``, BN then act),
+    or ``nn.SyncBatchNorm``'s (see :mod:`effnet_kernels._sync_bn`)."""
+    if type(bn).forward is nn.SyncBatchNorm.forward:
+        return True
     if not isinstance(bn, nn.BatchNorm2d):
         return False
     forward = type(bn).forward
@@ -103,12 +107,13 @@ def train_blocker(plan: Any) -> Optional[str]:
         if spec.conv.bias is not None:
             return f"the {where} conv has a bias"
         bn = spec.bn
-        if isinstance(bn, nn.SyncBatchNorm):
-            return f"the {where} norm is a SyncBatchNorm (it trains through its own forward)"
         if not trains_like_batchnorm(bn):
             return f"the {where} norm is {type(bn).__name__}, whose training forward is its own"
         if not bn.training:
             return f"the {where} BatchNorm is in eval mode inside a training block (frozen statistics)"
+        reason = sync_blocker(bn, where)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -135,7 +140,7 @@ def composed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, ba
     h = x
     for m in plan.pre:
         h = m(h)  # a PointwiseSpec in training runs the original conv, BN, activation
-    y, pooled, _, _ = dw_forward(plan, h, backend)
+    y, pooled, _, _, _ = dw_forward(plan, h, backend)
     if plan.se is not None:
         y = ops.se_excite(y, plan.se.gate(pooled, backend), backend=backend)
     for m in plan.post:
@@ -146,20 +151,45 @@ def composed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, ba
     return y
 
 
-def dw_forward(plan: Any, h: Tensor, backend: Optional[str]) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+def dw_forward(plan: Any, h: Tensor, backend: Optional[str],
+               group: Any = None) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, int]:
     """The train-mode fused depthwise step (with the squeeze when the block has SE), updating the
-    depthwise BN's running statistics: ``(y, pooled or None, batch mean, biased batch var)``."""
+    depthwise BN's running statistics: ``(y, pooled or None, batch mean, biased batch var, count)``.
+
+    With a process ``group`` (SyncBatchNorm) the statistics are the group's: this batch's from
+    ``dwconv_bn_stats``, combined by :func:`~effnet_kernels._sync_bn.group_moments`, then applied;
+    ``count`` is the values per channel they span.
+    """
     dw = plan.dw
     bn = dw.bn
     squeeze = plan.se is not None
     factor = momentum_factor(bn)
     gamma, beta = _affine(bn.weight, bn.bias, bn.num_features, h)
-    out = ops.dwconv_bn_act_train(h, dw.conv.weight, gamma, beta, eps=float(bn.eps), stride=dw.stride,
-                                  padding=dw.resolve_padding(h), activation=dw.activation, squeeze=squeeze,
+    padding = dw.resolve_padding(h)
+    mean = var = None
+    count = None
+    if group is not None:
+        stride, pad4 = list(dw.stride), list(padding)
+        mean, var = torch.ops.effnet.dwconv_bn_stats.default(h, dw.conv.weight, stride, pad4,
+                                                              _backend_name(backend))
+        k = dw.conv.weight.shape[-1]
+        ho = conv_output_size(h.shape[2], pad4[2], pad4[3], k, stride[0], "height")
+        wo = conv_output_size(h.shape[3], pad4[0], pad4[1], k, stride[1], "width")
+        mean, var, count = group_moments(mean.to(gamma.dtype), var.to(gamma.dtype), h.shape[0] * ho * wo, group)
+    out = ops.dwconv_bn_act_train(h, dw.conv.weight, gamma, beta, eps=float(bn.eps), mean=mean, var=var,
+                                  stride=dw.stride, padding=padding, activation=dw.activation, squeeze=squeeze,
                                   backend=backend)
     y, pooled, mean, var = out if squeeze else (out[0], None, out[1], out[2])
-    update_running_stats(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3], factor)
-    return y, pooled, mean, var
+    if count is None:
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+    update_running_stats(bn, mean, var, count, factor)
+    return y, pooled, mean, var, count
+
+
+def _backend_name(backend: Optional[str]) -> str:
+    from .backends import requested_backend
+
+    return requested_backend(backend)
 
 
 # ---------------------------------------------------------------- the recomputing block
@@ -174,6 +204,10 @@ class _Step:
     eps: tuple[float, float, float]  # expand (0 without one), depthwise, projection BN eps
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    # expand, depthwise, projection: the process group a SyncBatchNorm's statistics span (None:
+    # this batch's), and the values per channel the forward's statistics spanned (set by the forward)
+    groups: tuple[Any, Any, Any] = (None, None, None)
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 # order of the Parameters RecomputedMBConv takes (absent ones are None)
@@ -203,15 +237,24 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], c: int, like: Tens
     return gamma, beta
 
 
-def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
-    """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd)``, running statistics
-    updated. ``out`` is :func:`_bn_apply`'s, so the backward's recompute reproduces it bit for bit."""
+def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                      group: Any = None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd, count)``, running
+    statistics updated; with a process ``group`` (SyncBatchNorm) the statistics are the group's and
+    ``count`` the values per channel they span. ``out`` is :func:`_bn_apply`'s, so the backward's
+    recompute reproduces it bit for bit."""
     factor = momentum_factor(bn)
     cdt = accumulation_dtype(h)
-    var, mean = torch.var_mean(h.to(cdt), dim=(0, 2, 3), correction=0)
-    update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3], factor)
+    count = h.shape[0] * h.shape[2] * h.shape[3]
+    if count:
+        var, mean = torch.var_mean(h.to(cdt), dim=(0, 2, 3), correction=0)
+    else:
+        mean = var = torch.zeros(h.shape[1], dtype=cdt, device=h.device)
+    if group is not None:
+        mean, var, count = group_moments(mean, var, count, group)
+    update_running_stats(bn, mean, var, count, factor)
     invstd = torch.rsqrt(var + float(bn.eps))
-    return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd
+    return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd, count
 
 
 def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
@@ -223,12 +266,35 @@ def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean:
 
 
 def _bn_backward(grad: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                 invstd: Tensor, eps: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(grad_h, grad_gamma, grad_beta) of train-mode BatchNorm, through the batch statistics."""
+                 invstd: Tensor, eps: float, group: Any = None,
+                 count: int = 0) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(grad_h, grad_gamma, grad_beta) of train-mode BatchNorm, through the batch statistics (with a
+    process ``group``: statistics over ``count`` values per channel of the group's batches)."""
+    if group is not None:
+        return _bn_backward_group(grad, h, weight, bias, mean, invstd, group, count)
     want = [True, weight is not None, bias is not None]
     gh, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.to(h.dtype), h, weight, None, None, mean, invstd,
                                                            True, eps, want)
     return gh, (gw if weight is not None else None), (gb if bias is not None else None)
+
+
+def _bn_backward_group(grad: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                       invstd: Tensor, group: Any, count: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`_bn_backward` for statistics spanning a process group (SyncBatchNorm's backward): this
+    batch's ``sum(g)``, ``sum(g * (h - mean))`` are summed over the group for the input gradient; the
+    weight and bias gradients are this batch's."""
+    cdt = mean.dtype
+    g = grad.to(cdt)
+    centred = h.to(cdt) - mean[None, :, None, None]
+    sum_g, sum_g_centred = g.sum(dim=(0, 2, 3)), (g * centred).sum(dim=(0, 2, 3))
+    grad_w = (sum_g_centred * invstd).to(weight.dtype) if weight is not None else None
+    grad_b = sum_g.to(bias.dtype) if bias is not None else None
+    total_g, total_gc = group_sums(sum_g, sum_g_centred, group)
+    m = max(count, 1)
+    gamma = weight.to(cdt) if weight is not None else torch.ones_like(mean)
+    k = (gamma * invstd)[None, :, None, None]
+    gh = (g - (total_g / m)[None, :, None, None] - centred * (invstd * invstd * total_gc / m)[None, :, None, None]) * k
+    return gh.to(h.dtype), grad_w, grad_b
 
 
 def _conv1x1(x: Tensor, weight: Tensor) -> Tensor:
@@ -266,6 +332,24 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
     return t if t.numel() else None
 
 
+def _dw_backward(gy: Tensor, gpooled: Optional[Tensor], a: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+                 mean: Tensor, var: Tensor, eps: float, stride: list, padding: list, activation: str, backend: str,
+                 group: Any, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_a, grad_weight, grad_gamma, grad_beta) of the train-mode depthwise step; with a process
+    ``group`` the input gradients come from the group's sums (``dwconv_bn_grad_sums``, all-reduced,
+    then ``dwconv_bn_input_grads``), gamma's and beta's from this batch's."""
+    if group is None:
+        return torch.ops.effnet.dwconv_bn_act_train_backward.default(
+            gy, gpooled, a, weight, gamma, beta, mean, var, eps, stride, padding, activation, backend)
+    sum_gx, sum_g = torch.ops.effnet.dwconv_bn_grad_sums.default(
+        gy, gpooled, a, weight, gamma, beta, mean, var, eps, stride, padding, activation, backend)
+    total_gx, total_g = group_sums(sum_gx, sum_g, group)
+    ga, gw = torch.ops.effnet.dwconv_bn_input_grads.default(
+        gy, gpooled, a, weight, gamma, beta, mean, var, total_gx, total_g, count, eps, stride, padding, activation,
+        backend)
+    return ga, gw, sum_gx, sum_g
+
+
 class RecomputedMBConv(torch.autograd.Function):
     """One MBConv block in training that saves its input and O(C) per image, and recomputes the rest.
 
@@ -282,15 +366,16 @@ class RecomputedMBConv(torch.autograd.Function):
         post = plan.post[0]
         h = x
         em = es = x.new_empty(0)
+        pre_group, dw_group, post_group = step.groups
         if pre is not None:
-            b, em, es = _bn_stats_forward(_conv1x1(x, pre.conv.weight), pre.bn)
+            b, em, es, step.counts[0] = _bn_stats_forward(_conv1x1(x, pre.conv.weight), pre.bn, pre_group)
             h = ACTIVATION_FNS[pre.activation](b)
-        y, pooled, dw_mean, dw_var = dw_forward(plan, h, step.backend)
+        y, pooled, dw_mean, dw_var, step.counts[1] = dw_forward(plan, h, step.backend, dw_group)
         gate = None
         if plan.se is not None:
             gate = plan.se.gate(pooled, step.backend)
             y = ops.se_excite(y, gate, backend=step.backend)
-        q, pm, ps = _bn_stats_forward(_conv1x1(y, post.conv.weight), post.bn)
+        q, pm, ps, step.counts[2] = _bn_stats_forward(_conv1x1(y, post.conv.weight), post.bn, post_group)
         out = q
         mask = None
         if plan.residual:
@@ -315,6 +400,8 @@ class RecomputedMBConv(torch.autograd.Function):
         dw = plan.dw
         se = plan.se
         backend = step.backend
+        pre_group, dw_group, post_group = step.groups
+        pre_count, dw_count, post_count = step.counts
         grads: dict[str, Optional[Tensor]] = dict.fromkeys(_PARAMS)
 
         # ---- recompute the block's large tensors, under the forward's autocast state
@@ -334,7 +421,8 @@ class RecomputedMBConv(torch.autograd.Function):
 
         # ---- backward, op by op
         gq = grad_out if mask is None else grad_out * mask
-        gp, grads["post_g"], grads["post_b"] = _bn_backward(gq, q_in, p["post_g"], p["post_b"], pm, ps, post_eps)
+        gp, grads["post_g"], grads["post_b"] = _bn_backward(gq, q_in, p["post_g"], p["post_b"], pm, ps, post_eps,
+                                                            post_group, post_count)
         ge, grads["post_w"] = _conv1x1_backward(gp, e, p["post_w"])
         gpooled = None
         if se is not None:
@@ -346,16 +434,17 @@ class RecomputedMBConv(torch.autograd.Function):
             grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
         else:
             gy = ge.to(y.dtype)
-        ga, grads["dw_w"], ggamma, gbeta = torch.ops.effnet.dwconv_bn_act_train_backward.default(
-            gy, gpooled, a, p["dw_w"], gamma, beta, dw_mean, dw_var, dw_eps, list(dw.stride), list(step.padding),
-            dw.activation, backend)
+        ga, grads["dw_w"], ggamma, gbeta = _dw_backward(gy, gpooled, a, p["dw_w"], gamma, beta, dw_mean, dw_var, dw_eps,
+                                                        list(dw.stride), list(step.padding), dw.activation, backend,
+                                                        dw_group, dw_count)
         if p["dw_g"] is not None:
             grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
         if p["dw_b"] is not None:
             grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
         if has_pre:
             gb = _act_backward(ga, b, pre_act)
-            gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps)
+            gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,
+                                                               pre_group, pre_count)
             gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
         else:
             gx = ga.to(x.dtype)
@@ -381,13 +470,23 @@ def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, 
 
     eps = (float(plan.pre[0].bn.eps) if plan.pre else 0.0, float(plan.dw.bn.eps), float(plan.post[0].bn.eps))
     step = _Step(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
-                 autocast=autocast_state(x.device.type), eps=eps, args=tuple(args), kwargs=dict(kwargs))
+                 autocast=autocast_state(x.device.type), eps=eps, args=tuple(args), kwargs=dict(kwargs),
+                 groups=process_groups(plan))
     return RecomputedMBConv.apply(x, step, *_params(plan))
+
+
+def process_groups(plan: Any) -> tuple[Any, Any, Any]:
+    """The process groups the expand, depthwise and projection statistics span (None: this batch's)."""
+    pre = process_group(plan.pre[0].bn) if plan.pre else None
+    return pre, process_group(plan.dw.bn), process_group(plan.post[0].bn)
 
 
 def train_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
     """A converted block's training forward: recomputing, or composed under torch.compile, without
-    grad mode, or for an empty batch."""
-    if torch.compiler.is_compiling() or x.shape[0] == 0 or not torch.is_grad_enabled():
+    grad mode, or for an empty batch. A block whose statistics span a process group (SyncBatchNorm)
+    always recomputes (every process must issue the same collectives; it never compiles fused:
+    :func:`train_blocker`)."""
+    synced = any(g is not None for g in process_groups(plan))
+    if not synced and (torch.compiler.is_compiling() or x.shape[0] == 0 or not torch.is_grad_enabled()):
         return composed_forward(plan, x, args, kwargs, backend)
     return recomputed_forward(plan, x, args, kwargs, backend)

@@ -190,7 +190,8 @@ def _unavailable() -> list[str]:
 
 
 # where each depthwise op's weight sits among its arguments (the kernel size check)
-_WEIGHT_ARG = {"dwconv_bn_act": 1, "dwconv_bn_act_train": 1, "dwconv_bn_act_train_backward": 3}
+_WEIGHT_ARG = {"dwconv_bn_act": 1, "dwconv_bn_act_train": 1, "dwconv_bn_act_train_backward": 3, "dwconv_bn_stats": 1,
+               "dwconv_bn_grad_sums": 3, "dwconv_bn_input_grads": 3}
 
 
 def _unsupported(op: str, t: Tensor, args: tuple = ()) -> list[str]:
@@ -376,35 +377,102 @@ def _with_partials(C: ModuleType, args: dict, like: Tensor) -> Tensor:
     return partials
 
 
+def dwconv_bn_stats(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """CUDA ``dwconv_bn_stats`` (signature of the reference's): per-block Welford partials of the conv
+    output, combined in a fixed order (deterministic); float32 ``[C]`` mean and biased variance."""
+    _check_kernel_size("dwconv_bn_stats", weight)
+    C = extension()
+    n, c = x.shape[0], x.shape[1]
+    if n == 0 or c == 0:
+        z = torch.zeros(c, dtype=torch.float32, device=x.device)
+        return z, z.clone()
+    args = _train_args(x, weight, stride, padding, "identity")
+    keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launch is queued
+    mean = _new_output("mean", (c,), x, torch.float32)
+    var = _new_output("var", (c,), x, torch.float32)
+    args.update(mean=mean.data_ptr(), var=var.data_ptr())
+    check("dwconv_bn_stats", C.dwconv_bn_stats(args))
+    del keep
+    return mean, var
+
+
 def dwconv_bn_act_train(
     x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
     eps: float, stride: Sequence[int], padding: Sequence[int], activation: str, squeeze: bool,
 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """CUDA ``dwconv_bn_act_train`` (signature of :func:`effnet_kernels.reference.dwconv_bn_act_train`).
 
-    Without given statistics, ``dwconv_bn_stats`` computes the batch mean and biased variance
-    of the conv output (per-block Welford partials, combined in a fixed order: deterministic);
-    then the eval forward kernel applies ``scale = gamma / sqrt(var + eps)``, ``shift = beta -
-    mean * scale`` (fp32, folded here) with the activation and the optional squeeze.
+    Without given statistics, :func:`dwconv_bn_stats` computes the batch mean and biased
+    variance of the conv output; then the eval forward kernel applies ``scale = gamma / sqrt(var +
+    eps)``, ``shift = beta - mean * scale`` (fp32, folded here) with the activation and the optional
+    squeeze.
     """
     _check_kernel_size("dwconv_bn_act_train", weight)
-    C = extension()
-    n, c = x.shape[0], x.shape[1]
     if mean is None or var is None:
-        if n == 0 or c == 0:
-            mean, var = gamma.new_zeros(c), gamma.new_zeros(c)
-        else:
-            args = _train_args(x, weight, stride, padding, "identity")
-            keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launch is queued
-            mean = _new_output("mean", (c,), x, torch.float32)
-            var = _new_output("var", (c,), x, torch.float32)
-            args.update(mean=mean.data_ptr(), var=var.data_ptr())
-            check("dwconv_bn_act_train", C.dwconv_bn_stats(args))
-            del keep
+        mean, var = dwconv_bn_stats(x, weight, stride, padding)
+        mean, var = mean.to(gamma.dtype), var.to(gamma.dtype)
     scale = gamma.float() * torch.rsqrt(var.float() + eps)
     shift = beta.float() - mean.float() * scale
     y, pooled = dwconv_bn_act(x, weight, scale, shift, stride, padding, activation, squeeze)
     return y, pooled, mean, var
+
+
+def _train_backward(op: str, grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor,
+                    gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float, stride: Sequence[int],
+                    padding: Sequence[int], activation: str, sums: Optional[tuple[Tensor, Tensor, int]] = None,
+                    input_grads: bool = True) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+    """Launch the backward (``op``: ``dwconv_bn_act_train_backward``), its first half alone
+    (``dwconv_bn_grad_sums``: ``input_grads=False``) or its second half given ``sums = (sum g xhat,
+    sum g, count)`` (``dwconv_bn_input_grads``). Returns (grad_x, grad_w tap-major, grad_gamma,
+    grad_beta), fp32 but for grad_x; the grad_x / grad_w of the first half alone are None."""
+    k = _check_kernel_size(op, weight)
+    C = extension()
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if _launch.layout_of(x) == "nhwc" else torch.contiguous_format
+    grad_x = _new_output("grad_x", (n, c, h, w), x, x.dtype, fmt) if input_grads else None
+    grad_w = _new_output("grad_weight", (k * k, c), x, torch.float32) if input_grads else None
+    if sums is None:
+        grad_gamma = _new_output("grad_gamma", (c,), x, torch.float32)
+        grad_beta = _new_output("grad_beta", (c,), x, torch.float32)
+    else:
+        grad_gamma, grad_beta = _launch.fp32_contiguous(sums[0]), _launch.fp32_contiguous(sums[1])
+    if n == 0 or c == 0:
+        for t in (grad_x, grad_w) if sums is not None else (grad_x, grad_w, grad_gamma, grad_beta):
+            if t is not None:
+                t.zero_()
+        return grad_x, grad_w, grad_gamma, grad_beta
+    args = _train_args(x, weight, stride, padding, activation)
+    keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launches are queued
+    ho, wo = args["ho"], args["wo"]
+    if grad_y is not None:
+        grad_y = grad_y.to(x.dtype)
+        keep.append(grad_y)
+        args.update(grad_y=grad_y.data_ptr(), gys=_strides(grad_y))
+    if grad_pooled is not None and grad_pooled.numel() > 0:
+        gp = _launch.fp32_contiguous(grad_pooled)
+        keep.append(gp)
+        args["grad_pooled"] = gp.data_ptr()
+    stats = [_launch.fp32_contiguous(t) for t in (gamma, beta, mean, var)]
+    keep.extend(stats)
+    args.update(gamma=stats[0].data_ptr(), beta=stats[1].data_ptr(), in_mean=stats[2].data_ptr(),
+                in_var=stats[3].data_ptr(), eps=float(eps), grad_gamma=grad_gamma.data_ptr(),
+                grad_beta=grad_beta.data_ptr())
+    if input_grads:
+        gz = _new_output("gz", (n, c, ho, wo), x, torch.float32, fmt)
+        keep.append(gz)
+        args.update(gz=gz.data_ptr(), gzs=_strides(gz), grad_x=grad_x.data_ptr(), gxs=_strides(grad_x),
+                    grad_weight=grad_w.data_ptr())
+    if sums is not None:
+        args["count"] = int(sums[2])
+    launch = {"dwconv_bn_act_train_backward": C.dwconv_bn_act_train_backward,
+              "dwconv_bn_grad_sums": C.dwconv_bn_grad_sums, "dwconv_bn_input_grads": C.dwconv_bn_input_grads}[op]
+    check(op, launch(args))
+    del keep
+    return grad_x, grad_w, grad_gamma, grad_beta
+
+
+def _grad_weight(grad_w: Tensor, weight: Tensor) -> Tensor:
+    return grad_w.t().reshape(weight.shape).to(weight.dtype).contiguous()
 
 
 def dwconv_bn_act_train_backward(
@@ -418,41 +486,34 @@ def dwconv_bn_act_train_backward(
     the reductions' partials. Every reduction is fixed-order: the gradients are bitwise
     reproducible.
     """
-    k = _check_kernel_size("dwconv_bn_act_train_backward", weight)
-    C = extension()
-    n, c, h, w = x.shape
-    fmt = torch.channels_last if _launch.layout_of(x) == "nhwc" else torch.contiguous_format
-    grad_x = _new_output("grad_x", (n, c, h, w), x, x.dtype, fmt)
-    grad_w = _new_output("grad_weight", (k * k, c), x, torch.float32)
-    grad_gamma = _new_output("grad_gamma", (c,), x, torch.float32)
-    grad_beta = _new_output("grad_beta", (c,), x, torch.float32)
-    if n == 0 or c == 0:
-        grad_x.zero_(), grad_w.zero_(), grad_gamma.zero_(), grad_beta.zero_()
-    else:
-        args = _train_args(x, weight, stride, padding, activation)
-        keep = [args["weight"], _with_partials(C, args, x)]  # alive until the launches are queued
-        ho, wo = args["ho"], args["wo"]
-        if grad_y is not None:
-            grad_y = grad_y.to(x.dtype)
-            keep.append(grad_y)
-            args.update(grad_y=grad_y.data_ptr(), gys=_strides(grad_y))
-        if grad_pooled is not None and grad_pooled.numel() > 0:
-            gp = _launch.fp32_contiguous(grad_pooled)
-            keep.append(gp)
-            args["grad_pooled"] = gp.data_ptr()
-        stats = [_launch.fp32_contiguous(t) for t in (gamma, beta, mean, var)]
-        keep.extend(stats)
-        gz = _new_output("gz", (n, c, ho, wo), x, torch.float32, fmt)
-        args.update(
-            gamma=stats[0].data_ptr(), beta=stats[1].data_ptr(), in_mean=stats[2].data_ptr(),
-            in_var=stats[3].data_ptr(), eps=float(eps), gz=gz.data_ptr(), gzs=_strides(gz),
-            grad_x=grad_x.data_ptr(), gxs=_strides(grad_x), grad_weight=grad_w.data_ptr(),
-            grad_gamma=grad_gamma.data_ptr(), grad_beta=grad_beta.data_ptr(),
-        )
-        check("dwconv_bn_act_train_backward", C.dwconv_bn_act_train_backward(args))
-        del keep
-    grad_weight = grad_w.t().reshape(weight.shape).to(weight.dtype).contiguous()
-    return grad_x, grad_weight, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+    grad_x, grad_w, grad_gamma, grad_beta = _train_backward(
+        "dwconv_bn_act_train_backward", grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding,
+        activation)
+    return grad_x, _grad_weight(grad_w, weight), grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
+def dwconv_bn_grad_sums(
+    grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, eps: float, stride: Sequence[int], padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """CUDA ``dwconv_bn_grad_sums`` (signature of the reference's): the backward's first pass alone."""
+    _, _, grad_gamma, grad_beta = _train_backward(
+        "dwconv_bn_grad_sums", grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding,
+        activation, input_grads=False)
+    return grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
+def dwconv_bn_input_grads(
+    grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int, eps: float, stride: Sequence[int],
+    padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """CUDA ``dwconv_bn_input_grads`` (signature of the reference's): the backward's second pass with
+    the given sums over ``count`` values per channel."""
+    grad_x, grad_w, _, _ = _train_backward(
+        "dwconv_bn_input_grads", grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding,
+        activation, sums=(sum_g_xhat, sum_g, count))
+    return grad_x, _grad_weight(grad_w, weight)
 
 
 def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
@@ -533,6 +594,9 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "se_excite": se_excite,
     "dwconv_bn_act_train": dwconv_bn_act_train,
     "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
+    "dwconv_bn_stats": dwconv_bn_stats,
+    "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
+    "dwconv_bn_input_grads": dwconv_bn_input_grads,
     "se_excite_backward": se_excite_backward,
     "se_gate_backward": se_gate_backward,
 }

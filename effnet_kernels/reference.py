@@ -171,6 +171,63 @@ def dwconv_bn_act_train(
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x)), pooled, mean.to(gamma.dtype), var.to(gamma.dtype)
 
 
+def dwconv_bn_stats(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``z = dwconv(pad(x))`` over (N, Ho, Wo), float32
+    (float64 for float64 x); zeros for an empty batch."""
+    _, _, z = _bn_input(x, weight, stride, padding)
+    return _batch_moments(z)
+
+
+def _train_grad_at_bn(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor,
+                      beta: Tensor, mean: Tensor, var: Tensor, eps: float, stride: Sequence[int],
+                      padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(padded x, weight, z, g, xhat, invstd): the conv output ``z`` recomputed from ``x``, the gradient
+    ``g`` at the BatchNorm output and the normalised conv output ``xhat``, in the compute dtype."""
+    xp, w, z = _bn_input(x, weight, stride, padding)
+    invstd = torch.rsqrt(var.to(z.dtype) + eps)
+    xhat = (z - mean.to(z.dtype)[None, :, None, None]) * invstd[None, :, None, None]
+    u = xhat * _per_channel(gamma, z) + _per_channel(beta, z)
+    return xp, w, z, _grad_at_activation(grad_y, grad_mean, u, activation), xhat, invstd
+
+
+def _grad_sums(g: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
+    return (g * xhat).sum(dim=(0, 2, 3)), g.sum(dim=(0, 2, 3))
+
+
+def _input_grads(parts: tuple, x: Tensor, weight: Tensor, gamma: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int,
+                 stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor]:
+    xp, w, z, g, xhat, invstd = parts
+    m = max(count, 1)
+    gz = g - _per_channel(sum_g / m, z) - xhat * _per_channel(sum_g_xhat / m, z)
+    gz = gz * (gamma.to(z.dtype) * invstd)[None, :, None, None]
+    return _dwconv_input_grads(gz, xp, w, x, weight, stride, padding)
+
+
+def dwconv_bn_grad_sums(
+    grad_y: Optional[Tensor], grad_mean: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, eps: float, stride: Sequence[int], padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """``(sum(g * xhat), sum(g))`` per channel over this batch: ``(grad_gamma, grad_beta)`` of
+    ``dwconv_bn_act_train`` normalised with ``mean``/``var`` (see :func:`dwconv_bn_act_train_backward`)."""
+    parts = _train_grad_at_bn(grad_y, grad_mean, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
+    sum_g_xhat, sum_g = _grad_sums(parts[3], parts[4])
+    return sum_g_xhat.to(gamma.dtype), sum_g.to(beta.dtype)
+
+
+def dwconv_bn_input_grads(
+    grad_y: Optional[Tensor], grad_mean: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int, eps: float, stride: Sequence[int],
+    padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_weight)`` of ``dwconv_bn_act_train`` whose statistics span ``count`` values per
+    channel (this batch's, or a whole process group's: SyncBatchNorm), given the per-channel
+    ``sum(g * xhat)`` and ``sum(g)`` over those values:
+    ``grad_z = gamma * invstd * (g - sum_g / count - xhat * sum_g_xhat / count)``."""
+    parts = _train_grad_at_bn(grad_y, grad_mean, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
+    dt = parts[2].dtype
+    return _input_grads(parts, x, weight, gamma, sum_g_xhat.to(dt), sum_g.to(dt), count, stride, padding)
+
+
 def dwconv_bn_act_train_backward(
     grad_y: Optional[Tensor],
     grad_mean: Optional[Tensor],
@@ -192,17 +249,11 @@ def dwconv_bn_act_train_backward(
     ``grad_beta = sum(g)``, ``grad_gamma = sum(g * xhat)``,
     ``grad_z = gamma * invstd * (g - grad_beta / M - xhat * grad_gamma / M)``.
     """
-    xp, w, z = _bn_input(x, weight, stride, padding)
-    invstd = torch.rsqrt(var.to(z.dtype) + eps)
-    xhat = (z - mean.to(z.dtype)[None, :, None, None]) * invstd[None, :, None, None]
-    u = xhat * _per_channel(gamma, z) + _per_channel(beta, z)
-    g = _grad_at_activation(grad_y, grad_mean, u, activation)
-    grad_beta = g.sum(dim=(0, 2, 3))
-    grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
-    m = max(z.shape[0] * z.shape[2] * z.shape[3], 1)
-    gz = (g - (grad_beta / m)[None, :, None, None] - xhat * (grad_gamma / m)[None, :, None, None])
-    gz = gz * (gamma.to(z.dtype) * invstd)[None, :, None, None]
-    grad_x, grad_w = _dwconv_input_grads(gz, xp, w, x, weight, stride, padding)
+    parts = _train_grad_at_bn(grad_y, grad_mean, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
+    z = parts[2]
+    grad_gamma, grad_beta = _grad_sums(parts[3], parts[4])
+    grad_x, grad_w = _input_grads(parts, x, weight, gamma, grad_gamma, grad_beta, z.shape[0] * z.shape[2] * z.shape[3],
+                                  stride, padding)
     return grad_x, grad_w, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
 
 
@@ -370,6 +421,9 @@ IMPLEMENTATIONS = {
     "dwconv_bn_act_backward": dwconv_bn_act_backward,
     "dwconv_bn_act_train": dwconv_bn_act_train,
     "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
+    "dwconv_bn_stats": dwconv_bn_stats,
+    "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
+    "dwconv_bn_input_grads": dwconv_bn_input_grads,
     "se_gate": se_gate,
     "se_gate_backward": se_gate_backward,
     "se_excite": se_excite,

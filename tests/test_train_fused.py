@@ -248,7 +248,6 @@ def test_what_autograd_saves_is_the_block_input_and_small_tensors():
 
 
 @pytest.mark.parametrize("why,edit", [
-    ("SyncBatchNorm", lambda b: setattr(b, "dw_bn", nn.SyncBatchNorm(b.dw_bn.num_features))),
     ("eval mode", lambda b: b.project_bn.eval()),
     ("bias", lambda b: setattr(b.project_conv, "bias", nn.Parameter(torch.zeros(b.project_conv.out_channels)))),
 ])

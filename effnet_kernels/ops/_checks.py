@@ -8,7 +8,7 @@ directly cannot crash a kernel. Errors are ``TypeError`` (wrong type or dtype) o
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -164,8 +164,8 @@ def conv_output_size(size: int, before: int, after: int, k: int, stride: int, di
 def check_dwconv_args(
     x: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
     stride: Sequence[int],
     padding: Sequence[int],
     affine_names: tuple[str, str] = ("scale", "shift"),
@@ -173,7 +173,7 @@ def check_dwconv_args(
     """Validate ``dwconv_bn_act`` inputs (already normalised); return the output (H, W).
 
     ``affine_names`` are the names the per-channel pair goes by in errors (``("gamma", "beta")``
-    for the train-mode op)."""
+    for the train-mode op); ``scale=shift=None``: an op without one (``dwconv_bn_stats``)."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4)
     c = x.shape[1]
@@ -183,14 +183,15 @@ def check_dwconv_args(
     if k % 2 == 0:
         raise ValueError(f"weight's kernel size must be odd, got {k}")
     a, b = affine_names
-    check_vector(scale, a, c, "one per channel of x")
-    check_vector(shift, b, c, "one per channel of x")
-    folded = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
-    if scale.dtype not in folded or shift.dtype not in folded:
-        raise TypeError(
-            f"{a} and {b} must be float32 (BatchNorm parameters in fp32; float64 too when x is float64), "
-            f"got {scale.dtype} and {shift.dtype}"
-        )
+    if scale is not None or shift is not None:
+        check_vector(scale, a, c, "one per channel of x")
+        check_vector(shift, b, c, "one per channel of x")
+        folded = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+        if scale.dtype not in folded or shift.dtype not in folded:
+            raise TypeError(
+                f"{a} and {b} must be float32 (BatchNorm parameters in fp32; float64 too when x is float64), "
+                f"got {scale.dtype} and {shift.dtype}"
+            )
     check_same_device(x, "x", weight=weight, **{a: scale, b: shift})
     if len(stride) != 2 or any(s not in (1, 2) for s in stride):
         raise ValueError(f"stride must be a pair of 1s and 2s, got {list(stride)}")

@@ -33,7 +33,7 @@ def _check_forward(x, weight, gamma, beta, mean, var, eps, stride, padding, acti
         _checks.check_vector(mean, "mean", c, "the batch mean of the conv output per channel")
         _checks.check_vector(var, "var", c, "the biased batch variance of the conv output per channel")
         _checks.check_same_device(x, "x", mean=mean, var=var)
-    if x.shape[0] * ho * wo == 1:
+    if mean is None and x.shape[0] * ho * wo == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training (batch statistics of one value), "
             f"got x of shape {list(x.shape)} giving a {ho}x{wo} output")
@@ -80,6 +80,66 @@ define(
     "-> (Tensor, Tensor, Tensor, Tensor)",
     _check_backward,
     _fake_backward,
+)
+
+
+# The two halves of the backward and the statistics alone, for a BatchNorm whose statistics
+# span a process group (SyncBatchNorm, :mod:`effnet_kernels._sync_bn`): the caller all-reduces
+# between them. Not differentiable (they are pieces of a backward).
+def _check_stats(x, weight, stride, padding):
+    _checks.check_dwconv_args(x, weight, None, None, stride, padding)
+
+
+def _fake_stats(x, weight, stride, padding, backend):
+    _check_stats(x, weight, stride, padding)
+    sdt = _checks.accumulation_dtype(x)
+    return x.new_empty((x.shape[1],), dtype=sdt), x.new_empty((x.shape[1],), dtype=sdt)
+
+
+def _fake_grad_sums(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation,
+                    backend):
+    _check_backward(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
+    return torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _check_input_grads(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, sum_g_xhat, sum_g, count, eps, stride,
+                       padding, activation):
+    _check_backward(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, eps, stride, padding, activation)
+    c = x.shape[1]
+    _checks.check_vector(sum_g_xhat, "sum_g_xhat", c, "per channel sum of grad * xhat over the statistics' values")
+    _checks.check_vector(sum_g, "sum_g", c, "per channel sum of grad over the statistics' values")
+    _checks.check_same_device(x, "x", sum_g_xhat=sum_g_xhat, sum_g=sum_g)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be the non-negative number of values per channel the statistics span, got {count!r}")
+
+
+def _fake_input_grads(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, sum_g_xhat, sum_g, count, eps, stride,
+                      padding, activation, backend):
+    _check_input_grads(grad_y, grad_pooled, x, weight, gamma, beta, mean, var, sum_g_xhat, sum_g, count, eps, stride,
+                       padding, activation)
+    return fake_input_grads(x, weight, gamma, beta)[:2]
+
+
+define(
+    "dwconv_bn_stats",
+    "(Tensor x, Tensor weight, int[2] stride, int[4] padding, str backend) -> (Tensor, Tensor)",
+    _check_stats,
+    _fake_stats,
+)
+define(
+    "dwconv_bn_grad_sums",
+    "(Tensor? grad_y, Tensor? grad_pooled, Tensor x, Tensor weight, Tensor gamma, Tensor beta, Tensor mean, "
+    "Tensor var, float eps, int[2] stride, int[4] padding, str activation, str backend) -> (Tensor, Tensor)",
+    _check_backward,
+    _fake_grad_sums,
+)
+define(
+    "dwconv_bn_input_grads",
+    "(Tensor? grad_y, Tensor? grad_pooled, Tensor x, Tensor weight, Tensor gamma, Tensor beta, Tensor mean, "
+    "Tensor var, Tensor sum_g_xhat, Tensor sum_g, int count, float eps, int[2] stride, int[4] padding, "
+    "str activation, str backend) -> (Tensor, Tensor)",
+    _check_input_grads,
+    _fake_input_grads,
 )
 
 

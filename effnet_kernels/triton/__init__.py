@@ -56,13 +56,18 @@ def _load() -> dict:
 
 def _training_impls() -> dict:
     """The training ops (issue #11): train-mode forward and the backward ops."""
-    from .dwconv_backward import dwconv_bn_act_backward, dwconv_bn_act_train_backward
-    from .dwconv_train import dwconv_bn_act_train
+    from .dwconv_backward import (
+        dwconv_bn_act_backward, dwconv_bn_act_train_backward, dwconv_bn_grad_sums, dwconv_bn_input_grads,
+    )
+    from .dwconv_train import dwconv_bn_act_train, dwconv_bn_stats
     from .se_backward import se_excite_backward, se_gate_backward
 
     return {
         "dwconv_bn_act_train": dwconv_bn_act_train,
         "dwconv_bn_act_train_backward": dwconv_bn_act_train_backward,
+        "dwconv_bn_stats": dwconv_bn_stats,
+        "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
+        "dwconv_bn_input_grads": dwconv_bn_input_grads,
         "dwconv_bn_act_backward": dwconv_bn_act_backward,
         "se_excite_backward": se_excite_backward,
         "se_gate_backward": se_gate_backward,

@@ -188,6 +188,25 @@ def _empty_grads(g: Geometry, weight: Tensor, *per_channel_like: Tensor) -> tupl
             *(torch.zeros_like(t) for t in per_channel_like))
 
 
+def _train_chan(g: Geometry, mean: Tensor, var: Tensor, eps: float, gamma: Tensor, beta: Tensor) -> Tensor:
+    """The per-channel rows ``_grad_u_kernel`` reads in train mode: (center, invstd, a, b, k1, k2, k3), k unset."""
+    f32 = torch.float32
+    zeros = torch.zeros_like(gamma, dtype=f32)
+    invstd = torch.rsqrt(var.to(f32) + eps)
+    return torch.stack([mean.to(f32), invstd, gamma.to(f32), beta.to(f32), zeros, zeros, zeros])
+
+
+def _train_gz(g: Geometry, w_tap: Tensor, grad_y, grad_pooled, chan: Tensor, activation: str, sum_g_xhat: Tensor,
+              sum_g: Tensor, count: int) -> Tensor:
+    """Pass 2 (train mode): ``gz = gamma invstd (g - sum_g / count - xhat sum_g_xhat / count)`` as float32."""
+    gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=torch.float32)
+    m = max(count, 1)
+    k1 = chan[2] * chan[1]
+    chan[4], chan[5], chan[6] = k1, -k1 * sum_g_xhat.to(torch.float32) / m, -k1 * sum_g.to(torch.float32) / m
+    _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, False, gz)
+    return gz
+
+
 def _backward(grad_y, grad_pooled, x, weight, center, invstd, a, b, stride, padding, activation, train):
     """The shared three passes (two in eval mode); returns (grad_x, grad_weight, sum g xhat, sum g)."""
     g = geometry(x, weight, stride, padding, grad_y)
@@ -195,15 +214,13 @@ def _backward(grad_y, grad_pooled, x, weight, center, invstd, a, b, stride, padd
         return _empty_grads(g, weight, a, b)
     w_tap = tap_major(weight)
     zeros = torch.zeros_like(a)
-    gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=torch.float32)
     with device_guard(g.x):
         if train:
             chan = torch.stack([center, invstd, a, b, zeros, zeros, zeros])
             sums = _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, True, None)
-            k1 = a * invstd
-            chan[4], chan[5], chan[6] = k1, -k1 * sums[1] / g.m, -k1 * sums[0] / g.m
-            _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, False, gz)
+            gz = _train_gz(g, w_tap, grad_y, grad_pooled, chan, activation, sums[1], sums[0], g.m)
         else:
+            gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=torch.float32)
             chan = torch.stack([center, invstd, a, b, a, zeros, zeros])
             sums = _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, True, gz)
         grad_x, grad_w = _input_grads(g, w_tap, gz, weight)
@@ -235,6 +252,38 @@ def dwconv_bn_act_train_backward(
         grad_y, grad_pooled, x, weight, mean.to(f32), invstd, gamma.to(f32), beta.to(f32), stride, padding,
         activation, True)
     return grad_x, grad_w, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
+def dwconv_bn_grad_sums(
+    grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, eps: float, stride: Sequence[int], padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """Triton ``effnet::dwconv_bn_grad_sums`` (signature of the reference): pass 1 alone,
+    ``(sum(g xhat), sum(g))`` per channel in gamma's / beta's dtype."""
+    g = geometry(x, weight, stride, padding, grad_y)
+    if g.m == 0 or g.x.numel() == 0:
+        return torch.zeros_like(gamma), torch.zeros_like(beta)
+    with device_guard(g.x):
+        sums = _grad_u(g, tap_major(weight), grad_y, grad_pooled, _train_chan(g, mean, var, eps, gamma, beta),
+                       activation, True, None)
+    return sums[1].to(gamma.dtype), sums[0].to(beta.dtype)
+
+
+def dwconv_bn_input_grads(
+    grad_y: Optional[Tensor], grad_pooled: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+    mean: Tensor, var: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int, eps: float, stride: Sequence[int],
+    padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor]:
+    """Triton ``effnet::dwconv_bn_input_grads`` (signature of the reference): passes 2 and 3 with the
+    given sums over ``count`` values per channel; ``(grad_x, grad_weight)``."""
+    g = geometry(x, weight, stride, padding, grad_y)
+    if g.m == 0 or g.x.numel() == 0:
+        return _empty_grads(g, weight)
+    w_tap = tap_major(weight)
+    with device_guard(g.x):
+        chan = _train_chan(g, mean, var, eps, gamma, beta)
+        gz = _train_gz(g, w_tap, grad_y, grad_pooled, chan, activation, sum_g_xhat, sum_g, count)
+        return _input_grads(g, w_tap, gz, weight)
 
 
 def dwconv_bn_act_backward(

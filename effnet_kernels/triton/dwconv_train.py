@@ -272,6 +272,11 @@ def batch_statistics(g: Geometry, weight: Tensor) -> tuple[Tensor, Tensor]:
         return combine_moments(part)
 
 
+def dwconv_bn_stats(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Triton ``effnet::dwconv_bn_stats`` (signature of the reference): :func:`batch_statistics`."""
+    return batch_statistics(geometry(x, weight, stride, padding), weight)
+
+
 def dwconv_bn_act_train(
     x: Tensor,
     weight: Tensor,
