@@ -120,10 +120,16 @@ def drop_mask(plan: Any, branch: Tensor, args: Sequence[Any], kwargs: dict) -> O
     Per-sample drops (``plan.drop_per_sample``) get a ``[N, 1, 1, 1]`` ones tensor, others one of
     ``branch``'s shape.
     """
+    return drop_mask_for(plan, tuple(branch.shape), branch.dtype, branch.device, args, kwargs)
+
+
+def drop_mask_for(plan: Any, shape: Sequence[int], dtype: torch.dtype, device: torch.device, args: Sequence[Any],
+                  kwargs: dict) -> Optional[Tensor]:
+    """:func:`drop_mask` for a branch of this shape, dtype and device, before the branch is computed."""
     if plan.drop is None or not plan.residual:
         return None
-    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1) if plan.drop_per_sample else tuple(branch.shape)
-    ones = torch.ones(shape, dtype=branch.dtype, device=branch.device)
+    shape = (shape[0],) + (1,) * (len(shape) - 1) if plan.drop_per_sample else tuple(shape)
+    ones = torch.ones(shape, dtype=dtype, device=device)
     mask = plan.drop(ones, *args, **kwargs)
     return None if mask is ones else mask
 
