@@ -18,6 +18,9 @@ the library's own stochastic depth):
   used under ``torch.compile`` (whose partitioner decides what to recompute) and for an
   empty batch.
 
+A block whose BatchNorms are all frozen (eval mode) trains through the folded eval ops instead
+(:mod:`effnet_kernels._frozen_block`); one with some frozen and some training trains eagerly.
+
 Bytes, per output pixel of an MBConv with expansion 6 and C input channels, fp16: eager
 autograd keeps the expand conv output, its BN and SiLU outputs, the depthwise conv, BN and
 SiLU outputs, the excite product and the projection's conv output (~8 tensors of 6C or C
@@ -88,7 +91,8 @@ def trains_like_batchnorm(bn: nn.Module) -> bool:
 
 # ---------------------------------------------------------------- what can train fused
 def train_blocker(plan: Any) -> Optional[str]:
-    """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None."""
+    """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None: its parts
+    must be plain, and its BatchNorms all training or all frozen (:mod:`effnet_kernels._frozen_block`)."""
     from .nn import PointwiseSpec
 
     if plan.drop is UNKNOWN_DROP:
@@ -107,9 +111,9 @@ def train_blocker(plan: Any) -> Optional[str]:
             return f"the {where} norm is a SyncBatchNorm (it trains through its own forward)"
         if not trains_like_batchnorm(bn):
             return f"the {where} norm is {type(bn).__name__}, whose training forward is its own"
-        if not bn.training:
-            return f"the {where} BatchNorm is in eval mode inside a training block (frozen statistics)"
-    return None
+    from ._frozen_block import batchnorm_blocker
+
+    return batchnorm_blocker([(where, spec.bn) for where, spec in parts])
 
 
 # ---------------------------------------------------------------- stochastic depth
@@ -392,8 +396,13 @@ def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, 
 
 
 def train_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
-    """A converted block's training forward: recomputing, or composed under torch.compile, without
-    grad mode, or for an empty batch."""
+    """A converted block's training forward (``plan`` passed :func:`train_blocker`): with every
+    BatchNorm frozen the folded ops with autograd (:func:`effnet_kernels._frozen_block.frozen_forward`);
+    else recomputing, or composed under torch.compile, without grad mode, or for an empty batch."""
+    from ._frozen_block import all_frozen, frozen_forward
+
+    if all_frozen(plan):
+        return frozen_forward(plan, x, args, kwargs, backend)
     if torch.compiler.is_compiling() or x.shape[0] == 0 or not torch.is_grad_enabled():
         return composed_forward(plan, x, args, kwargs, backend)
     return recomputed_forward(plan, x, args, kwargs, backend)
