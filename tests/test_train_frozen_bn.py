@@ -2,10 +2,10 @@
 the folded eval ops with autograd (:mod:`effnet_kernels._frozen_block`).
 
 * blocks (expand + SE + residual with and without stochastic depth, stride 2, no expand, no SE,
-  affine not trained) and a torchvision look-alike: output, loss, x's gradient and every parameter
-  gradient by DESIGN's rule against an fp64 twin (``tests.parity.assert_parity``), and SGD steps
-  by :func:`effnet_kernels.testing.train_step_parity`; the fused ops really ran, running
-  statistics and ``num_batches_tracked`` unchanged;
+  affine not trained; fp32, fp16, bf16, bf16 autocast) and a torchvision look-alike: output, loss,
+  x's gradient and every parameter gradient by DESIGN's rule against an fp64 twin
+  (``tests.parity.assert_parity``), and SGD steps by :func:`effnet_kernels.testing.train_step_parity`;
+  the fused ops really ran, running statistics and ``num_batches_tracked`` unchanged;
 * stochastic depth (efficientnet_pytorch's drop connect too) draws the original's samples under one seed;
 * the folds: differentiable and uncached while autograd needs them, cached otherwise and never
   stale after an optimizer step;
@@ -72,7 +72,9 @@ def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def assert_frozen_step(eager: nn.Module, fused: nn.Module, x: torch.Tensor, *, seed: int = 0) -> None:
     """One training step of ``fused`` against an fp64 twin of ``eager`` (BatchNorms frozen in all three, the
     same seed for each forward), by DESIGN's rule with eager in fp32 the budget: output and the loss
-    ``sum(out * P)`` (forward), x's gradient and every parameter gradient (backward); the buffers do not move."""
+    ``sum(out * P)`` (forward; in fp32 only: in fp16 / bf16 the loss, an fp64 sum of the output's errors judged
+    one by one already, is the ratio of two random sums), x's gradient and every parameter gradient (backward);
+    the buffers do not move."""
     ref = freeze_bn(copy.deepcopy(eager).to(torch.float64))
     before = bn_state(fused)
     runs = {}
@@ -88,6 +90,8 @@ def assert_frozen_step(eager: nn.Module, fused: nn.Module, x: torch.Tensor, *, s
                          **{n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert runs["fused"].keys() == runs["fp64"].keys(), "gradients of different parameters"
     for what, ref64 in runs["fp64"].items():
+        if what == "loss" and x.dtype != torch.float32:
+            continue
         kind = "forward" if what in ("output", "loss") else "backward"
         assert_parity(runs["fused"][what], ref64, runs["eager"][what], x.dtype, kind, what)
     after = bn_state(fused)
@@ -114,6 +118,21 @@ def test_frozen_block_with_frozen_affine_trains_its_convs():
 def test_frozen_block_channels_last():
     eager, fused, x = frozen_pair(FROZEN_BLOCKS["k5_s2_se"], fmt=torch.channels_last)
     assert_frozen_step(eager, fused, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["expand_se_residual_drop", "no_expand_se"])
+def test_frozen_block_in_low_precision(name, dtype):
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS[name], batch=8)
+    assert_frozen_step(freeze_bn(eager.to(dtype)), freeze_bn(fused.to(dtype)), x.to(dtype))
+
+
+def test_frozen_block_under_bf16_autocast():
+    """The eval ops do not follow autocast (they compute in the input's dtype, as an eval block does):
+    within the rule against eager's bf16 autocast error."""
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual_drop"], batch=8)
+    assert_train_parity(eager, fused, x, steps=2, dtype=torch.bfloat16, forward=frozen_run,
+                        context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
 def test_frozen_block_runs_the_fused_ops_and_leaves_the_statistics():
