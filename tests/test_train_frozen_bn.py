@@ -11,6 +11,7 @@ the folded eval ops with autograd (:mod:`effnet_kernels._frozen_block`).
   stale after an optimizer step;
 * mixed frozen / training BatchNorms train eagerly and say why; unfrozen again, the block trains
   through the batch-statistics fused path;
+* torch.compile(fullgraph=True) traces the frozen path;
 * this package's B0 with every BatchNorm frozen, end to end;
 * negative controls: every planted defect fails the check.
 """
@@ -206,6 +207,21 @@ def test_optimizer_step_then_forward_again_sees_the_new_weights():
             assert (yf - before).abs().max() > 1e-3 * before.abs().max(), "the step did not change the output"
             torch.testing.assert_close(yf, ye, rtol=1e-5, atol=1e-5 * float(ye.abs().max()), msg=mode)
     assert_frozen_step(freeze_bn(eager.train()), freeze_bn(fused.train()), x)
+
+
+def test_frozen_block_compiles_fullgraph():
+    """torch.compile (aot_eager: the ops' fakes and autograd, no codegen) traces the frozen path in one graph."""
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual_drop"], batch=8)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    grads = []
+    for m in (eager, compiled):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = m(xr)
+        out.square().sum().backward()
+        grads.append((out.detach(), xr.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 # ---------------------------------------------------------------- mixed modes
