@@ -43,6 +43,11 @@ def _listed(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _bns(names: Sequence[str]) -> str:
+    """``"the expand BatchNorm is"`` / ``"the expand and depthwise BatchNorms are"``."""
+    return f"the {_listed(names)} " + ("BatchNorm is" if len(names) == 1 else "BatchNorms are")
+
+
 def batchnorm_blocker(norms: Sequence[tuple[str, nn.Module]]) -> Optional[str]:
     """Why BatchNorms in these modes keep a training block eager, or None: they must be all
     training (batch statistics, :mod:`effnet_kernels._train_block`) or all frozen (this module)."""
@@ -50,12 +55,11 @@ def batchnorm_blocker(norms: Sequence[tuple[str, nn.Module]]) -> Optional[str]:
     training = [where for where, bn in norms if bn.training]
     untracked = [where for where, bn in norms if not bn.training and where not in frozen]
     if untracked:
-        return (f"the {_listed(untracked)} BatchNorm is in eval mode without running statistics (it normalises "
-                f"with batch statistics it does not track)")
+        return (f"{_bns(untracked)} in eval mode without running statistics (normalising with batch statistics "
+                f"it does not track)")
     if frozen and training:
-        verb = "is" if len(frozen) == 1 else "are"
-        return (f"the {_listed(frozen)} BatchNorm {verb} in eval mode (frozen statistics) and the "
-                f"{_listed(training)} training: a block trains fused with all its BatchNorms frozen or all training")
+        return (f"{_bns(frozen)} in eval mode (frozen statistics) while {_bns(training)} training: a block trains "
+                f"fused with all its BatchNorms frozen or all training")
     return None
 
 
