@@ -18,6 +18,9 @@ the library's own stochastic depth):
   used under ``torch.compile`` (whose partitioner decides what to recompute) and for an
   empty batch.
 
+A block whose BatchNorms are all frozen (eval mode) trains through the folded eval ops instead
+(:mod:`effnet_kernels._frozen_block`); one with some frozen and some training trains eagerly.
+
 Bytes, per output pixel of an MBConv with expansion 6 and C input channels, fp16: eager
 autograd keeps the expand conv output, its BN and SiLU outputs, the depthwise conv, BN and
 SiLU outputs, the excite product and the projection's conv output (~8 tensors of 6C or C
@@ -92,7 +95,8 @@ def trains_like_batchnorm(bn: nn.Module) -> bool:
 
 # ---------------------------------------------------------------- what can train fused
 def train_blocker(plan: Any) -> Optional[str]:
-    """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None."""
+    """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None: its parts
+    must be plain, and its BatchNorms all training or all frozen (:mod:`effnet_kernels._frozen_block`)."""
     from .nn import PointwiseSpec
 
     if plan.drop is UNKNOWN_DROP:
@@ -109,12 +113,12 @@ def train_blocker(plan: Any) -> Optional[str]:
         bn = spec.bn
         if not trains_like_batchnorm(bn):
             return f"the {where} norm is {type(bn).__name__}, whose training forward is its own"
-        if not bn.training:
-            return f"the {where} BatchNorm is in eval mode inside a training block (frozen statistics)"
-        reason = sync_blocker(bn, where)
-        if reason is not None:
-            return reason
-    return None
+    from ._frozen_block import batchnorm_blocker
+
+    reason = batchnorm_blocker([(where, spec.bn) for where, spec in parts])
+    for where, spec in parts:
+        reason = reason or sync_blocker(spec.bn, where)
+    return reason
 
 
 # ---------------------------------------------------------------- stochastic depth
@@ -125,10 +129,16 @@ def drop_mask(plan: Any, branch: Tensor, args: Sequence[Any], kwargs: dict) -> O
     Per-sample drops (``plan.drop_per_sample``) get a ``[N, 1, 1, 1]`` ones tensor, others one of
     ``branch``'s shape.
     """
+    return drop_mask_for(plan, tuple(branch.shape), branch.dtype, branch.device, args, kwargs)
+
+
+def drop_mask_for(plan: Any, shape: Sequence[int], dtype: torch.dtype, device: torch.device, args: Sequence[Any],
+                  kwargs: dict) -> Optional[Tensor]:
+    """:func:`drop_mask` for a branch of this shape, dtype and device, before the branch is computed."""
     if plan.drop is None or not plan.residual:
         return None
-    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1) if plan.drop_per_sample else tuple(branch.shape)
-    ones = torch.ones(shape, dtype=branch.dtype, device=branch.device)
+    shape = (shape[0],) + (1,) * (len(shape) - 1) if plan.drop_per_sample else tuple(shape)
+    ones = torch.ones(shape, dtype=dtype, device=device)
     mask = plan.drop(ones, *args, **kwargs)
     return None if mask is ones else mask
 
@@ -482,10 +492,15 @@ def process_groups(plan: Any) -> tuple[Any, Any, Any]:
 
 
 def train_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
-    """A converted block's training forward: recomputing, or composed under torch.compile, without
-    grad mode, or for an empty batch. A block whose statistics span a process group (SyncBatchNorm)
-    always recomputes (every process must issue the same collectives; it never compiles fused:
-    :func:`train_blocker`)."""
+    """A converted block's training forward (``plan`` passed :func:`train_blocker`): with every
+    BatchNorm frozen the folded ops with autograd (:func:`effnet_kernels._frozen_block.frozen_forward`);
+    else recomputing, or composed under torch.compile, without grad mode, or for an empty batch. A
+    block whose statistics span a process group (SyncBatchNorm) always recomputes (every process
+    must issue the same collectives; it never compiles fused: :func:`train_blocker`)."""
+    from ._frozen_block import all_frozen, frozen_forward
+
+    if all_frozen(plan):
+        return frozen_forward(plan, x, args, kwargs, backend)
     synced = any(g is not None for g in process_groups(plan))
     if not synced and (torch.compiler.is_compiling() or x.shape[0] == 0 or not torch.is_grad_enabled()):
         return composed_forward(plan, x, args, kwargs, backend)

@@ -11,8 +11,12 @@ Parameters and optimizer state are those of the eager module it replaces.
   statistics updated as ``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased
   variance, ``num_batches_tracked``), the library's own stochastic depth, and a backward
   that recomputes the expanded tensors from the block input (:mod:`effnet_kernels._train_block`).
-  A block whose parts are not all plain (a SyncBatchNorm, a frozen BatchNorm in eval mode,
-  conv biases, an adapter that does not describe the drop) trains through its eager forward.
+* **train with frozen BatchNorm** (every BatchNorm of the block in eval mode, as fine-tuning
+  recipes leave them): the eval computation with autograd, through the folds, the running
+  statistics untouched, the block's stochastic depth applied (:mod:`effnet_kernels._frozen_block`).
+
+A block whose parts are not all plain (a SyncBatchNorm, some BatchNorms frozen and others
+training, conv biases, an adapter that does not describe the drop) trains through its eager forward.
 """
 
 from __future__ import annotations
@@ -242,6 +246,42 @@ class MBConvPlan:
     drop_per_sample: bool = True  # the drop multiplies each sample by one number ([N, 1, 1, 1] mask)
 
 
+def folded_forward(plan: MBConvPlan, x: Tensor, backend: Optional[str],
+                   drop_mask: Optional[Callable[[Tensor], Optional[Tensor]]] = None) -> Tensor:
+    """The block with its BatchNorms folded (running statistics): the eval forward, and a training
+    block whose BatchNorms are all frozen (:mod:`effnet_kernels._frozen_block`). Differentiable
+    through the ops' autograd and the folds (:func:`cached_fold` computes them afresh when autograd
+    needs the graph).
+
+    ``drop_mask(y)``, when given, is called with the depthwise (or excited) output once, before the
+    projection, and returns the stochastic-depth multiplier of the residual branch or None; with a
+    multiplier the block is ``project(y) * mask + x`` (the residual is not fused into the projection).
+    """
+    h = x
+    for m in plan.pre:
+        h = m(h, backend=backend) if isinstance(m, PointwiseSpec) else m(h)
+    gate = None
+    if plan.se is not None:
+        y, pooled = plan.dw.fused(h, squeeze=True, backend=backend)
+        gate = plan.se.gate(pooled, backend)
+    else:
+        y = plan.dw.fused(h, squeeze=False, backend=backend)
+    mask = drop_mask(y) if drop_mask is not None and plan.residual else None
+    project = plan.post[0] if len(plan.post) == 1 and isinstance(plan.post[0], PointwiseSpec) else None
+    if project is not None and project.folds:
+        # the four-kernel block: the projection takes the gate on load and adds the residual
+        if mask is None:
+            return project(y, gate=gate, residual=x if plan.residual else None, backend=backend)
+        return project(y, gate=gate, backend=backend) * mask + x
+    if gate is not None:
+        y = ops.se_excite(y, gate, backend=backend)
+    for m in plan.post:
+        y = m(y)
+    if plan.residual:
+        y = (y if mask is None else y * mask) + x
+    return y
+
+
 class MBConv(nn.Module):
     """Fused MBConv (inverted residual) block: expand -> dwconv+BN+SiLU -> SE -> project (+ residual).
 
@@ -427,27 +467,7 @@ class MBConv(nn.Module):
             if x.dtype not in KERNEL_DTYPES:
                 _refuse_kernel_backend(self.backend, x)
             return self._sync_original()(x, *args, **kwargs)
-        plan, backend = self.plan, self.backend
-        h = x
-        for m in plan.pre:
-            h = m(h, backend=backend) if isinstance(m, PointwiseSpec) else m(h)
-        gate = None
-        if plan.se is not None:
-            y, pooled = plan.dw.fused(h, squeeze=True, backend=backend)
-            gate = plan.se.gate(pooled, backend)
-        else:
-            y = plan.dw.fused(h, squeeze=False, backend=backend)
-        project = plan.post[0] if len(plan.post) == 1 and isinstance(plan.post[0], PointwiseSpec) else None
-        if project is not None and project.folds:
-            # the four-kernel block: the projection takes the gate on load and adds the residual
-            return project(y, gate=gate, residual=x if plan.residual else None, backend=backend)
-        if gate is not None:
-            y = ops.se_excite(y, gate, backend=backend)
-        for m in plan.post:
-            y = m(y)
-        if plan.residual:
-            y = y + x
-        return y
+        return folded_forward(self.plan, x, self.backend)
 
     def extra_repr(self) -> str:
         return f"fused from {self.plan.source}, backend={self.backend or 'auto'}"
