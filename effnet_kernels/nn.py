@@ -11,12 +11,15 @@ Parameters and optimizer state are those of the eager module it replaces.
   statistics updated as ``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased
   variance, ``num_batches_tracked``), the library's own stochastic depth, and a backward
   that recomputes the expanded tensors from the block input (:mod:`effnet_kernels._train_block`).
+* **train with SyncBatchNorm** in a process group: the statistics and the backward's sums over
+  the group's batches, one collective per BatchNorm each way (:mod:`effnet_kernels._sync_bn`).
 * **train with frozen BatchNorm** (every BatchNorm of the block in eval mode, as fine-tuning
   recipes leave them): the eval computation with autograd, through the folds, the running
   statistics untouched, the block's stochastic depth applied (:mod:`effnet_kernels._frozen_block`).
 
-A block whose parts are not all plain (a SyncBatchNorm, some BatchNorms frozen and others
-training, conv biases, an adapter that does not describe the drop) trains through its eager forward.
+A block whose parts are not all plain (some BatchNorms frozen and others training, conv biases,
+an adapter that does not describe the drop; a SyncBatchNorm where PyTorch's raises, or
+synchronising under torch.compile) trains through its eager forward.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ PLANTED = {
 
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str, sizes: tuple,
-                 defect: str) -> None:
+                 defect: str, order: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with contextlib.ExitStack() as stack:
@@ -269,7 +269,10 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str, backend: s
             stack.enter_context(mock.patch.object(_sync_bn, "sync_devices", lambda: ("cpu",)))
             if defect:
                 stack.enter_context(PLANTED[defect]())
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(ek.convert(sync_net(), backend=backend))
+            if order == "sync_after_convert":  # surgery on a converted model
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(ek.convert(sync_net(), backend=backend))
+            else:
+                net = ek.convert(nn.SyncBatchNorm.convert_sync_batchnorm(sync_net()), backend=backend)
             reasons = [block.train_unfused_reason() for block in net]
             groups = [_train_block.process_groups(block.plan) for block in net]
             xs, ws = _batches(sizes)
@@ -288,9 +291,9 @@ def _reference(sizes) -> list[dict]:
     return _train(sync_net().double(), torch.cat(xs).double(), torch.cat(ws).double(), all_reduce=False)
 
 
-def _run_two_processes(tmp_path, backend, sizes, defect=""):
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backend, tuple(sizes), defect), nprocs=2,
-             join=True)
+def _run_two_processes(tmp_path, backend, sizes, defect="", order="sync_after_convert"):
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backend, tuple(sizes), defect, order),
+             nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -334,12 +337,13 @@ def host_build():
         pass
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_processes_train_as_one_batch(tmp_path, backend, request):
+@pytest.mark.parametrize("backend,order", [(b, "sync_after_convert") for b in BACKENDS] + [
+    ("torch", "convert_after_sync")])
+def test_two_processes_train_as_one_batch(tmp_path, backend, order, request):
     if backend == "cuda":
         request.getfixturevalue("host_build")
     sizes = (3, 2)
-    ranks = _run_two_processes(tmp_path, backend, sizes)
+    ranks = _run_two_processes(tmp_path, backend, sizes, order=order)
     for rank in ranks:
         assert rank["reasons"] == [None] * 3 and all(rank["synced"])
     worst = _worst_error(ranks, _reference(sizes), sizes)
