@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._train_block import UNKNOWN_DROP, train_blocker, train_forward
+from ._train_block import UNKNOWN_DROP, autocast_state, train_blocker, train_forward
 from .reference import ACTIVATION_FNS
 from .backends import check_backend_name
 
@@ -98,6 +98,17 @@ def pinned_backend(backend: Optional[str]) -> Optional[str]:
 def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` as a convolution inside an autocast region computes with it: in the autocast dtype
+    when autocast is on for x's device (float64 and non-float tensors are left alone, as autocast
+    leaves them). The fused ops have no autocast rule of their own, so a fused module casts its
+    input where the module it replaces starts with a convolution."""
+    state = autocast_state(x.device.type)
+    if state is None or not x.is_floating_point() or x.dtype in (torch.float64, state[1]):
+        return x
+    return x.to(state[1])
 
 
 def apply_activation(t: Tensor, name: str) -> Tensor:
@@ -259,8 +270,10 @@ def folded_forward(plan: MBConvPlan, x: Tensor, backend: Optional[str],
     ``drop_mask(y)``, when given, is called with the depthwise (or excited) output once, before the
     projection, and returns the stochastic-depth multiplier of the residual branch or None; with a
     multiplier the block is ``project(y) * mask + x`` (the residual is not fused into the projection).
+    Under autocast the block computes in the autocast dtype from its first conv on, and adds the
+    residual in x's (promoted) dtype, as the eager block does.
     """
-    h = x
+    h = autocast_input(x)
     for m in plan.pre:
         h = m(h, backend=backend) if isinstance(m, PointwiseSpec) else m(h)
     gate = None
@@ -273,9 +286,10 @@ def folded_forward(plan: MBConvPlan, x: Tensor, backend: Optional[str],
     project = plan.post[0] if len(plan.post) == 1 and isinstance(plan.post[0], PointwiseSpec) else None
     if project is not None and project.folds:
         # the four-kernel block: the projection takes the gate on load and adds the residual
-        if mask is None:
+        if mask is None and (not plan.residual or h.dtype == x.dtype):
             return project(y, gate=gate, residual=x if plan.residual else None, backend=backend)
-        return project(y, gate=gate, backend=backend) * mask + x
+        q = project(y, gate=gate, backend=backend)  # a residual block under autocast, or a drawn mask
+        return (q if mask is None else q * mask) + x
     if gate is not None:
         y = ops.se_excite(y, gate, backend=backend)
     for m in plan.post:
@@ -528,7 +542,7 @@ class FusedDWConvBNAct(nn.Module):
     def forward(self, x: Tensor, squeeze: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         bn = self.bn
         if not self.training and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn_uses_running_stats(bn):
-            return self.spec.fused(x, squeeze, self.backend)
+            return self.spec.fused(autocast_input(x), squeeze, self.backend)
         z = F.conv2d(F.pad(x, self.spec.resolve_padding(x)), self.conv.weight, self.conv.bias,
                      self.conv.stride, groups=self.conv.groups)
         y = apply_activation(bn(z), self.activation)

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .nn import KERNEL_DTYPES, _refuse_kernel_backend, bn_uses_running_stats, cached_fold, fold_into_conv, pinned_backend
+from .nn import (
+    KERNEL_DTYPES, _refuse_kernel_backend, autocast_input, bn_uses_running_stats, cached_fold, fold_into_conv,
+    pinned_backend,
+)
 
 Tensor = torch.Tensor
 
@@ -134,6 +137,7 @@ class FusedConvBNAct(nn.Sequential):
         conv, bn, act = _parts(self)
         weight, bias = self._folded(conv, bn)
         activation = activation_kind(act)
+        x = autocast_input(x)  # what the conv computes in under autocast
         if _is_pointwise(conv):
             return ops.pointwise_conv(x, weight.reshape(weight.shape[0], weight.shape[1]), bias,
                                       activation=activation, backend=self.backend)
@@ -143,13 +147,15 @@ class FusedConvBNAct(nn.Sequential):
     def forward_pooled(self, x: Tensor) -> Tensor:
         """``adaptive_avg_pool2d(self(x), 1).flatten(1)`` (a head and the global average pool after it),
         as one :func:`~effnet_kernels.ops.pointwise_conv` with ``pool=True`` when the conv is 1x1 and
-        the forward would fuse: the head's output is never stored. In x's dtype, as the pool's is."""
+        the forward would fuse: the head's output is never stored. In the dtype the head computes in
+        (x's, or autocast's), as the pool's is."""
         if not _is_pointwise(_parts(self)[0]) or self.unfused_reason(x) is not None:
             return torch.flatten(F.adaptive_avg_pool2d(self(x), 1), 1)
         from .integrations._common import activation_kind
 
         conv, bn, act = _parts(self)
         weight, bias = self._folded(conv, bn)
+        x = autocast_input(x)
         pooled = ops.pointwise_conv(x, weight.reshape(weight.shape[0], weight.shape[1]), bias,
                                     activation=activation_kind(act), pool=True, backend=self.backend)
         return pooled.to(x.dtype)
