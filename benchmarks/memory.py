@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -512,59 +511,33 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _measure(args: argparse.Namespace, name: str, versions: dict) -> list[dict]:
+    """One model's two CSV rows (eager, converted), its summary printed."""
+    start = time.perf_counter()
+    resolution, device, counts, blocks, note = measure_model(
+        name, batch=args.batch, dtype=args.dtype, layout=args.layout, device=args.device)
+    wall = time.perf_counter() - start
+    rows = rows_for(name, resolution, device, counts, blocks, batch=args.batch, dtype=args.dtype,
+                    layout=args.layout, wall_s=wall, note=note, versions=versions)
+    e, c = rows
+    print(f"{name} @{resolution} {device}: activations {e['act_mb_per_img']} MB/img eager, "
+          f"{c['act_mb_per_img']} MB/img converted (ratio {c['ratio']}), total {e['total_mb_per_img']} / "
+          f"{c['total_mb_per_img']} MB/img at batch {args.batch}; {wall:.1f} s", flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Count B0-B7 (or ``--models``), append to the CSV, write the markdown (and the README section)."""
-    from .env import collect_versions
-    from .models import default_models
-    from .records import append_rows, read_rows
-    from .report import update_readme
+    from . import counted_cli
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(m.split("_")[-1] for m in default_models()) or "b0",
-                   help="comma-separated benchmark model names (default b0..b7)")
-    p.add_argument("--batch", type=int, default=8, help="N: measured at N and 2N (default 8)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="model and input dtype (no autocast; default fp32)")
-    p.add_argument("--memory-format", choices=sorted(LAYOUTS), default="channels_last", dest="layout")
+    p = counted_cli.parser("python -m benchmarks.memory", __doc__.split("\n\n")[0], dtypes=DTYPES,
+                           default_dtype="fp32", dtype_help="model and input dtype (no autocast; default fp32)",
+                           layouts=LAYOUTS, csv=RESULTS / "memory.csv", md=RESULTS / "memory.md",
+                           marks=(MARK_START, MARK_END), verb="measured")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
                    help="meta (default: nothing allocated) or cpu (real tensors)")
-    p.add_argument("--csv", type=Path, default=RESULTS / "memory.csv", help="CSV to append to")
-    p.add_argument("--md", type=Path, default=RESULTS / "memory.md", help="markdown table (whole CSV)")
-    p.add_argument("--readme", type=Path, default=None,
-                   help=f"also put the markdown between {MARK_START} and {MARK_END} in this file (e.g. README.md)")
-    p.add_argument("--report-only", action="store_true", help="measure nothing: markdown from the CSV")
-    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.batch < 1:
-        p.error(f"--batch must be >= 1, got {args.batch}")
-    if not args.report_only:
-        versions = collect_versions("cpu")
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
-        for name in names:
-            start = time.perf_counter()
-            try:
-                resolution, device, counts, blocks, note = measure_model(
-                    name, batch=args.batch, dtype=args.dtype, layout=args.layout, device=args.device)
-            except ValueError as exc:
-                print(f"error: --models: {exc}", file=sys.stderr)
-                return 2
-            wall = time.perf_counter() - start
-            rows = rows_for(name, resolution, device, counts, blocks, batch=args.batch, dtype=args.dtype,
-                            layout=args.layout, wall_s=wall, note=note, versions=versions)
-            append_rows(args.csv, rows, MEMORY_COLUMNS)
-            e, c = rows
-            print(f"{name} @{resolution} {device}: activations {e['act_mb_per_img']} MB/img eager, "
-                  f"{c['act_mb_per_img']} MB/img converted (ratio {c['ratio']}), total {e['total_mb_per_img']} / "
-                  f"{c['total_mb_per_img']} MB/img at batch {args.batch}; {wall:.1f} s", flush=True)
-    text = "### Saved for backward, per image\n\n" + memory_table(read_rows(args.csv))
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(text)
-    if args.readme:
-        try:
-            update_readme(args.readme, text, start=MARK_START, end=MARK_END)
-        except ValueError as exc:
-            print(f"error: --readme: {exc}", file=sys.stderr)
-            return 2
-    return 0
+    return counted_cli.run(p, argv, measure=_measure, columns=MEMORY_COLUMNS, table=memory_table,
+                           title="### Saved for backward, per image", marks=(MARK_START, MARK_END))
 
 
 if __name__ == "__main__":

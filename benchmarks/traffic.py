@@ -79,11 +79,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from itertools import chain
-from pathlib import Path
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import torch
@@ -509,58 +507,32 @@ def _by_op_text(name: str, counts: dict[str, PerImage]) -> str:
     return "\n".join(lines)
 
 
+def _measure(args: argparse.Namespace, name: str, versions: dict) -> list[dict]:
+    """One model's two CSV rows (eager, converted), its summary (and with ``--by-op`` its ops) printed."""
+    start = time.perf_counter()
+    resolution, counts, blocks = measure_model(name, batch=args.batch, dtype=args.dtype, layout=args.layout)
+    wall = time.perf_counter() - start
+    rows = rows_for(name, resolution, counts, blocks, batch=args.batch, dtype=args.dtype, layout=args.layout,
+                    wall_s=wall, versions=versions)
+    e, c = rows
+    print(f"{name} @{resolution}: {e['kernels']} -> {c['kernels']} kernels ({c['kernel_ratio']}), "
+          f"{e['act_mb_per_img']} -> {c['act_mb_per_img']} MB/img ({c['ratio']}); {wall:.1f} s", flush=True)
+    if args.by_op:
+        print(_by_op_text(name, counts), flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Count B0-B7 (or ``--models``), append to the CSV, write the markdown (and the README section)."""
-    from .env import collect_versions
-    from .models import default_models
-    from .records import append_rows, read_rows
-    from .report import update_readme
+    from . import counted_cli
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.traffic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(m.split("_")[-1] for m in default_models()) or "b0",
-                   help="comma-separated benchmark model names (default b0..b7)")
-    p.add_argument("--batch", type=int, default=8, help="N: counted at N and 2N (default 8)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="model and input dtype (default fp16)")
-    p.add_argument("--memory-format", choices=sorted(LAYOUTS), default="channels_last", dest="layout")
-    p.add_argument("--csv", type=Path, default=RESULTS / "traffic.csv", help="CSV to append to")
-    p.add_argument("--md", type=Path, default=RESULTS / "traffic.md", help="markdown table (whole CSV)")
-    p.add_argument("--readme", type=Path, default=None,
-                   help=f"also put the markdown between {MARK_START} and {MARK_END} in this file (e.g. README.md)")
+    p = counted_cli.parser("python -m benchmarks.traffic", __doc__.split("\n\n")[0], dtypes=DTYPES,
+                           default_dtype="fp16", dtype_help="model and input dtype (default fp16)", layouts=LAYOUTS,
+                           csv=RESULTS / "traffic.csv", md=RESULTS / "traffic.md", marks=(MARK_START, MARK_END),
+                           verb="counted")
     p.add_argument("--by-op", action="store_true", help="print each model's kernels and bytes per op name")
-    p.add_argument("--report-only", action="store_true", help="count nothing: markdown from the CSV")
-    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.batch < 1:
-        p.error(f"--batch must be >= 1, got {args.batch}")
-    if not args.report_only:
-        versions = collect_versions("cpu")
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
-        for name in names:
-            start = time.perf_counter()
-            try:
-                resolution, counts, blocks = measure_model(name, batch=args.batch, dtype=args.dtype,
-                                                           layout=args.layout)
-            except ValueError as exc:
-                print(f"error: --models: {exc}", file=sys.stderr)
-                return 2
-            wall = time.perf_counter() - start
-            rows = rows_for(name, resolution, counts, blocks, batch=args.batch, dtype=args.dtype,
-                            layout=args.layout, wall_s=wall, versions=versions)
-            append_rows(args.csv, rows, TRAFFIC_COLUMNS)
-            e, c = rows
-            print(f"{name} @{resolution}: {e['kernels']} -> {c['kernels']} kernels ({c['kernel_ratio']}), "
-                  f"{e['act_mb_per_img']} -> {c['act_mb_per_img']} MB/img ({c['ratio']}); {wall:.1f} s", flush=True)
-            if args.by_op:
-                print(_by_op_text(name, counts), flush=True)
-    text = "### Memory traffic per inference, per image\n\n" + traffic_table(read_rows(args.csv))
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(text)
-    if args.readme:
-        try:
-            update_readme(args.readme, text, start=MARK_START, end=MARK_END)
-        except ValueError as exc:
-            print(f"error: --readme: {exc}", file=sys.stderr)
-            return 2
-    return 0
+    return counted_cli.run(p, argv, measure=_measure, columns=TRAFFIC_COLUMNS, table=traffic_table,
+                           title="### Memory traffic per inference, per image", marks=(MARK_START, MARK_END))
 
 
 if __name__ == "__main__":
