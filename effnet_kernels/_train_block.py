@@ -147,7 +147,7 @@ def drop_mask_for(plan: Any, shape: Sequence[int], dtype: torch.dtype, device: t
 def composed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
     """The block in training as differentiable ops: the original 1x1 conv / BN modules, the
     train-mode fused depthwise op (running statistics updated here), the SE ops."""
-    h = x
+    h = x if plan.pre else autocast_input(x)  # the depthwise conv is the first: autocast's dtype
     for m in plan.pre:
         h = m(h)  # a PointwiseSpec in training runs the original conv, BN, activation
     y, pooled, _, _, _ = dw_forward(plan, h, backend)
@@ -374,7 +374,7 @@ class RecomputedMBConv(torch.autograd.Function):
         plan = step.plan
         pre = plan.pre[0] if plan.pre else None
         post = plan.post[0]
-        h = x
+        h = x if pre is not None else autocast_input(x)  # the depthwise conv first: autocast's dtype
         em = es = x.new_empty(0)
         pre_group, dw_group, post_group = step.groups
         if pre is not None:
@@ -421,7 +421,7 @@ class RecomputedMBConv(torch.autograd.Function):
                 b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es)
                 a = ACTIVATION_FNS[pre_act](b)
             else:
-                a = x
+                a = autocast_input(x)  # as the forward (under its autocast state)
             gamma, beta = _affine(p["dw_g"], p["dw_b"], a.shape[1], a)
             y = ops.dwconv_bn_act_train(a, p["dw_w"], gamma, beta, eps=dw_eps, mean=dw_mean, var=dw_var,
                                         stride=dw.stride, padding=step.padding, activation=dw.activation,
@@ -462,6 +462,17 @@ class RecomputedMBConv(torch.autograd.Function):
             gx = gx + grad_out.to(gx.dtype)
         out = [grads[name] if need else None for name, need in zip(_PARAMS, ctx.needs_input_grad[2:])]
         return (gx, None, *out)
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` as a convolution inside an autocast region computes with it: in the autocast dtype
+    when autocast is on for x's device (float64 and non-float tensors are left alone, as autocast
+    leaves them). The fused ops have no autocast rule of their own, so a fused module casts its
+    input where the module it replaces starts with a convolution."""
+    state = autocast_state(x.device.type)
+    if state is None or not x.is_floating_point() or x.dtype in (torch.float64, state[1]):
+        return x
+    return x.to(state[1])
 
 
 def autocast_state(device: str) -> Optional[tuple[str, torch.dtype]]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._train_block import UNKNOWN_DROP, autocast_state, train_blocker, train_forward
+from ._train_block import UNKNOWN_DROP, autocast_input, train_blocker, train_forward
 from .reference import ACTIVATION_FNS
 from .backends import check_backend_name
 
@@ -98,17 +98,6 @@ def pinned_backend(backend: Optional[str]) -> Optional[str]:
 def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
-
-
-def autocast_input(x: Tensor) -> Tensor:
-    """``x`` as a convolution inside an autocast region computes with it: in the autocast dtype
-    when autocast is on for x's device (float64 and non-float tensors are left alone, as autocast
-    leaves them). The fused ops have no autocast rule of their own, so a fused module casts its
-    input where the module it replaces starts with a convolution."""
-    state = autocast_state(x.device.type)
-    if state is None or not x.is_floating_point() or x.dtype in (torch.float64, state[1]):
-        return x
-    return x.to(state[1])
 
 
 def apply_activation(t: Tensor, name: str) -> Tensor:

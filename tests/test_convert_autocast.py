@@ -24,7 +24,7 @@ from effnet_kernels import nn as ek_nn
 from effnet_kernels.blocks import MBConvBlock
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.model_checks import calibrated
+from tests.model_checks import assert_train_parity, calibrated
 from tests.parity import assert_parity
 
 BF16 = torch.bfloat16
@@ -140,3 +140,20 @@ def test_negative_control_without_the_cast_the_dtypes_differ(monkeypatch):
     x = torch.randn(3, 8, 12, 12)
     with torch.no_grad(), _autocast():
         assert fused(x).dtype != eager(x).dtype
+
+
+def test_batch_statistics_training_under_autocast_without_expand():
+    """Training with batch statistics: where the depthwise conv is the block's first (no expand) the
+    depthwise op gets the autocast dtype, as eager's conv does; parity over two SGD steps by the
+    training rule (tests/model_checks.assert_train_parity)."""
+    eager, fused = _pair(BLOCKS["no_expand"])
+    eager.train(), fused.train()
+    x = torch.randn(3, 8, 12, 12)
+    assert fused.train_unfused_reason(x) is None
+    with _autocast(), _EffnetInputs() as rec:
+        out = fused(x.clone().requires_grad_())
+        plain = eager(x)
+    assert ("dwconv_bn_act_train", BF16) in rec.calls, rec.calls
+    assert out.dtype == plain.dtype
+    out.float().sum().backward()  # the backward's recompute runs under the forward's autocast state
+    assert_train_parity(*(copy.deepcopy(m) for m in (eager, fused)), x, steps=2, dtype=BF16, context=_autocast)
