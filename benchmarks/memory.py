@@ -1,7 +1,8 @@
 """What autograd saves for backward in one training forward, per image: eager vs converted.
 
 ``python -m benchmarks.memory [--models b0,b1,..] [--batch N] [--dtype fp32|fp16|bf16]
-[--memory-format channels_last|nchw] [--device meta|cpu] [--csv F] [--md F] [--readme README.md]``
+[--memory-format channels_last|nchw] [--device meta|cpu] [--batchnorm training|frozen] [--csv F] [--md F]
+[--readme README.md]``
 
 **What is counted.** :func:`saved_bytes` runs one training forward of a model under
 :func:`torch.autograd.graph.saved_tensors_hooks`; its pack hook sees every tensor autograd
@@ -53,7 +54,9 @@ A converted ``effnet_kernels.nn.MBConv`` trains through ``RecomputedMBConv`` (on
 autograd node per block, ``custom_nodes``), which saves the block input, per-channel batch
 statistics and the SE squeeze / gate / drop mask, and recomputes the expanded tensors in
 backward: the converted models save ~0.1x the eager activation bytes (stem, head and
-classifier still train eagerly).
+classifier still train eagerly). With ``--batchnorm frozen`` (every BatchNorm in eval mode while
+the model trains) a converted block runs the eval ops with autograd, which save their inputs (the
+block input, the expanded tensor and the depthwise output) instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -223,11 +226,12 @@ def _set_training(model: nn.Module, mode: bool) -> list[tuple[nn.Module, bool]]:
     return before
 
 
-def saved_bytes(model: nn.Module, example_input: Any, *, train: bool = True) -> SavedBytes:
+def saved_bytes(model: nn.Module, example_input: Any, *, train: bool = True, frozen_bn: bool = False) -> SavedBytes:
     """Run ``model(example_input)`` once with grad enabled and count what autograd saved.
 
     ``example_input``: a tensor, or a tuple of positional arguments. The model runs in
-    training mode (``train=False``: eval) and every module's mode is restored after; the
+    training mode (``train=False``: eval; ``frozen_bn=True``: training with every BatchNorm in
+    eval mode, as fine-tuning leaves them) and every module's mode is restored after; the
     forward is real, so BatchNorm running statistics update. See the module docstring for
     what is and is not counted.
     """
@@ -236,6 +240,10 @@ def saved_bytes(model: nn.Module, example_input: Any, *, train: bool = True) -> 
     recorder = _Recorder()
     checkpoints = [0]
     before = _set_training(model, train)
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     try:
         with torch.enable_grad(), _count_checkpoint_hooks(checkpoints), \
                 torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
@@ -323,12 +331,12 @@ class PerImage:
 
 
 def saved_bytes_per_image(model: nn.Module, make_input: Callable[[int], Any], batch: int, *,
-                          train: bool = True) -> PerImage:
+                          train: bool = True, frozen_bn: bool = False) -> PerImage:
     """:func:`saved_bytes` of ``model(make_input(batch))`` and of ``model(make_input(2 * batch))``."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    return PerImage(batch, saved_bytes(model, make_input(batch), train=train),
-                    saved_bytes(model, make_input(2 * batch), train=train))
+    return PerImage(batch, saved_bytes(model, make_input(batch), train=train, frozen_bn=frozen_bn),
+                    saved_bytes(model, make_input(2 * batch), train=train, frozen_bn=frozen_bn))
 
 
 # --------------------------------------------------------------------------- models
@@ -362,8 +370,9 @@ def _input_maker(resolution: int, device: str, dtype: torch.dtype,
 
 
 def measure_model(name: str, *, batch: int = 8, dtype: str = "fp32", layout: str = "channels_last",
-                  device: str = "meta") -> tuple[int, str, dict[str, PerImage], int, str]:
-    """Count eager and ``effnet_kernels.convert(copy.deepcopy(model))`` for benchmark model ``name``.
+                  device: str = "meta", frozen_bn: bool = False) -> tuple[int, str, dict[str, PerImage], int, str]:
+    """Count eager and ``effnet_kernels.convert(copy.deepcopy(model))`` for benchmark model ``name``
+    (``frozen_bn``: training with every BatchNorm frozen, see :func:`saved_bytes`).
 
     Returns ``(resolution, device measured on, {"eager": PerImage, "converted": PerImage},
     converted blocks, note)``. On meta, a forward that fails is measured again on the CPU.
@@ -382,8 +391,8 @@ def measure_model(name: str, *, batch: int = 8, dtype: str = "fp32", layout: str
         blocks = sum(isinstance(m, effnet_kernels.MBConv) for m in converted.modules())
         make = _input_maker(resolution, dev, DTYPES[dtype], LAYOUTS[layout])
         try:
-            counts = {"eager": saved_bytes_per_image(model, make, batch),
-                      "converted": saved_bytes_per_image(converted, make, batch)}
+            counts = {"eager": saved_bytes_per_image(model, make, batch, frozen_bn=frozen_bn),
+                      "converted": saved_bytes_per_image(converted, make, batch, frozen_bn=frozen_bn)}
         except (NotImplementedError, RuntimeError) as exc:
             if dev != "meta":
                 raise
@@ -397,13 +406,13 @@ def measure_model(name: str, *, batch: int = 8, dtype: str = "fp32", layout: str
 
 MEMORY_COLUMNS: tuple[str, ...] = (
     "torch", "python", "commit", "src_hash", "run_id",
-    "model", "resolution", "batch", "slope_batches", "dtype", "layout", "device", "provider",
+    "model", "resolution", "batch", "slope_batches", "dtype", "layout", "device", "batchnorm", "provider",
     "act_bytes_per_img", "total_bytes_per_img", "act_mb_per_img", "total_mb_per_img", "ratio", "total_ratio",
     "storages", "act_storages", "saved_tensors", "act_bytes", "total_bytes", "fixed_act_bytes", "param_bytes",
     "custom_nodes", "custom_saved_bytes_per_img", "ctx_attr_bytes_per_img", "checkpoint_regions",
     "converted_blocks", "wall_s", "note", "timestamp",
 )
-_KEY = ("model", "resolution", "batch", "dtype", "layout", "device", "provider")
+_KEY = ("model", "resolution", "batch", "dtype", "layout", "device", "batchnorm", "provider")
 _MB = 1e6
 
 
@@ -413,7 +422,7 @@ def _number(value: float) -> int | float:
 
 def rows_for(name: str, resolution: int, device: str, counts: dict[str, PerImage], blocks: int, *,
              batch: int, dtype: str, layout: str, wall_s: float, note: str,
-             versions: dict[str, str]) -> list[dict[str, object]]:
+             versions: dict[str, str], frozen_bn: bool = False) -> list[dict[str, object]]:
     """The CSV rows (eager, converted) of one :func:`measure_model` result."""
     eager = counts["eager"]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -424,7 +433,8 @@ def rows_for(name: str, resolution: int, device: str, counts: dict[str, PerImage
         rows.append({
             **{k: versions.get(k, "") for k in ("torch", "python", "commit", "src_hash", "run_id")},
             "model": name, "resolution": resolution, "batch": batch, "slope_batches": f"{batch},{2 * batch}",
-            "dtype": dtype, "layout": layout, "device": device, "provider": provider,
+            "dtype": dtype, "layout": layout, "device": device, "batchnorm": "frozen" if frozen_bn else "training",
+            "provider": provider,
             "act_bytes_per_img": _number(act), "total_bytes_per_img": _number(total),
             "act_mb_per_img": round(act / _MB, 3), "total_mb_per_img": round(total / _MB, 3),
             "ratio": round(act / eager.activation_bytes_per_image, 4) if eager.activation_bytes_per_image else "",
@@ -449,17 +459,18 @@ def _order(models: Iterable[str]) -> list[str]:
 
 
 def memory_table(rows: list[dict]) -> str:
-    """Markdown: a table per (device, dtype, layout, batch) of the latest row per configuration."""
+    """Markdown: a table per (device, dtype, layout, batch, BatchNorm mode) of the latest row per
+    configuration (rows from before the ``batchnorm`` column trained their BatchNorms)."""
     from .report import latest
 
-    rows = latest(rows, _KEY)
+    rows = latest(({**r, "batchnorm": r.get("batchnorm") or "training"} for r in rows), _KEY)
     if not rows:
         return "_no memory results_\n"
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["device"], r["dtype"], r["layout"], r["batch"]), []).append(r)
+        groups.setdefault((r["device"], r["dtype"], r["layout"], r["batch"], r["batchnorm"]), []).append(r)
     parts = []
-    for (device, dtype, layout, batch), group in groups.items():
+    for (device, dtype, layout, batch, batchnorm), group in groups.items():
         first = group[0]
         conv = [r for r in group if r["provider"] == "converted"]
         ratios = {r.get("ratio") for r in conv}
@@ -473,7 +484,8 @@ def memory_table(rows: list[dict]) -> str:
                        "the fused ops' (and any other custom Function's) nodes in the converted graph.")
         commits = ", ".join(sorted({r.get("commit") or "?" for r in group}))
         parts.append(
-            f"#### {device} · {dtype} · {layout} · batches {batch} and {2 * int(batch)}\n\n"
+            f"#### {device} · {dtype} · {layout} · batches {batch} and {2 * int(batch)}"
+            f"{' · BatchNorm frozen (fine-tuning)' if batchnorm == 'frozen' else ''}\n\n"
             f"Counted by `python -m benchmarks.memory` (torch {first.get('torch') or '?'}, commit {commits}) "
             f"on the {device} device at native resolution: the distinct storages autograd saves in one "
             "training forward (saved-tensor hooks). Activations: per-image slope between the two batches, "
@@ -514,11 +526,12 @@ def memory_table(rows: list[dict]) -> str:
 def _measure(args: argparse.Namespace, name: str, versions: dict) -> list[dict]:
     """One model's two CSV rows (eager, converted), its summary printed."""
     start = time.perf_counter()
+    frozen = args.batchnorm == "frozen"
     resolution, device, counts, blocks, note = measure_model(
-        name, batch=args.batch, dtype=args.dtype, layout=args.layout, device=args.device)
+        name, batch=args.batch, dtype=args.dtype, layout=args.layout, device=args.device, frozen_bn=frozen)
     wall = time.perf_counter() - start
     rows = rows_for(name, resolution, device, counts, blocks, batch=args.batch, dtype=args.dtype,
-                    layout=args.layout, wall_s=wall, note=note, versions=versions)
+                    layout=args.layout, wall_s=wall, note=note, versions=versions, frozen_bn=frozen)
     e, c = rows
     print(f"{name} @{resolution} {device}: activations {e['act_mb_per_img']} MB/img eager, "
           f"{c['act_mb_per_img']} MB/img converted (ratio {c['ratio']}), total {e['total_mb_per_img']} / "
@@ -536,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            marks=(MARK_START, MARK_END), verb="measured")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
                    help="meta (default: nothing allocated) or cpu (real tensors)")
+    p.add_argument("--batchnorm", choices=("training", "frozen"), default="training",
+                   help="BatchNorms training (batch statistics; default) or frozen: every BatchNorm in eval mode "
+                        "while the model trains, as fine-tuning leaves them")
     return counted_cli.run(p, argv, measure=_measure, columns=MEMORY_COLUMNS, table=memory_table,
                            title="### Saved for backward, per image", marks=(MARK_START, MARK_END))
 

@@ -265,3 +265,26 @@ def test_meta_failure_falls_back_to_cpu_and_says_so(monkeypatch):
     assert (resolution, device, blocks) == (4, "cpu", 0)
     assert "meta forward failed (NotImplementedError: no meta kernel)" in note
     assert counts["eager"].activation_bytes_per_image == 3 * 16 * F32  # the conv saves its input
+
+
+def test_frozen_batchnorm_mode_counts_a_fine_tuning_forward(tmp_path):
+    """``--batchnorm frozen``: every BatchNorm in eval mode while the model trains (eager saves each
+    BatchNorm's input either way, not the batch statistics when frozen); the converted blocks run
+    the eval ops with autograd and save about a third of eager's bytes; modes are restored; the
+    rows and the table say frozen."""
+    model = small_model()
+    x = torch.zeros(2, 3, 5, 5)
+    training, frozen = memory.saved_bytes(model, x), memory.saved_bytes(model, x, frozen_bn=True)
+    assert frozen.activation_bytes == training.activation_bytes - 2 * 4 * 4  # no batch mean / invstd
+    assert all(m.training for m in model.modules())
+    csv, md = tmp_path / "m.csv", tmp_path / "m.md"
+    for mode in ("training", "frozen"):
+        assert memory.main(["--models", "b0", "--batch", "1", "--batchnorm", mode, "--csv", str(csv),
+                            "--md", str(md)]) == 0
+    rows = read_rows(csv)
+    assert [r["batchnorm"] for r in rows] == ["training", "training", "frozen", "frozen"]
+    conv = rows[3]
+    assert 0.2 < float(conv["ratio"]) <= 0.4, conv
+    assert float(rows[2]["act_bytes_per_img"]) == float(rows[0]["act_bytes_per_img"])  # eager per image
+    text = md.read_text()
+    assert text.count("#### meta") == 2 and "BatchNorm frozen (fine-tuning)" in text
