@@ -15,6 +15,7 @@ checked in ``test_convert_frozen_bn_libraries.py`` (``-m adapters``).
 * training: per-block frozen step by the rule (output, loss, x's gradient, every parameter gradient;
   buffers unchanged), SGD steps, the network end to end; mixed frozen modules and training
   BatchNorms train eagerly with the reason;
+* efficientnet_pytorch's blocks with frozen modules, eval and training; torch.compile(fullgraph=True);
 * the fold cache sees in-place and ``.data`` updates of the buffers;
 * negative controls: planted defects fail the eval and the training checks.
 """
@@ -196,6 +197,22 @@ def test_a_drop_inside_the_frozen_norm_keeps_the_block_eager(lookalike_libraries
     assert list(report.skipped) == ["0"] and "dropout inside" in report.skipped["0"], report
 
 
+def test_efficientnet_pytorch_with_frozen_modules():
+    """efficientnet_pytorch's blocks (TF "same" padding, drop connect) with FrozenBatchNorm2d: all 16 fuse, in
+    eval by the rule and in training on the frozen path."""
+    from .test_convert_efficientnet_pytorch import build  # skips where efficientnet_pytorch does not import
+
+    x = torch.randn(2, 3, 64, 64)
+    eager = freeze(build("b0", image_size=64, x=x))
+    assert frozen_count(eager) == 49 and not any(isinstance(m, nn.BatchNorm2d) for m in eager.modules())
+    converted = ek.convert(copy.deepcopy(eager), backend="torch")
+    names = testing.fused_block_names(converted)
+    assert len(names) == 16 and not ek.conversion_report(converted).skipped
+    assert_converted_matches(eager, converted, x, expect_blocks=16)
+    converted.train()
+    assert all(converted.get_submodule(n).train_unfused_reason(x) is None for n in names)
+
+
 # ---------------------------------------------------------------- training
 def frozen_block_pair(cfg: dict, *, batch: int = 4, size: int = 8):
     """A calibrated ``MBConvBlock`` with frozen modules for its BatchNorms and its converted twin, both training."""
@@ -269,6 +286,26 @@ def test_mixed_frozen_modules_and_training_batchnorms_train_eagerly():
     torch.testing.assert_close(fused(x), want)
     for (n, a), b in zip(block.named_buffers(), fused.buffers()):
         torch.testing.assert_close(b, a, msg=n)  # the training BatchNorms updated as eager's
+
+
+def test_frozen_module_block_compiles_fullgraph():
+    """torch.compile (aot_eager) traces the frozen-module path in one graph, in training and in eval."""
+    eager, fused, x = frozen_block_pair(BLOCKS["expand_se_residual_drop"], batch=8)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    runs = []
+    for m in (eager, compiled):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = m(xr)
+        out.square().sum().backward()
+        runs.append((out.detach(), xr.grad))
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    eager.eval(), fused.eval()
+    with torch.no_grad():
+        want = eager(x)
+        torch.testing.assert_close(torch.compile(fused, backend="aot_eager", fullgraph=True)(x), want,
+                                   rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 # ---------------------------------------------------------------- the fold cache
