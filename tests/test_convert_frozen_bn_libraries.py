@@ -5,7 +5,8 @@
 
 Every block fuses (counted), the stems and heads of torchvision's models too; eval logits by the
 DESIGN rule end to end and block by block; a training step with the frozen modules (every block on
-the fused frozen path) by the rule, gradients included; revert gives the model back. Negative
+the fused frozen path) by the rule, gradients included; revert gives the model back; frozen after
+convert() the blocks re-plan onto the frozen modules (and back when unfrozen). Negative
 control: a planted defect fails the eval and the training check. Small inputs (64 x 64, batch 2).
 """
 
@@ -100,6 +101,27 @@ def test_timm_freeze_batch_norm_2d_efficientnet_b0():
     converted = _check_eval(eager, x, 16, [])
     block = converted.blocks[1][0]
     assert block.plan.pre[0].activation == "silu" and block.plan.dw.activation == "silu"
+
+
+def test_timm_freeze_after_convert_replans_and_unfreeze_goes_back():
+    """Frozen after convert(): each block sees its new norms and fuses them; unfrozen again, BatchNormAct2d."""
+    x = _x()
+    torch.manual_seed(0)
+    model = calibrated(timm.create_model("efficientnet_b0", pretrained=False), x)
+    eager = freeze_batch_norm_2d(copy.deepcopy(model))
+    converted = freeze_batch_norm_2d(ek.convert(copy.deepcopy(model), backend="torch"))
+    names = testing.fused_block_names(converted)
+    assert len(names) == 16 and all(converted.get_submodule(n).fused_active(x) for n in names)
+    assert all(isinstance(converted.get_submodule(n).plan.dw.bn, FrozenBatchNormAct2d) for n in names)
+    assert_converted_matches(eager, converted, x, expect_blocks=16)
+    converted.train()
+    assert all(converted.get_submodule(n).train_unfused_reason(x) is None for n in names)
+    from timm.layers import BatchNormAct2d
+    from timm.utils.model import unfreeze_batch_norm_2d
+
+    converted = unfreeze_batch_norm_2d(converted).train()
+    assert all(converted.get_submodule(n).train_unfused_reason(x) is None for n in names)  # re-plans
+    assert all(type(converted.get_submodule(n).plan.dw.bn) is BatchNormAct2d for n in names)
 
 
 def test_timm_frozen_efficientnet_b0_trains_fused():
