@@ -19,6 +19,11 @@ autograd:
   the random numbers the original draws) and the block is ``project(y) * mask + x``; without a
   mask (no drop, rate 0) the projection adds the residual itself.
 
+Frozen BatchNorm *modules* (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``: what
+``timm.utils.model.freeze_batch_norm_2d`` swaps in, or a detection backbone's ``norm_layer``) count as
+frozen in train mode too (:mod:`effnet_kernels._norms`); their ``weight`` and ``bias`` are buffers, so
+the gradients reach only the convs, the SE weights and the input.
+
 A block with some BatchNorms frozen and others training trains through its eager forward
 (:func:`batchnorm_blocker` says why).
 """
@@ -29,8 +34,9 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ._norms import bn_uses_batch_stats, bn_uses_running_stats, frozen_how
 from ._train_block import drop_mask_for
-from .nn import bn_uses_running_stats, folded_forward
+from .nn import folded_forward
 
 
 def _norms(plan: Any) -> list[tuple[str, nn.Module]]:
@@ -51,16 +57,30 @@ def _bns(names: Sequence[str]) -> str:
 def batchnorm_blocker(norms: Sequence[tuple[str, nn.Module]]) -> Optional[str]:
     """Why BatchNorms in these modes keep a training block eager, or None: they must be all
     training (batch statistics, :mod:`effnet_kernels._train_block`) or all frozen (this module)."""
-    frozen = [where for where, bn in norms if bn_uses_running_stats(bn)]
-    training = [where for where, bn in norms if bn.training]
-    untracked = [where for where, bn in norms if not bn.training and where not in frozen]
+    frozen = [(where, bn) for where, bn in norms if bn_uses_running_stats(bn)]
+    training = [where for where, bn in norms if bn_uses_batch_stats(bn)]
+    untracked = [where for where, bn in norms if not bn_uses_batch_stats(bn) and not bn_uses_running_stats(bn)]
     if untracked:
         return (f"{_bns(untracked)} in eval mode without running statistics (normalising with batch statistics "
                 f"it does not track)")
     if frozen and training:
-        return (f"{_bns(frozen)} in eval mode (frozen statistics) while {_bns(training)} training: a block trains "
+        return (f"{_frozen_phrase(frozen)} while {_bns(training)} training: a block trains "
                 f"fused with all its BatchNorms frozen or all training")
     return None
+
+
+def _frozen_phrase(frozen: Sequence[tuple[str, nn.Module]]) -> str:
+    """``"the projection BatchNorm is in eval mode (frozen statistics)"``, ``"the expand and depthwise BatchNorms
+    are FrozenBatchNorm2d modules (frozen statistics)"``, or both joined by "and"."""
+    groups: dict[str, list[str]] = {}
+    for where, bn in frozen:
+        groups.setdefault(frozen_how(bn), []).append(where)
+    phrases = []
+    for how, names in groups.items():
+        if how != "in eval mode" and len(names) > 1:
+            how = f"{how[2:]} modules"  # "a FrozenBatchNorm2d" -> "FrozenBatchNorm2d modules"
+        phrases.append(f"{_bns(names)} {how} (frozen statistics)")
+    return " and ".join(phrases)
 
 
 def all_frozen(plan: Any) -> bool:

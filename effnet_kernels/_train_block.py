@@ -40,6 +40,7 @@ from torch import nn
 
 from . import ops
 from .ops._checks import accumulation_dtype, conv_output_size
+from ._norms import is_frozen_batchnorm
 from ._sync_bn import group_moments, group_sums, process_group, sync_blocker
 from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
@@ -96,7 +97,8 @@ def trains_like_batchnorm(bn: nn.Module) -> bool:
 # ---------------------------------------------------------------- what can train fused
 def train_blocker(plan: Any) -> Optional[str]:
     """Why ``plan`` (an :class:`~effnet_kernels.nn.MBConvPlan`) cannot train fused, or None: its parts
-    must be plain, and its BatchNorms all training or all frozen (:mod:`effnet_kernels._frozen_block`)."""
+    must be plain, and its BatchNorms all training or all frozen (eval mode, or frozen BatchNorm modules:
+    :mod:`effnet_kernels._frozen_block`)."""
     from .nn import PointwiseSpec
 
     if plan.drop is UNKNOWN_DROP:
@@ -111,7 +113,7 @@ def train_blocker(plan: Any) -> Optional[str]:
         if spec.conv.bias is not None:
             return f"the {where} conv has a bias"
         bn = spec.bn
-        if not trains_like_batchnorm(bn):
+        if not (trains_like_batchnorm(bn) or is_frozen_batchnorm(bn)):
             return f"the {where} norm is {type(bn).__name__}, whose training forward is its own"
     from ._frozen_block import batchnorm_blocker
 

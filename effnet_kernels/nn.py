@@ -14,8 +14,10 @@ Parameters and optimizer state are those of the eager module it replaces.
 * **train with SyncBatchNorm** in a process group: the statistics and the backward's sums over
   the group's batches, one collective per BatchNorm each way (:mod:`effnet_kernels._sync_bn`).
 * **train with frozen BatchNorm** (every BatchNorm of the block in eval mode, as fine-tuning
-  recipes leave them): the eval computation with autograd, through the folds, the running
-  statistics untouched, the block's stochastic depth applied (:mod:`effnet_kernels._frozen_block`).
+  recipes leave them, or a frozen BatchNorm module: torchvision's ``FrozenBatchNorm2d``, timm's
+  ``FrozenBatchNormAct2d``, :mod:`effnet_kernels._norms`): the eval computation with autograd,
+  through the folds, the running statistics untouched, the block's stochastic depth applied
+  (:mod:`effnet_kernels._frozen_block`).
 
 A block whose parts are not all plain (some BatchNorms frozen and others training, conv biases,
 an adapter that does not describe the drop; a SyncBatchNorm where PyTorch's raises, or
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._norms import bn_uses_running_stats
 from ._train_block import UNKNOWN_DROP, autocast_input, train_blocker, train_forward
 from .reference import ACTIVATION_FNS
 from .backends import check_backend_name
@@ -95,9 +98,6 @@ def pinned_backend(backend: Optional[str]) -> Optional[str]:
     return None if backend == "auto" else backend
 
 
-def bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
-    """True when ``bn`` normalises with its running statistics (eval mode, stats tracked)."""
-    return not bn.training and bn.running_mean is not None and bn.running_var is not None
 
 
 def apply_activation(t: Tensor, name: str) -> Tensor:

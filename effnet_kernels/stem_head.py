@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._norms import is_batchnorm, normalises_only, num_features
 from .nn import (
     KERNEL_DTYPES, _refuse_kernel_backend, autocast_input, bn_uses_running_stats, cached_fold, fold_into_conv,
     pinned_backend,
@@ -57,7 +58,7 @@ def _is_pointwise(conv: Any) -> bool:
 
 def fusable_reason(container: nn.Module) -> Optional[str]:
     """Why ``container`` (conv, BN[, activation] in sequence) cannot run as one op, or None."""
-    from .integrations._common import activation_kind, dw_activations, is_batchnorm, is_plain_conv
+    from .integrations._common import activation_kind, dw_activations, is_plain_conv
 
     conv, bn, act = _parts(container)
     if conv is None:
@@ -70,9 +71,9 @@ def fusable_reason(container: nn.Module) -> Optional[str]:
     if kh != kw or kh % 2 == 0 or isinstance(conv.padding, str) or tuple(conv.stride) not in ((1, 1), (2, 2)):
         return f"the conv ({kh}x{kw}, stride {tuple(conv.stride)}, padding {conv.padding!r}) is not an odd square kernel " \
                "with stride 1 or 2 and int padding"
-    if not is_batchnorm(bn) or type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+    if not is_batchnorm(bn) or not normalises_only(bn):
         return f"{type(bn).__name__} is not a BatchNorm2d"
-    if bn.num_features != conv.out_channels:
+    if num_features(bn) != conv.out_channels:
         return "the BatchNorm has the wrong number of features"
     kind = activation_kind(act)
     if kind not in dw_activations():

@@ -15,6 +15,7 @@ from typing import Optional
 
 from torch import nn
 
+from .._norms import is_batchnorm, num_features
 from ..nn import DWConvSpec, Padding, PointwiseSpec, SESpec
 from ..ops import _checks
 
@@ -117,12 +118,6 @@ def is_activation(module: object) -> bool:
 
 
 # ---------------------------------------------------------------- convs and norms
-def is_batchnorm(bn: object) -> bool:
-    """``nn.BatchNorm2d`` (or a subclass, e.g. timm's ``BatchNormAct2d``) or ``nn.SyncBatchNorm``:
-    in eval with running statistics both are the same per-channel affine map."""
-    return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
-
-
 def is_plain_conv(conv: object) -> bool:
     """An ``nn.Conv2d`` (or subclass) that keeps ``nn.Conv2d``'s own forward."""
     return isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
@@ -155,7 +150,7 @@ def dw_spec(conv: nn.Module, bn: nn.Module, padding: Padding, activation: str) -
         raise NotFusable(f"padding_mode {conv.padding_mode!r} is not 'zeros'")
     if not is_batchnorm(bn):
         raise NotFusable(f"depthwise norm is {type(bn).__name__}, not a BatchNorm2d")
-    if bn.num_features != c:
+    if num_features(bn) != c:
         raise NotFusable("depthwise BatchNorm has the wrong number of features")
     if activation not in dw_activations():
         raise NotFusable(f"depthwise activation {activation} is not one the fused kernel computes "
@@ -233,7 +228,7 @@ def pointwise(conv: nn.Module, bn: nn.Module, activation: Optional[str], fallbac
         padding = conv_padding(conv)
     if padding != "same" and tuple(padding) != (0, 0, 0, 0):
         return tuple(fallback)
-    if conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
+    if conv.padding_mode != "zeros" or num_features(bn) != conv.out_channels:
         return tuple(fallback)
     return (PointwiseSpec(conv, bn, activation, tuple(fallback)),)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._norms import normalises_only
 from ..nn import MBConvPlan
 from ._common import (
     NotFusable, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
@@ -60,18 +61,17 @@ def _padding(conv: nn.Module):
     return conv_padding(conv)
 
 
-_PLAIN_NORM_FORWARDS = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.modules.batchnorm._BatchNorm.forward}
-
-
 def _norm_act(bn: nn.Module, where: str) -> str:
     """The kind of activation a timm norm layer applies after normalising (NotFusable if the kernels
     do not compute it: :func:`~._common.require_activation`).
 
-    A norm with a plain BatchNorm forward applies none, whatever children it carries
-    (``nn.SyncBatchNorm.convert_sync_batchnorm`` turns a ``BatchNormAct2d`` into a
-    ``SyncBatchNorm`` that keeps ``act`` and ``drop`` as children but never calls them).
+    A norm whose forward only normalises applies none, whatever children it carries
+    (:func:`~effnet_kernels._norms.normalises_only`: ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    turns a ``BatchNormAct2d`` into a ``SyncBatchNorm`` that keeps ``act`` and ``drop`` as children
+    but never calls them; ``freeze_batch_norm_2d``'s ``FrozenBatchNorm2d``). ``BatchNormAct2d`` and
+    ``FrozenBatchNormAct2d`` apply their ``drop`` (which must be an identity) and ``act``.
     """
-    if type(bn).forward in _PLAIN_NORM_FORWARDS:
+    if normalises_only(bn):
         return "identity"
     drop = getattr(bn, "drop", None)
     if drop is not None and not isinstance(drop, nn.Identity):
