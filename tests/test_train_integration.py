@@ -8,18 +8,18 @@ Each compares the converted model with the unconverted one doing the same thing.
 from __future__ import annotations
 
 import copy
-import gc
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import effnet_kernels as ek
 from effnet_kernels import testing
 from effnet_kernels.blocks import MBConvBlock
+
+from .environments import gloo_group
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
@@ -91,8 +91,7 @@ def test_autocast_with_grad_scaler():
 
 # ---------------------------------------------------------------- DDP (2 gloo processes)
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):  # collects and meets at a barrier before the group goes
         torch.manual_seed(100 + rank)
         x = torch.randn(4, 8, 12, 12)
         for tag, convert in (("eager", False), ("fused", True)):
@@ -104,13 +103,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             model(x).square().mean().backward()
             torch.save(_grads(model.module), os.path.join(out_dir, f"{tag}{rank}.pt"))
             del model, net
-        # Nothing may hold the gloo group past its destruction: a DDP reducer still referencing it
-        # when the interpreter exits aborts the process (about 1 run in 15 before this), and neither
-        # rank may tear down while the other still talks to it.
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_gloo_processes_give_the_unconverted_gradients(tmp_path):

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from unittest import mock
 
@@ -33,8 +32,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import effnet_kernels as ek
-from effnet_kernels import _sync_bn, _train_block, backends, cuda_host, reference, testing
+from effnet_kernels import _sync_bn, _train_block, cuda_host, reference, testing
 from effnet_kernels.blocks import MBConvBlock
+from tests.environments import gloo_group, triton_interpreted
 
 EPS = 1e-3
 BACKENDS = ["torch", "triton", "cuda"]
@@ -48,17 +48,8 @@ def served_by(backend: str):
         yield
         return
     if backend == "triton":
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        backends._reset_caches()
-        try:
+        with triton_interpreted():
             yield
-        finally:
-            if old is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-            backends._reset_caches()
         return
     with cuda_host.as_cuda_backend():
         yield
@@ -262,27 +253,21 @@ PLANTED = {
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str, sizes: tuple,
                  defect: str, order: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(served_by(backend))
-            stack.enter_context(mock.patch.object(_sync_bn, "sync_devices", lambda: ("cpu",)))
-            if defect:
-                stack.enter_context(PLANTED[defect]())
-            if order == "sync_after_convert":  # surgery on a converted model
-                net = nn.SyncBatchNorm.convert_sync_batchnorm(ek.convert(sync_net(), backend=backend))
-            else:
-                net = ek.convert(nn.SyncBatchNorm.convert_sync_batchnorm(sync_net()), backend=backend)
-            reasons = [block.train_unfused_reason() for block in net]
-            groups = [_train_block.process_groups(block.plan) for block in net]
-            xs, ws = _batches(sizes)
-            steps = _train(net, xs[rank], ws[rank], all_reduce=True)
+    with gloo_group(rank, world, init_file), contextlib.ExitStack() as stack:
+        stack.enter_context(served_by(backend))
+        stack.enter_context(mock.patch.object(_sync_bn, "sync_devices", lambda: ("cpu",)))
+        if defect:
+            stack.enter_context(PLANTED[defect]())
+        if order == "sync_after_convert":  # surgery on a converted model
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(ek.convert(sync_net(), backend=backend))
+        else:
+            net = ek.convert(nn.SyncBatchNorm.convert_sync_batchnorm(sync_net()), backend=backend)
+        reasons = [block.train_unfused_reason() for block in net]
+        groups = [_train_block.process_groups(block.plan) for block in net]
+        xs, ws = _batches(sizes)
+        steps = _train(net, xs[rank], ws[rank], all_reduce=True)
         torch.save({"reasons": reasons, "synced": [all(g is not None for g in gs[1:]) for gs in groups],
                     "steps": steps}, os.path.join(out_dir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _reference(sizes) -> list[dict]:
@@ -367,8 +352,7 @@ def test_negative_controls_fail_the_check(tmp_path, defect):
 
 # ---------------------------------------------------------------- as PyTorch does, elsewhere
 def _cpu_group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         x = torch.randn(2, 8, 12, 12)
         outcome = {}
         for tag, convert in (("eager", False), ("fused", True)):
@@ -382,9 +366,6 @@ def _cpu_group_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
             except Exception as exc:
                 outcome[tag] = (type(exc).__name__, str(exc))
         torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_cpu_tensors_in_a_process_group_raise_as_pytorch_does(tmp_path):

@@ -9,7 +9,6 @@ fixed config (no tuning); tests that need many tiles shrink it.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from effnet_kernels.ops._checks import ACT_CODES  # noqa: E402
 from effnet_kernels.triton._activation import activate  # noqa: E402
 from effnet_kernels.triton._jit import device_kernel  # noqa: E402
 
+from .environments import triton_interpreted  # noqa: E402
 from .test_ops_parity import ACT_F  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -46,15 +46,8 @@ def triton_interpreter():
     (``importorskip`` above) in compiled mode, which later GPU tests and torch.compile's
     own Triton kernels need, and the variable is restored afterwards.
     """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    backends._reset_caches()
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    backends._reset_caches()
+    with triton_interpreted():
+        yield
 
 
 @pytest.fixture

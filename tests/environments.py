@@ -1,0 +1,51 @@
+"""Contexts tests run code in: the Triton interpreter, a gloo process group of spawned workers."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from typing import Iterator
+
+import torch.distributed as dist
+
+from effnet_kernels import backends
+
+
+@contextlib.contextmanager
+def triton_interpreted() -> Iterator[None]:
+    """``TRITON_INTERPRET=1`` inside the block (lets the triton backend take CPU tensors), restored after.
+
+    The kernels choose compiled vs interpreted per launch (see ``effnet_kernels.triton._jit``),
+    so the variable can be set late: triton itself may have been imported in compiled mode,
+    which GPU tests and torch.compile's own Triton kernels need.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    backends._reset_caches()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        backends._reset_caches()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """A spawned worker's membership of a ``world``-process gloo group (file rendezvous at ``init_file``).
+
+    On leaving without an error, nothing may hold the group past its destruction (a DDP reducer
+    still referencing it when the interpreter exits aborts the process, about 1 run in 15 before
+    this) and neither rank may tear down while the other still talks to it: collect, then meet at
+    a barrier. The group is destroyed either way.
+    """
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
