@@ -71,6 +71,16 @@ def normalises_only(bn: object) -> bool:
     return isinstance(bn, nn.Module) and type(bn).forward in _PLAIN_FORWARDS
 
 
+def trains_like_batchnorm(bn: object) -> bool:
+    """A BatchNorm whose training forward is ``_BatchNorm``'s or ``nn.SyncBatchNorm``'s (see
+    :mod:`effnet_kernels._sync_bn`), or timm's ``BatchNormAct2d``'s (BN, then its act)."""
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return False
+    if type(bn).forward in _PLAIN_FORWARDS:
+        return True
+    return any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm") for c in type(bn).__mro__)
+
+
 def is_batchnorm(bn: object) -> bool:
     """``nn.BatchNorm2d`` (or a subclass, e.g. timm's ``BatchNormAct2d``), ``nn.SyncBatchNorm`` or a frozen
     BatchNorm module: with running statistics, all are the same per-channel affine map."""

@@ -40,12 +40,11 @@ from torch import nn
 
 from . import ops
 from .ops._checks import accumulation_dtype, conv_output_size
-from ._norms import is_frozen_batchnorm
+from ._norms import is_frozen_batchnorm, trains_like_batchnorm
 from ._sync_bn import group_moments, group_sums, process_group, sync_blocker
 from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
 Tensor = torch.Tensor
-_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 
 
 class _UnknownDrop:
@@ -79,19 +78,6 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var:
         unbiased = var * (count / (count - 1)) if count > 1 else var
         bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
         bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-
-
-def trains_like_batchnorm(bn: nn.Module) -> bool:
-    """A BatchNorm whose training forward is ``_BatchNorm``'s (or timm's ``BatchNormAct2d``, BN then act),
-    or ``nn.SyncBatchNorm``'s (see :mod:`effnet_kernels._sync_bn`)."""
-    if type(bn).forward is nn.SyncBatchNorm.forward:
-        return True
-    if not isinstance(bn, nn.BatchNorm2d):
-        return False
-    forward = type(bn).forward
-    if forward is _BATCHNORM_FORWARD:
-        return True
-    return any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm") for c in type(bn).__mro__)
 
 
 # ---------------------------------------------------------------- what can train fused

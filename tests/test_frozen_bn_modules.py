@@ -42,7 +42,7 @@ from .test_convert_lookalikes import (  # noqa: F401  (the look-alikes' fixture)
     BatchNormAct2d, DepthwiseSeparableConv, InvertedResidual, TvMBConv, lookalike_libraries,
 )
 from .test_ops_pointwise import _Ops
-from .test_train_frozen_bn import assert_frozen_step
+from .test_train_frozen_bn import assert_compiled_training_matches, assert_frozen_step
 from .test_train_fused import BLOCKS
 
 
@@ -291,16 +291,7 @@ def test_mixed_frozen_modules_and_training_batchnorms_train_eagerly():
 def test_frozen_module_block_compiles_fullgraph():
     """torch.compile (aot_eager) traces the frozen-module path in one graph, in training and in eval."""
     eager, fused, x = frozen_block_pair(BLOCKS["expand_se_residual_drop"], batch=8)
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    runs = []
-    for m in (eager, compiled):
-        xr = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        out = m(xr)
-        out.square().sum().backward()
-        runs.append((out.detach(), xr.grad))
-    for got, want in zip(runs[1], runs[0]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert_compiled_training_matches(eager, fused, x)
     eager.eval(), fused.eval()
     with torch.no_grad():
         want = eager(x)

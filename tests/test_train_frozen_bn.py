@@ -209,19 +209,24 @@ def test_optimizer_step_then_forward_again_sees_the_new_weights():
     assert_frozen_step(freeze_bn(eager.train()), freeze_bn(fused.train()), x)
 
 
-def test_frozen_block_compiles_fullgraph():
-    """torch.compile (aot_eager: the ops' fakes and autograd, no codegen) traces the frozen path in one graph."""
-    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual_drop"], batch=8)
+def assert_compiled_training_matches(eager: nn.Module, fused: nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(fused, fullgraph=True)`` (aot_eager: the ops' fakes and autograd, no codegen) gives
+    eager's output and input gradient in training, the same stochastic-depth draws seeded alike."""
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    grads = []
+    runs = []
     for m in (eager, compiled):
         xr = x.clone().requires_grad_()
         torch.manual_seed(1)
         out = m(xr)
         out.square().sum().backward()
-        grads.append((out.detach(), xr.grad))
-    for got, want in zip(grads[1], grads[0]):
+        runs.append((out.detach(), xr.grad))
+    for got, want in zip(runs[1], runs[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_frozen_block_compiles_fullgraph():
+    """torch.compile traces the frozen path in one graph."""
+    assert_compiled_training_matches(*frozen_pair(FROZEN_BLOCKS["expand_se_residual_drop"], batch=8))
 
 
 # ---------------------------------------------------------------- mixed modes
