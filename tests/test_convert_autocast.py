@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import effnet_kernels as ek
-from effnet_kernels import models
+from effnet_kernels import models, testing
 from effnet_kernels import nn as ek_nn
 from effnet_kernels.blocks import MBConvBlock
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,6 +79,8 @@ def test_b0_under_autocast_every_fused_module_keeps_the_eager_dtype():
     model = models.efficientnet("b0", num_classes=10)
     x = torch.randn(2, 3, 64, 64)
     model = calibrated(model, x).eval()
+    # not blind: an unrelated input moves the logits far more than bf16's allowance (~2e-2 relative)
+    testing.assert_sensitive(model, x, 2e-2)
     fused = ek.convert(copy.deepcopy(model), backend="torch")
     with torch.no_grad():
         ref64 = copy.deepcopy(model).double()(x.double())
