@@ -1,5 +1,6 @@
 """``pointwise_conv`` and ``conv_bn_act`` as aten ops in the input's dtype: the ``cuda`` backend's
-implementation of the two (no CUDA C++ GEMM or dense conv is written).
+implementation of the two (no CUDA C++ GEMM or dense conv is written), and ``pointwise_conv``'s backward
+(the ``cuda`` and ``triton`` backends', cuDNN's convolution backward).
 
 ``pointwise_conv``: cuDNN's 1x1 convolution with the folded BatchNorm's shift as its bias, then the activation,
 the residual add (or the spatial mean) as separate aten ops, and the SE gate as the excite
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops._checks import accumulation_dtype, memory_format_of
-from .reference import ACTIVATION_FNS
+from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
 
 Tensor = torch.Tensor
 
@@ -46,6 +47,49 @@ def pointwise_conv(
     if residual is not None:
         y = y + residual
     return y.contiguous(memory_format=memory_format_of(x))
+
+
+def pointwise_conv_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+    residual: Optional[Tensor], activation: str, pool: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``reference.pointwise_conv_backward``'s gradients (x, weight, bias, gate, residual; an absent input's
+    is empty) as eager autograd computes them, in x's dtype: the conv recomputed (for an activation only), the
+    activation's gradient (float32, rounded once), cuDNN's convolution backward for the input, weight and bias,
+    the gate's gradient ``sum(grad_in * x)`` over the pixels and ``grad_in * gate``.
+
+    What a training step with frozen BatchNorm runs for its 1x1 convs on a GPU (tensor cores in fp16 / bf16;
+    no Triton or CUDA C++ GEMM backward is written).
+    """
+    from . import reference
+
+    n, k, h, w = x.shape
+    cout = weight.shape[0]
+    if n * k * h * w == 0 or cout == 0:
+        return reference.pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool)
+    dt, cdt, fmt = x.dtype, accumulation_dtype(x), memory_format_of(x)
+    xin = x if gate is None else (x.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)  # the forward's excite
+    w4 = weight.to(dt)[:, :, None, None]
+    g = (grad_out.to(cdt) / (h * w))[:, :, None, None].expand(n, cout, h, w) if pool else grad_out
+    if activation != "identity":
+        z = F.conv2d(xin, w4, bias.to(dt) if bias is not None else None)
+        g = g.to(cdt) * ACTIVATION_GRADS[activation](z.to(cdt))
+    g = g.to(dt).contiguous(memory_format=fmt)
+    grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, xin, w4, [cout] if bias is not None else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [True, True, bias is not None])
+    empty = x.new_empty((0,))
+    grad_gate = empty
+    if gate is not None:
+        grad_gate = (grad_in.to(cdt) * x.to(cdt)).sum(dim=(2, 3)).to(gate.dtype)
+        grad_in = (grad_in.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)
+    return (
+        grad_in.contiguous(memory_format=fmt),
+        grad_w.reshape(weight.shape).to(weight.dtype),
+        grad_b.to(bias.dtype) if bias is not None else empty.clone(),
+        grad_gate,
+        grad_out.to(dt).clone(memory_format=fmt) if residual is not None else empty.clone(),
+    )
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

@@ -315,18 +315,22 @@ def _act_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
     return (grad.to(cdt) * ACTIVATION_GRADS[kind](u.to(cdt))).to(u.dtype)
 
 
-def _autocast(step: _Step) -> contextlib.AbstractContextManager:
-    if step.autocast is None:
+def run_under(state: Optional[tuple[str, torch.dtype]]) -> contextlib.AbstractContextManager:
+    """Autocast as a forward found it (:func:`autocast_state`: ``(device, dtype)``, or None for off), for its
+    backward's recompute."""
+    if state is None:
         return contextlib.nullcontext()
-    device, dtype = step.autocast
+    device, dtype = state
     return torch.autocast(device, dtype=dtype)
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+def or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """``t``, or an empty tensor standing for None in ``save_for_backward`` (:func:`or_none` undoes it)."""
     return t if t is not None else like.new_empty(0)
 
 
-def _or_none(t: Tensor) -> Optional[Tensor]:
+def or_none(t: Tensor) -> Optional[Tensor]:
+    """A saved tensor, None where :func:`or_empty` stood in for one."""
     return t if t.numel() else None
 
 
@@ -379,8 +383,8 @@ class RecomputedMBConv(torch.autograd.Function):
         if plan.residual:
             mask = drop_mask(plan, q, step.args, step.kwargs)
             out = (q if mask is None else q * mask) + x
-        ctx.save_for_backward(x, em, es, dw_mean, dw_var, _or_empty(pooled, x), _or_empty(gate, x), pm, ps,
-                              _or_empty(mask, x), *[_or_empty(p, x) for p in params])
+        ctx.save_for_backward(x, em, es, dw_mean, dw_var, or_empty(pooled, x), or_empty(gate, x), pm, ps,
+                              or_empty(mask, x), *[or_empty(p, x) for p in params])
         ctx.step = step
         return out
 
@@ -390,8 +394,8 @@ class RecomputedMBConv(torch.autograd.Function):
         step: _Step = ctx.step
         plan = step.plan
         x, em, es, dw_mean, dw_var, pooled, gate, pm, ps, mask, *saved = ctx.saved_tensors
-        mask = _or_none(mask)
-        p = dict(zip(_PARAMS, (_or_none(t) for t in saved)))
+        mask = or_none(mask)
+        p = dict(zip(_PARAMS, (or_none(t) for t in saved)))
         has_pre = p["pre_w"] is not None
         pre_eps, dw_eps, post_eps = step.eps
         pre_act = plan.pre[0].activation if has_pre else "identity"
@@ -403,7 +407,7 @@ class RecomputedMBConv(torch.autograd.Function):
         grads: dict[str, Optional[Tensor]] = dict.fromkeys(_PARAMS)
 
         # ---- recompute the block's large tensors, under the forward's autocast state
-        with torch.no_grad(), _autocast(step):
+        with torch.no_grad(), run_under(step.autocast):
             if has_pre:
                 h0 = _conv1x1(x, p["pre_w"])
                 b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es)

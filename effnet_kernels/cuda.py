@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _build, _folded_weights, _launch, backends
+from . import _aten_convs, _build, _folded_weights, _launch, backends
 
 Tensor = torch.Tensor
 
@@ -190,8 +190,9 @@ def _unavailable() -> list[str]:
 
 
 # where each depthwise op's weight sits among its arguments (the kernel size check)
-_WEIGHT_ARG = {"dwconv_bn_act": 1, "dwconv_bn_act_train": 1, "dwconv_bn_act_train_backward": 3, "dwconv_bn_stats": 1,
-               "dwconv_bn_grad_sums": 3, "dwconv_bn_input_grads": 3}
+_WEIGHT_ARG = {"dwconv_bn_act": 1, "dwconv_bn_act_backward": 3, "dwconv_bn_act_train": 1,
+               "dwconv_bn_act_train_backward": 3, "dwconv_bn_stats": 1, "dwconv_bn_grad_sums": 3,
+               "dwconv_bn_input_grads": 3}
 
 
 def _unsupported(op: str, t: Tensor, args: tuple = ()) -> list[str]:
@@ -516,6 +517,24 @@ def dwconv_bn_input_grads(
     return grad_x, _grad_weight(grad_w, weight)
 
 
+def dwconv_bn_act_backward(
+    grad_y: Optional[Tensor], grad_mean: Optional[Tensor], x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
+    stride: Sequence[int], padding: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CUDA ``dwconv_bn_act_backward`` (eval mode; signature of the reference's): the train-mode backward's two
+    halves with the BatchNorm as ``u = z * scale + shift`` (mean 0, variance 1, eps 0, so ``xhat = z`` exactly):
+    the first half's ``sum(g z)``, ``sum(g)`` are the scale's and shift's gradients, the second, given zero
+    sums, has ``gz = scale * g`` (no gradient through statistics). One recompute of the conv more than a fused
+    eval pass would make (``X E + P E`` bytes, see :mod:`effnet_kernels.triton.dwconv_backward`)."""
+    zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    ones = torch.ones_like(zeros)
+    grad_scale, grad_shift = dwconv_bn_grad_sums(grad_y, grad_mean, x, weight, scale, shift, zeros, ones, 0.0, stride,
+                                                 padding, activation)
+    grad_x, grad_w = dwconv_bn_input_grads(grad_y, grad_mean, x, weight, scale, shift, zeros, ones, zeros, zeros, 1,
+                                           0.0, stride, padding, activation)
+    return grad_x, grad_w, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
+
+
 def se_excite_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     """CUDA ``se_excite_backward`` (signature of the reference's): one pass over grad_out and y,
     grad_gate reduced per (n, c) in a fixed order (fp32, then gate's dtype)."""
@@ -573,22 +592,20 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Opti
                    residual: Optional[Tensor], activation: str, pool: bool) -> Tensor:
     """cuDNN's 1x1 conv and aten's epilogue ops, the gate by this backend's excite kernel
     (:mod:`effnet_kernels._aten_convs`: no CUDA C++ GEMM)."""
-    from . import _aten_convs
-
     return _aten_convs.pointwise_conv(x, weight, bias, gate, residual, activation, pool, excite=se_excite)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                 activation: str) -> Tensor:
     """cuDNN's conv with the folded bias, then aten's activation (:mod:`effnet_kernels._aten_convs`)."""
-    from . import _aten_convs
-
     return _aten_convs.conv_bn_act(x, weight, bias, stride, padding, activation)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {
     "dwconv_bn_act": dwconv_bn_act,
+    "dwconv_bn_act_backward": dwconv_bn_act_backward,
     "pointwise_conv": pointwise_conv,
+    "pointwise_conv_backward": _aten_convs.pointwise_conv_backward,
     "conv_bn_act": conv_bn_act,
     "se_gate": se_gate,
     "se_excite": se_excite,

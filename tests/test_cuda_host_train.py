@@ -19,6 +19,8 @@ backward; fp16/bf16: 2x / 3x plain PyTorch's error in that dtype):
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -430,6 +432,66 @@ def test_negative_control_unwritten_outputs_are_caught(host):
     backward_case(*args)
 
 
+# ------------------------------------------------------------------ dwconv_bn_act_backward (eval mode)
+def eval_backward_case(shape, k, stride, pad4, dtype, layout, activation="silu", with_y=True, with_pooled=True,
+                       device="cpu"):
+    """One eval-mode backward (folded scale and shift, no statistics: what a block with frozen BatchNorm trains
+    with) against the fp64 reference, plain PyTorch autograd in ``dtype`` the budget."""
+    stride = _pair(stride)
+    x = make_input(shape, dtype, layout, device)
+    n, c = shape[:2]
+    weight, scale, shift = _params(c, k, 0.5, device)
+    ho = (shape[2] + pad4[2] + pad4[3] - k) // stride[0] + 1
+    wo = (shape[3] + pad4[0] + pad4[1] - k) // stride[1] + 1
+    gy = torch.randn(n, c, ho, wo).to(device, dtype) if with_y else None
+    gp = torch.randn(n, c).to(dtype).to(device, torch.float32) if with_pooled else None
+    with launched(5, device):  # the sums' reduce and combine, gz, grad_x, grad_w (+ combines)
+        got = torch.ops.effnet.dwconv_bn_act_backward.default(gy, gp, x, weight, scale, shift, list(stride),
+                                                              list(pad4), activation, "cuda")
+    want = reference.dwconv_bn_act_backward(*_cpu64(gy, gp, x, weight, scale, shift), stride, pad4, activation)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, scale, shift)]
+    xx, ww, sc, sh = leaves
+    z = F.conv2d(F.pad(xx, pad4), ww, stride=stride, groups=c)
+    y = ACT_F[activation](z * sc[None, :, None, None] + sh[None, :, None, None])
+    loss = torch.zeros((), dtype=torch.float64)
+    if gy is not None:
+        loss = loss + (y * gy.to(dtype)).double().sum()
+    if gp is not None:
+        loss = loss + (y.float().mean(dim=(2, 3)) * gp).double().sum()
+    loss.backward()
+    assert got[0].dtype == dtype and got[1].dtype == weight.dtype and got[2].dtype == scale.dtype
+    for name, g, w, leaf in zip(("x", "weight", "scale", "shift"), got, want, leaves):
+        assert_parity(g.cpu(), w, leaf.grad.cpu(), dtype, kind="backward", what=f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", ["s1_same", "s2_tf_same", "s21_none"])
+def test_eval_backward_k_stride_padding(host, geometry, dtype, layout):
+    stride, pad4 = GEOMETRIES[geometry](5)
+    eval_backward_case((2, 12, 9, 8), 5, stride, pad4, dtype, layout)
+
+
+@pytest.mark.parametrize("with_y,with_pooled", [(True, False), (False, True)])
+@pytest.mark.parametrize("activation", ["relu6", "hardswish", "identity"])
+def test_eval_backward_activations_and_one_incoming_gradient(host, activation, with_y, with_pooled):
+    eval_backward_case((2, 10, 7, 7), 3, 1, (1, 1, 1, 1), torch.float32, "channels_last", activation, with_y,
+                       with_pooled)
+
+
+@pytest.mark.parametrize("shape,k,stride,pad4", AWKWARD, ids=AWKWARD_IDS)
+def test_eval_backward_awkward_shapes(host, shape, k, stride, pad4):
+    eval_backward_case(shape, k, stride, pad4, torch.float16, "channels_last")
+
+
+@pytest.mark.parametrize("defect", ["grad_drop_squeeze", "grad_skip_act"])
+def test_negative_control_eval_backward_check_rejects_defect(host, defect):
+    args = ((2, 13, 9, 8), 3, 1, (1, 1, 1, 1), torch.float32, "nchw")
+    eval_backward_case(*args)
+    with planted(defect, "cuda"), pytest.raises(AssertionError):
+        eval_backward_case(*args)
+
+
 # ------------------------------------------------------------------ a converted block trains on the kernels
 @pytest.mark.parametrize("name", ["expand_se_residual_drop", "k5_s2_se", "no_se_k7"])
 def test_converted_block_trains_on_the_cuda_kernels(host, name):
@@ -437,16 +499,44 @@ def test_converted_block_trains_on_the_cuda_kernels(host, name):
     given statistics, the backward ops) pinned to the cuda backend, served by the kernels through
     the host shim, judged per tensor over two SGD steps by testing.train_step_parity (fp32
     relative rule). Every training op the block needs must have run on the kernels."""
-    from unittest import mock
-
-    from effnet_kernels import backends
-
     from .test_train_fused import BLOCKS, _pair as block_pair, assert_train_parity
 
     eager, fused, x = block_pair(BLOCKS[name], batch=2, size=8)
     fused.backend = "cuda"
+    with served_by_cuda() as served:
+        assert_train_parity(eager, fused, x, steps=2)
+    want = {"dwconv_bn_act_train", "dwconv_bn_act_train_backward"}
+    if BLOCKS[name].get("se_ratio", 0.25) is not None:
+        want |= {"se_gate", "se_gate_backward", "se_excite", "se_excite_backward"}
+    assert want <= served, f"not served by the kernels: {want - served}"
+
+
+@pytest.mark.parametrize("name", ["expand_se_residual_drop", "no_expand_se"])
+def test_frozen_block_trains_on_the_cuda_kernels(host, name):
+    """A converted block training with frozen BatchNorm (RecomputedFrozenMBConv: the eval ops, two of them
+    recomputed in backward, their backward ops) pinned to the cuda backend, through the host shim: one step
+    by DESIGN's rule against fp64, then two SGD steps; the depthwise and SE ops ran on the kernels."""
+    from .test_train_frozen_bn import FROZEN_BLOCKS, assert_frozen_step, assert_train_parity, frozen_pair, frozen_run
+
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS[name], batch=2)
+    fused.backend = "cuda"
+    with served_by_cuda() as served:
+        assert_frozen_step(eager, fused, x)
+        assert_train_parity(eager, fused, x, steps=2, forward=frozen_run)
+    want = {"dwconv_bn_act", "dwconv_bn_act_backward", "se_gate", "se_gate_backward", "pointwise_conv",
+            "pointwise_conv_backward"}
+    assert want <= served, f"not served by the kernels: {want - served}"
+
+
+@contextlib.contextmanager
+def served_by_cuda():
+    """The names of the cuda backend's ops called inside (a set, filled as they run)."""
+    from unittest import mock
+
+    from effnet_kernels import backends
+
     impls = backends._REGISTRY["cuda"].impls()
-    served = set()
+    served: set[str] = set()
 
     def spy(op, impl):
         def wrapped(*args):
@@ -455,8 +545,4 @@ def test_converted_block_trains_on_the_cuda_kernels(host, name):
         return wrapped
 
     with mock.patch.dict(impls, {op: spy(op, f) for op, f in impls.items()}):
-        assert_train_parity(eager, fused, x, steps=2)
-    want = {"dwconv_bn_act_train", "dwconv_bn_act_train_backward"}
-    if BLOCKS[name].get("se_ratio", 0.25) is not None:
-        want |= {"se_gate", "se_gate_backward", "se_excite", "se_excite_backward"}
-    assert want <= served, f"not served by the kernels: {want - served}"
+        yield served

@@ -11,7 +11,8 @@ import torch
 
 import effnet_kernels as ek
 
-from .test_cuda_host_train import AWKWARD, DTYPES, EPS, GEOMETRIES, LAYOUTS, _params, backward_case, forward_case
+from .test_cuda_host_train import (AWKWARD, DTYPES, EPS, GEOMETRIES, LAYOUTS, _params, backward_case,
+                                   eval_backward_case, forward_case)
 from .test_ops_parity import ACTIVATIONS, SE_VARIANTS, make_input
 
 pytestmark = pytest.mark.gpu
@@ -31,6 +32,18 @@ def test_gpu_train_forward_and_backward(dtype, layout):
     for shape, k, stride, pad4 in AWKWARD:
         forward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
         backward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_eval_backward(dtype, layout):
+    """``dwconv_bn_act_backward`` (frozen BatchNorm's training) on the kernels, by the rule."""
+    for k in (3, 5, 7):
+        for geometry in GEOMETRIES.values():
+            stride, pad4 = geometry(k)
+            eval_backward_case((4, 40, 19, 17), k, stride, pad4, dtype, layout, device="cuda")
+    for shape, k, stride, pad4 in AWKWARD:
+        eval_backward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -129,28 +129,95 @@ def test_pointwise_empty_batch(backend_device, pool):
     assert tuple(out.shape) == ((0, 4) if pool else (0, 4, 3, 3))
 
 
+def autograd_backward(backend):
+    """The op's gradients through autograd (its registered backward), as ``pointwise_conv_backward``'s arguments."""
+    def backward(grad_out, x, w, b, g, r, activation, pool):
+        leaves = [t for t in (x, w, b, g, r) if t is not None]
+        ins = [t.detach().clone().requires_grad_() for t in leaves]
+        it = iter(ins)
+        args = [next(it) if t is not None else None for t in (x, w, b, g, r)]
+        out = ops.pointwise_conv(args[0], args[1], args[2], gate=args[3], residual=args[4], activation=activation,
+                                 pool=pool, backend=backend)
+        return torch.autograd.grad(out, ins, grad_out)
+    return backward
+
+
+def check_backward(backward, device, dtype, *, pool, activation="hardswish", gate=True, bias=True, layout="channels_last"):
+    """``backward(grad_out, x, w, b, g, r, activation, pool)``'s gradients of the present inputs vs the fp64
+    autograd truth, by the backward rule (3x plain's error); empty results for absent inputs are dropped."""
+    x, w, b, g, r = _inputs(2, 12, 4, 3, 10, dtype, layout, device, gate=gate, bias=bias, residual=not pool)
+    n_out = (2, 10) if pool else (2, 10, 4, 3)
+    grad_out = torch.randn(n_out, device=device).to(torch.float32 if pool else dtype)
+    present = [t for t in (x, w, b, g, r) if t is not None]
+    got = [t for t, want in zip(backward(grad_out, x, w, b, g, r, activation, pool), (x, w, b, g, r))
+           if want is not None]
+    assert len(got) == len(present)
+
+    def grads(cast, fn):
+        ins = [cast(t).detach().requires_grad_() if t is not None else None for t in (x, w, b, g, r)]
+        y = fn(*ins, activation, pool)
+        return torch.autograd.grad(y, [t for t in ins if t is not None], grad_out.to(y.dtype))
+
+    ref = grads(lambda t: t.double(), truth)
+    base = grads(lambda t: t, plain)
+    for i, (gg, rr, pp, leaf) in enumerate(zip(got, ref, base, present)):
+        assert gg.dtype == leaf.dtype and gg.shape == leaf.shape
+        assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pool", [False, True])
 def test_pointwise_backward(backend_device, dtype, pool):
     """Every input's gradient vs the fp64 autograd truth, by the backward rule (3x plain's error)."""
     backend, device = backend_device
-    x, w, b, g, r = _inputs(2, 12, 4, 3, 10, dtype, "channels_last", device, gate=True, bias=True, residual=not pool)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, g) + ((r,) if r is not None else ())]
-    out = ops.pointwise_conv(*leaves[:3], gate=leaves[3], residual=leaves[4] if not pool else None,
-                             activation="hardswish", pool=pool, backend=backend)
-    grad_out = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
-    got = torch.autograd.grad(out, leaves, grad_out)
+    check_backward(autograd_backward(backend), device, dtype, pool=pool)
 
-    def grads(cast, fn):
-        ins = [cast(t).detach().requires_grad_() for t in leaves]
-        y = fn(ins[0], ins[1], ins[2], ins[3], ins[4] if not pool else None, "hardswish", pool)
-        return torch.autograd.grad(y, ins, grad_out.to(y.dtype))
 
-    ref = grads(lambda t: t.double(), truth)
-    base = grads(lambda t: t, plain)
-    for i, (gg, rr, pp) in enumerate(zip(got, ref, base)):
-        assert gg.dtype == leaves[i].dtype
-        assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("activation,gate,bias,layout", [
+    ("hardswish", True, True, "channels_last"), ("silu", False, True, "nchw"), ("identity", True, False, "nchw"),
+    ("relu6", False, False, "strided"),
+])
+def test_aten_pointwise_backward(dtype, pool, activation, gate, bias, layout):
+    """The cuda backend's ``pointwise_conv_backward`` (cuDNN's convolution backward, in x's dtype), run here on
+    the CPU's aten ops: by the rule for every part, with and without gate, bias, activation."""
+    from effnet_kernels import _aten_convs
+
+    check_backward(_aten_convs.pointwise_conv_backward, "cpu", dtype, pool=pool, activation=activation, gate=gate,
+                   bias=bias, layout=layout)
+
+
+def test_aten_pointwise_backward_empty_batch():
+    from effnet_kernels import _aten_convs, reference
+
+    args = (torch.randn(0, 5, 3, 3), torch.randn(0, 6, 3, 3), torch.randn(5, 6), torch.randn(5), torch.rand(0, 6),
+            torch.randn(0, 5, 3, 3), "silu", False)
+    for got, want in zip(_aten_convs.pointwise_conv_backward(*args), reference.pointwise_conv_backward(*args)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("defect", ["gate", "activation", "bias"])
+def test_negative_control_aten_pointwise_backward(defect, monkeypatch):
+    """The check rejects the aten backward with the gate's factor dropped from the input gradient, the activation's
+    gradient skipped, or the bias gradient halved."""
+    from effnet_kernels import _aten_convs
+
+    real = _aten_convs.pointwise_conv_backward
+
+    def broken(grad_out, x, w, b, g, r, activation, pool):
+        if defect == "activation":
+            return real(grad_out, x, w, b, g, r, "identity", pool)
+        gx, gw, gb, gg, gr = real(grad_out, x, w, b, g, r, activation, pool)
+        if defect == "gate":
+            gx = gx / g.to(gx.dtype)[:, :, None, None]
+        else:
+            gb = gb * 0.5
+        return gx, gw, gb, gg, gr
+
+    check_backward(real, "cpu", torch.float32, pool=False)
+    with pytest.raises(AssertionError):
+        check_backward(broken, "cpu", torch.float32, pool=False)
 
 
 @pytest.mark.parametrize("pool", [False, True])
