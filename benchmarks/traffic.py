@@ -1,6 +1,6 @@
-"""Kernels per inference forward and the activation bytes they move per image: eager vs converted.
+"""Kernels per inference forward (or training step) and the activation bytes they move per image: eager vs converted.
 
-``python -m benchmarks.traffic [--models b0,b1,..] [--batch N] [--dtype fp16|bf16|fp32]
+``python -m benchmarks.traffic [--mode eval|train] [--models b0,b1,..] [--batch N] [--dtype fp16|bf16|fp32]
 [--memory-format channels_last|nchw] [--csv F] [--md F] [--readme README.md] [--by-op]``
 
 **What is counted.** :func:`count_traffic` puts the model in eval mode, runs one forward
@@ -34,10 +34,12 @@ runs below autograd. Each op is classified by :func:`classify` from its schema:
 * **query**: an op with no tensor return that mutates nothing (``sym_size``,
   ``is_same_size``, ...): metadata only.
 
-Ops with a ``CompositeImplicitAutograd`` kernel are decomposed inside the mode (``conv2d`` ->
-``convolution``, ``batch_norm`` -> ``native_batch_norm``), and the parts are counted, as they
-are under ``no_grad`` anyway (under ``inference_mode`` the mode would otherwise see
-``conv2d``, ``linear`` or ``dropout`` undecomposed). ``effnet::*`` ops are never
+Ops with a ``CompositeImplicitAutograd`` kernel and no kernel of their own for the device
+(``_decomposes``) are decomposed inside the mode (``conv2d`` -> ``convolution``, ``batch_norm`` ->
+``native_batch_norm``), and the parts are counted, as they are under ``no_grad`` anyway (under
+``inference_mode`` the mode would otherwise see ``conv2d``, ``linear`` or ``dropout``
+undecomposed); an op with both, such as ``silu_backward``, runs its own kernel, as the
+dispatcher would, and counts as one. ``effnet::*`` ops are never
 decomposed: each is one dispatched call, run inside the mode with the mode switched off, so
 its fake (meta) kernel or its backend's inner ops are never counted (``calls`` counts every
 dispatched op of every kind, so a test can check that one ``effnet::dwconv_bn_act`` is one
@@ -50,14 +52,42 @@ Parameters or buffers, or any other tensor that existed before the counted forwa
 not its input (the folded BatchNorm scale/shift the converted blocks cached at the warm-up:
 ``cached_bytes``), is a *constant* byte. Everything else, the input batch and every tensor
 an op produced in this forward (small per-(n, c) tensors such as SE squeezes and gates
-included), is an *activation* byte, read or written. A reference to every tensor seen is
-kept until the count ends, so no storage identity is reused.
+included), is an *activation* byte, read or written. A reference to the storage of every
+tensor seen is kept until the count ends, so no storage identity is reused (the storage, not
+the tensor: autograd steals a gradient only it holds as ``.grad``, and copies one that is
+referenced elsewhere).
 
 **Per image.** Counted at batch ``N`` and ``2N``; activation bytes per image are the slope
 ``(A(2N) - A(N)) / N``, the bytes one more image moves. What does not grow with the batch
 (a per-forward weight cast or fold, if a model had one; meta's BatchNorm statistics, below)
 drops out and is reported as ``fixed_act_bytes``. Kernels are per forward, at batch ``N``;
 constant bytes are per forward.
+
+**A training step** (``--mode train``, :func:`count_train_step`). The model in ``train()``,
+grad enabled, every Parameter's ``.grad`` set to None (as ``optimizer.zero_grad()`` does), one
+step: forward, loss ``out.float().sum()`` (:func:`default_loss`: the logits cast to float32 and
+summed; its kernels are counted: the cast, the sum, and in backward the ``ones_like`` seed and
+the cast of the expanded gradient back, 16 kB per image for 1000 fp16 logits), and
+``loss.backward()``. One step warms up (as for eval: anything a converted block caches at first
+use would be ``cached_bytes``), the second is counted. Every op the autograd engine runs in
+backward is dispatched through the same mode: the mode stack is thread-local, and on the CPU
+and meta the engine runs backward on the calling thread (a test counts the step from another
+thread and sees the same backward ops; on CUDA the engine runs backward on a device thread, to
+which it passes the caller's thread-local state: not exercised here, nothing counts on CUDA).
+Backward's gradients of the Parameters are fresh tensors, activations by the rule, that
+autograd makes the ``.grad`` without a copy; they do not grow with the batch, so they drop out
+of the per-image slope into ``fixed_act_bytes`` (with the BatchNorm batch statistics and the
+loss seed) and are in the total; ``grad_bytes`` (a CSV column) is what the step read and wrote
+in the ``.grad`` storages. ``accumulate=True`` keeps the warm-up's ``.grad``: the counted step
+then adds into them (constants, like the Parameters). BatchNorm's running-statistics update is
+a constant write that ``native_batch_norm``'s schema does not declare: not counted (2·C·4 bytes
+per BatchNorm per step, constants). The models are cast to the dtype (fp16 by default) as
+:mod:`benchmarks.memory` casts them, with no autocast (autocast does not run on meta): pure
+fp16 training, fp16 BatchNorm parameters included, where AMP would keep fp32 master weights and
+cast them per op (constant bytes) with activations in fp16. For a training op the rule is a
+lower bound: ``effnet::dwconv_bn_act_train_backward`` counts one read of each input and one
+write of each output, where a real backward makes several passes (a reduction of the gradient,
+then its application); so do ``native_batch_norm_backward`` and the others.
 
 **Where.** The CLI counts B0-B7 (``effnet_kernels.models``) at native resolution, built on
 the **meta device** (no init, ``torch.empty`` input, nothing allocated; all eight take
@@ -91,13 +121,17 @@ from torch.utils._pytree import tree_leaves
 
 from .memory import DTYPES, LAYOUTS, RESULTS, _build, _input_maker, _order, storage_key
 
-__all__ = ["OpTraffic", "TrafficCount", "PerImage", "classify", "count_traffic", "traffic_per_image",
+__all__ = ["OpTraffic", "TrafficCount", "PerImage", "classify", "count_traffic", "count_train_step", "default_loss",
+           "traffic_per_image",
            "measure_model", "rows_for", "traffic_table", "main", "TRAFFIC_COLUMNS", "MARK_START", "MARK_END",
            "KERNEL", "VIEW", "ALLOC", "QUERY"]
 
 MARK_START = "<!-- traffic:begin -->"
 MARK_END = "<!-- traffic:end -->"
+TRAIN_MARK_START = "<!-- traffic-train:begin -->"
+TRAIN_MARK_END = "<!-- traffic-train:end -->"
 PROVIDERS = ("eager", "converted")
+MODES = {"eval": "infer", "train": "train"}  # --mode -> the CSV's mode column (as benchmarks.network writes it)
 KERNEL, VIEW, ALLOC, QUERY = "kernel", "view", "alloc", "query"
 EFFNET_NAMESPACE = "effnet"
 
@@ -138,10 +172,27 @@ def classify(func: torch._ops.OpOverload) -> str:
     return KERNEL
 
 
-def _decomposes(func: torch._ops.OpOverload) -> bool:
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA, "meta": torch._C.DispatchKey.Meta}
+
+
+def _decomposes(func: torch._ops.OpOverload, device: str | None) -> bool:
+    """Whether the dispatcher would run ``func``'s ``CompositeImplicitAutograd`` kernel on ``device``:
+    it has one and no kernel of its own for that device (``silu_backward`` has both: a kernel)."""
     if func.namespace == EFFNET_NAMESPACE:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    if not has(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd):
+        return False
+    key = _BACKEND_KEYS.get(device) if device is not None else None
+    return key is None or not has(func.name(), key)
+
+
+def _device_of(args: tuple, kwargs: dict) -> str | None:
+    """The device type of an op's first tensor argument (else its ``device=``), or None."""
+    for t in _tensors((args, kwargs)):
+        return t.device.type
+    device = kwargs.get("device")
+    return torch.device(device).type if device is not None else None
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -174,6 +225,14 @@ def _operands(func: torch._ops.OpOverload, args: tuple, kwargs: dict,
     return list(reads.values()), list(writes.values())
 
 
+def _owner(t: torch.Tensor) -> Any:
+    """What keeps ``t``'s storage (and so its identity) alive: the storage, or ``t`` without one."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return t
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -198,7 +257,9 @@ class TrafficCount:
     tensors made before the forward, of which ``cached_bytes`` are not Parameters or
     buffers. ``calls``: every dispatched op. ``by_op``: op name (``aten::convolution``,
     ``effnet::dwconv_bn_act``) -> :class:`OpTraffic` of its kernels; ``skipped``: op name
-    -> calls of the ops that are views, allocations or queries.
+    -> calls of the ops that are views, allocations or queries. ``grad_bytes`` (a training
+    step, :func:`count_train_step`): the bytes read or written, activation or constant, in the
+    storages that hold the Parameters' ``.grad`` after the step.
     """
 
     kernels: int
@@ -209,6 +270,7 @@ class TrafficCount:
     calls: int
     by_op: dict[str, OpTraffic] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    grad_bytes: int = 0
 
     @property
     def activation_bytes(self) -> int:
@@ -231,15 +293,19 @@ class _TrafficMode(TorchDispatchMode):
         super().__init__()
         self.params = params
         self.produced = set(inputs)
-        self.keep: list[torch.Tensor] = []  # keeps storages alive, so no identity is reused
+        # keeps storages alive, so no identity is reused; storages, not tensors: a tensor referenced
+        # here would not be the sole owner autograd's AccumulateGrad steals as .grad (it would copy)
+        self.keep: list[Any] = []
         self.kernels = self.read = self.write = self.const = self.cached = self.calls = 0
         self.by_op: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
+        self.by_storage: dict[Hashable, int] = {}  # bytes of every kind read or written, per storage
 
     def _bytes(self, t: torch.Tensor) -> tuple[int, int, int]:
         """(activation, constant, cached) bytes of one access to ``t``."""
         key, _ = storage_key(t)
         n = _nbytes(t)
+        self.by_storage[key] = self.by_storage.get(key, 0) + n
         if key in self.params:
             return 0, n, 0
         if key in self.produced:
@@ -248,7 +314,7 @@ class _TrafficMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _decomposes(func):
+        if _decomposes(func, _device_of(args, kwargs)):
             with self:
                 result = func.decompose(*args, **kwargs)
             if result is not NotImplemented:
@@ -280,17 +346,41 @@ class _TrafficMode(TorchDispatchMode):
 
     def _register(self, out: Any) -> None:
         for t in _tensors(out):
-            self.keep.append(t)
+            self.keep.append(_owner(t))
             key, _ = storage_key(t)
             if key not in self.params:
                 self.produced.add(key)
 
-    def result(self) -> TrafficCount:
+    def result(self, grads: Sequence[torch.Tensor] = ()) -> TrafficCount:
+        """The count; ``grads``: the Parameters' gradients after a training step (for ``grad_bytes``)."""
+        grad_keys = {storage_key(g)[0] for g in grads}
         return TrafficCount(
             kernels=self.kernels, read_bytes=self.read, write_bytes=self.write, constant_bytes=self.const,
             cached_bytes=self.cached, calls=self.calls,
             by_op={k: OpTraffic(*v) for k, v in sorted(self.by_op.items())}, skipped=dict(sorted(self.skipped.items())),
+            grad_bytes=sum(self.by_storage.get(k, 0) for k in grad_keys),
         )
+
+
+def _count_second(model: nn.Module, args: tuple, step: Callable[[], Any], *, train: bool, warmup: bool,
+                  constants: Callable[[], Sequence[torch.Tensor]] = lambda: ()) -> TrafficCount:
+    """``step()`` with ``model`` in training (``train``) or eval mode, once to warm up (unless
+    ``warmup=False``), then counted; every module's mode is restored after. Constant storages:
+    the model's Parameters and buffers, and ``constants()`` (taken after the warm-up)."""
+    before = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        if warmup:
+            step()
+        params = {storage_key(t)[0] for t in chain(model.parameters(), model.buffers(), constants())}
+        inputs = {storage_key(t)[0] for t in _tensors(args)}
+        mode = _TrafficMode(params, inputs)
+        with mode:
+            step()
+    finally:
+        for m, training in before:
+            m.training = training
+    return mode.result([p.grad for p in model.parameters() if p.grad is not None] if train else ())
 
 
 def count_traffic(model: nn.Module, example_input: Any, *, warmup: bool = True) -> TrafficCount:
@@ -301,21 +391,38 @@ def count_traffic(model: nn.Module, example_input: Any, *, warmup: bool = True) 
     restored after. See the module docstring for the rules.
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    before = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            if warmup:
-                model(*args)
-            params = {storage_key(t)[0] for t in chain(model.parameters(), model.buffers())}
-            inputs = {storage_key(t)[0] for t in _tensors(args)}
-            mode = _TrafficMode(params, inputs)
-            with mode:
-                model(*args)
-    finally:
-        for m, training in before:
-            m.training = training
-    return mode.result()
+    with torch.no_grad():
+        return _count_second(model, args, lambda: model(*args), train=False, warmup=warmup)
+
+
+def default_loss(out: torch.Tensor) -> torch.Tensor:
+    """The training step's loss: ``out.float().sum()`` (logits cast to float32, summed)."""
+    return out.float().sum()
+
+
+def count_train_step(model: nn.Module, example_input: Any, *, loss: Callable[[Any], torch.Tensor] = default_loss,
+                     warmup: bool = True, accumulate: bool = False) -> TrafficCount:
+    """Count one training step: ``loss(model(example_input)).backward()`` with the model in
+    training mode and grad enabled, once to warm up (unless ``warmup=False``), then counted.
+
+    Each step starts with every Parameter's ``.grad`` set to None (``optimizer.zero_grad()``'s
+    default), so backward's gradients become the ``.grad`` (autograd steals them: no kernel);
+    ``accumulate=True`` keeps the warm-up's ``.grad``, and the counted step adds into them (one
+    in-place add per Parameter; those gradients are constants, like the Parameters). The
+    ``.grad`` are left set, as after a step; every module's mode is restored.
+    """
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+
+    def step() -> None:
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
+        loss(model(*args)).backward()
+
+    def kept_grads() -> list[torch.Tensor]:  # (without accumulate they are freed: no identity to keep)
+        return [p.grad for p in model.parameters() if p.grad is not None] if accumulate else []
+
+    with torch.enable_grad():
+        return _count_second(model, args, step, train=True, warmup=warmup, constants=kept_grads)
 
 
 @dataclass(frozen=True)
@@ -366,32 +473,39 @@ class PerImage:
                 for n in names}
 
 
-def traffic_per_image(model: nn.Module, make_input: Callable[[int], Any], batch: int) -> PerImage:
-    """:func:`count_traffic` of ``model(make_input(batch))`` and of ``model(make_input(2 * batch))``."""
+def traffic_per_image(model: nn.Module, make_input: Callable[[int], Any], batch: int, *,
+                      train: bool = False) -> PerImage:
+    """:func:`count_traffic` (``train``: :func:`count_train_step`) of ``model(make_input(batch))``
+    and of ``model(make_input(2 * batch))``."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    return PerImage(batch, count_traffic(model, make_input(batch)), count_traffic(model, make_input(2 * batch)))
+    count = count_train_step if train else count_traffic
+    return PerImage(batch, count(model, make_input(batch)), count(model, make_input(2 * batch)))
 
 
 # --------------------------------------------------------------------------- models
 
-def measure_model(name: str, *, batch: int = 8, dtype: str = "fp16",
-                  layout: str = "channels_last") -> tuple[int, dict[str, PerImage], int]:
+def measure_model(name: str, *, batch: int = 8, dtype: str = "fp16", layout: str = "channels_last",
+                  mode: str = "eval") -> tuple[int, dict[str, PerImage], int]:
     """Count eager and ``effnet_kernels.convert(copy.deepcopy(model))`` for benchmark model ``name``
-    on the meta device at its native resolution: ``(resolution, {"eager": .., "converted": ..},
-    converted blocks)``."""
+    on the meta device at its native resolution, one inference forward (``mode="eval"``) or one
+    training step (``"train"``): ``(resolution, {"eager": .., "converted": ..}, converted blocks)``."""
     import effnet_kernels
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    train = mode == "train"
     model, resolution = _build(name, "meta")
-    model = model.to(dtype=DTYPES[dtype], memory_format=LAYOUTS[layout]).eval()
-    converted = effnet_kernels.convert(copy.deepcopy(model)).eval()
+    model = model.to(dtype=DTYPES[dtype], memory_format=LAYOUTS[layout]).train(train)
+    converted = effnet_kernels.convert(copy.deepcopy(model)).train(train)
     blocks = sum(isinstance(m, effnet_kernels.MBConv) for m in converted.modules())
     make = _input_maker(resolution, "meta", DTYPES[dtype], LAYOUTS[layout])
-    counts = {"eager": traffic_per_image(model, make, batch), "converted": traffic_per_image(converted, make, batch)}
+    counts = {"eager": traffic_per_image(model, make, batch, train=train),
+              "converted": traffic_per_image(converted, make, batch, train=train)}
     return resolution, counts, blocks
 
 
@@ -403,7 +517,7 @@ TRAFFIC_COLUMNS: tuple[str, ...] = (
     "kernels", "kernel_ratio", "effnet_kernels", "act_bytes_per_img", "act_mb_per_img", "ratio",
     "total_bytes_per_img", "total_mb_per_img", "total_ratio",
     "read_bytes_per_img", "write_bytes_per_img", "fixed_act_bytes", "act_bytes", "const_bytes", "cached_bytes",
-    "calls", "skipped_calls", "converted_blocks", "wall_s", "note", "timestamp",
+    "calls", "skipped_calls", "converted_blocks", "wall_s", "note", "timestamp", "grad_bytes",
 )
 _KEY = ("model", "resolution", "batch", "dtype", "layout", "device", "mode", "provider")
 _MB = 1e6
@@ -414,7 +528,8 @@ def _number(value: float) -> int | float:
 
 
 def rows_for(name: str, resolution: int, counts: dict[str, PerImage], blocks: int, *, batch: int, dtype: str,
-             layout: str, wall_s: float, versions: dict[str, str], note: str = "") -> list[dict[str, object]]:
+             layout: str, wall_s: float, versions: dict[str, str], note: str = "",
+             mode: str = "eval") -> list[dict[str, object]]:
     """The CSV rows (eager, converted) of one :func:`measure_model` result."""
     eager = counts["eager"]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -425,7 +540,7 @@ def rows_for(name: str, resolution: int, counts: dict[str, PerImage], blocks: in
         rows.append({
             **{k: versions.get(k, "") for k in ("torch", "python", "commit", "src_hash", "run_id")},
             "model": name, "resolution": resolution, "batch": batch, "slope_batches": f"{batch},{2 * batch}",
-            "dtype": dtype, "layout": layout, "device": "meta", "mode": "infer", "provider": provider,
+            "dtype": dtype, "layout": layout, "device": "meta", "mode": MODES[mode], "provider": provider,
             "kernels": c.kernels, "kernel_ratio": round(c.kernels / eager.kernels, 4) if eager.kernels else "",
             "effnet_kernels": c.at_batch.effnet_kernels,
             "act_bytes_per_img": _number(act), "act_mb_per_img": round(act / _MB, 3),
@@ -438,18 +553,44 @@ def rows_for(name: str, resolution: int, counts: dict[str, PerImage], blocks: in
             "const_bytes": c.at_batch.constant_bytes, "cached_bytes": c.at_batch.cached_bytes,
             "calls": c.at_batch.calls, "skipped_calls": sum(c.at_batch.skipped.values()),
             "converted_blocks": blocks if provider == "converted" else "",
-            "wall_s": round(wall_s, 2), "note": note, "timestamp": stamp,
+            "wall_s": round(wall_s, 2), "note": note, "timestamp": stamp, "grad_bytes": c.at_batch.grad_bytes,
         })
     return rows
 
 
-def traffic_table(rows: list[dict]) -> str:
-    """Markdown: a table per (device, dtype, layout, batch) of the latest row per configuration."""
+def _intro(mode: str, device: str, batch: str, versions: str) -> str:
+    """The paragraph above one table: what was counted, how (``versions``: torch and commits)."""
+    if mode == "train":
+        return (
+            f"Counted by `python -m benchmarks.traffic --mode train` ({versions}) on the {device} device at native "
+            "resolution, the second training step (model in `train()`, every `.grad` set to None, forward, loss "
+            "`out.float().sum()`, `loss.backward()`): each dispatched op of forward and backward that launches a "
+            "kernel reads its tensor inputs once and writes its outputs once (views and allocations: nothing; an "
+            "`effnet::` op, forward or backward: one kernel, a lower bound for a fused backward that makes several "
+            f"passes). Kernels per step at batch {batch}; activation bytes per image: slope between the two "
+            "batches, Parameters and buffers excluded (the Parameters' gradients, written once per step, do not "
+            f"grow with the batch and drop out); total: everything one step at batch {batch} moves (weights and "
+            f"gradients included) ÷ {batch}. MB = 10⁶ bytes; ratios: converted ÷ eager.\n"
+        )
+    return (
+        f"Counted by `python -m benchmarks.traffic` ({versions}) on the "
+        f"{device} device at native resolution, second forward under `no_grad`: each dispatched op that launches "
+        "a kernel reads its tensor inputs once and writes its outputs once (views and allocations: nothing; an "
+        "`effnet::` op: one kernel). Kernels per forward at batch "
+        f"{batch}; activation bytes per image: slope between the two batches, Parameters, buffers and cached "
+        f"folds excluded; total: everything one forward at batch {batch} moves (weights included) ÷ {batch}. "
+        "MB = 10⁶ bytes; ratios: converted ÷ eager.\n"
+    )
+
+
+def traffic_table(rows: list[dict], mode: str = "eval") -> str:
+    """Markdown: a table per (device, dtype, layout, batch) of the latest row per configuration, of
+    the rows of ``mode`` (``eval``: the CSV's ``infer`` rows, and rows without a mode; ``train``)."""
     from .report import latest
 
-    rows = latest(rows, _KEY)
+    rows = latest([r for r in rows if (r.get("mode") or MODES["eval"]) == MODES[mode]], _KEY)
     if not rows:
-        return "_no traffic results_\n"
+        return "_no traffic results_\n" if mode == "eval" else "_no training-step traffic results_\n"
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["device"], r["dtype"], r["layout"], r["batch"]), []).append(r)
@@ -457,16 +598,8 @@ def traffic_table(rows: list[dict]) -> str:
     for (device, dtype, layout, batch), group in groups.items():
         first = group[0]
         commits = ", ".join(sorted({r.get("commit") or "?" for r in group}))
-        parts.append(
-            f"#### {device} · {dtype} · {layout} · eval · batches {batch} and {2 * int(batch)}\n\n"
-            f"Counted by `python -m benchmarks.traffic` (torch {first.get('torch') or '?'}, commit {commits}) on the "
-            f"{device} device at native resolution, second forward under `no_grad`: each dispatched op that launches "
-            "a kernel reads its tensor inputs once and writes its outputs once (views and allocations: nothing; an "
-            "`effnet::` op: one kernel). Kernels per forward at batch "
-            f"{batch}; activation bytes per image: slope between the two batches, Parameters, buffers and cached "
-            f"folds excluded; total: everything one forward at batch {batch} moves (weights included) ÷ {batch}. "
-            "MB = 10⁶ bytes; ratios: converted ÷ eager.\n"
-        )
+        parts.append(f"#### {device} · {dtype} · {layout} · {mode} · batches {batch} and {2 * int(batch)}\n\n"
+                     + _intro(mode, device, batch, f"torch {first.get('torch') or '?'}, commit {commits}"))
         header = ["model", "resolution", "kernels eager", "kernels converted", "ratio", "act MB/img eager",
                   "act MB/img converted", "ratio", "total MB/img eager", "total MB/img converted",
                   "effnet:: kernels (converted)"]
@@ -510,29 +643,45 @@ def _by_op_text(name: str, counts: dict[str, PerImage]) -> str:
 def _measure(args: argparse.Namespace, name: str, versions: dict) -> list[dict]:
     """One model's two CSV rows (eager, converted), its summary (and with ``--by-op`` its ops) printed."""
     start = time.perf_counter()
-    resolution, counts, blocks = measure_model(name, batch=args.batch, dtype=args.dtype, layout=args.layout)
+    resolution, counts, blocks = measure_model(name, batch=args.batch, dtype=args.dtype, layout=args.layout,
+                                               mode=args.mode)
     wall = time.perf_counter() - start
     rows = rows_for(name, resolution, counts, blocks, batch=args.batch, dtype=args.dtype, layout=args.layout,
-                    wall_s=wall, versions=versions)
+                    wall_s=wall, versions=versions, mode=args.mode)
     e, c = rows
-    print(f"{name} @{resolution}: {e['kernels']} -> {c['kernels']} kernels ({c['kernel_ratio']}), "
+    print(f"{name} @{resolution} {args.mode}: {e['kernels']} -> {c['kernels']} kernels ({c['kernel_ratio']}), "
           f"{e['act_mb_per_img']} -> {c['act_mb_per_img']} MB/img ({c['ratio']}); {wall:.1f} s", flush=True)
     if args.by_op:
         print(_by_op_text(name, counts), flush=True)
     return rows
 
 
+_MODE_OUTPUT = {  # --mode -> (markdown file, README markers, title)
+    "eval": ("traffic.md", (MARK_START, MARK_END), "### Memory traffic per inference, per image"),
+    "train": ("traffic_train.md", (TRAIN_MARK_START, TRAIN_MARK_END), "### Memory traffic per training step, per image"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Count B0-B7 (or ``--models``), append to the CSV, write the markdown (and the README section)."""
+    """Count B0-B7 (or ``--models``), append to the CSV, write the markdown (and the README section)
+    of ``--mode`` (its own markdown file and README markers)."""
+    import sys
+
     from . import counted_cli
 
+    mode_flag = argparse.ArgumentParser(add_help=False)
+    mode_flag.add_argument("--mode", choices=sorted(MODES), default="eval")
+    mode = mode_flag.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].mode
+    md, marks, title = _MODE_OUTPUT[mode]
     p = counted_cli.parser("python -m benchmarks.traffic", __doc__.split("\n\n")[0], dtypes=DTYPES,
-                           default_dtype="fp16", dtype_help="model and input dtype (default fp16)", layouts=LAYOUTS,
-                           csv=RESULTS / "traffic.csv", md=RESULTS / "traffic.md", marks=(MARK_START, MARK_END),
-                           verb="counted")
+                           default_dtype="fp16", dtype_help="model and input dtype (no autocast; default fp16)",
+                           layouts=LAYOUTS, csv=RESULTS / "traffic.csv", md=RESULTS / md, marks=marks, verb="counted")
+    p.add_argument("--mode", choices=sorted(MODES), default="eval",
+                   help="eval: one inference forward (default); train: one training step, forward and backward "
+                        "(its own markdown file and README markers)")
     p.add_argument("--by-op", action="store_true", help="print each model's kernels and bytes per op name")
-    return counted_cli.run(p, argv, measure=_measure, columns=TRAFFIC_COLUMNS, table=traffic_table,
-                           title="### Memory traffic per inference, per image", marks=(MARK_START, MARK_END))
+    return counted_cli.run(p, argv, measure=_measure, columns=TRAFFIC_COLUMNS,
+                           table=lambda rows: traffic_table(rows, mode), title=title, marks=marks)
 
 
 if __name__ == "__main__":
