@@ -54,9 +54,8 @@ def pointwise_conv_backward(
     residual: Optional[Tensor], activation: str, pool: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``reference.pointwise_conv_backward``'s gradients (x, weight, bias, gate, residual; an absent input's
-    is empty) as eager autograd computes them, in x's dtype: the conv recomputed (for an activation only), the
-    activation's gradient (float32, rounded once), cuDNN's convolution backward for the input, weight and bias,
-    the gate's gradient ``sum(grad_in * x)`` over the pixels and ``grad_in * gate``.
+    is empty) as eager autograd computes them, in x's dtype (:func:`_conv_backward`), the gate's gradient
+    ``sum(grad_in * x)`` over the pixels and the input's ``grad_in * gate``.
 
     What a training step with frozen BatchNorm runs for its 1x1 convs on a GPU (tensor cores in fp16 / bf16;
     no Triton or CUDA C++ GEMM backward is written).
@@ -69,15 +68,8 @@ def pointwise_conv_backward(
         return reference.pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool)
     dt, cdt, fmt = x.dtype, accumulation_dtype(x), memory_format_of(x)
     xin = x if gate is None else (x.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)  # the forward's excite
-    w4 = weight.to(dt)[:, :, None, None]
     g = (grad_out.to(cdt) / (h * w))[:, :, None, None].expand(n, cout, h, w) if pool else grad_out
-    if activation != "identity":
-        z = F.conv2d(xin, w4, bias.to(dt) if bias is not None else None)
-        g = g.to(cdt) * ACTIVATION_GRADS[activation](z.to(cdt))
-    g = g.to(dt).contiguous(memory_format=fmt)
-    grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, xin, w4, [cout] if bias is not None else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, True, bias is not None])
+    grad_in, grad_w, grad_b = _conv_backward(g, xin, weight[:, :, None, None], bias, (1, 1), (0, 0), activation)
     empty = x.new_empty((0,))
     grad_gate = empty
     if gate is not None:
@@ -85,11 +77,48 @@ def pointwise_conv_backward(
         grad_in = (grad_in.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)
     return (
         grad_in.contiguous(memory_format=fmt),
-        grad_w.reshape(weight.shape).to(weight.dtype),
-        grad_b.to(bias.dtype) if bias is not None else empty.clone(),
+        grad_w.reshape(weight.shape),
+        grad_b if bias is not None else empty.clone(),
         grad_gate,
         grad_out.to(dt).clone(memory_format=fmt) if residual is not None else empty.clone(),
     )
+
+
+def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                         padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.conv_bn_act_backward``'s gradients (x, weight, bias; an absent bias's is empty) as eager
+    autograd computes them, in x's dtype (:func:`_conv_backward`); 4-sided padding by an explicit pad when it
+    is not symmetric (the input gradient cut back out of the padded one)."""
+    from . import reference
+
+    if x.numel() == 0 or grad_out.numel() == 0:
+        return reference.conv_bn_act_backward(grad_out, x, weight, bias, stride, padding, activation)
+    left, right, top, bottom = padding
+    symmetric = left == right and top == bottom
+    xp = x if symmetric else F.pad(x, (left, right, top, bottom))
+    grad_xp, grad_w, grad_b = _conv_backward(grad_out, xp, weight, bias, tuple(stride),
+                                             (top, left) if symmetric else (0, 0), activation)
+    if not symmetric:
+        grad_xp = grad_xp[:, :, top: top + x.shape[2], left: left + x.shape[3]]
+    return (grad_xp.contiguous(memory_format=memory_format_of(x)), grad_w,
+            grad_b if bias is not None else x.new_empty((0,)))
+
+
+def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                   padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(grad_x, grad_weight, grad_bias) of ``act(conv2d(x, weight, bias, stride, padding))`` for the gradient
+    ``g`` at its output, in x's dtype: the conv recomputed for an activation's gradient only (float32,
+    rounded once), then cuDNN's convolution backward; the weight's and bias's gradients in their dtypes."""
+    dt, cdt = x.dtype, accumulation_dtype(x)
+    w = weight.to(dt)
+    if activation != "identity":
+        z = F.conv2d(x, w, bias.to(dt) if bias is not None else None, stride=tuple(stride), padding=tuple(padding))
+        g = g.to(cdt) * ACTIVATION_GRADS[activation](z.to(cdt))
+    g = g.to(dt).contiguous(memory_format=memory_format_of(x))
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, x, w, [w.shape[0]] if bias is not None else None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+        [True, True, bias is not None])
+    return grad_x, grad_w.to(weight.dtype), (grad_b.to(bias.dtype) if bias is not None else None)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

@@ -13,6 +13,12 @@ the library's own stochastic depth):
   accumulation see an ordinary graph node). The depthwise BatchNorm's statistics are
   computed once, in the forward; the recompute applies them (the train-mode op given the
   statistics: the same arithmetic as the forward, so the recomputed tensors are the forward's).
+  The 1x1 convs' BatchNorms run as eager's do, one ``native_batch_norm`` each (statistics,
+  running statistics and output; the recompute applies the saved statistics with the eval-mode
+  op, equal to the forward's output up to a rounding of the inverse std), and the expand
+  activation's gradient is the activation's own backward op: each one kernel in the input's
+  dtype, float32 inside, no float32 copies of the expanded tensors (``python -m
+  benchmarks.traffic --mode train`` counts them).
 * :func:`composed_forward`: the same block as differentiable ops (the train-mode fused
   depthwise op with its own autograd, the SE ops, the original 1x1 conv / BN modules);
   used under ``torch.compile`` (whose partitioner decides what to recompute) and for an
@@ -42,7 +48,7 @@ from . import ops
 from .ops._checks import accumulation_dtype, conv_output_size
 from ._norms import is_frozen_batchnorm, trains_like_batchnorm
 from ._sync_bn import group_moments, group_sums, process_group, sync_blocker
-from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
+from .reference import ACTIVATION_FNS
 
 Tensor = torch.Tensor
 
@@ -238,12 +244,20 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], c: int, like: Tens
 def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
                       group: Any = None) -> tuple[Tensor, Tensor, Tensor, int]:
     """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd, count)``, running
-    statistics updated; with a process ``group`` (SyncBatchNorm) the statistics are the group's and
-    ``count`` the values per channel they span. ``out`` is :func:`_bn_apply`'s, so the backward's
-    recompute reproduces it bit for bit."""
+    statistics updated as ``nn.BatchNorm2d`` updates them. One ``native_batch_norm`` (the op eager's
+    BatchNorm runs: statistics, running statistics and the normalised output, float32 inside, h's dtype
+    out); with a process ``group`` (SyncBatchNorm), one value per channel or an empty batch, the
+    statistics are computed here (the group's, ``count`` the values per channel they span) and applied
+    by :func:`_bn_apply`, as the backward's recompute applies them."""
     factor = momentum_factor(bn)
-    cdt = accumulation_dtype(h)
     count = h.shape[0] * h.shape[2] * h.shape[3]
+    if group is None and count > 1:
+        track = bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            h, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, True,
+            factor, float(bn.eps))
+        return out, mean, invstd, count
+    cdt = accumulation_dtype(h)
     if count:
         var, mean = torch.var_mean(h.to(cdt), dim=(0, 2, 3), correction=0)
     else:
@@ -252,15 +266,16 @@ def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
         mean, var, count = group_moments(mean, var, count, group)
     update_running_stats(bn, mean, var, count, factor)
     invstd = torch.rsqrt(var + float(bn.eps))
-    return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd, count
+    return _bn_apply(h, bn.weight, bn.bias, mean, invstd, float(bn.eps)), mean, invstd, count
 
 
-def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
-    """BatchNorm with given statistics, ``(h - mean) * invstd * gamma + beta`` in float32, h's dtype out."""
-    gamma, beta = _affine(weight, bias, h.shape[1], h)
-    scale = gamma * invstd
-    out = (h.to(scale.dtype) - mean[None, :, None, None]) * scale[None, :, None, None] + beta[None, :, None, None]
-    return out.to(h.dtype)
+def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+              eps: float) -> Tensor:
+    """BatchNorm with given statistics, ``(h - mean) * invstd * gamma + beta``: one eval-mode
+    ``native_batch_norm`` (float32 inside, h's dtype out) with the variance ``1 / invstd^2 - eps`` that gives
+    invstd back up to a rounding (the recomputed output is the forward's, up to that rounding)."""
+    var = invstd.to(torch.float32 if invstd.dtype != torch.float64 else invstd.dtype).reciprocal().square() - eps
+    return torch.ops.aten.native_batch_norm(h, weight, bias, mean, var, False, 0.0, eps)[0]
 
 
 def _bn_backward(grad: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
@@ -307,12 +322,21 @@ def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, 
     return gx.to(x.dtype), gw.to(weight.dtype)
 
 
-def _act_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
-    """grad * act'(u), computed in float32 (float64 for float64), in u's dtype."""
+def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
+    """``grad * act'(u)`` as eager autograd computes it (the activation's own backward op: one kernel, float32
+    inside, u's dtype out)."""
+    grad = grad.to(u.dtype)
     if kind == "identity":
-        return grad.to(u.dtype)
-    cdt = accumulation_dtype(u)
-    return (grad.to(cdt) * ACTIVATION_GRADS[kind](u.to(cdt))).to(u.dtype)
+        return grad
+    return _ACTIVATION_BACKWARD[kind](grad, u)
+
+
+_ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "silu": torch.ops.aten.silu_backward,
+    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
+    "relu6": lambda g, u: torch.ops.aten.hardtanh_backward(g, u, 0.0, 6.0),
+    "hardswish": torch.ops.aten.hardswish_backward,
+}
 
 
 def run_under(state: Optional[tuple[str, torch.dtype]]) -> contextlib.AbstractContextManager:
@@ -410,7 +434,7 @@ class RecomputedMBConv(torch.autograd.Function):
         with torch.no_grad(), run_under(step.autocast):
             if has_pre:
                 h0 = _conv1x1(x, p["pre_w"])
-                b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es)
+                b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es, pre_eps)
                 a = ACTIVATION_FNS[pre_act](b)
             else:
                 a = autocast_input(x)  # as the forward (under its autocast state)
@@ -444,7 +468,7 @@ class RecomputedMBConv(torch.autograd.Function):
         if p["dw_b"] is not None:
             grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
         if has_pre:
-            gb = _act_backward(ga, b, pre_act)
+            gb = activation_backward(ga, b, pre_act)
             gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,
                                                                pre_group, pre_count)
             gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])

@@ -87,26 +87,77 @@ def test_conv_empty_batch(backend_device):
     assert tuple(out.shape) == (0, 4, 4, 4)
 
 
+def check_backward(backward, device, dtype, *, pad4=(1, 0, 1, 0), stride=2, activation="hardswish", bias=True,
+                   layout="channels_last"):
+    """``backward(grad_out, x, w, b)``'s gradients of the present inputs vs the fp64 autograd truth, by the
+    backward rule (3x plain's error)."""
+    x = make_input((2, 3, 7, 6), dtype, layout, device)
+    w = (torch.randn(5, 3, 3, 3, device=device) / 5).to(dtype)
+    b = torch.randn(5, device=device) if bias else None
+    present = [t for t in (x, w, b) if t is not None]
+    ho = (7 + pad4[2] + pad4[3] - 3) // stride + 1
+    wo = (6 + pad4[0] + pad4[1] - 3) // stride + 1
+    grad_out = torch.randn(2, 5, ho, wo, device=device).to(dtype)
+    got = backward(grad_out, x, w, b, (stride, stride), pad4, activation)[:len(present)]
+
+    def grads(cast, fn):
+        ins = [cast(t).detach().requires_grad_() for t in present]
+        y = fn(ins[0], ins[1], ins[2] if bias else None, (stride, stride), pad4, activation)
+        return torch.autograd.grad(y, ins, grad_out.to(y.dtype))
+
+    for i, (gg, rr, pp, leaf) in enumerate(zip(got, grads(lambda t: t.double(), truth), grads(lambda t: t, plain),
+                                               present)):
+        assert gg.dtype == leaf.dtype and gg.shape == leaf.shape
+        assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+
+
+def autograd_backward(backend):
+    """The op's gradients through autograd (its registered backward), as ``conv_bn_act_backward``'s arguments."""
+    def backward(grad_out, x, w, b, stride, pad4, activation):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+        out = ops.conv_bn_act(leaves[0], leaves[1], leaves[2] if b is not None else None, stride=stride,
+                              padding=pad4, activation=activation, backend=backend)
+        return torch.autograd.grad(out, leaves, grad_out)
+    return backward
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv_backward(backend_device, dtype):
     backend, device = backend_device
-    x = make_input((2, 3, 7, 6), dtype, "channels_last", device)
-    w = (torch.randn(5, 3, 3, 3, device=device) / 5).to(dtype)
-    b = torch.randn(5, device=device)
-    pad4 = (1, 0, 1, 0)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-    out = ops.conv_bn_act(*leaves, stride=2, padding=pad4, activation="hardswish", backend=backend)
-    grad_out = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
-    got = torch.autograd.grad(out, leaves, grad_out)
+    check_backward(autograd_backward(backend), device, dtype)
 
-    def grads(cast, fn):
-        ins = [cast(t).detach().requires_grad_() for t in leaves]
-        y = fn(ins[0], ins[1], ins[2], (2, 2), pad4, "hardswish")
-        return torch.autograd.grad(y, ins, grad_out.to(y.dtype))
 
-    for i, (gg, rr, pp) in enumerate(zip(got, grads(lambda t: t.double(), truth), grads(lambda t: t, plain))):
-        assert gg.dtype == leaves[i].dtype
-        assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pad4,stride,activation,bias,layout", [
+    ((1, 0, 1, 0), 2, "hardswish", True, "channels_last"), ((1, 1, 1, 1), 1, "silu", False, "nchw"),
+    ((0, 0, 0, 0), 2, "identity", True, "strided"), ((2, 1, 0, 1), 1, "relu6", True, "nchw"),
+])
+def test_aten_conv_backward(dtype, pad4, stride, activation, bias, layout):
+    """The cuda backend's ``conv_bn_act_backward`` (cuDNN's convolution backward in x's dtype) on the CPU's aten
+    ops: symmetric padding through the conv, 4-sided by an explicit pad, by the rule."""
+    from effnet_kernels import _aten_convs
+
+    check_backward(_aten_convs.conv_bn_act_backward, "cpu", dtype, pad4=pad4, stride=stride, activation=activation,
+                   bias=bias, layout=layout)
+
+
+@pytest.mark.parametrize("defect", ["pad_shift", "activation"])
+def test_negative_control_aten_conv_backward(defect):
+    """The check rejects the aten backward cutting the input gradient one pixel off, or skipping the
+    activation's gradient."""
+    from effnet_kernels import _aten_convs
+
+    real = _aten_convs.conv_bn_act_backward
+
+    def broken(grad_out, x, w, b, stride, pad4, activation):
+        if defect == "activation":
+            return real(grad_out, x, w, b, stride, pad4, "identity")
+        gx, gw, gb = real(grad_out, x, w, b, stride, pad4, activation)
+        return gx.roll(1, dims=3), gw, gb
+
+    check_backward(real, "cpu", torch.float32, pad4=(2, 1, 0, 1), stride=1)
+    with pytest.raises(AssertionError):
+        check_backward(broken, "cpu", torch.float32, pad4=(2, 1, 0, 1), stride=1)
 
 
 def test_conv_gradcheck_float64():
