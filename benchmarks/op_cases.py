@@ -1,7 +1,7 @@
 """Op-level benchmark cases at B0-B7 layer shapes, and each provider's callable.
 
 Shared by :mod:`benchmarks.ops` (the CSV runner) and ``benchmarks/microbench`` (the
-pytest-benchmark suite). Two ops:
+pytest-benchmark suite). The cases:
 
 * ``dwconv``: depthwise conv + BatchNorm + SiLU + SE squeeze (spatial mean).
   Eager chain: ``conv2d(groups=C)`` + ``batch_norm`` + ``silu`` + ``mean`` (the SE pool

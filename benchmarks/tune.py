@@ -11,7 +11,8 @@ batches, precisions and layouts given, called as the converted networks call the
   the head (bias + SiLU + the global average pool, ``pool=True``);
 * ``conv``: the stem's ``conv_bn_act`` (3x3 stride 2, bias + SiLU) on the ``3 x R x R`` input.
 
-The SE ops (``se_gate``, ``se_excite``) launch one fixed config: there is nothing to tune.
+The SE ops (``se_gate``, ``se_excite``) pick their tiles from the shape, without the tuner:
+there is nothing to pre-tune.
 Tuning is on and the per-process tuning budget lifted, so each new shape class has its
 candidates compiled and timed once and the winner written to the tuning store
 (:mod:`effnet_kernels.triton._tuning_store`); classes too small to tune

@@ -115,7 +115,7 @@ def _signature(op: str, a: dict) -> tuple:
     if op == "conv_bn_act":
         return head + (tuple(a["weight"].shape), a["bias"] is not None, tuple(a["stride"]), tuple(a["padding"]),
                        a["activation"])
-    return head  # se_gate, se_excite: one fixed config (test_tune_case_launches_one_tuned_class_per_case)
+    return head  # se_gate, se_excite: not tuned (test_tune_case_launches_one_tuned_class_per_case...)
 
 
 def _network_launches(names, batch, dtype, resolution=None, autocast=False) -> Counter:
