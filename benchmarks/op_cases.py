@@ -202,7 +202,8 @@ def _head_channels(name: str) -> int:
 def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, generator: torch.Generator) -> dict:
     """Random inputs for ``case`` (activations in ``dtype`` and ``layout``, parameters fp32).
 
-    ``generator`` must live on ``device`` (``torch.Generator(device)``).
+    ``generator`` must live on ``device`` (``torch.Generator(device)``), or be ``None`` (the meta
+    device, which has none: shapes only).
     """
 
     def rnd(*shape, scale=1.0, offset=0.0):
