@@ -1,7 +1,7 @@
 """Op-level benchmark cases at B0-B7 layer shapes, and each provider's callable.
 
 Shared by :mod:`benchmarks.ops` (the CSV runner) and ``benchmarks/microbench`` (the
-pytest-benchmark suite). Two ops:
+pytest-benchmark suite). The cases:
 
 * ``dwconv``: depthwise conv + BatchNorm + SiLU + SE squeeze (spatial mean).
   Eager chain: ``conv2d(groups=C)`` + ``batch_norm`` + ``silu`` + ``mean`` (the SE pool
@@ -27,16 +27,21 @@ pytest-benchmark suite). Two ops:
   residual=..., activation=...)``. (The ``se`` case times the standalone excite of the
   three-kernel block; the projection case the excite the four-kernel block fuses into the
   GEMM: on both sides an excite appears in both.)
+* ``conv`` (the stem; not in :data:`OPS`, so ``benchmarks.ops`` does not run it: :func:`stem_case`
+  builds it for ``benchmarks.tune``): dense k x k conv + eval BatchNorm + SiLU on the
+  ``3 x R x R`` input. Eager chain: ``conv2d`` (weight cast to x's dtype) + ``batch_norm`` +
+  ``silu``; fused: ``conv_bn_act(x, w*scale, shift, ...)``, as a converted stem calls it.
 
 Minimum bytes: every activation tensor read once and written once (dwconv: x, y and the
 fp32 means; se: y, the output and the fp32 means); weights are not counted, except in
 ``pointwise``, whose weight is a GEMM operand ([Cout, K] in x's dtype, up to ~10 MB in
-B7): x, the fp32 gate, the weight, the fp32 bias and the residual read, y written.
+B7): x, the fp32 gate, the weight, the fp32 bias and the residual read, y written; and in
+``conv``: x, the weight in x's dtype and the fp32 bias read, y written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -46,7 +51,7 @@ from effnet_kernels import ops as fused
 from effnet_kernels.models import layer_shapes
 from effnet_kernels.reference import ACTIVATION_FNS
 
-__all__ = ["OpCase", "cases_for_models", "make_inputs", "make_call", "reference", "parse_pointwise_shape",
+__all__ = ["OpCase", "cases_for_models", "layer_cases", "stem_case", "make_inputs", "make_call", "reference", "parse_pointwise_shape",
            "OPS", "OP_PROVIDERS", "BN_EPS"]
 
 OPS = ("dwconv", "se", "pointwise")
@@ -58,7 +63,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 @dataclass(frozen=True)
 class OpCase:
     """One op at one layer shape: ``x`` is ``[n, c, h, w]``; dwconv outputs ``[n, c, ho, wo]``,
-    pointwise ``[n, cout, h, w]`` (``c`` is its K)."""
+    pointwise ``[n, cout, h, w]`` (``c`` is its K), conv ``[n, cout, ho, wo]`` (padding ``k // 2``)."""
 
     op: str
     model: str
@@ -69,27 +74,35 @@ class OpCase:
     k: int = 3
     stride: int = 1
     reduced: int = 1  # SE squeeze width
-    cout: int = 0  # pointwise: output channels
-    activation: str = "identity"  # pointwise: after the bias
+    cout: int = 0  # pointwise, conv: output channels
+    activation: str = "identity"  # pointwise, conv: after the bias
     gate: bool = False  # pointwise: the SE gate applied to x on load
     residual: bool = False  # pointwise: a residual [n, cout, h, w] added last
     pool: bool = False  # pointwise: the head's global average pool in the epilogue ([n, cout] fp32 out)
 
     @property
+    def anonymous(self) -> "OpCase":
+        """This case with no model named: the same launch in any network compares equal."""
+        return replace(self, model="")
+
+    @property
     def ho(self) -> int:
-        return (self.h + 2 * (self.k // 2) - self.k) // self.stride + 1 if self.op == "dwconv" else self.h
+        return (self.h + 2 * (self.k // 2) - self.k) // self.stride + 1 if self.op in ("dwconv", "conv") else self.h
 
     @property
     def wo(self) -> int:
-        return (self.w + 2 * (self.k // 2) - self.k) // self.stride + 1 if self.op == "dwconv" else self.w
+        return (self.w + 2 * (self.k // 2) - self.k) // self.stride + 1 if self.op in ("dwconv", "conv") else self.w
 
     @property
     def shape(self) -> str:
         """``NxCxHxW/k3s2`` (dwconv), ``NxCxHxW/r48`` (se), ``NxKxHxW/o{Cout}[/{act}][/gate][/res][/pool]``
-        (pointwise; the activation named unless identity); :func:`parse_pointwise_shape` reads it back."""
+        (pointwise; the activation named unless identity; :func:`parse_pointwise_shape` reads it back),
+        ``NxCxHxW/o{Cout}/k3s2/{act}`` (conv)."""
         base = f"{self.n}x{self.c}x{self.h}x{self.w}"
         if self.op == "dwconv":
             return f"{base}/k{self.k}s{self.stride}"
+        if self.op == "conv":
+            return f"{base}/o{self.cout}/k{self.k}s{self.stride}/{self.activation}"
         if self.op == "pointwise":
             parts = [base, f"o{self.cout}"]
             if self.activation != "identity":
@@ -108,6 +121,9 @@ class OpCase:
             weight, bias = self.cout * self.c * element_size, self.cout * 4
             gate = self.n * self.c * 4 if self.gate else 0
             return x + gate + weight + bias + y * (2 if self.residual else 1)
+        if self.op == "conv":
+            weight = self.cout * self.c * self.k * self.k * element_size
+            return x + weight + self.cout * 4 + self.n * self.cout * self.ho * self.wo * element_size
         return 2 * x + means
 
 
@@ -125,39 +141,55 @@ def parse_pointwise_shape(shape: str, model: str = "") -> OpCase:
                   gate="gate" in flags, residual="res" in flags, pool="pool" in flags)
 
 
-def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS, resolution: int | None = None) -> list[OpCase]:
-    """Distinct cases over the MBConv blocks of ``models`` (first model to use a shape names it)."""
+def layer_cases(name: str, batch: int, ops: Iterable[str] = OPS, resolution: int | None = None) -> list[OpCase]:
+    """The cases of ``ops`` one forward of EfficientNet-``name`` launches, in order, repeats included."""
     ops = list(ops)
     for op in ops:
         if op not in OPS:
             raise ValueError(f"ops must be among {OPS}, got {op!r}")
+    shapes = layer_shapes(name, batch, resolution)
+    found = []
+    for layer in shapes:
+        h, w, ho, wo = layer.H, layer.W, layer.Ho, layer.Wo
+        if "pointwise" in ops and layer.expand_ratio != 1:  # the expand conv, at the block's input size
+            found.append(OpCase("pointwise", name, batch, layer.in_channels, h, w, cout=layer.mid_channels,
+                                activation="silu"))
+        if "dwconv" in ops:
+            found.append(OpCase("dwconv", name, batch, layer.mid_channels, h, w, layer.kernel, layer.stride))
+        if "se" in ops and layer.se_reduced:
+            found.append(OpCase("se", name, batch, layer.mid_channels, ho, wo, reduced=layer.se_reduced))
+        if "pointwise" in ops:  # the projection, at the block's output size
+            found.append(OpCase("pointwise", name, batch, layer.mid_channels, ho, wo, cout=layer.out_channels,
+                                gate=bool(layer.se_reduced), residual=layer.has_residual))
+        if "pointwise" in ops and layer is shapes[-1]:  # the head (1x1 conv + BN + SiLU) + global average pool
+            found.append(OpCase("pointwise", name, batch, layer.out_channels, ho, wo, cout=_head_channels(name),
+                                activation="silu", pool=True))
+    return found
+
+
+def cases_for_models(models: Iterable[str], batch: int, ops: Iterable[str] = OPS, resolution: int | None = None) -> list[OpCase]:
+    """Distinct cases over the MBConv blocks of ``models`` (first model to use a shape names it)."""
+    ops = list(ops)
     seen, out = set(), []
     for name in models:
-        shapes = layer_shapes(name, batch, resolution)
-        for layer in shapes:
-            h, w = getattr(layer, "H", None) or layer.h, getattr(layer, "W", None) or layer.w
-            ho, wo = getattr(layer, "Ho", None) or layer.ho, getattr(layer, "Wo", None) or layer.wo
-            found = []
-            if "pointwise" in ops and layer.expand_ratio != 1:  # the expand conv, at the block's input size
-                found.append(OpCase("pointwise", name, batch, layer.in_channels, h, w, cout=layer.mid_channels,
-                                    activation="silu"))
-            if "dwconv" in ops:
-                found.append(OpCase("dwconv", name, batch, layer.mid_channels, h, w, layer.kernel, layer.stride))
-            if "se" in ops and layer.se_reduced:
-                found.append(OpCase("se", name, batch, layer.mid_channels, ho, wo, reduced=layer.se_reduced))
-            if "pointwise" in ops:  # the projection, at the block's output size
-                found.append(OpCase("pointwise", name, batch, layer.mid_channels, ho, wo, cout=layer.out_channels,
-                                    gate=bool(layer.se_reduced), residual=layer.has_residual))
-            if "pointwise" in ops and layer is shapes[-1]:  # the head (1x1 conv + BN + SiLU) + global average pool
-                found.append(OpCase("pointwise", name, batch, layer.out_channels, ho, wo, cout=_head_channels(name),
-                                    activation="silu", pool=True))
-            for case in found:
-                key = (case.op, case.n, case.c, case.h, case.w, case.k, case.stride, case.reduced,
-                       case.cout, case.activation, case.gate, case.residual, case.pool)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(case)
+        for case in layer_cases(name, batch, ops, resolution):
+            if case.anonymous not in seen:
+                seen.add(case.anonymous)
+                out.append(case)
     return out
+
+
+def stem_case(name: str, batch: int, resolution: int | None = None) -> OpCase:
+    """The stem of EfficientNet-``name`` (conv + BN + SiLU) on ``3 x R x R`` (R: ``resolution``, default native)."""
+    from effnet_kernels.models import native_resolution
+
+    from .kernel_audit.workloads import stem_conv
+
+    cin, cout, k, stride, pad = stem_conv(name)
+    if pad != k // 2:
+        raise ValueError(f"{name}'s stem pads {pad}, a conv case pads k // 2 = {k // 2}")
+    r = resolution or native_resolution(name)
+    return OpCase("conv", name, batch, cin, r, r, k, stride, cout=cout, activation="silu")
 
 
 def _head_channels(name: str) -> int:
@@ -170,7 +202,8 @@ def _head_channels(name: str) -> int:
 def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, generator: torch.Generator) -> dict:
     """Random inputs for ``case`` (activations in ``dtype`` and ``layout``, parameters fp32).
 
-    ``generator`` must live on ``device`` (``torch.Generator(device)``).
+    ``generator`` must live on ``device`` (``torch.Generator(device)``), or be ``None`` (the meta
+    device, which has none: shapes only).
     """
 
     def rnd(*shape, scale=1.0, offset=0.0):
@@ -190,12 +223,15 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
         if case.residual:
             out["residual"] = rnd(case.n, co, case.h, case.w).to(dtype).contiguous(memory_format=layout)
         return out
-    if case.op == "dwconv":
-        var = torch.rand(case.c, generator=generator, device=device) + 0.5
+    if case.op in ("dwconv", "conv"):
+        co = case.cout if case.op == "conv" else case.c
+        var = torch.rand(co, generator=generator, device=device) + 0.5
+        weight = rnd(co, case.c, case.k, case.k, scale=(case.c * case.k * case.k) ** -0.5) if case.op == "conv" \
+            else rnd(co, 1, case.k, case.k, scale=1.0 / case.k)
         return {
-            "x": x, "weight": rnd(case.c, 1, case.k, case.k, scale=1.0 / case.k),
-            "gamma": rnd(case.c, scale=0.2, offset=1.0), "beta": rnd(case.c, scale=0.1),
-            "running_mean": rnd(case.c, scale=0.1), "running_var": var,
+            "x": x, "weight": weight,
+            "gamma": rnd(co, scale=0.2, offset=1.0), "beta": rnd(co, scale=0.1),
+            "running_mean": rnd(co, scale=0.1), "running_var": var,
         }
     r = case.reduced
     return {
@@ -219,21 +255,8 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
     x = inp["x"]
     if case.op == "pointwise":
         return _pointwise_call(case, provider, inp)
-    if case.op == "dwconv":
-        pad = case.k // 2
-        if provider == "eager":
-            w = inp["weight"].to(x.dtype)
-            args = [inp[k] for k in ("running_mean", "running_var", "gamma", "beta")]  # fp32, as under autocast
-
-            def eager_dw():
-                z = F.conv2d(x, w, stride=case.stride, padding=pad, groups=case.c)
-                y = F.silu(F.batch_norm(z, *args, training=False, eps=BN_EPS))
-                return y, y.mean((2, 3), keepdim=True)  # the SE pool of an eager network
-
-            return eager_dw
-        scale, shift = _folded(inp)
-        weight = inp["weight"]
-        return lambda: fused.dwconv_bn_act(x, weight, scale, shift, stride=case.stride, padding=pad, squeeze=True, backend=provider)
+    if case.op in ("dwconv", "conv"):
+        return _conv_call(case, provider, inp)
     if provider == "eager":
         wr, br = inp["w_reduce"][:, :, None, None].to(x.dtype), inp["b_reduce"].to(x.dtype)
         we, be = inp["w_expand"][:, :, None, None].to(x.dtype), inp["b_expand"].to(x.dtype)
@@ -246,6 +269,30 @@ def make_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
         return eager_se
     pooled, wr, br, we, be = (inp[k] for k in ("pooled", "w_reduce", "b_reduce", "w_expand", "b_expand"))
     return lambda: fused.se_excite(x, fused.se_gate(pooled, wr, br, we, be, backend=provider), backend=provider)
+
+
+def _conv_call(case: OpCase, provider: str, inp: dict) -> Callable[[], object]:
+    """dwconv (+ the squeeze) or the stem's dense conv, both with BN and SiLU."""
+    x, pad, depthwise = inp["x"], case.k // 2, case.op == "dwconv"
+    act = F.silu if depthwise else ACTIVATION_FNS[case.activation]
+    if provider == "eager":
+        w = inp["weight"].to(x.dtype)
+        args = [inp[k] for k in ("running_mean", "running_var", "gamma", "beta")]  # fp32, as under autocast
+
+        def eager_conv():
+            z = F.conv2d(x, w, stride=case.stride, padding=pad, groups=case.c if depthwise else 1)
+            y = act(F.batch_norm(z, *args, training=False, eps=BN_EPS))
+            return (y, y.mean((2, 3), keepdim=True)) if depthwise else y  # dwconv: the SE pool of an eager network
+
+        return eager_conv
+    scale, shift = _folded(inp)
+    weight = inp["weight"]
+    if depthwise:
+        return lambda: fused.dwconv_bn_act(x, weight, scale, shift, stride=case.stride, padding=pad, squeeze=True,
+                                           backend=provider)
+    weight = weight * scale[:, None, None, None]  # folded once, as a converted stem caches it
+    return lambda: fused.conv_bn_act(x, weight, shift, stride=case.stride, padding=pad, activation=case.activation,
+                                     backend=provider)
 
 
 def _pointwise_call(case: OpCase, provider: str, inp: dict) -> Callable[[], torch.Tensor]:
@@ -283,10 +330,12 @@ def reference(case: OpCase, inp: dict) -> torch.Tensor:
         if case.pool:
             return y.mean((2, 3))
         return y + inp["residual"].double() if case.residual else y
-    if case.op == "dwconv":
+    if case.op in ("dwconv", "conv"):
         scale, shift = _folded({k: v.double() for k, v in inp.items() if k != "x"})
-        z = F.conv2d(x, inp["weight"].double(), stride=case.stride, padding=case.k // 2, groups=case.c)
-        return F.silu(z * scale[None, :, None, None] + shift[None, :, None, None])
+        z = F.conv2d(x, inp["weight"].double(), stride=case.stride, padding=case.k // 2,
+                     groups=case.c if case.op == "dwconv" else 1)
+        act = F.silu if case.op == "dwconv" else ACTIVATION_FNS[case.activation]
+        return act(z * scale[None, :, None, None] + shift[None, :, None, None])
     s = x.mean((2, 3))
     a = F.silu(s @ inp["w_reduce"].double().t() + inp["b_reduce"].double())
     gate = torch.sigmoid(a @ inp["w_expand"].double().t() + inp["b_expand"].double())

@@ -1,19 +1,36 @@
 """Pre-tune the Triton launch configs a benchmark will use: ``python -m benchmarks.tune``.
 
-Runs the Triton ``dwconv_bn_act`` (SiLU + squeeze, as the converted networks and
-``benchmarks.ops`` call it) once on every distinct depthwise layer shape of the models at
-the batches, precisions and layouts given, with tuning on and no per-process tuning
-budget, so each new shape class has its candidates compiled and timed once and the winner
-written to the tuning store (:mod:`effnet_kernels.triton._tuning_store`). The benchmark
+Runs every Triton kernel with tuned launch configs that a converted network launches in eval
+(:data:`OPS`, ``--ops`` chooses) once on every distinct shape the models launch at the
+batches, precisions and layouts given, called as the converted networks call them
+(:mod:`benchmarks.op_cases`):
+
+* ``dwconv``: ``dwconv_bn_act`` with SiLU and the squeeze, every MBConv block;
+* ``pointwise``: ``pointwise_conv``, each variant the blocks launch: the expand conv (bias +
+  SiLU), the projection (bias, the SE gate on load, the residual where the block has one) and
+  the head (bias + SiLU + the global average pool, ``pool=True``);
+* ``conv``: the stem's ``conv_bn_act`` (3x3 stride 2, bias + SiLU) on the ``3 x R x R`` input.
+
+The SE ops (``se_gate``, ``se_excite``) pick their tiles from the shape, without the tuner:
+there is nothing to pre-tune.
+Tuning is on and the per-process tuning budget lifted, so each new shape class has its
+candidates compiled and timed once and the winner written to the tuning store
+(:mod:`effnet_kernels.triton._tuning_store`); classes too small to tune
+(``TUNE_MIN_ELEMENTS`` of each kernel) only get their one config compiled. The benchmark
 that runs next reads the store instead of tuning within its own 30 s budget; its rows'
 ``triton_tune`` column says how many classes came from the store.
 
-Order: batches as given (``scripts/gpu_session.sh`` puts the headline's 256 first), then
-precisions, layouts, models (B0 first) and layers; a time budget (``--time-budget``)
-stops starting new shapes. ``--jobs N`` first compiles every candidate in N worker
-processes (into Triton's on-disk cache; nothing timed there, at most half the budget), so
-the timing pass loads kernels instead of compiling them one after another; shapes are
-timed in this one process only, so no two timings share the GPU.
+Order (:func:`plan`): batches as given (``scripts/gpu_session.sh`` puts the headline's 256
+first), then precisions, layouts and models (B0 first); within a model, the shapes no
+earlier model launched, by the bytes they move per forward -- a shape's minimum bytes
+(:meth:`~benchmarks.op_cases.OpCase.min_bytes`) times its launches in one forward --
+largest first, whatever their op (B0 at 256: the 112 x 112 depthwise conv and the 56 x 56
+expand first, the head last), so a short budget tunes the kernels that weigh most in the
+headline first; ``--ops`` keeps that order for the ops it keeps. A time budget
+(``--time-budget``) stops starting new shapes. ``--jobs N`` first compiles every candidate
+in N worker processes (into Triton's on-disk cache; nothing timed there, at most half the
+budget), so the timing pass loads kernels instead of compiling them one after another;
+shapes are timed in this one process only, so no two timings share the GPU.
 
 ``--promote STORE_JSON...`` instead merges the measured entries of store files a GPU run
 returned (``$OUT/tuning_store.json`` of ``scripts/gpu_session.sh``) into the table shipped
@@ -40,29 +57,51 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .cli import csv_list, positive_int
-from .op_cases import DTYPES, OpCase, cases_for_models, make_call, make_inputs
+from .op_cases import DTYPES, OpCase, layer_cases, make_call, make_inputs, stem_case
 
-__all__ = ["main", "plan", "refusal", "tune_case", "run_plan", "compile_in_workers", "EXIT_NO_GPU", "EXIT_NOT_KEPT", "LAYOUTS"]
+__all__ = ["main", "plan", "forward_cases", "label", "refusal", "tune_case", "run_plan", "compile_in_workers",
+           "EXIT_NO_GPU", "EXIT_NOT_KEPT", "LAYOUTS", "OPS"]
 
 EXIT_NO_GPU = 69
 EXIT_NOT_KEPT = 78
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+#: The ops whose Triton kernels choose tuned launch configs (``OpCase.op``; ``conv`` is the stem).
+OPS = ("dwconv", "pointwise", "conv")
 TuneCase = tuple[OpCase, str, str]  # (case, dtype name, layout name)
 
 
+def forward_cases(name: str, batch: int, ops: Sequence[str] = OPS, resolution: Optional[int] = None) -> list[OpCase]:
+    """The cases of ``ops`` one forward of EfficientNet-``name`` launches, in order, repeats included."""
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"ops must be among {OPS}, got {op!r}")
+    stem = [stem_case(name, batch, resolution)] if "conv" in ops else []
+    return stem + layer_cases(name, batch, [op for op in ops if op != "conv"], resolution)
+
+
 def plan(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], layouts: Sequence[str],
-         resolution: Optional[int] = None) -> list[TuneCase]:
-    """Every distinct depthwise shape the benchmark will launch, in tuning order (see the module docstring)."""
+         resolution: Optional[int] = None, ops: Sequence[str] = OPS) -> list[TuneCase]:
+    """Every distinct shape of ``ops`` the benchmark will launch, in tuning order (see the module docstring)."""
     out: list[TuneCase] = []
     for batch in batches:
-        cases = cases_for_models(models, batch, ["dwconv"], resolution)
-        out.extend((case, dtype, layout) for dtype in dtypes for layout in layouts for case in cases)
+        launched = {name: Counter(forward_cases(name, batch, ops, resolution)) for name in models}
+        for dtype in dtypes:
+            size = DTYPES[dtype].itemsize
+            ordered: list[OpCase] = []
+            seen: set[OpCase] = set()
+            for name in models:
+                counts = launched[name]
+                new = [case for case in counts if case.anonymous not in seen]  # network order, first launch
+                seen.update(case.anonymous for case in new)
+                ordered += sorted(new, key=lambda case: -counts[case] * case.min_bytes(size))
+            out.extend((case, dtype, layout) for layout in layouts for case in ordered)
     return out
 
 
 def label(tc: TuneCase) -> str:
+    """``op model shape dtype layout`` (the shape as :attr:`~benchmarks.op_cases.OpCase.shape` writes it)."""
     case, dtype, layout = tc
-    return f"{case.model} {case.shape} {dtype} {layout}"
+    return f"{case.op} {case.model} {case.shape} {dtype} {layout}"
 
 
 def refusal(device: torch.device) -> tuple[int, str]:
@@ -87,7 +126,7 @@ def refusal(device: torch.device) -> tuple[int, str]:
 
 
 def tune_case(tc: TuneCase, device: torch.device) -> str:
-    """Launch the Triton dwconv once on random inputs of ``tc``; the config source of its class."""
+    """Launch ``tc``'s Triton kernel once on random inputs; the config source of its class."""
     from effnet_kernels.triton import _tuning
 
     case, dtype, layout = tc
@@ -167,6 +206,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="comma list (default 256,1,32: the network headline, batch 1, the op benchmark)")
     p.add_argument("--dtypes", type=csv_list("dtypes", choices=tuple(DTYPES)), default=["fp16"])
     p.add_argument("--layouts", type=csv_list("layouts", choices=tuple(LAYOUTS)), default=["channels_last"])
+    p.add_argument("--ops", type=csv_list("ops", choices=OPS), default=list(OPS),
+                   help=f"comma list of {', '.join(OPS)} (default: all; conv is the stem)")
     p.add_argument("--resolution", type=positive_int, default=None, help="override the native resolutions")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N shapes of the plan")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; stop starting new shapes (0 = no limit)")
@@ -202,11 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmarks.tune: {table}: {counts['kept']} entries kept, {counts['stale']} stale (kernel sources "
               f"changed since), {counts['unmeasured']} without timings")
         return 0
-    cases = plan(args.models, args.batches, args.dtypes, args.layouts, args.resolution)[: args.limit]
+    cases = plan(args.models, args.batches, args.dtypes, args.layouts, args.resolution, args.ops)[: args.limit]
     if args.dry_run:
         for tc in cases:
             print(label(tc))
-        print(f"{len(cases)} shapes; store: {_tuning_store.directory()} (mode {_tuning_store.mode()})")
+        per_op = Counter(case.op for case, _, _ in cases)
+        print(f"{len(cases)} shapes ({', '.join(f'{op} {per_op[op]}' for op in OPS if op in args.ops)}); "
+              f"store: {_tuning_store.directory()} (mode {_tuning_store.mode()})")
         return 0
     device = torch.device(args.device)
     code, reason = refusal(device)

@@ -15,8 +15,9 @@
 #   build    90  effnet_kernels._C for sm_90 only (EFFNET_KERNELS_CUDA_ARCHS=90); if no
 #                usable _C comes out, the fused-cuda* providers (and the ops' cuda) are dropped
 #                from every later step, and the tests do not JIT-build it again
-#   pretune  45  python -m benchmarks.tune: the Triton dwconv configs of every B0-B7 depthwise
-#                shape at the batches net256, net1 and ops use (TUNE_BATCHES) into the tuning
+#   pretune  45  python -m benchmarks.tune: the Triton configs of every B0-B7 depthwise, 1x1
+#                (expand, projection, head) and stem conv shape at the batches net256, net1 and
+#                ops use (TUNE_BATCHES; each batch's heaviest shapes first) into the tuning
 #                store (candidates compiled in TUNE_JOBS workers, then timed in one process), so
 #                the benchmarks read measured configs instead of tuning within their own 30 s;
 #                the store comes back as $OUT/tuning_store.json (rows: triton_tune classes=...)

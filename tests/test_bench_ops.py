@@ -39,6 +39,30 @@ def test_pointwise_min_bytes_and_shape_hand_computed():
             op_cases.parse_pointwise_shape(bad)
 
 
+def test_the_stem_case_is_the_models_stem_and_its_calls_agree():
+    """``stem_case`` (the ``conv`` case ``benchmarks.tune`` tunes): B0's and B7's stems, their bytes by hand,
+    and the eager chain, the fused op and the float64 reference computing the same thing."""
+    stem = op_cases.stem_case("b0", 2)
+    assert stem == OpCase("conv", "b0", 2, 3, 224, 224, k=3, stride=2, cout=32, activation="silu")
+    assert (stem.ho, stem.wo) == (112, 112) and stem.shape == "2x3x224x224/o32/k3s2/silu"
+    assert stem.min_bytes(2) == 2 * 3 * 224 * 224 * 2 + 32 * 27 * 2 + 32 * 4 + 2 * 32 * 112 * 112 * 2
+    assert op_cases.stem_case("b7", 1) == OpCase("conv", "b7", 1, 3, 600, 600, 3, 2, cout=64, activation="silu")
+    assert op_cases.stem_case("b0", 1, resolution=17).ho == 9
+    tiny = op_cases.stem_case("b0", 2, resolution=9)
+    cpu = torch.device("cpu")
+    inp = op_cases.make_inputs(tiny, torch.float32, torch.channels_last, cpu, torch.Generator(cpu).manual_seed(0))
+    ref = op_cases.reference(tiny, inp)
+    assert ref.shape == (2, 32, 5, 5)
+    seen = _aten_ops(op_cases.make_call(tiny, "eager", inp))
+    assert seen.count("convolution") == 1 and "silu" in seen, seen
+    fused = op_cases.make_call(tiny, "torch", inp)
+    assert _aten_ops(fused).count("conv_bn_act") == 1
+    for provider in ("eager", "torch"):
+        out = op_cases.make_call(tiny, provider, inp)()
+        assert out.is_contiguous(memory_format=torch.channels_last), provider
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=provider)
+
+
 def test_cases_cover_b0_without_duplicates():
     cases = op_cases.cases_for_models(["b0", "b0"], batch=4)
     keys = [(c.op, c.shape) for c in cases]
