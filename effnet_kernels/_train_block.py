@@ -14,8 +14,7 @@ the library's own stochastic depth):
   computed once, in the forward; the recompute applies them (the train-mode op given the
   statistics: the same arithmetic as the forward, so the recomputed tensors are the forward's).
   The 1x1 convs' BatchNorms run as eager's do, one ``native_batch_norm`` each (statistics,
-  running statistics and output; the recompute applies the saved statistics with the eval-mode
-  op, equal to the forward's output up to a rounding of the inverse std), and the expand
+  running statistics and output; the recompute runs it again, bit for bit), and the expand
   activation's gradient is the activation's own backward op: each one kernel in the input's
   dtype, float32 inside, no float32 copies of the expanded tensors (``python -m
   benchmarks.traffic --mode train`` counts them).
@@ -244,14 +243,15 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], c: int, like: Tens
 def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
                       group: Any = None) -> tuple[Tensor, Tensor, Tensor, int]:
     """Train-mode BatchNorm of a 1x1 conv's output ``h``: ``(out, mean, invstd, count)``, running
-    statistics updated as ``nn.BatchNorm2d`` updates them. One ``native_batch_norm`` (the op eager's
-    BatchNorm runs: statistics, running statistics and the normalised output, float32 inside, h's dtype
-    out); with a process ``group`` (SyncBatchNorm), one value per channel or an empty batch, the
-    statistics are computed here (the group's, ``count`` the values per channel they span) and applied
-    by :func:`_bn_apply`, as the backward's recompute applies them."""
+    statistics updated as ``nn.BatchNorm2d`` updates them; the backward's :func:`_bn_recompute`
+    reproduces ``out`` bit for bit. One ``native_batch_norm`` (the op eager's BatchNorm runs: statistics,
+    running statistics and the normalised output, float32 inside, h's dtype out) when the statistics are
+    this batch's (:func:`_native_statistics`); with a process ``group`` (SyncBatchNorm), one value per channel
+    or an empty batch, they are computed here (the group's, ``count`` the values per channel they span)
+    and applied by :func:`_bn_apply`."""
     factor = momentum_factor(bn)
     count = h.shape[0] * h.shape[2] * h.shape[3]
-    if group is None and count > 1:
+    if _native_statistics(group, count):
         track = bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             h, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, True,
@@ -266,16 +266,31 @@ def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
         mean, var, count = group_moments(mean, var, count, group)
     update_running_stats(bn, mean, var, count, factor)
     invstd = torch.rsqrt(var + float(bn.eps))
-    return _bn_apply(h, bn.weight, bn.bias, mean, invstd, float(bn.eps)), mean, invstd, count
+    return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd, count
 
 
-def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
-              eps: float) -> Tensor:
-    """BatchNorm with given statistics, ``(h - mean) * invstd * gamma + beta``: one eval-mode
-    ``native_batch_norm`` (float32 inside, h's dtype out) with the variance ``1 / invstd^2 - eps`` that gives
-    invstd back up to a rounding (the recomputed output is the forward's, up to that rounding)."""
-    var = invstd.to(torch.float32 if invstd.dtype != torch.float64 else invstd.dtype).reciprocal().square() - eps
-    return torch.ops.aten.native_batch_norm(h, weight, bias, mean, var, False, 0.0, eps)[0]
+def _native_statistics(group: Any, count: int) -> bool:
+    """Whether :func:`_bn_stats_forward` computes this batch's statistics with ``native_batch_norm``."""
+    return group is None and count > 1
+
+
+def _bn_recompute(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                  eps: float, group: Any, count: int) -> Tensor:
+    """:func:`_bn_stats_forward`'s ``out`` again, bit for bit, from the same ``h``: the same ``native_batch_norm``
+    (its statistics recomputed, running statistics left alone), or :func:`_bn_apply` of the given statistics.
+    (An eval-mode op given ``mean`` and ``invstd`` would read ``h`` once less but round its own inverse std,
+    and the gradient through batch statistics of a few values per channel magnifies that difference.)"""
+    if _native_statistics(group, count):
+        return torch.ops.aten.native_batch_norm(h, weight, bias, None, None, True, 0.0, eps)[0]
+    return _bn_apply(h, weight, bias, mean, invstd)
+
+
+def _bn_apply(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """BatchNorm with given statistics, ``(h - mean) * invstd * gamma + beta`` in float32, h's dtype out."""
+    gamma, beta = _affine(weight, bias, h.shape[1], h)
+    scale = gamma * invstd
+    out = (h.to(scale.dtype) - mean[None, :, None, None]) * scale[None, :, None, None] + beta[None, :, None, None]
+    return out.to(h.dtype)
 
 
 def _bn_backward(grad: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
@@ -434,7 +449,7 @@ class RecomputedMBConv(torch.autograd.Function):
         with torch.no_grad(), run_under(step.autocast):
             if has_pre:
                 h0 = _conv1x1(x, p["pre_w"])
-                b = _bn_apply(h0, p["pre_g"], p["pre_b"], em, es, pre_eps)
+                b = _bn_recompute(h0, p["pre_g"], p["pre_b"], em, es, pre_eps, pre_group, pre_count)
                 a = ACTIVATION_FNS[pre_act](b)
             else:
                 a = autocast_input(x)  # as the forward (under its autocast state)

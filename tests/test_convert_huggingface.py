@@ -88,7 +88,9 @@ def test_huggingface_default_config_b7_layout():
 
 
 def test_huggingface_train_step():
-    check_train_step(build(b0_config(drop_connect_rate=0.2, dropout_rate=0.3)))
+    # 64x64, not 32x32: at 32x32 the last stage is 1x1 and the second step chaotic (eager fp32's own gradient
+    # 22% off fp64), see test_convert_torchvision.test_torchvision_train_step
+    check_train_step(build(b0_config(drop_connect_rate=0.2, dropout_rate=0.3)), size=64)
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "gate_skew", "excite_skip",

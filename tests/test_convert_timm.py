@@ -93,7 +93,8 @@ def test_timm_noskip_depthwise_separable():
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])
 def test_timm_train_step(name):
-    check_train_step(timm.create_model(name, pretrained=False, drop_path_rate=0.2))
+    # 64x64: at 32x32 the last stage is 1x1 and the second step chaotic (test_torchvision_train_step)
+    check_train_step(timm.create_model(name, pretrained=False, drop_path_rate=0.2), size=64)
 
 
 @pytest.mark.parametrize("defect", ["tf_same_swap", "pad_shift", "squeeze_skew", "gate_skew", "excite_skip",

@@ -79,8 +79,12 @@ def test_torchvision_train_step(name):
     # from fp64 by ~1e-6 and a hidden unit 2e-4 (relative) from zero can flip its ReLU in one
     # run and not the other (seen at this test's seed: features.10's fc1 gradient then differs
     # by 30% while only features.10 fused agrees to 1e-6), so several steps are not a parity check there.
+    # EfficientNet-B0 at 32x32 reaches 1x1 too: its second step is as chaotic (eager fp32's own output 7-28%
+    # off fp64 at seeds 1-6, converted and eager errors a ratio of two random numbers that went past 3x at
+    # this test's seed after a rounding-level change of the BatchNorm ops); at 64x64 both are ~1e-4 off
+    # fp64 and the converted model is 0.5-0.8 of the limit at every seed tried: the precise check.
     small = name == "mobilenet_v3_small"
-    check_train_step(getattr(tvm, name)(), size=64 if small else 32, steps=1 if small else 2)
+    check_train_step(getattr(tvm, name)(), size=32 if name == "mnasnet1_0" else 64, steps=1 if small else 2)
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "gate_skew", "excite_skip", "drop_residual"])

@@ -232,7 +232,7 @@ def test_checkpoint_around_a_converted_block():
         o.square().sum().backward()
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-5)
     for (n, a), b in zip(eager.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * float(a.grad.abs().max()), msg=n)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
     for (n, a), b in zip(eager.named_buffers(), fused.buffers()):  # the recompute updates them again, as eager
         torch.testing.assert_close(b, a, msg=n)
 
