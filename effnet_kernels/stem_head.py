@@ -5,9 +5,10 @@ and the head of :mod:`effnet_kernels.models` and of torchvision's EfficientNet /
 ..., whose ``Conv2dNormActivation`` is this pattern) for a :class:`FusedConvBNAct`. In eval
 with running statistics the BatchNorm is folded into the conv and the three run as one op:
 :func:`effnet_kernels.ops.pointwise_conv` for a 1x1 conv (the head),
-:func:`effnet_kernels.ops.conv_bn_act` for a k x k conv (the stem). In training, or once its
-children are no longer a plain conv, BN and activation, it runs them in sequence as the
-container did.
+:func:`effnet_kernels.ops.conv_bn_act` for a k x k conv (the stem); in training with that
+BatchNorm frozen too (fine-tuning), with autograd through the fold. In training with batch
+statistics, or once its children are no longer a plain conv, BN and activation, it runs them
+in sequence as the container did.
 
 The fused module is an ``nn.Sequential`` holding the container's own children under their
 names (``state_dict`` keys, indexing and iteration unchanged); it reads them at call time, so
@@ -112,14 +113,15 @@ class FusedConvBNAct(nn.Sequential):
             return getattr(original, name)
 
     def unfused_reason(self, x: Optional[Tensor] = None) -> Optional[str]:
-        """Why the next forward (of ``x``, if given) runs the children in sequence, or None."""
-        if self.training:
-            return "training"
+        """Why the next forward (of ``x``, if given) runs the children in sequence, or None. In training
+        the container fuses when its BatchNorm is frozen (eval mode, or a frozen BatchNorm module): it then
+        computes what it computes in eval, and the op's autograd (gradients through the differentiable
+        fold to the conv weight, gamma and beta) saves only the op's input."""
         reason = fusable_reason(self)
         if reason is not None:
             return reason
         if not bn_uses_running_stats(_parts(self)[1]):
-            return "the BatchNorm does not use running statistics"
+            return "training" if self.training else "the BatchNorm does not use running statistics"
         if x is not None and x.dtype not in KERNEL_DTYPES:
             return f"inputs of dtype {x.dtype} run eagerly"
         return None

@@ -270,8 +270,9 @@ def test_meta_failure_falls_back_to_cpu_and_says_so(monkeypatch):
 def test_frozen_batchnorm_mode_counts_a_fine_tuning_forward(tmp_path):
     """``--batchnorm frozen``: every BatchNorm in eval mode while the model trains (eager saves each
     BatchNorm's input either way, not the batch statistics when frozen); the converted blocks run
-    the eval ops and recompute in backward (one RecomputedFrozenMBConv node per block), saving about
-    a tenth of eager's bytes; modes are restored; the rows and the table say frozen."""
+    the eval ops and recompute in backward (one RecomputedFrozenMBConv node per block; the stem's and the
+    head's ops two more nodes), saving about a twentieth of eager's bytes; modes are restored; the rows
+    and the table say frozen."""
     model = small_model()
     x = torch.zeros(2, 3, 5, 5)
     training, frozen = memory.saved_bytes(model, x), memory.saved_bytes(model, x, frozen_bn=True)
@@ -284,7 +285,7 @@ def test_frozen_batchnorm_mode_counts_a_fine_tuning_forward(tmp_path):
     rows = read_rows(csv)
     assert [r["batchnorm"] for r in rows] == ["training", "training", "frozen", "frozen"]
     conv = rows[3]
-    assert 0.02 < float(conv["ratio"]) <= 0.12 and conv["custom_nodes"] == "16", conv
+    assert 0.02 < float(conv["ratio"]) <= 0.08 and conv["custom_nodes"] == "18", conv
     assert float(rows[2]["act_bytes_per_img"]) == float(rows[0]["act_bytes_per_img"])  # eager per image
     text = md.read_text()
     assert text.count("#### meta") == 2 and "BatchNorm frozen (fine-tuning)" in text

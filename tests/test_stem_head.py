@@ -72,6 +72,47 @@ def test_training_runs_the_children_in_sequence():
     assert fused.unfused_reason() == "training"
 
 
+FROZEN_CONTAINERS = {"stem": (lambda: ConvBNAct(3, 8, 3, 2), (4, 3, 9, 9), "effnet.conv_bn_act", "conv_pad_shift"),
+                     "head": (lambda: ConvBNAct(6, 12, 1, 1), (4, 6, 5, 5), "effnet.pointwise_conv",
+                              "pointwise_skip_act")}
+
+
+def _frozen_pair(kind: str):
+    from .test_train_frozen_bn import freeze_bn
+
+    make, shape, _, _ = FROZEN_CONTAINERS[kind]
+    torch.manual_seed(3)
+    x = torch.randn(shape)
+    eager, fused = _pair(make(), x)
+    assert isinstance(fused, FusedConvBNAct)
+    return freeze_bn(eager.train()), freeze_bn(fused.train()), x
+
+
+@pytest.mark.parametrize("kind", list(FROZEN_CONTAINERS))
+def test_frozen_batchnorm_in_training_is_one_op_with_autograd(kind):
+    """Training with the BatchNorm in eval mode (fine-tuning): the one op, no BatchNorm or aten conv, and output,
+    x's gradient and every parameter gradient by DESIGN's rule against an fp64 twin; the running statistics stay."""
+    from .test_train_frozen_bn import assert_frozen_step
+
+    eager, fused, x = _frozen_pair(kind)
+    assert fused.unfused_reason(x) is None
+    names, _ = _ops_of(fused, x)
+    assert [n for n in names if n.startswith("effnet.")] == [FROZEN_CONTAINERS[kind][2]], names
+    assert not any("batch_norm" in n or "convolution" in n for n in names), names
+    assert_frozen_step(eager, fused, x)
+    fused.bn.train()  # batch statistics again: the children in sequence
+    assert fused.unfused_reason(x) == "training"
+
+
+@pytest.mark.parametrize("kind", list(FROZEN_CONTAINERS))
+def test_negative_control_frozen_training_check_rejects_defect(kind):
+    from .test_train_frozen_bn import assert_frozen_step
+
+    eager, fused, x = _frozen_pair(kind)
+    with planted(FROZEN_CONTAINERS[kind][3]), pytest.raises(AssertionError):
+        assert_frozen_step(eager, fused, x)
+
+
 def test_a_replaced_child_is_honoured():
     torch.manual_seed(2)
     x = torch.randn(2, 3, 8, 8)

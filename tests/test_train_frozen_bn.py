@@ -388,6 +388,10 @@ def test_b0_with_frozen_batchnorm_trains_fused():
     with _Ops() as rec:
         fused(x)
     assert rec.names.count("effnet.dwconv_bn_act") == 16, rec.names
+    # the stem and the head (+ pool) fuse too: one op each, no BatchNorm anywhere
+    # (pointwise_conv: 15 expand convs, 16 projections, the head)
+    assert rec.names.count("effnet.conv_bn_act") == 1 and rec.names.count("effnet.pointwise_conv") == 32, rec.names
+    assert "aten.native_batch_norm" not in rec.names
     assert_train_parity(model, fused, x, steps=2, per_tensor=False, forward=frozen_run)
 
 
