@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops._checks import accumulation_dtype, memory_format_of
-from .reference import ACTIVATION_FNS, ACTIVATION_GRADS
+from .reference import ACTIVATION_FNS
 
 Tensor = torch.Tensor
 
@@ -49,13 +49,19 @@ def pointwise_conv(
     return y.contiguous(memory_format=memory_format_of(x))
 
 
+ExciteBackward = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def pointwise_conv_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
     residual: Optional[Tensor], activation: str, pool: bool,
+    excite: Optional[Callable[[Tensor, Tensor], Tensor]] = None, excite_backward: Optional[ExciteBackward] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``reference.pointwise_conv_backward``'s gradients (x, weight, bias, gate, residual; an absent input's
-    is empty) as eager autograd computes them, in x's dtype (:func:`_conv_backward`), the gate's gradient
-    ``sum(grad_in * x)`` over the pixels and the input's ``grad_in * gate``.
+    is empty) as eager autograd computes them, in x's dtype (:func:`_conv_backward`); with a gate, the excited
+    input ``excite(x, gate)`` recomputed for the weight's gradient and the input's and gate's gradients from
+    ``excite_backward(grad_in, x, gate)`` (defaults: aten's ``x * gate`` and its gradients; the cuda backend
+    passes its excite kernels, one pass each).
 
     What a training step with frozen BatchNorm runs for its 1x1 convs on a GPU (tensor cores in fp16 / bf16;
     no Triton or CUDA C++ GEMM backward is written).
@@ -66,15 +72,15 @@ def pointwise_conv_backward(
     cout = weight.shape[0]
     if n * k * h * w == 0 or cout == 0:
         return reference.pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool)
-    dt, cdt, fmt = x.dtype, accumulation_dtype(x), memory_format_of(x)
-    xin = x if gate is None else (x.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)  # the forward's excite
-    g = (grad_out.to(cdt) / (h * w))[:, :, None, None].expand(n, cout, h, w) if pool else grad_out
+    dt, fmt = x.dtype, memory_format_of(x)
+    xin = x if gate is None else (excite or _aten_excite)(x, gate)
+    g = (grad_out.to(accumulation_dtype(x)) / (h * w))[:, :, None, None].expand(n, cout, h, w) if pool else grad_out
     grad_in, grad_w, grad_b = _conv_backward(g, xin, weight[:, :, None, None], bias, (1, 1), (0, 0), activation)
     empty = x.new_empty((0,))
     grad_gate = empty
     if gate is not None:
-        grad_gate = (grad_in.to(cdt) * x.to(cdt)).sum(dim=(2, 3)).to(gate.dtype)
-        grad_in = (grad_in.to(cdt) * gate.to(cdt)[:, :, None, None]).to(dt)
+        grad_in, grad_gate = (excite_backward or _aten_excite_backward)(grad_in, x, gate)
+        grad_gate = grad_gate.to(gate.dtype)
     return (
         grad_in.contiguous(memory_format=fmt),
         grad_w.reshape(weight.shape),
@@ -82,6 +88,15 @@ def pointwise_conv_backward(
         grad_gate,
         grad_out.to(dt).clone(memory_format=fmt) if residual is not None else empty.clone(),
     )
+
+
+def _aten_excite(x: Tensor, gate: Tensor) -> Tensor:
+    return x * gate.to(x.dtype)[:, :, None, None]
+
+
+def _aten_excite_backward(grad: Tensor, x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_gate) of ``x * gate[:, :, None, None]`` as eager's mul backward computes them."""
+    return grad * gate.to(grad.dtype)[:, :, None, None], (grad * x).sum(dim=(2, 3), dtype=accumulation_dtype(x))
 
 
 def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
@@ -107,18 +122,37 @@ def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Opti
 def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                    padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_x, grad_weight, grad_bias) of ``act(conv2d(x, weight, bias, stride, padding))`` for the gradient
-    ``g`` at its output, in x's dtype: the conv recomputed for an activation's gradient only (float32,
-    rounded once), then cuDNN's convolution backward; the weight's and bias's gradients in their dtypes."""
-    dt, cdt = x.dtype, accumulation_dtype(x)
+    ``g`` at its output, in x's dtype: the conv recomputed for an activation's gradient only (the activation's
+    own backward op, :func:`activation_backward`), then cuDNN's convolution backward; the weight's and bias's
+    gradients in their dtypes."""
+    dt = x.dtype
     w = weight.to(dt)
+    g = g.to(dt)
     if activation != "identity":
         z = F.conv2d(x, w, bias.to(dt) if bias is not None else None, stride=tuple(stride), padding=tuple(padding))
-        g = g.to(cdt) * ACTIVATION_GRADS[activation](z.to(cdt))
-    g = g.to(dt).contiguous(memory_format=memory_format_of(x))
+        g = activation_backward(g, z, activation)
+    g = g.contiguous(memory_format=memory_format_of(x))
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g, x, w, [w.shape[0]] if bias is not None else None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
         [True, True, bias is not None])
     return grad_x, grad_w.to(weight.dtype), (grad_b.to(bias.dtype) if bias is not None else None)
+
+
+def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
+    """``grad * act'(u)`` as eager autograd computes it (the activation's own backward op: one kernel, float32
+    inside, u's dtype out)."""
+    grad = grad.to(u.dtype)
+    if kind == "identity":
+        return grad
+    return _ACTIVATION_BACKWARD[kind](grad, u)
+
+
+_ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "silu": torch.ops.aten.silu_backward,
+    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
+    "relu6": lambda g, u: torch.ops.aten.hardtanh_backward(g, u, 0.0, 6.0),
+    "hardswish": torch.ops.aten.hardswish_backward,
+}
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

@@ -47,6 +47,7 @@ from . import ops
 from .ops._checks import accumulation_dtype, conv_output_size
 from ._norms import is_frozen_batchnorm, trains_like_batchnorm
 from ._sync_bn import group_moments, group_sums, process_group, sync_blocker
+from ._aten_convs import activation_backward
 from .reference import ACTIVATION_FNS
 
 Tensor = torch.Tensor
@@ -335,23 +336,6 @@ def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, 
     gx, gw, _ = torch.ops.aten.convolution_backward(grad, x.to(dt), weight.to(dt), None, [1, 1], [0, 0], [1, 1],
                                                     False, [0, 0], 1, [True, True, False])
     return gx.to(x.dtype), gw.to(weight.dtype)
-
-
-def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
-    """``grad * act'(u)`` as eager autograd computes it (the activation's own backward op: one kernel, float32
-    inside, u's dtype out)."""
-    grad = grad.to(u.dtype)
-    if kind == "identity":
-        return grad
-    return _ACTIVATION_BACKWARD[kind](grad, u)
-
-
-_ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "silu": torch.ops.aten.silu_backward,
-    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
-    "relu6": lambda g, u: torch.ops.aten.hardtanh_backward(g, u, 0.0, 6.0),
-    "hardswish": torch.ops.aten.hardswish_backward,
-}
 
 
 def run_under(state: Optional[tuple[str, torch.dtype]]) -> contextlib.AbstractContextManager:

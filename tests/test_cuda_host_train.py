@@ -492,6 +492,20 @@ def test_negative_control_eval_backward_check_rejects_defect(host, defect):
         eval_backward_case(*args)
 
 
+# ------------------------------------------------------------------ pointwise_conv_backward (cuDNN + the excite kernels)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pool", [False, True])
+def test_pointwise_backward_on_the_excite_kernels(host, dtype, pool):
+    """The cuda backend's 1x1-conv backward: aten's convolution backward, the gate through this backend's
+    excite and excite-backward kernels (both launched), every gradient by the rule."""
+    from effnet_kernels import cuda
+
+    from .test_ops_pointwise import check_backward
+
+    with launched(2):
+        check_backward(cuda.pointwise_conv_backward, "cpu", dtype, pool=pool)
+
+
 # ------------------------------------------------------------------ a converted block trains on the kernels
 @pytest.mark.parametrize("name", ["expand_se_residual_drop", "k5_s2_se", "no_se_k7"])
 def test_converted_block_trains_on_the_cuda_kernels(host, name):
