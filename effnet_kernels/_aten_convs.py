@@ -123,8 +123,9 @@ def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    padding: Sequence[int], activation: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_x, grad_weight, grad_bias) of ``act(conv2d(x, weight, bias, stride, padding))`` for the gradient
     ``g`` at its output, in x's dtype: the conv recomputed for an activation's gradient only (the activation's
-    own backward op, :func:`activation_backward`), then cuDNN's convolution backward; the weight's and bias's
-    gradients in their dtypes."""
+    own backward op, :func:`activation_backward`), then cuDNN's convolution backward for x and the weight
+    (contiguous, in the weight's dtype); the bias's (the folded BatchNorm shift's, float32) summed in float32,
+    as eager's BatchNorm backward sums beta's, not rounded to x's dtype."""
     dt = x.dtype
     w = weight.to(dt)
     g = g.to(dt)
@@ -132,10 +133,10 @@ def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         z = F.conv2d(x, w, bias.to(dt) if bias is not None else None, stride=tuple(stride), padding=tuple(padding))
         g = activation_backward(g, z, activation)
     g = g.contiguous(memory_format=memory_format_of(x))
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, x, w, [w.shape[0]] if bias is not None else None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-        [True, True, bias is not None])
-    return grad_x, grad_w.to(weight.dtype), (grad_b.to(bias.dtype) if bias is not None else None)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        g, x, w, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [True, True, False])
+    grad_b = g.sum(dim=(0, 2, 3), dtype=accumulation_dtype(x)).to(bias.dtype) if bias is not None else None
+    return grad_x, grad_w.to(weight.dtype).contiguous(), grad_b
 
 
 def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:

@@ -371,7 +371,7 @@ def pointwise_conv_backward(
         grad_in = grad_in * gate.to(z.dtype)[:, :, None, None]
     return (
         grad_in.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
-        grad_w.to(weight.dtype),
+        grad_w.to(weight.dtype).contiguous(),
         g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else x.new_empty((0,)),
         grad_gate if grad_gate is not None else x.new_empty((0,)),
         grad_residual if grad_residual is not None else x.new_empty((0,)),
@@ -411,7 +411,7 @@ def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Opti
     grad_w = torch.nn.grad.conv2d_weight(xp, w.shape, g, stride=tuple(stride))
     return (
         grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)),
-        grad_w.to(weight.dtype),
+        grad_w.to(weight.dtype).contiguous(),  # as the fake kernel says (conv2d_weight keeps x's channels_last)
         g.sum(dim=(0, 2, 3)).to(bias.dtype) if bias is not None else x.new_empty((0,)),
     )
 

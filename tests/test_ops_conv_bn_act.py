@@ -88,11 +88,12 @@ def test_conv_empty_batch(backend_device):
 
 
 def check_backward(backward, device, dtype, *, pad4=(1, 0, 1, 0), stride=2, activation="hardswish", bias=True,
-                   layout="channels_last"):
+                   layout="channels_last", weight_dtype=None, check_layout=False):
     """``backward(grad_out, x, w, b)``'s gradients of the present inputs vs the fp64 autograd truth, by the
-    backward rule (3x plain's error)."""
+    backward rule (3x plain's error). With ``check_layout``: x's gradient in x's memory format, the weight's
+    contiguous (as the fake kernel says)."""
     x = make_input((2, 3, 7, 6), dtype, layout, device)
-    w = (torch.randn(5, 3, 3, 3, device=device) / 5).to(dtype)
+    w = (torch.randn(5, 3, 3, 3, device=device) / 5).to(weight_dtype or dtype)
     b = torch.randn(5, device=device) if bias else None
     present = [t for t in (x, w, b) if t is not None]
     ho = (7 + pad4[2] + pad4[3] - 3) // stride + 1
@@ -109,6 +110,10 @@ def check_backward(backward, device, dtype, *, pad4=(1, 0, 1, 0), stride=2, acti
                                                present)):
         assert gg.dtype == leaf.dtype and gg.shape == leaf.shape
         assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+    if check_layout:
+        from effnet_kernels.ops._checks import memory_format_of
+
+        assert got[0].is_contiguous(memory_format=memory_format_of(x)) and got[1].is_contiguous()
 
 
 def autograd_backward(backend):
@@ -138,7 +143,15 @@ def test_aten_conv_backward(dtype, pad4, stride, activation, bias, layout):
     from effnet_kernels import _aten_convs
 
     check_backward(_aten_convs.conv_bn_act_backward, "cpu", dtype, pad4=pad4, stride=stride, activation=activation,
-                   bias=bias, layout=layout)
+                   bias=bias, layout=layout, check_layout=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_aten_conv_backward_float32_weight_with_half_input(dtype):
+    """What a frozen stem under autocast passes: the folded weight and bias in float32, x in half precision."""
+    from effnet_kernels import _aten_convs
+
+    check_backward(_aten_convs.conv_bn_act_backward, "cpu", dtype, weight_dtype=torch.float32, check_layout=True)
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "activation"])

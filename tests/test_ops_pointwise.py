@@ -142,10 +142,13 @@ def autograd_backward(backend):
     return backward
 
 
-def check_backward(backward, device, dtype, *, pool, activation="hardswish", gate=True, bias=True, layout="channels_last"):
+def check_backward(backward, device, dtype, *, pool, activation="hardswish", gate=True, bias=True, layout="channels_last",
+                   weight_dtype=None, check_layout=False):
     """``backward(grad_out, x, w, b, g, r, activation, pool)``'s gradients of the present inputs vs the fp64
-    autograd truth, by the backward rule (3x plain's error); empty results for absent inputs are dropped."""
-    x, w, b, g, r = _inputs(2, 12, 4, 3, 10, dtype, layout, device, gate=gate, bias=bias, residual=not pool)
+    autograd truth, by the backward rule (3x plain's error); empty results for absent inputs are dropped. With
+    ``check_layout``: x's gradient in x's memory format, the weight's contiguous (as the fake kernel says)."""
+    x, w, b, g, r = _inputs(2, 12, 4, 3, 10, dtype, layout, device, gate=gate, bias=bias, residual=not pool,
+                            weight_dtype=weight_dtype)
     n_out = (2, 10) if pool else (2, 10, 4, 3)
     grad_out = torch.randn(n_out, device=device).to(torch.float32 if pool else dtype)
     present = [t for t in (x, w, b, g, r) if t is not None]
@@ -163,6 +166,10 @@ def check_backward(backward, device, dtype, *, pool, activation="hardswish", gat
     for i, (gg, rr, pp, leaf) in enumerate(zip(got, ref, base, present)):
         assert gg.dtype == leaf.dtype and gg.shape == leaf.shape
         assert_parity(gg.cpu(), rr.cpu(), pp.cpu(), dtype, kind="backward", what=f"grad #{i}")
+    if check_layout:
+        from effnet_kernels.ops._checks import memory_format_of
+
+        assert got[0].is_contiguous(memory_format=memory_format_of(x)) and got[1].is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -185,7 +192,16 @@ def test_aten_pointwise_backward(dtype, pool, activation, gate, bias, layout):
     from effnet_kernels import _aten_convs
 
     check_backward(_aten_convs.pointwise_conv_backward, "cpu", dtype, pool=pool, activation=activation, gate=gate,
-                   bias=bias, layout=layout)
+                   bias=bias, layout=layout, check_layout=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_aten_pointwise_backward_float32_weight_with_half_input(dtype):
+    """What a frozen block under autocast passes: the folded weight and shift in float32, x in half precision."""
+    from effnet_kernels import _aten_convs
+
+    check_backward(_aten_convs.pointwise_conv_backward, "cpu", dtype, pool=False, weight_dtype=torch.float32,
+                   check_layout=True)
 
 
 def test_aten_pointwise_backward_empty_batch():

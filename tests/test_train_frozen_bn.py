@@ -128,10 +128,12 @@ def test_frozen_block_in_low_precision(name, dtype):
     assert_frozen_step(freeze_bn(eager.to(dtype)), freeze_bn(fused.to(dtype)), x.to(dtype))
 
 
-def test_frozen_block_under_bf16_autocast():
-    """The eval ops do not follow autocast (they compute in the input's dtype, as an eval block does):
-    within the rule against eager's bf16 autocast error."""
-    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual_drop"], batch=8)
+@pytest.mark.parametrize("name", ["expand_se_residual_drop", "expand_se_residual"])
+def test_frozen_block_under_bf16_autocast(name):
+    """Under autocast the block computes in bf16 from its first conv on and adds the residual in x's dtype (with
+    a drawn mask or without one: the residual is never fused into the bf16 projection): within the rule
+    against eager's bf16 autocast error."""
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS[name], batch=8)
     assert_train_parity(eager, fused, x, steps=2, dtype=torch.bfloat16, forward=frozen_run,
                         context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
