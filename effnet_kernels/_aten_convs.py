@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops._checks import accumulation_dtype, memory_format_of
+from . import reference
 from .reference import ACTIVATION_FNS
 
 Tensor = torch.Tensor
@@ -66,8 +67,6 @@ def pointwise_conv_backward(
     What a training step with frozen BatchNorm runs for its 1x1 convs on a GPU (tensor cores in fp16 / bf16;
     no Triton or CUDA C++ GEMM backward is written).
     """
-    from . import reference
-
     n, k, h, w = x.shape
     cout = weight.shape[0]
     if n * k * h * w == 0 or cout == 0:
@@ -104,8 +103,6 @@ def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Opti
     """``reference.conv_bn_act_backward``'s gradients (x, weight, bias; an absent bias's is empty) as eager
     autograd computes them, in x's dtype (:func:`_conv_backward`); 4-sided padding by an explicit pad when it
     is not symmetric (the input gradient cut back out of the padded one)."""
-    from . import reference
-
     if x.numel() == 0 or grad_out.numel() == 0:
         return reference.conv_bn_act_backward(grad_out, x, weight, bias, stride, padding, activation)
     left, right, top, bottom = padding

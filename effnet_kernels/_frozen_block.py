@@ -39,7 +39,6 @@ A block with some BatchNorms frozen and others training trains through its eager
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._norms import bn_uses_batch_stats, bn_uses_running_stats, frozen_how
-from ._train_block import autocast_input, autocast_state, drop_mask_for, run_under, or_empty, or_none
+from ._train_block import BlockStep, autocast_input, drop_mask_for, or_empty, or_none, run_under
 from .nn import folded_forward
 
 
@@ -118,18 +117,6 @@ def _folded_ops_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict,
 
 
 # ---------------------------------------------------------------- the recomputing frozen block
-@dataclass
-class _FrozenStep:
-    """What one training forward of a frozen block fixed, for its backward."""
-
-    plan: Any
-    backend: str  # the backend request, resolved when the forward ran
-    padding: tuple[int, int, int, int]
-    autocast: Optional[tuple[str, torch.dtype]]  # (device type, dtype) when the forward ran under autocast
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-
 # order of the tensors RecomputedFrozenMBConv computes with (absent ones are None): the expand conv's
 # folded weight and bias, the depthwise weight and its BatchNorm's scale and shift, the SE convs, the
 # projection's folded weight and bias
@@ -147,7 +134,7 @@ def _folds(plan: Any) -> list[Optional[Tensor]]:
     return out + list(plan.post[0].folded())
 
 
-def _expand_and_depthwise(step: _FrozenStep, x: Tensor, f: dict, squeeze: bool
+def _expand_and_depthwise(step: BlockStep, x: Tensor, f: dict, squeeze: bool
                           ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(h, a, y, pooled)``: x as the first conv takes it (autocast's dtype), the expand output (h
     without an expand conv), the depthwise output and, with ``squeeze``, its SE squeeze."""
@@ -173,7 +160,7 @@ class RecomputedFrozenMBConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, step: _FrozenStep, *folds: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, step: BlockStep, *folds: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         plan = step.plan
         f = dict(zip(_FOLDS, folds))
         se = plan.se
@@ -197,7 +184,7 @@ class RecomputedFrozenMBConv(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # a double backward raises rather than being wrong
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        step: _FrozenStep = ctx.step
+        step: BlockStep = ctx.step
         plan = step.plan
         se = plan.se
         backend = step.backend
@@ -238,8 +225,5 @@ class RecomputedFrozenMBConv(torch.autograd.Function):
 def recomputed_frozen_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict,
                               backend: Optional[str]) -> Tensor:
     """The frozen block in training through :class:`RecomputedFrozenMBConv` (see the module docstring)."""
-    from .backends import requested_backend
-
-    step = _FrozenStep(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
-                       autocast=autocast_state(x.device.type), args=tuple(args), kwargs=dict(kwargs))
+    step = BlockStep.of(plan, x, args, kwargs, backend)
     return RecomputedFrozenMBConv.apply(x, step, *_folds(plan))

@@ -198,16 +198,32 @@ def _backend_name(backend: Optional[str]) -> str:
 
 # ---------------------------------------------------------------- the recomputing block
 @dataclass
-class _Step:
-    """What one training forward of a block fixed, for its backward."""
+class BlockStep:
+    """What one training forward of a recomputing block (this module's, or the frozen one of
+    :mod:`effnet_kernels._frozen_block`) fixed, for its backward."""
 
     plan: Any
     backend: str  # the backend request, resolved when the forward ran
     padding: tuple[int, int, int, int]
     autocast: Optional[tuple[str, torch.dtype]]  # (device type, dtype) when the forward ran under autocast
-    eps: tuple[float, float, float]  # expand (0 without one), depthwise, projection BN eps
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str], **fields: Any):
+        """The step of a forward of ``plan`` on ``x`` (the block's forward arguments ``args``, ``kwargs``)
+        starting now: the backend request resolved, the padding and the autocast state of x's device."""
+        from .backends import requested_backend
+
+        return cls(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
+                   autocast=autocast_state(x.device.type), args=tuple(args), kwargs=dict(kwargs), **fields)
+
+
+@dataclass(kw_only=True)
+class _Step(BlockStep):
+    """:class:`BlockStep` with what the batch-statistics block needs too."""
+
+    eps: tuple[float, float, float]  # expand (0 without one), depthwise, projection BN eps
     # expand, depthwise, projection: the process group a SyncBatchNorm's statistics span (None:
     # this batch's), and the values per channel the forward's statistics spanned (set by the forward)
     groups: tuple[Any, Any, Any] = (None, None, None)
@@ -502,12 +518,8 @@ def autocast_state(device: str) -> Optional[tuple[str, torch.dtype]]:
 
 def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
     """The block in training through :class:`RecomputedMBConv` (see the module docstring)."""
-    from .backends import requested_backend
-
     eps = (float(plan.pre[0].bn.eps) if plan.pre else 0.0, float(plan.dw.bn.eps), float(plan.post[0].bn.eps))
-    step = _Step(plan=plan, backend=requested_backend(backend), padding=plan.dw.resolve_padding(x),
-                 autocast=autocast_state(x.device.type), eps=eps, args=tuple(args), kwargs=dict(kwargs),
-                 groups=process_groups(plan))
+    step = _Step.of(plan, x, args, kwargs, backend, eps=eps, groups=process_groups(plan))
     return RecomputedMBConv.apply(x, step, *_params(plan))
 
 
