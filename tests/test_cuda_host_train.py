@@ -388,12 +388,15 @@ def test_negative_control_train_forward_check_rejects_defect(host, defect):
         forward_case(*args)
 
 
+@pytest.mark.parametrize("case", ["train", "eval"])
 @pytest.mark.parametrize("defect", ["grad_drop_squeeze", "grad_skip_act"])
-def test_negative_control_train_backward_check_rejects_defect(host, defect):
+def test_negative_control_backward_check_rejects_defect(host, defect, case):
+    """The train-mode backward's check and the eval-mode one (eval_backward_case) reject a planted defect."""
+    check = {"train": backward_case, "eval": eval_backward_case}[case]
     args = ((2, 13, 9, 8), 3, 1, (1, 1, 1, 1), torch.float32, "nchw")
-    backward_case(*args)
+    check(*args)
     with planted(defect, "cuda"), pytest.raises(AssertionError):
-        backward_case(*args)
+        check(*args)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -482,14 +485,6 @@ def test_eval_backward_activations_and_one_incoming_gradient(host, activation, w
 @pytest.mark.parametrize("shape,k,stride,pad4", AWKWARD, ids=AWKWARD_IDS)
 def test_eval_backward_awkward_shapes(host, shape, k, stride, pad4):
     eval_backward_case(shape, k, stride, pad4, torch.float16, "channels_last")
-
-
-@pytest.mark.parametrize("defect", ["grad_drop_squeeze", "grad_skip_act"])
-def test_negative_control_eval_backward_check_rejects_defect(host, defect):
-    args = ((2, 13, 9, 8), 3, 1, (1, 1, 1, 1), torch.float32, "nchw")
-    eval_backward_case(*args)
-    with planted(defect, "cuda"), pytest.raises(AssertionError):
-        eval_backward_case(*args)
 
 
 # ------------------------------------------------------------------ pointwise_conv_backward (cuDNN + the excite kernels)

@@ -21,28 +21,20 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_train_forward_and_backward(dtype, layout):
+    """The train forward, its backward and the eval-mode backward (``dwconv_bn_act_backward``: frozen
+    BatchNorm's training) on the kernels, by the rule."""
     for k in (3, 5, 7):
         for geometry in GEOMETRIES.values():
             stride, pad4 = geometry(k)
             forward_case((4, 40, 19, 17), k, stride, pad4, dtype, layout, device="cuda")
             backward_case((4, 40, 19, 17), k, stride, pad4, dtype, layout, device="cuda")
+            eval_backward_case((4, 40, 19, 17), k, stride, pad4, dtype, layout, device="cuda")
     for activation in ACTIVATIONS:
         forward_case((2, 16, 7, 9), 3, 1, (1, 1, 1, 1), dtype, layout, activation, device="cuda")
         backward_case((2, 16, 7, 9), 3, 1, (1, 1, 1, 1), dtype, layout, activation, device="cuda")
     for shape, k, stride, pad4 in AWKWARD:
         forward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
         backward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_eval_backward(dtype, layout):
-    """``dwconv_bn_act_backward`` (frozen BatchNorm's training) on the kernels, by the rule."""
-    for k in (3, 5, 7):
-        for geometry in GEOMETRIES.values():
-            stride, pad4 = geometry(k)
-            eval_backward_case((4, 40, 19, 17), k, stride, pad4, dtype, layout, device="cuda")
-    for shape, k, stride, pad4 in AWKWARD:
         eval_backward_case(shape, k, stride, pad4, dtype, layout, device="cuda")
 
 

@@ -42,7 +42,7 @@ from .test_convert_lookalikes import (  # noqa: F401  (the look-alikes' fixture)
     BatchNormAct2d, DepthwiseSeparableConv, InvertedResidual, TvMBConv, lookalike_libraries,
 )
 from .test_ops_pointwise import _Ops
-from .test_train_frozen_bn import assert_compiled_training_matches, assert_frozen_step
+from .test_train_frozen_bn import assert_compiled_training_matches, assert_frozen_step, assert_runs_the_frozen_ops
 from .test_train_fused import BLOCKS
 
 
@@ -237,15 +237,7 @@ def test_frozen_module_block_trains_fused_by_the_rule(name):
 def test_frozen_module_block_runs_the_fused_ops_and_leaves_the_buffers():
     eager, fused, x = frozen_block_pair(dict(BLOCKS["expand_se_residual_drop"], drop_path_rate=0.0))
     before = {n: b.clone() for n, b in fused.named_buffers()}
-    xr = x.clone().requires_grad_()
-    with _Ops() as fwd:
-        out = fused(xr)
-    with _Ops() as bwd:
-        out.square().sum().backward()
-    effnet = [n for n in fwd.names if n.startswith("effnet.")]
-    assert effnet == ["effnet.pointwise_conv", "effnet.dwconv_bn_act", "effnet.se_gate", "effnet.pointwise_conv"]
-    assert not any("batch_norm" in n or "convolution" in n for n in fwd.names + bwd.names)
-    assert {"effnet.pointwise_conv_backward", "effnet.dwconv_bn_act_backward"} <= set(bwd.names), bwd.names
+    assert_runs_the_frozen_ops(fused, x)
     assert all(torch.equal(b, before[n]) for n, b in fused.named_buffers())
     assert all(b.grad is None for b in fused.buffers())
 

@@ -138,12 +138,10 @@ def test_frozen_block_under_bf16_autocast(name):
                         context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
-def test_frozen_block_runs_the_fused_ops_and_leaves_the_statistics():
-    """Forward: the four eval kernels (expand, depthwise + squeeze, gate, projection with the residual
-    when no mask is drawn); backward: two of them recomputed, then their backward ops; no BatchNorm,
-    no aten conv."""
-    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual"])
-    before = bn_state(fused)
+def assert_runs_the_frozen_ops(fused: nn.Module, x: torch.Tensor) -> None:
+    """One training step of a frozen block with expand, SE and no drawn mask runs, forward, the four eval ops
+    (the projection adding the residual) and, backward, the expand and depthwise outputs recomputed (the gate
+    and squeeze are saved), then the four ops' backward functions, projection first; no BatchNorm, no aten conv."""
     xr = x.clone().requires_grad_()
     with _Ops() as fwd:
         out = fused(xr)
@@ -152,11 +150,18 @@ def test_frozen_block_runs_the_fused_ops_and_leaves_the_statistics():
     effnet = [n for n in fwd.names if n.startswith("effnet.")]
     assert effnet == ["effnet.pointwise_conv", "effnet.dwconv_bn_act", "effnet.se_gate", "effnet.pointwise_conv"]
     assert not any("batch_norm" in n or "convolution" in n for n in fwd.names + bwd.names), fwd.names + bwd.names
-    # backward: the expand and depthwise outputs recomputed (the gate and squeeze are saved), then the
-    # four ops' backward functions, projection first
     assert [n for n in bwd.names if n.startswith("effnet.")] == [
         "effnet.pointwise_conv", "effnet.dwconv_bn_act", "effnet.pointwise_conv_backward",
         "effnet.se_gate_backward", "effnet.dwconv_bn_act_backward", "effnet.pointwise_conv_backward"], bwd.names
+
+
+def test_frozen_block_runs_the_fused_ops_and_leaves_the_statistics():
+    """Forward: the four eval kernels (expand, depthwise + squeeze, gate, projection with the residual
+    when no mask is drawn); backward: two of them recomputed, then their backward ops; no BatchNorm,
+    no aten conv."""
+    eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual"])
+    before = bn_state(fused)
+    assert_runs_the_frozen_ops(fused, x)
     assert all(torch.equal(b, before[n]) for n, b in fused.named_buffers())
     assert all(int(m.num_batches_tracked) == 1 for m in fused.modules() if isinstance(m, BN))  # the calibration's
 
