@@ -1,6 +1,7 @@
 """``pointwise_conv`` and ``conv_bn_act`` as aten ops in the input's dtype: the ``cuda`` backend's
-implementation of the two (no CUDA C++ GEMM or dense conv is written), and ``pointwise_conv``'s backward
-(the ``cuda`` and ``triton`` backends', cuDNN's convolution backward).
+implementation of the two (no CUDA C++ GEMM or dense conv is written), and both ops' backward
+(the ``cuda`` and ``triton`` backends', cuDNN's convolution backward with each backend's excite kernels:
+:func:`pointwise_conv_backward_with`).
 
 ``pointwise_conv``: cuDNN's 1x1 convolution with the folded BatchNorm's shift as its bias, then the activation,
 the residual add (or the spatial mean) as separate aten ops, and the SE gate as the excite
@@ -87,6 +88,26 @@ def pointwise_conv_backward(
         grad_gate,
         grad_out.to(dt).clone(memory_format=fmt) if residual is not None else empty.clone(),
     )
+
+
+PointwiseBackward = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
+
+
+def pointwise_conv_backward_with(excite: Callable[[Tensor, Tensor], Tensor],
+                                 excite_backward: ExciteBackward) -> PointwiseBackward:
+    """:func:`pointwise_conv_backward` with a backend's own excite kernels (``excite(y, gate)``,
+    ``excite_backward(grad, y, gate) -> (grad_y, grad_gate)``): the ``pointwise_conv_backward`` the ``cuda``
+    and ``triton`` backends register (the op's signature, without ``backend``)."""
+
+    def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+                 residual: Optional[Tensor], activation: str,
+                 pool: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """cuDNN's convolution backward and aten's activation backward, the gate by this backend's excite
+        kernels (:func:`effnet_kernels._aten_convs.pointwise_conv_backward`: no GEMM backward of its own)."""
+        return pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool, excite=excite,
+                                       excite_backward=excite_backward)
+
+    return backward
 
 
 def _aten_excite(x: Tensor, gate: Tensor) -> Tensor:

@@ -595,13 +595,7 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Opti
     return _aten_convs.pointwise_conv(x, weight, bias, gate, residual, activation, pool, excite=se_excite)
 
 
-def pointwise_conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                            gate: Optional[Tensor], residual: Optional[Tensor], activation: str,
-                            pool: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """cuDNN's convolution backward and aten's activation backward, the gate by this backend's excite
-    kernels (:func:`effnet_kernels._aten_convs.pointwise_conv_backward`: no CUDA C++ GEMM)."""
-    return _aten_convs.pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool,
-                                               excite=se_excite, excite_backward=se_excite_backward)
+pointwise_conv_backward = _aten_convs.pointwise_conv_backward_with(se_excite, se_excite_backward)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

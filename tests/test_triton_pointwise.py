@@ -295,17 +295,48 @@ def test_negative_control_unwritten_elements_are_seen(monkeypatch):
 # ----------------------------------------------------------------------------- autograd, opcheck
 
 
-def test_backward_falls_back_to_the_reference():
-    """No Triton backward: gradients come from the torch reference's backward (backends.resolve_backward)."""
-    x, w, b, g, r = pw_inputs((2, 8, 3, 4), 12, torch.float32, "nchw")
-    leaves = [t.requires_grad_() for t in (x, w, b, g, r)]
-    out = ek.ops.pointwise_conv(x, w, b, gate=g, residual=r, activation="silu", backend="triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("pool", [False, True])
+def test_backward_is_served_by_the_triton_backend(monkeypatch, dtype, pool):
+    """The triton backend registers ``pointwise_conv_backward`` (cuDNN's convolution backward, the gate by its
+    own excite kernels), so a Triton training step on a GPU without the CUDA extension never falls to the float32
+    reference: the op's autograd with ``backend="triton"`` calls it, the Triton excite kernels run, and every
+    gradient is within the backward rule of the fp64 truth."""
+    from effnet_kernels import _aten_convs, backends
+
+    from .test_ops_pointwise import autograd_backward, check_backward
+
+    impls = backends._REGISTRY["triton"].impls()
+    calls = {"backward": 0}
+    served = impls["pointwise_conv_backward"]
+
+    def counted(*args):
+        calls["backward"] += 1
+        return served(*args)
+
+    monkeypatch.setitem(impls, "pointwise_conv_backward", counted)
+    # neither aten's excite backward nor the torch reference: the gate's gradients are the Triton kernel's
+    monkeypatch.setattr(_aten_convs, "_aten_excite_backward", lambda *a: pytest.fail("aten's excite backward ran"))
+    monkeypatch.setattr(backends._REGISTRY["torch"], "impls", lambda: pytest.fail("the torch reference served"))
+    check_backward(autograd_backward("triton"), "cpu", dtype, pool=pool)
+    assert calls["backward"] == 1
+
+
+def test_stem_backward_is_served_by_the_triton_backend(monkeypatch):
+    """``conv_bn_act_backward`` (a stem's) with ``backend="triton"``: cuDNN's, not the float32 reference's."""
+    from effnet_kernels import backends
+
+    assert "conv_bn_act_backward" in backends._REGISTRY["triton"].impls()
+    x = torch.randn(2, 3, 9, 8).requires_grad_()
+    w = torch.randn(6, 3, 3, 3).requires_grad_()
+    b = torch.randn(6).requires_grad_()
+    monkeypatch.setattr(backends._REGISTRY["torch"], "impls", lambda: pytest.fail("the torch reference served"))
+    out = ek.ops.conv_bn_act(x, w, b, stride=2, padding=(0, 1, 0, 1), activation="silu", backend="triton")
     out.square().sum().backward()
-    want = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.ACTIVATION_FNS["silu"](torch.einsum("nkhw,ok->nohw", want[0] * want[3][:, :, None, None], want[1])
-                                           + want[2][None, :, None, None]) + want[4]
+    want = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.silu(F.conv2d(F.pad(want[0], (0, 1, 0, 1)), want[1], want[2], stride=2))
     ref.square().sum().backward()
-    for got, exp in zip(leaves, want):
+    for got, exp in zip((x, w, b), want):
         torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
 
 

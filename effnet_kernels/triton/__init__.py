@@ -56,11 +56,14 @@ def _load() -> dict:
 
 def _training_impls() -> dict:
     """The training ops (issue #11): train-mode forward and the backward ops."""
+    from .. import _aten_convs
+
     from .dwconv_backward import (
         dwconv_bn_act_backward, dwconv_bn_act_train_backward, dwconv_bn_grad_sums, dwconv_bn_input_grads,
     )
     from .dwconv_train import dwconv_bn_act_train, dwconv_bn_stats
     from .se_backward import se_excite_backward, se_gate_backward
+    from .se_excite import se_excite
 
     return {
         "dwconv_bn_act_train": dwconv_bn_act_train,
@@ -71,6 +74,9 @@ def _training_impls() -> dict:
         "dwconv_bn_act_backward": dwconv_bn_act_backward,
         "se_excite_backward": se_excite_backward,
         "se_gate_backward": se_gate_backward,
+        # the 1x1 convs' and the stem's backward: cuDNN's (no Triton GEMM backward), the gate by the kernels here
+        "pointwise_conv_backward": _aten_convs.pointwise_conv_backward_with(se_excite, se_excite_backward),
+        "conv_bn_act_backward": _aten_convs.conv_bn_act_backward,
     }
 
 
