@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._norms import bn_uses_batch_stats, bn_uses_running_stats, frozen_how
-from ._train_block import BlockStep, autocast_input, drop_mask_for, or_empty, or_none, run_under
+from ._train_block import BlockStep, autocast_input, autocast_off, drop_mask_for, or_empty, or_none, run_under
 from .nn import folded_forward
 
 
@@ -184,42 +184,50 @@ class RecomputedFrozenMBConv(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # a double backward raises rather than being wrong
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        step: BlockStep = ctx.step
-        plan = step.plan
-        se = plan.se
-        backend = step.backend
-        x, pooled, gate, mask, *saved = ctx.saved_tensors
-        pooled, gate, mask = or_none(pooled), or_none(gate), or_none(mask)
-        f = dict(zip(_FOLDS, (or_none(t) for t in saved)))
-        grads: dict[str, Optional[Tensor]] = dict.fromkeys(_FOLDS)
-        with torch.no_grad(), run_under(step.autocast):
-            h, a, y, _ = _expand_and_depthwise(step, x, f, squeeze=False)
+        # a backward called inside an autocast region runs its ops in the dtypes it chose (the recompute
+        # under the forward's own autocast state), as eager autograd's do
+        with autocast_off(grad_out.device.type):
+            return _frozen_backward(ctx, grad_out)
 
-        gq = grad_out if mask is None else grad_out * mask
-        gy, grads["post_w"], gb, ggate, _ = torch.ops.effnet.pointwise_conv_backward.default(
-            gq.to(y.dtype), y, f["post_w"], f["post_b"], gate, None, "identity", False, backend)
-        grads["post_b"] = gb if f["post_b"] is not None else None
-        gpooled = None
-        if se is not None:
-            wr, we = f["se_wr"], f["se_we"]
-            gpooled, gwr, grads["se_br"], gwe, grads["se_be"] = torch.ops.effnet.se_gate_backward.default(
-                ggate.to(gate.dtype), pooled, wr.flatten(1), f["se_br"], we.flatten(1), f["se_be"], se.activation,
-                se.gate_kind, backend)
-            grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
-        ga, grads["dw_w"], grads["dw_scale"], grads["dw_shift"] = torch.ops.effnet.dwconv_bn_act_backward.default(
-            gy, gpooled, a, f["dw_w"], f["dw_scale"], f["dw_shift"], list(plan.dw.stride), list(step.padding),
-            plan.dw.activation, backend)
-        if f["pre_w"] is not None:
-            gh, grads["pre_w"], gb, _, _ = torch.ops.effnet.pointwise_conv_backward.default(
-                ga, h, f["pre_w"], f["pre_b"], None, None, plan.pre[0].activation, False, backend)
-            grads["pre_b"] = gb if f["pre_b"] is not None else None
-            gx = gh.to(x.dtype)
-        else:
-            gx = ga.to(x.dtype)
-        if plan.residual:
-            gx = gx + grad_out.to(gx.dtype)
-        out = [grads[name] if need else None for name, need in zip(_FOLDS, ctx.needs_input_grad[2:])]
-        return (gx, None, *out)
+
+def _frozen_backward(ctx: Any, grad_out: Tensor) -> tuple:
+    """The body of :meth:`RecomputedFrozenMBConv.backward`: recompute, then each op's backward in turn."""
+    step: BlockStep = ctx.step
+    plan = step.plan
+    se = plan.se
+    backend = step.backend
+    x, pooled, gate, mask, *saved = ctx.saved_tensors
+    pooled, gate, mask = or_none(pooled), or_none(gate), or_none(mask)
+    f = dict(zip(_FOLDS, (or_none(t) for t in saved)))
+    grads: dict[str, Optional[Tensor]] = dict.fromkeys(_FOLDS)
+    with torch.no_grad(), run_under(step.autocast):
+        h, a, y, _ = _expand_and_depthwise(step, x, f, squeeze=False)
+
+    gq = grad_out if mask is None else grad_out * mask
+    gy, grads["post_w"], gb, ggate, _ = torch.ops.effnet.pointwise_conv_backward.default(
+        gq.to(y.dtype), y, f["post_w"], f["post_b"], gate, None, "identity", False, backend)
+    grads["post_b"] = gb if f["post_b"] is not None else None
+    gpooled = None
+    if se is not None:
+        wr, we = f["se_wr"], f["se_we"]
+        gpooled, gwr, grads["se_br"], gwe, grads["se_be"] = torch.ops.effnet.se_gate_backward.default(
+            ggate.to(gate.dtype), pooled, wr.flatten(1), f["se_br"], we.flatten(1), f["se_be"], se.activation,
+            se.gate_kind, backend)
+        grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
+    ga, grads["dw_w"], grads["dw_scale"], grads["dw_shift"] = torch.ops.effnet.dwconv_bn_act_backward.default(
+        gy, gpooled, a, f["dw_w"], f["dw_scale"], f["dw_shift"], list(plan.dw.stride), list(step.padding),
+        plan.dw.activation, backend)
+    if f["pre_w"] is not None:
+        gh, grads["pre_w"], gb, _, _ = torch.ops.effnet.pointwise_conv_backward.default(
+            ga, h, f["pre_w"], f["pre_b"], None, None, plan.pre[0].activation, False, backend)
+        grads["pre_b"] = gb if f["pre_b"] is not None else None
+        gx = gh.to(x.dtype)
+    else:
+        gx = ga.to(x.dtype)
+    if plan.residual:
+        gx = gx + grad_out.to(gx.dtype)
+    out = [grads[name] if need else None for name, need in zip(_FOLDS, ctx.needs_input_grad[2:])]
+    return (gx, None, *out)
 
 
 def recomputed_frozen_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict,

@@ -8,8 +8,8 @@ the library's own stochastic depth):
   block without building a graph and saves only the block input, the per-channel batch
   statistics of the three BatchNorms, the SE squeeze and gate (``[N, C]``) and the
   stochastic-depth mask (``[N, 1, 1, 1]``). Its backward recomputes the expanded tensor,
-  its activation, the depthwise output and the excite product from those, and chains the
-  ops' backward functions by hand (no nested autograd call, so DDP, AMP and gradient
+  its activation and the depthwise output from those, and chains the ops' backward functions by
+  hand (no nested autograd call, so DDP, AMP and gradient
   accumulation see an ordinary graph node). The depthwise BatchNorm's statistics are
   computed once, in the forward; the recompute applies them (the train-mode op given the
   statistics: the same arithmetic as the forward, so the recomputed tensors are the forward's).
@@ -18,6 +18,23 @@ the library's own stochastic depth):
   activation's gradient is the activation's own backward op: each one kernel in the input's
   dtype, float32 inside, no float32 copies of the expanded tensors (``python -m
   benchmarks.traffic --mode train`` counts them).
+  In half precision (x's dtype or autocast's) the expand step is one GEMM instead
+  (:func:`_folded_expand_forward`): the expand BatchNorm's batch statistics come from x's mean and
+  covariance (the conv is linear: :func:`conv1x1_moments`, O(C^2) work on a C-channel tensor), so
+  the statistics are known before the conv runs and conv + BatchNorm + activation is one
+  ``pointwise_conv`` with them folded in; neither the conv output nor the normalised tensor is
+  written. The backward recomputes the activation with the same call, the activation's input with
+  the GEMM without activation, and the conv output (for BatchNorm's backward) with the plain conv.
+  Per element of the expanded tensor, fp16, with real kernels' passes: the forward's expand step
+  moved ~12 B (conv write, BatchNorm's two reads and write, activation) and now ~2 B plus ~16 B per
+  element of x (the moments; x has 1/6 the channels); the recompute ~12 B and now ~6 B. Float32
+  keeps the native path: the Gram matrix's float32 sum over all pixels rounds at ~sqrt(NHW) 2^-24,
+  more than eager's own float32 error.
+  With SE the projection conv takes the gate on load (``pointwise_conv(y, w, gate=gate)``, forward
+  and recompute), so the excited tensor is never written there; its backward is
+  ``pointwise_conv_backward`` (the input's, the weight's and the gate's gradients; on the GPU
+  backends cuDNN's convolution backward with the backend's excite kernels, which form the excited
+  tensor once for the weight's gradient).
 * :func:`composed_forward`: the same block as differentiable ops (the train-mode fused
   depthwise op with its own autograd, the SE ops, the original 1x1 conv / BN modules);
   used under ``torch.compile`` (whose partitioner decides what to recompute) and for an
@@ -37,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +245,7 @@ class _Step(BlockStep):
     # this batch's), and the values per channel the forward's statistics spanned (set by the forward)
     groups: tuple[Any, Any, Any] = (None, None, None)
     counts: list[int] = field(default_factory=lambda: [0, 0, 0])
+    folded_expand: bool = False  # the expand step runs as one folded GEMM (:func:`folds_expand`)
 
 
 # order of the Parameters RecomputedMBConv takes (absent ones are None)
@@ -284,6 +302,108 @@ def _bn_stats_forward(h: Tensor, bn: nn.modules.batchnorm._BatchNorm,
     update_running_stats(bn, mean, var, count, factor)
     invstd = torch.rsqrt(var + float(bn.eps))
     return _bn_apply(h, bn.weight, bn.bias, mean, invstd), mean, invstd, count
+
+
+# ---------------------------------------------------------------- the expand step as one GEMM
+# Input dtypes whose expand step trains as one folded GEMM (:func:`_folded_expand_forward`). Its statistics
+# come from x's float32 Gram matrix, a sum over all N*H*W pixels whose rounding (~sqrt(NHW) 2^-24
+# relative) is far below half precision's 2^-11 but can exceed eager's own float32 error; float32 and
+# float64 inputs keep the native_batch_norm path.
+FOLDED_EXPAND_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Conv1x1Moments(NamedTuple):
+    """:func:`conv1x1_moments`: the conv output's per-channel ``mean`` and biased ``var``, and x's ``input_mean``."""
+
+    mean: Tensor
+    var: Tensor
+    input_mean: Tensor
+
+
+def conv1x1_moments(x: Tensor, weight: Tensor) -> Conv1x1Moments:
+    """Per-channel mean and biased variance over (N, H, W) of ``h = conv1x1(x, weight)``, never forming h.
+
+    h is linear in x, so ``mean_h = W mu`` and ``var_h = diag(W S W^T)`` with ``mu`` and ``S`` (``[C, C]``)
+    x's per-channel mean and biased covariance, everything in the accumulation dtype
+    (:func:`~effnet_kernels.ops._checks.accumulation_dtype`), autocast off. Reads x twice (the mean; the
+    centred copy, written channels_last in float32 whatever x's layout, so that the Gram matrix is one GEMM
+    over the pixels of a view) and otherwise touches O(C^2): for an MBConv's expand conv (6x as many output
+    channels) a fraction of the bytes of h itself, in about nine small kernels.
+    """
+    cdt = accumulation_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    m = n * x.shape[2] * x.shape[3]
+    w = weight.reshape(weight.shape[0], c).to(cdt)
+    with autocast_off(x.device.type):
+        mu = x.mean(dim=(0, 2, 3), dtype=cdt)
+        centred = torch.empty(x.shape, dtype=cdt, device=x.device, memory_format=torch.channels_last)
+        torch.sub(x, mu[None, :, None, None], out=centred)
+        pixels = centred.permute(0, 2, 3, 1).reshape(m, c)  # a view: [N H W, C]
+        cov = (pixels.t() @ pixels).div_(m)
+        mean = w @ mu
+        var = torch.linalg.vecdot(w @ cov, w).clamp_min_(0.0)
+    return Conv1x1Moments(mean, var, mu)
+
+
+def autocast_off(device: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device`` when it is on there (a no-op otherwise: meta, or autocast off)."""
+    if autocast_state(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
+
+
+def folds_expand(plan: Any, x: Tensor, group: Any) -> bool:
+    """Whether the recomputing block runs its expand step as one folded GEMM (:func:`_folded_expand_forward`):
+    an expand conv, statistics of this batch (no process group) over more than one value per channel, and a
+    half-precision conv input (x's dtype, or autocast's)."""
+    if not plan.pre or group is not None or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        return False
+    return autocast_input(x).dtype in FOLDED_EXPAND_DTYPES
+
+
+def _expand_fold(weight: Tensor, bn: nn.modules.batchnorm._BatchNorm, moments: Conv1x1Moments, invstd: Tensor,
+                 x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W * scale, shift)`` of the expand conv and its BatchNorm with these batch statistics: ``scale = gamma *
+    invstd``, the weight rounded to x's dtype (the values the GEMM multiplies), and ``shift = beta - W' mu``
+    (float32) from those rounded values and x's mean, so that the folded conv's output has mean ``beta`` over
+    the batch exactly, whatever the weights' rounding and x's mean (``beta - mean * scale`` would leave
+    ``(W' - W * scale) mu``, which grows with ``|mu| / std``)."""
+    gamma, beta = _affine(bn.weight, bn.bias, bn.num_features, x)
+    scale = gamma * invstd
+    folded = (weight.reshape(weight.shape[0], -1).to(scale.dtype) * scale[:, None]).to(x.dtype)
+    return folded, beta - folded.to(scale.dtype) @ moments.input_mean
+
+
+def _folded_expand_forward(x: Tensor, pre: Any, backend: str) -> tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor]:
+    """The expand conv + train-mode BatchNorm + activation as one GEMM with its epilogue:
+    ``(a, mean, invstd, count, weight, shift)``.
+
+    The batch statistics of the conv output come from x's moments (:func:`conv1x1_moments`), the
+    running statistics are updated as ``nn.BatchNorm2d`` updates them, and ``a = act(conv1x1(x, W * scale)
+    + shift)`` is one ``pointwise_conv`` (float32 accumulation, one rounding), so neither the conv output
+    nor the normalised tensor is written: eager writes and re-reads both (the conv, BatchNorm's two
+    passes, the activation). The backward recomputes ``a`` with the same call and the returned fold.
+    """
+    h = autocast_input(x)
+    bn = pre.bn
+    factor = momentum_factor(bn)
+    moments = conv1x1_moments(h, pre.conv.weight)
+    mean, var = moments.mean, moments.var
+    count = h.shape[0] * h.shape[2] * h.shape[3]
+    update_running_stats(bn, mean, var, count, factor)
+    invstd = torch.rsqrt(var + float(bn.eps))
+    weight, shift = _expand_fold(pre.conv.weight, bn, moments, invstd, h)
+    a = ops.pointwise_conv(h, weight, shift, activation=pre.activation, backend=backend)
+    return a, mean, invstd, count, weight, shift
+
+
+def native_statistics_dtype(h: Tensor, weight: Optional[Tensor]) -> torch.dtype:
+    """The dtype of the statistics ``native_batch_norm`` saves for ``h`` and its backward expects: on the CPU
+    h's own when the BatchNorm's weight has h's dtype (a half-precision model), else the accumulation dtype
+    (float32; on CUDA always)."""
+    if h.device.type == "cpu" and weight is not None and weight.dtype == h.dtype:
+        return h.dtype
+    return accumulation_dtype(h)
 
 
 def _native_statistics(group: Any, count: int) -> bool:
@@ -346,6 +466,15 @@ def _conv1x1(x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight)
 
 
+def _project(y: Tensor, gate: Optional[Tensor], weight: Tensor, backend: str) -> Tensor:
+    """The projection conv's output (before its BatchNorm): with an SE ``gate`` one ``pointwise_conv`` that
+    scales y on load (the excited tensor is never written; its backward, ``pointwise_conv_backward``, gives
+    the gate's gradient too), else the plain 1x1 conv."""
+    if gate is None:
+        return _conv1x1(y, weight)
+    return ops.pointwise_conv(y, weight, gate=gate, backend=backend)
+
+
 def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_weight) of a 1x1 conv, computed in ``grad``'s dtype (autocast's) and cast back."""
     dt = grad.dtype
@@ -406,93 +535,112 @@ class RecomputedMBConv(torch.autograd.Function):
         pre = plan.pre[0] if plan.pre else None
         post = plan.post[0]
         h = x if pre is not None else autocast_input(x)  # the depthwise conv first: autocast's dtype
-        em = es = x.new_empty(0)
+        em = es = fold_w = fold_b = x.new_empty(0)
         pre_group, dw_group, post_group = step.groups
-        if pre is not None:
+        if step.folded_expand:
+            h, em, es, step.counts[0], fold_w, fold_b = _folded_expand_forward(x, pre, step.backend)
+        elif pre is not None:
             b, em, es, step.counts[0] = _bn_stats_forward(_conv1x1(x, pre.conv.weight), pre.bn, pre_group)
             h = ACTIVATION_FNS[pre.activation](b)
         y, pooled, dw_mean, dw_var, step.counts[1] = dw_forward(plan, h, step.backend, dw_group)
         gate = None
         if plan.se is not None:
             gate = plan.se.gate(pooled, step.backend)
-            y = ops.se_excite(y, gate, backend=step.backend)
-        q, pm, ps, step.counts[2] = _bn_stats_forward(_conv1x1(y, post.conv.weight), post.bn, post_group)
+        q, pm, ps, step.counts[2] = _bn_stats_forward(_project(y, gate, post.conv.weight, step.backend), post.bn,
+                                                      post_group)
         out = q
         mask = None
         if plan.residual:
             mask = drop_mask(plan, q, step.args, step.kwargs)
             out = (q if mask is None else q * mask) + x
-        ctx.save_for_backward(x, em, es, dw_mean, dw_var, or_empty(pooled, x), or_empty(gate, x), pm, ps,
-                              or_empty(mask, x), *[or_empty(p, x) for p in params])
+        ctx.save_for_backward(x, em, es, fold_w, fold_b, dw_mean, dw_var, or_empty(pooled, x), or_empty(gate, x), pm,
+                              ps, or_empty(mask, x), *[or_empty(p, x) for p in params])
         ctx.step = step
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a double backward raises rather than being wrong
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        step: _Step = ctx.step
-        plan = step.plan
-        x, em, es, dw_mean, dw_var, pooled, gate, pm, ps, mask, *saved = ctx.saved_tensors
-        mask = or_none(mask)
-        p = dict(zip(_PARAMS, (or_none(t) for t in saved)))
-        has_pre = p["pre_w"] is not None
-        pre_eps, dw_eps, post_eps = step.eps
-        pre_act = plan.pre[0].activation if has_pre else "identity"
-        dw = plan.dw
-        se = plan.se
-        backend = step.backend
-        pre_group, dw_group, post_group = step.groups
-        pre_count, dw_count, post_count = step.counts
-        grads: dict[str, Optional[Tensor]] = dict.fromkeys(_PARAMS)
+        # a backward called inside an autocast region runs its ops in the dtypes it chose (the recompute
+        # under the forward's own autocast state), as eager autograd's do
+        with autocast_off(grad_out.device.type):
+            return _recomputed_backward(ctx, grad_out)
 
-        # ---- recompute the block's large tensors, under the forward's autocast state
-        with torch.no_grad(), run_under(step.autocast):
-            if has_pre:
-                h0 = _conv1x1(x, p["pre_w"])
-                b = _bn_recompute(h0, p["pre_g"], p["pre_b"], em, es, pre_eps, pre_group, pre_count)
-                a = ACTIVATION_FNS[pre_act](b)
-            else:
-                a = autocast_input(x)  # as the forward (under its autocast state)
-            gamma, beta = _affine(p["dw_g"], p["dw_b"], a.shape[1], a)
-            y = ops.dwconv_bn_act_train(a, p["dw_w"], gamma, beta, eps=dw_eps, mean=dw_mean, var=dw_var,
-                                        stride=dw.stride, padding=step.padding, activation=dw.activation,
-                                        backend=backend)[0]
-            e = ops.se_excite(y, gate, backend=backend) if se is not None else y
-            q_in = _conv1x1(e, p["post_w"])
 
-        # ---- backward, op by op
-        gq = grad_out if mask is None else grad_out * mask
-        gp, grads["post_g"], grads["post_b"] = _bn_backward(gq, q_in, p["post_g"], p["post_b"], pm, ps, post_eps,
-                                                            post_group, post_count)
-        ge, grads["post_w"] = _conv1x1_backward(gp, e, p["post_w"])
-        gpooled = None
-        if se is not None:
-            gy, ggate = torch.ops.effnet.se_excite_backward.default(ge.to(y.dtype), y, gate, backend)
-            wr, we = p["se_wr"], p["se_we"]
-            (gpooled, gwr, grads["se_br"], gwe, grads["se_be"]) = torch.ops.effnet.se_gate_backward.default(
-                ggate.to(gate.dtype), pooled, wr.flatten(1), p["se_br"], we.flatten(1), p["se_be"], se.activation,
-                se.gate_kind, backend)
-            grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
+def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
+    """The body of :meth:`RecomputedMBConv.backward`: recompute, then each op's backward in turn."""
+    step: _Step = ctx.step
+    plan = step.plan
+    x, em, es, fold_w, fold_b, dw_mean, dw_var, pooled, gate, pm, ps, mask, *saved = ctx.saved_tensors
+    mask = or_none(mask)
+    p = dict(zip(_PARAMS, (or_none(t) for t in saved)))
+    has_pre = p["pre_w"] is not None
+    pre_eps, dw_eps, post_eps = step.eps
+    pre_act = plan.pre[0].activation if has_pre else "identity"
+    dw = plan.dw
+    se = plan.se
+    backend = step.backend
+    pre_group, dw_group, post_group = step.groups
+    pre_count, dw_count, post_count = step.counts
+    grads: dict[str, Optional[Tensor]] = dict.fromkeys(_PARAMS)
+
+    # ---- recompute the block's large tensors, under the forward's autocast state
+    with torch.no_grad(), run_under(step.autocast):
+        if step.folded_expand:  # a as the forward computed it; b (the activation's input) and h0 for the gradients
+            hx = autocast_input(x)
+            a = ops.pointwise_conv(hx, fold_w, fold_b, activation=pre_act, backend=backend)
+            b = ops.pointwise_conv(hx, fold_w, fold_b, backend=backend)
+            h0 = _conv1x1(x, p["pre_w"])
+        elif has_pre:
+            h0 = _conv1x1(x, p["pre_w"])
+            b = _bn_recompute(h0, p["pre_g"], p["pre_b"], em, es, pre_eps, pre_group, pre_count)
+            a = ACTIVATION_FNS[pre_act](b)
         else:
-            gy = ge.to(y.dtype)
-        ga, grads["dw_w"], ggamma, gbeta = _dw_backward(gy, gpooled, a, p["dw_w"], gamma, beta, dw_mean, dw_var, dw_eps,
-                                                        list(dw.stride), list(step.padding), dw.activation, backend,
-                                                        dw_group, dw_count)
-        if p["dw_g"] is not None:
-            grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
-        if p["dw_b"] is not None:
-            grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
-        if has_pre:
-            gb = activation_backward(ga, b, pre_act)
-            gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,
-                                                               pre_group, pre_count)
-            gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
-        else:
-            gx = ga.to(x.dtype)
-        if plan.residual:
-            gx = gx + grad_out.to(gx.dtype)
-        out = [grads[name] if need else None for name, need in zip(_PARAMS, ctx.needs_input_grad[2:])]
-        return (gx, None, *out)
+            a = autocast_input(x)  # as the forward (under its autocast state)
+        gamma, beta = _affine(p["dw_g"], p["dw_b"], a.shape[1], a)
+        y = ops.dwconv_bn_act_train(a, p["dw_w"], gamma, beta, eps=dw_eps, mean=dw_mean, var=dw_var,
+                                    stride=dw.stride, padding=step.padding, activation=dw.activation,
+                                    backend=backend)[0]
+        q_in = _project(y, gate if se is not None else None, p["post_w"], backend)
+
+    # ---- backward, op by op
+    gq = grad_out if mask is None else grad_out * mask
+    gp, grads["post_g"], grads["post_b"] = _bn_backward(gq, q_in, p["post_g"], p["post_b"], pm, ps, post_eps,
+                                                        post_group, post_count)
+    gpooled = None
+    if se is not None:  # the projection's backward through the gate it applied on load
+        pw = p["post_w"]
+        gy, gpw, _, ggate, _ = torch.ops.effnet.pointwise_conv_backward.default(
+            gp.to(y.dtype), y, pw.reshape(pw.shape[0], -1), None, gate, None, "identity", False, backend)
+        grads["post_w"] = gpw.reshape(pw.shape)
+        wr, we = p["se_wr"], p["se_we"]
+        (gpooled, gwr, grads["se_br"], gwe, grads["se_be"]) = torch.ops.effnet.se_gate_backward.default(
+            ggate.to(gate.dtype), pooled, wr.flatten(1), p["se_br"], we.flatten(1), p["se_be"], se.activation,
+            se.gate_kind, backend)
+        grads["se_wr"], grads["se_we"] = gwr.reshape(wr.shape), gwe.reshape(we.shape)
+    else:
+        ge, grads["post_w"] = _conv1x1_backward(gp, y, p["post_w"])
+        gy = ge.to(y.dtype)
+    ga, grads["dw_w"], ggamma, gbeta = _dw_backward(gy, gpooled, a, p["dw_w"], gamma, beta, dw_mean, dw_var, dw_eps,
+                                                    list(dw.stride), list(step.padding), dw.activation, backend,
+                                                    dw_group, dw_count)
+    if p["dw_g"] is not None:
+        grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
+    if p["dw_b"] is not None:
+        grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
+    if has_pre:
+        gb = activation_backward(ga, b, pre_act)
+        if step.folded_expand:  # the moments' float32 statistics, as native_batch_norm would have saved them
+            em, es = (t.to(native_statistics_dtype(h0, p["pre_g"])) for t in (em, es))
+        gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,
+                                                           pre_group, pre_count)
+        gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
+    else:
+        gx = ga.to(x.dtype)
+    if plan.residual:
+        gx = gx + grad_out.to(gx.dtype)
+    out = [grads[name] if need else None for name, need in zip(_PARAMS, ctx.needs_input_grad[2:])]
+    return (gx, None, *out)
 
 
 def autocast_input(x: Tensor) -> Tensor:
@@ -519,7 +667,9 @@ def autocast_state(device: str) -> Optional[tuple[str, torch.dtype]]:
 def recomputed_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict, backend: Optional[str]) -> Tensor:
     """The block in training through :class:`RecomputedMBConv` (see the module docstring)."""
     eps = (float(plan.pre[0].bn.eps) if plan.pre else 0.0, float(plan.dw.bn.eps), float(plan.post[0].bn.eps))
-    step = _Step.of(plan, x, args, kwargs, backend, eps=eps, groups=process_groups(plan))
+    groups = process_groups(plan)
+    step = _Step.of(plan, x, args, kwargs, backend, eps=eps, groups=groups,
+                    folded_expand=folds_expand(plan, x, groups[0]))
     return RecomputedMBConv.apply(x, step, *_params(plan))
 
 

@@ -139,14 +139,14 @@ def test_converted_mbconv_training_step_counts_the_fused_training_ops(monkeypatc
     converted = effnet_kernels.convert(copy.deepcopy(eager))
     assert sum(isinstance(m, effnet_kernels.MBConv) for m in converted.modules()) == 2
     got = traffic.count_train_step(converted, _x(N))
-    # forward: depthwise, gate, excite per block; backward (RecomputedMBConv): the depthwise and
-    # excite recomputed, then each op's backward
-    assert _effnet(got) == {"effnet::dwconv_bn_act_train": 4, "effnet::se_gate": 2, "effnet::se_excite": 4,
+    # forward: depthwise, gate, the projection taking the gate on load per block; backward (RecomputedMBConv):
+    # the depthwise and the projection recomputed, then each op's backward
+    assert _effnet(got) == {"effnet::dwconv_bn_act_train": 4, "effnet::se_gate": 2, "effnet::pointwise_conv": 4,
                             "effnet::dwconv_bn_act_train_backward": 2, "effnet::se_gate_backward": 2,
-                            "effnet::se_excite_backward": 2}
+                            "effnet::pointwise_conv_backward": 2}
     assert got.effnet_kernels == 16
-    # the 1x1 convs: expand and projection in the forward and again in the recompute, each backward once
-    assert got.by_op["aten::convolution"].kernels == 8 and got.by_op["aten::convolution_backward"].kernels == 4
+    # the expand convs (float32: not folded) in the forward and again in the recompute, each backward once
+    assert got.by_op["aten::convolution"].kernels == 4 and got.by_op["aten::convolution_backward"].kernels == 2
     assert got.grad_bytes == sum(p.numel() * F32 for p in converted.parameters())
     plain = traffic.count_train_step(eager, _x(N))
     assert _effnet(plain) == {} and plain.by_op["aten::convolution_backward"].kernels == 10
@@ -156,7 +156,7 @@ def test_converted_mbconv_training_step_counts_the_fused_training_ops(monkeypatc
     # negative control: counting only the forward sees no backward op, and fewer kernels
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)
     forward = traffic.count_train_step(converted, _x(N))
-    assert _effnet(forward) == {"effnet::dwconv_bn_act_train": 2, "effnet::se_gate": 2, "effnet::se_excite": 2}
+    assert _effnet(forward) == {"effnet::dwconv_bn_act_train": 2, "effnet::se_gate": 2, "effnet::pointwise_conv": 2}
     assert forward.kernels < got.kernels
 
 

@@ -410,3 +410,26 @@ def test_negative_controls(defect):
     assert_frozen_step(copy.deepcopy(eager), copy.deepcopy(fused), x)  # clean: passes
     with planted(defect), pytest.raises(AssertionError):
         assert_frozen_step(eager, fused, x)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen_bn", "batch_stats"])
+def test_backward_called_inside_the_autocast_region(frozen):
+    """``loss.backward()`` inside ``torch.autocast`` (not recommended by PyTorch, but it runs eagerly): the
+    block's backward runs its ops in the dtypes the forward chose, as eager's do, and agrees with eager's."""
+    from tests.test_train_fused import _pair
+
+    if frozen:
+        eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual"], batch=8)
+    else:
+        eager, fused, x = _pair(FROZEN_BLOCKS["expand_se_residual"], batch=8)
+    grads = []
+    for model in (eager, fused):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xr)
+            assert "Recomputed" in type(out.grad_fn).__name__ or model is eager
+            out.float().square().mean().backward()
+        grads.append([xr.grad] + [p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0.1, atol=0.05 * float(a.abs().max()))

@@ -280,7 +280,10 @@ def test_float64_trains_eagerly():
 def b0():
     torch.manual_seed(0)
     model = models.efficientnet("b0", num_classes=10)
-    x = torch.randn(4, 3, 64, 64)
+    # batch 8: at 4 the last stage's BatchNorms (2 x 2 pixels) normalise over 16 values, and three SGD steps
+    # amplify rounding so chaotically that a change of summation order moved the fused / eager error ratio
+    # at step 2 from 1.77 to 2.04 (seeds 1-3: 1.1-1.5); at 8 it is 0.5-1.2
+    x = torch.randn(8, 3, 64, 64)
     testing.calibrate_batchnorm(model.eval(), x)
     fused = ek.convert(copy.deepcopy(model), backend="torch")
     assert len(testing.fused_block_names(fused)) == 16

@@ -401,13 +401,19 @@ def _block_pair(cfg, batch=4, size=8, fmt=torch.contiguous_format):
     return block.train(), x
 
 
+# what a training block with SE runs: the depthwise train op and its backward, the projection taking the gate
+# on load (forward and recompute) and its backward (the gate's gradient by the Triton excite kernels), the gate's
+TRAINING_OPS = ("dwconv_bn_act_train", "dwconv_bn_act_train_backward", "pointwise_conv", "pointwise_conv_backward",
+                "se_gate_backward")
+
+
 @pytest.fixture
 def triton_calls(monkeypatch):
     """Counts the calls each training op's triton implementation serves."""
     backends._ensure_registered()
     impls = backends._REGISTRY["triton"].impls()
     calls = {}
-    for op in ("dwconv_bn_act_train", "dwconv_bn_act_train_backward", "se_excite_backward", "se_gate_backward"):
+    for op in TRAINING_OPS:
         def counted(*args, _op=op, _impl=impls[op]):
             calls[_op] = calls.get(_op, 0) + 1
             return _impl(*args)
@@ -436,7 +442,7 @@ def test_converted_block_trains_with_triton_by_the_rule(triton_calls, cfg, fmt):
     results = testing.train_step_parity(eager, fused, x, steps=2, lr=0.01)
     bad = testing.failures(results)
     assert not bad, "\n".join(map(str, bad[:12]))
-    for op in ("dwconv_bn_act_train", "dwconv_bn_act_train_backward", "se_excite_backward", "se_gate_backward"):
+    for op in TRAINING_OPS:
         assert triton_calls.get(op, 0) >= 3, (op, triton_calls)
 
 
