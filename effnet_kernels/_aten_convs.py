@@ -157,6 +157,24 @@ def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return grad_x, grad_w.to(weight.dtype).contiguous(), grad_b
 
 
+def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor,
+                          activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.bn_act_train_backward``'s gradients as eager autograd computes them, in h's dtype: the
+    BatchNorm output for the activation's derivative (an eval-mode ``native_batch_norm`` given the statistics
+    as running ones, ``var = invstd^-2`` with eps 0), the activation's own backward op, then
+    ``native_batch_norm_backward`` with the saved statistics: three kernels, the ``cuda`` backend's (no CUDA C++
+    kernel of its own; the Triton one reads two tensors fewer)."""
+    if h.numel() == 0:
+        return reference.bn_act_train_backward(grad_y, h, gamma, beta, mean, invstd, activation)
+    grad = grad_y.to(h.dtype)
+    if activation != "identity":
+        u = torch.ops.aten.native_batch_norm(h, gamma, beta, mean, invstd.pow(-2), False, 0.0, 0.0)[0]
+        grad = activation_backward(grad, u, activation)
+    gh, gg, gb = torch.ops.aten.native_batch_norm_backward(grad, h, gamma, None, None, mean, invstd, True, 0.0,
+                                                           [True, True, True])
+    return gh.contiguous(memory_format=memory_format_of(h)), gg.to(gamma.dtype), gb.to(beta.dtype)
+
+
 def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
     """``grad * act'(u)`` as eager autograd computes it (the activation's own backward op: one kernel, float32
     inside, u's dtype out)."""

@@ -23,11 +23,13 @@ the library's own stochastic depth):
   covariance (the conv is linear: :func:`conv1x1_moments`, O(C^2) work on a C-channel tensor), so
   the statistics are known before the conv runs and conv + BatchNorm + activation is one
   ``pointwise_conv`` with them folded in; neither the conv output nor the normalised tensor is
-  written. The backward recomputes the activation with the same call, the activation's input with
-  the GEMM without activation, and the conv output (for BatchNorm's backward) with the plain conv.
-  Per element of the expanded tensor, fp16, with real kernels' passes: the forward's expand step
-  moved ~12 B (conv write, BatchNorm's two reads and write, activation) and now ~2 B plus ~16 B per
-  element of x (the moments; x has 1/6 the channels); the recompute ~12 B and now ~6 B. Float32
+  written. The backward recomputes the activation with the same call and the conv output with the
+  plain conv, and runs the BatchNorm + activation backward as one op from the conv output
+  (``effnet::bn_act_train_backward``: the BatchNorm output and the activation's input are never
+  formed). Per element of the expanded tensor, fp16, with real kernels' passes: the forward's
+  expand step moved ~12 B (conv write, BatchNorm's two reads and write, activation) and now ~2 B
+  plus ~16 B per element of x (the moments; x has 1/6 the channels); the recompute ~12 B and now
+  ~4 B; the BatchNorm + activation backward ~16 B and now ~10 B. Float32
   keeps the native path: the Gram matrix's float32 sum over all pixels rounds at ~sqrt(NHW) 2^-24,
   more than eager's own float32 error.
   With SE the projection conv takes the gate on load (``pointwise_conv(y, w, gate=gate)``, forward
@@ -397,15 +399,6 @@ def _folded_expand_forward(x: Tensor, pre: Any, backend: str) -> tuple[Tensor, T
     return a, mean, invstd, count, weight, shift
 
 
-def native_statistics_dtype(h: Tensor, weight: Optional[Tensor]) -> torch.dtype:
-    """The dtype of the statistics ``native_batch_norm`` saves for ``h`` and its backward expects: on the CPU
-    h's own when the BatchNorm's weight has h's dtype (a half-precision model), else the accumulation dtype
-    (float32; on CUDA always)."""
-    if h.device.type == "cpu" and weight is not None and weight.dtype == h.dtype:
-        return h.dtype
-    return accumulation_dtype(h)
-
-
 def _native_statistics(group: Any, count: int) -> bool:
     """Whether :func:`_bn_stats_forward` computes this batch's statistics with ``native_batch_norm``."""
     return group is None and count > 1
@@ -586,10 +579,8 @@ def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
 
     # ---- recompute the block's large tensors, under the forward's autocast state
     with torch.no_grad(), run_under(step.autocast):
-        if step.folded_expand:  # a as the forward computed it; b (the activation's input) and h0 for the gradients
-            hx = autocast_input(x)
-            a = ops.pointwise_conv(hx, fold_w, fold_b, activation=pre_act, backend=backend)
-            b = ops.pointwise_conv(hx, fold_w, fold_b, backend=backend)
+        if step.folded_expand:  # a as the forward computed it, and the conv output for the gradients
+            a = ops.pointwise_conv(autocast_input(x), fold_w, fold_b, activation=pre_act, backend=backend)
             h0 = _conv1x1(x, p["pre_w"])
         elif has_pre:
             h0 = _conv1x1(x, p["pre_w"])
@@ -628,10 +619,15 @@ def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
         grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
     if p["dw_b"] is not None:
         grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
-    if has_pre:
+    if step.folded_expand:  # the expand BatchNorm + activation backward as one op, from the conv output
+        pre_gamma, pre_beta = _affine(p["pre_g"], p["pre_b"], h0.shape[1], h0)
+        gh0, ggamma, gbeta = torch.ops.effnet.bn_act_train_backward.default(ga.to(h0.dtype), h0, pre_gamma, pre_beta,
+                                                                            em, es, pre_act, backend)
+        grads["pre_g"] = ggamma.to(p["pre_g"].dtype) if p["pre_g"] is not None else None
+        grads["pre_b"] = gbeta.to(p["pre_b"].dtype) if p["pre_b"] is not None else None
+        gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
+    elif has_pre:
         gb = activation_backward(ga, b, pre_act)
-        if step.folded_expand:  # the moments' float32 statistics, as native_batch_norm would have saved them
-            em, es = (t.to(native_statistics_dtype(h0, p["pre_g"])) for t in (em, es))
         gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,
                                                            pre_group, pre_count)
         gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])

@@ -257,6 +257,24 @@ def dwconv_bn_act_train_backward(
     return grad_x, grad_w, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
 
 
+def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor,
+                          activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``act((h - mean) * invstd * gamma + beta)`` w.r.t. (h, gamma, beta), ``mean`` / ``invstd``
+    h's batch statistics over (N, H, W): with ``g`` the gradient at the activation's input and
+    ``xhat = (h - mean) * invstd``, ``grad_beta = sum(g)``, ``grad_gamma = sum(g * xhat)``,
+    ``grad_h = gamma * invstd * (g - grad_beta / M - xhat * grad_gamma / M)`` (M = N H W)."""
+    cdt = _compute_dtype(h)
+    xhat = (h.to(cdt) - mean.to(cdt)[None, :, None, None]) * invstd.to(cdt)[None, :, None, None]
+    u = xhat * _per_channel(gamma, xhat) + _per_channel(beta, xhat)
+    g = _grad_at_activation(grad_y, None, u, activation)
+    grad_gamma, grad_beta = _grad_sums(g, xhat)
+    m = max(h.shape[0] * h.shape[2] * h.shape[3], 1)
+    gh = (g - _per_channel(grad_beta / m, g) - xhat * _per_channel(grad_gamma / m, g)) * _per_channel(
+        gamma.to(cdt) * invstd.to(cdt), g)
+    return (gh.to(h.dtype).contiguous(memory_format=memory_format_of(h)), grad_gamma.to(gamma.dtype),
+            grad_beta.to(beta.dtype))
+
+
 def _se_hidden(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor) -> tuple[Tensor, Tensor]:
     cdt = _compute_dtype(pooled)
     p = pooled.to(cdt)
@@ -424,6 +442,7 @@ IMPLEMENTATIONS = {
     "dwconv_bn_stats": dwconv_bn_stats,
     "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
     "dwconv_bn_input_grads": dwconv_bn_input_grads,
+    "bn_act_train_backward": bn_act_train_backward,
     "se_gate": se_gate,
     "se_gate_backward": se_gate_backward,
     "se_excite": se_excite,

@@ -10,7 +10,8 @@ backward's recompute. Checked here:
 * converted blocks (every block shape with an expand conv, BatchNorm settings, channels_last, fp16
   parameters) by the training parity rule under fp16 autocast, the folded path seen to run;
 * the Triton backend (interpreter) serving the folded GEMM in a training block;
-* the counted training step: the folded block dispatches fewer bytes than the unfolded one;
+* the counted training step: the folded block dispatches fewer bytes than the unfolded one, its expand
+  BatchNorm + SiLU backward one ``bn_act_train_backward``;
 * negative controls: a variance 3% high, the conv output's mean shifted by a tenth of its standard
   deviation, x's mean (the fold's shift) by 0.05 of x's, and the activation dropped from the folded
   GEMM each fail the training check.
@@ -258,8 +259,15 @@ def test_the_folded_step_moves_fewer_bytes():
     with mock.patch.object(_train_block, "folds_expand", lambda *a: False):
         unfolded = count_train_step(copy.deepcopy(fused), x)
     expanded = 8 * 96 * 32 * 32 * 2  # one fp16 tensor of the expanded width
-    # forward: no conv output, BatchNorm output or activation pass (-4); recompute: b from the GEMM (-1)
-    assert unfolded.activation_bytes - folded.activation_bytes >= 4 * expanded, (folded, unfolded)
+    # in tensors of the expanded width read or written: forward 5 -> 1 (conv, BatchNorm, activation -> one GEMM),
+    # recompute 5 -> 2 (the GEMM and the conv), backward 6 -> 3 (the activation's and BatchNorm's backward -> one op);
+    # the moments cost about 1.3 (reads of x, a float32 copy and its Gram GEMM, at 1/6 of the width)
+    assert unfolded.activation_bytes - folded.activation_bytes >= 8 * expanded, (folded, unfolded)
+    ops_of = {name: t.kernels for name, t in folded.by_op.items()}
+    assert ops_of.get("effnet::bn_act_train_backward") == 1
+    assert "aten::silu" not in ops_of and "aten::silu_backward" not in ops_of, ops_of
+    assert ops_of.get("aten::native_batch_norm") == 1  # the projection's, in the forward
+    assert unfolded.by_op["aten::silu_backward"].kernels == 1 and "effnet::bn_act_train_backward" not in unfolded.by_op
 
 
 # ---------------------------------------------------------------- negative controls

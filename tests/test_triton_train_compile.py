@@ -51,6 +51,8 @@ def _b0_training_step(batches=(1, 256)) -> None:
             dwconv_backward.dwconv_bn_act_train_backward(gy, gp, x, weight, g, b, mean, var, 1e-3, (stride,) * 2,
                                                          pad, "silu")
             dwconv_backward.dwconv_bn_act_backward(gy, gp, x, weight, g, b, (stride,) * 2, pad, "silu")
+            # the expand BatchNorm + SiLU backward of the tensor the depthwise conv reads (its 1x1 "conv" variant)
+            dwconv_backward.bn_act_train_backward(cpu_input(tuple(x.shape), dt, True), x, g, b, mean, var, "silu")
             se_backward.se_excite_backward(gy, y, torch.empty(n, c))
     pairs = sorted({(s.mid_channels, s.se_reduced) for s in models.layer_shapes("b0") if s.se_reduced})
     for n in batches:

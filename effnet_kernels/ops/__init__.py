@@ -9,8 +9,13 @@
 * :func:`pointwise_conv` — 1x1 conv as a GEMM: SE gate on load, bias + activation + residual
   (or the global average pool) in the epilogue
 * :func:`conv_bn_act` — dense k x k conv + folded BatchNorm + activation (a network's stem)
+
+Backward-only ops (pieces of the training blocks' hand-chained backward, ``torch.ops.effnet`` only):
+the ``*_backward`` twins of the above, ``dwconv_bn_stats`` / ``dwconv_bn_grad_sums`` /
+``dwconv_bn_input_grads`` (SyncBatchNorm), ``bn_act_train_backward`` (train-mode BatchNorm + activation).
 """
 
+from . import bn_act  # noqa: F401  (defines effnet::bn_act_train_backward, a backward-only op)
 from .conv import conv_bn_act
 from .dwconv import dwconv_bn_act
 from .dwconv_train import dwconv_bn_act_train

@@ -59,7 +59,8 @@ def _training_impls() -> dict:
     from .. import _aten_convs
 
     from .dwconv_backward import (
-        dwconv_bn_act_backward, dwconv_bn_act_train_backward, dwconv_bn_grad_sums, dwconv_bn_input_grads,
+        bn_act_train_backward, dwconv_bn_act_backward, dwconv_bn_act_train_backward, dwconv_bn_grad_sums,
+        dwconv_bn_input_grads,
     )
     from .dwconv_train import dwconv_bn_act_train, dwconv_bn_stats
     from .se_backward import se_excite_backward, se_gate_backward
@@ -71,6 +72,7 @@ def _training_impls() -> dict:
         "dwconv_bn_stats": dwconv_bn_stats,
         "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
         "dwconv_bn_input_grads": dwconv_bn_input_grads,
+        "bn_act_train_backward": bn_act_train_backward,
         "dwconv_bn_act_backward": dwconv_bn_act_backward,
         "se_excite_backward": se_excite_backward,
         "se_gate_backward": se_gate_backward,

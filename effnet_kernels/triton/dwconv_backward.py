@@ -76,8 +76,9 @@ def _grad_u_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ACT: tl.constexpr, HAS_GY: tl.constexpr, HAS_GP: tl.constexpr, REDUCE: tl.constexpr, WRITE: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):
-    """g at the BatchNorm output over one tile: its per-channel sums (REDUCE) and/or gz (WRITE).
+    """g at the BatchNorm output over one tile: its per-channel sums (REDUCE) and/or gz (WRITE, in gz's dtype).
 
     ``chan_ptr``: float32 ``[7, C]`` rows (center, invstd, a, b, k1, k2, k3).
     """
@@ -106,7 +107,10 @@ def _grad_u_kernel(
         k1 = per_channel(tl.load(chan_ptr + 4 * C + c1, mask=c_ok, other=0.0), CHANNELS_LAST)
         k2 = per_channel(tl.load(chan_ptr + 5 * C + c1, mask=c_ok, other=0.0), CHANNELS_LAST)
         k3 = per_channel(tl.load(chan_ptr + 6 * C + c1, mask=c_ok, other=0.0), CHANNELS_LAST)
-        tl.store(gz_ptr + n * szn + c * szc + oh * szh + ow * szw, k1 * g + k2 * xhat + k3, mask=ok)
+        out = k1 * g + k2 * xhat + k3
+        if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
+            out = round_bf16_rtne(out)
+        tl.store(gz_ptr + n * szn + c * szc + oh * szh + ow * szw, out.to(gz_ptr.dtype.element_ty), mask=ok)
 
 
 @device_kernel(do_not_specialize=DWCONV_DO_NOT_SPECIALIZE)
@@ -161,7 +165,7 @@ def _grad_u(g: Geometry, w_tap: Tensor, grad_y: Optional[Tensor], grad_pooled: O
         gz if gz is not None else chan,
         *conv_args(g, w_tap, tile), *gy_strides, *gz_strides, 1.0 / (g.ho * g.wo),
         **conv_constexprs(g, tile), ACT=ACT_CODES[activation], HAS_GY=grad_y is not None, HAS_GP=has_gp,
-        REDUCE=reduce, WRITE=gz is not None,
+        REDUCE=reduce, WRITE=gz is not None, BF16_RTNE=gz is not None and needs_bf16_rtne(gz),
     )
     return sum_rows(part)[0].view(2, g.c) if reduce else None
 
@@ -197,9 +201,10 @@ def _train_chan(g: Geometry, mean: Tensor, var: Tensor, eps: float, gamma: Tenso
 
 
 def _train_gz(g: Geometry, w_tap: Tensor, grad_y, grad_pooled, chan: Tensor, activation: str, sum_g_xhat: Tensor,
-              sum_g: Tensor, count: int) -> Tensor:
-    """Pass 2 (train mode): ``gz = gamma invstd (g - sum_g / count - xhat sum_g_xhat / count)`` as float32."""
-    gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=torch.float32)
+              sum_g: Tensor, count: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Pass 2 (train mode): ``gz = gamma invstd (g - sum_g / count - xhat sum_g_xhat / count)``, float32
+    (the depthwise input gradient's input) or, for :func:`bn_act_train_backward`, x's dtype."""
+    gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=dtype)
     m = max(count, 1)
     k1 = chan[2] * chan[1]
     chan[4], chan[5], chan[6] = k1, -k1 * sum_g_xhat.to(torch.float32) / m, -k1 * sum_g.to(torch.float32) / m
@@ -307,3 +312,27 @@ def dwconv_bn_act_backward(
     grad_x, grad_w, grad_scale, grad_shift = _backward(
         grad_y, grad_mean, x, weight, zeros, ones, scale.to(f32), shift.to(f32), stride, padding, activation, False)
     return grad_x, grad_w, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
+
+
+def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor,
+                          activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton ``effnet::bn_act_train_backward`` (signature of the reference): the train-mode backward's
+    first two passes with a 1x1 "conv" of ones, so that z is h itself: pass 1 the per-channel sums of g and
+    g xhat, pass 2 ``grad_h = gamma invstd (g - sum g / M - xhat sum g xhat / M)`` stored in h's dtype and
+    layout. Reads h and grad_y twice, writes grad_h once (``2 (2 E) + E`` bytes per element: 10 B in fp16,
+    against eager's activation backward and ``native_batch_norm_backward``, ~16 B, plus the BatchNorm
+    output it keeps); the sums in a fixed order (no atomics)."""
+    ones = torch.ones((h.shape[1], 1, 1, 1), dtype=torch.float32, device=h.device)
+    g = geometry(h, ones, (1, 1), (0, 0, 0, 0), grad_y)
+    if g.m == 0 or g.x.numel() == 0:
+        grad_h = empty_in_layout((g.n, g.c, g.h, g.w), g.layout, g.x).zero_()
+        return grad_h, torch.zeros_like(gamma), torch.zeros_like(beta)
+    w_tap = tap_major(ones)
+    f32 = torch.float32
+    zeros = torch.zeros_like(gamma, dtype=f32)
+    with device_guard(g.x):
+        chan = torch.stack([mean.to(f32), invstd.to(f32), gamma.to(f32), beta.to(f32), zeros, zeros, zeros])
+        sums = _grad_u(g, w_tap, grad_y, None, chan, activation, True, None)
+        grad_h = _train_gz(g, w_tap, grad_y, None, chan, activation, sums[1], sums[0], g.m, dtype=h.dtype)
+    # the two sums are rows of one buffer: outputs of an op must not alias
+    return grad_h, sums[1].to(gamma.dtype, copy=True), sums[0].to(beta.dtype, copy=True)
