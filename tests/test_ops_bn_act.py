@@ -178,3 +178,25 @@ def test_negative_control_skipped_derivative_fails(backend, monkeypatch):
                                                                                               "identity"))
     with pytest.raises(AssertionError, match="error"):
         check(backend, (3, 10, 5, 7), torch.float16, "silu", "channels_last")
+
+
+# ---------------------------------------------------------------- on a GPU (pytest -m gpu; skipped without one)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_b0_expand_shapes(backend, dtype):
+    """Every B0 expanded tensor (what the depthwise conv reads: the expand BatchNorm + SiLU's output), batch 8,
+    channels_last, by the backward rule against float64 on the GPU. Not yet run on a GPU (written without one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from effnet_kernels.models import depthwise_shapes
+
+    if not backends.available_backends()[backend].available:
+        pytest.skip(f"backend {backend!r} is not available here")
+    for c, h, w, _, _ in sorted(set(depthwise_shapes(("b0",)))):
+        grad_y, x, gamma, beta, mean, invstd = (t.cuda() for t in _inputs((8, c, h, w), dtype, "channels_last"))
+        got = OP(grad_y, x, gamma, beta, mean, invstd, "silu", backend)
+        ref = _autograd(grad_y, x, gamma, beta, "silu", torch.float64)
+        plain = _autograd(grad_y, x, gamma, beta, "silu", dtype)
+        for what, g, r, p in zip(("grad_h", "grad_gamma", "grad_beta"), got, ref, plain):
+            assert_parity(g, r, p, dtype, kind="backward", what=f"{backend} {what} C={c} {h}x{w}")

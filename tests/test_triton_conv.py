@@ -304,17 +304,21 @@ def test_opcheck(layout):
     torch.library.opcheck(torch.ops.effnet.conv_bn_act.default, args)
 
 
-def test_backward_is_the_reference():
-    """The triton backend serves the forward; the backward op is the torch reference's (no kernel)."""
+def test_backward_is_cudnns(monkeypatch):
+    """The triton backend serves the forward and registers the backward: cuDNN's convolution backward
+    (``_aten_convs.conv_bn_act_backward``, no Triton kernel), never the float32 reference's."""
+    from effnet_kernels import _aten_convs, backends
     from effnet_kernels import triton as ek_triton
 
     impls = ek_triton._load()
-    assert "conv_bn_act" in impls and "conv_bn_act_backward" not in impls
+    assert "conv_bn_act" in impls and impls["conv_bn_act_backward"] is _aten_convs.conv_bn_act_backward
+    monkeypatch.setattr(backends._REGISTRY["torch"], "impls", lambda: pytest.fail("the torch reference served"))
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
     out = ops.conv_bn_act(x, w, b, stride=2, padding=TF_SAME, activation="silu", backend="triton")
     got = torch.autograd.grad(out.sum(), (x, w, b))
+    monkeypatch.undo()
     ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     want = torch.autograd.grad(ops.conv_bn_act(*ref, stride=2, padding=TF_SAME, backend="torch").sum(), ref)
     for g, r in zip(got, want):

@@ -322,24 +322,6 @@ def test_backward_is_served_by_the_triton_backend(monkeypatch, dtype, pool):
     assert calls["backward"] == 1
 
 
-def test_stem_backward_is_served_by_the_triton_backend(monkeypatch):
-    """``conv_bn_act_backward`` (a stem's) with ``backend="triton"``: cuDNN's, not the float32 reference's."""
-    from effnet_kernels import backends
-
-    assert "conv_bn_act_backward" in backends._REGISTRY["triton"].impls()
-    x = torch.randn(2, 3, 9, 8).requires_grad_()
-    w = torch.randn(6, 3, 3, 3).requires_grad_()
-    b = torch.randn(6).requires_grad_()
-    monkeypatch.setattr(backends._REGISTRY["torch"], "impls", lambda: pytest.fail("the torch reference served"))
-    out = ek.ops.conv_bn_act(x, w, b, stride=2, padding=(0, 1, 0, 1), activation="silu", backend="triton")
-    out.square().sum().backward()
-    want = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    ref = F.silu(F.conv2d(F.pad(want[0], (0, 1, 0, 1)), want[1], want[2], stride=2))
-    ref.square().sum().backward()
-    for got, exp in zip((x, w, b), want):
-        torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("pool", [False, True])
 def test_opcheck(pool):
     x, w, b, g, r = pw_inputs((2, 8, 3, 4), 12, torch.float16, "channels_last", pool=pool)
