@@ -5,7 +5,8 @@ EfficientNet B0-B3, TF EfficientNet B0-B3 (TF "same" padding: ``Conv2dSame``), E
 1.0 (ReLU / hard-swish, SE with ReLU and hard-sigmoid), TinyNet-A: every block that can be
 fused is, the rest are reported with their reason; DESIGN-rule parity end to end and block
 by block; same state_dict keys and Parameters; revert restores the classes; one train step
-(with drop_path) gives the same loss and gradients. Negative controls, TF "same" included.
+(with drop_path) gives the same loss and gradients, in fp32 and under fp16 autocast (the folded
+expand step). Negative controls, TF "same" included, and skewed statistics in the folded step.
 """
 
 from __future__ import annotations
@@ -95,6 +96,33 @@ def test_timm_noskip_depthwise_separable():
 def test_timm_train_step(name):
     # 64x64: at 32x32 the last stage is 1x1 and the second step chaotic (test_torchvision_train_step)
     check_train_step(timm.create_model(name, pretrained=False, drop_path_rate=0.2), size=64)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])
+def test_timm_train_step_under_fp16_autocast(name):
+    """The folded expand step (statistics from the block input's moments, one GEMM) on timm's BatchNormAct2d
+    blocks, SiLU and MobileNetV3's ReLU / hard-swish expand activations, by the rule against eager's autocast."""
+    torch.manual_seed(0)
+    check_train_step(timm.create_model(name, pretrained=False, drop_path_rate=0.2), size=64, steps=1,
+                     autocast=torch.float16)
+
+
+def test_negative_control_timm_autocast_train_step_rejects_skewed_statistics():
+    """The folded expand step's batch variance 3% high (the moments skewed) fails that check."""
+    from unittest import mock
+
+    from effnet_kernels import _train_block
+
+    real = _train_block.conv1x1_moments
+
+    def skewed(x, w):
+        mean, var, mu = real(x, w)
+        return _train_block.Conv1x1Moments(mean, var * 1.03, mu)
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, drop_path_rate=0.2)
+    with mock.patch.object(_train_block, "conv1x1_moments", skewed), pytest.raises(AssertionError, match="break"):
+        check_train_step(model, size=64, steps=1, autocast=torch.float16)
 
 
 @pytest.mark.parametrize("defect", ["tf_same_swap", "pad_shift", "squeeze_skew", "gate_skew", "excite_skip",

@@ -119,12 +119,17 @@ def check_model(model: nn.Module, block_types: tuple[type, ...], signatures: dic
     return converted
 
 
-def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: int = 2) -> None:
+def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: int = 2,
+                     autocast: Optional[torch.dtype] = None) -> None:
     """A calibrated model and its converted twin in train mode, every converted block training fused:
     ``steps`` SGD steps by the parity rule against an fp64 twin (outputs, every gradient, the
     parameters and running statistics after the steps; worst tensor of each kind, see
     :func:`effnet_kernels.testing.train_step_parity`), and in fp32 the same stochastic-depth /
-    dropout draws as the original (:func:`check_same_draws`)."""
+    dropout draws as the original (:func:`check_same_draws`). With ``autocast`` (a half dtype) the
+    steps run under CPU autocast against eager's autocast error, and every block with an expand conv
+    runs it as the folded GEMM (``_train_block._folded_expand_forward``, counted)."""
+    if autocast is not None:
+        return _check_autocast_train_step(model, size, batch, steps, autocast)
     x = torch.randn(batch, 3, size, size)
     ref_model = calibrated(model, x).train()
     fused = ek.convert(copy.deepcopy(ref_model), backend="torch").train()
@@ -135,6 +140,28 @@ def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: in
     check_same_draws(ref_model, fused, x)
     testing.assert_sensitive(copy.deepcopy(ref_model).train(), x, testing.FP32_RELATIVE[testing.BACKWARD_FACTOR])
     assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, forward=lambda m, t: _output(m(t)))
+
+
+def _check_autocast_train_step(model: nn.Module, size: int, batch: int, steps: int, dtype: torch.dtype) -> None:
+    from unittest import mock
+
+    from effnet_kernels import _train_block
+
+    x = torch.randn(batch, 3, size, size)
+    ref_model = calibrated(model, x).train()
+    fused = ek.convert(copy.deepcopy(ref_model), backend="torch").train()
+    expanding = [n for n in testing.fused_block_names(fused) if fused.get_submodule(n).plan.pre]
+    assert expanding, "no fused block with an expand conv"
+    real, calls = _train_block._folded_expand_forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(_train_block, "_folded_expand_forward", counted):
+        assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, dtype=dtype,
+                            context=lambda: torch.autocast("cpu", dtype=dtype), forward=lambda m, t: _output(m(t)))
+    assert len(calls) >= steps * len(expanding), (len(calls), len(expanding))
 
 
 def check_same_draws(eager: nn.Module, fused: nn.Module, x: torch.Tensor, seed: int = 7) -> None:

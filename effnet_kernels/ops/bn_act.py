@@ -11,7 +11,9 @@ folded expand step uses it (:mod:`effnet_kernels._train_block`), so that its bac
 neither the BatchNorm output nor the activation's input.
 
 Not differentiable (a piece of a backward); schema, checks and fake kernel here, implementations
-in the backends (``torch``: :func:`effnet_kernels.reference.bn_act_train_backward`; ``triton``).
+in the backends (``torch``: :func:`effnet_kernels.reference.bn_act_train_backward`; ``triton``:
+:func:`effnet_kernels.triton.dwconv_backward.bn_act_train_backward`, two passes; ``cuda``: aten's
+three ops as eager runs them, :func:`effnet_kernels._aten_convs.bn_act_train_backward`).
 """
 
 from __future__ import annotations
