@@ -35,7 +35,6 @@ from tests.model_checks import assert_train_parity
 from tests.test_train_fused import BLOCKS
 
 CL = torch.channels_last
-FP16 = (torch.float16, torch.bfloat16)
 
 
 def _fp16_autocast():
