@@ -46,7 +46,9 @@ from torch import Tensor, nn
 
 from . import ops
 from ._norms import bn_uses_batch_stats, bn_uses_running_stats, frozen_how
-from ._train_block import BlockStep, autocast_input, autocast_off, drop_mask_for, or_empty, or_none, run_under
+from ._train_block import (
+    BlockStep, autocast_input, autocast_off, backward_outputs, drop_mask_for, or_empty, or_none, run_under,
+)
 from .nn import folded_forward
 
 
@@ -224,10 +226,7 @@ def _frozen_backward(ctx: Any, grad_out: Tensor) -> tuple:
         gx = gh.to(x.dtype)
     else:
         gx = ga.to(x.dtype)
-    if plan.residual:
-        gx = gx + grad_out.to(gx.dtype)
-    out = [grads[name] if need else None for name, need in zip(_FOLDS, ctx.needs_input_grad[2:])]
-    return (gx, None, *out)
+    return backward_outputs(ctx, plan, gx, grad_out, _FOLDS, grads)
 
 
 def recomputed_frozen_forward(plan: Any, x: Tensor, args: Sequence[Any], kwargs: dict,

@@ -633,9 +633,17 @@ def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
         gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
     else:
         gx = ga.to(x.dtype)
+    return backward_outputs(ctx, plan, gx, grad_out, _PARAMS, grads)
+
+
+def backward_outputs(ctx: Any, plan: Any, gx: Tensor, grad_out: Tensor, names: Sequence[str],
+                     grads: dict[str, Optional[Tensor]]) -> tuple:
+    """What a recomputing block's backward returns for ``apply(x, step, *tensors)``: x's gradient (plus
+    ``grad_out`` through the residual), None for the step, and each of the ``names`` tensors' gradient
+    from ``grads`` where autograd needs it."""
     if plan.residual:
         gx = gx + grad_out.to(gx.dtype)
-    out = [grads[name] if need else None for name, need in zip(_PARAMS, ctx.needs_input_grad[2:])]
+    out = [grads[name] if need else None for name, need in zip(names, ctx.needs_input_grad[2:])]
     return (gx, None, *out)
 
 

@@ -194,12 +194,19 @@ def _grad_sums(g: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
     return (g * xhat).sum(dim=(0, 2, 3)), g.sum(dim=(0, 2, 3))
 
 
+def _bn_input_grad(g: Tensor, xhat: Tensor, gamma: Tensor, invstd: Tensor, sum_g_xhat: Tensor, sum_g: Tensor,
+                   count: int) -> Tensor:
+    """Train-mode BatchNorm's input gradient from ``g`` at its output, through statistics over ``count`` values
+    per channel: ``gamma * invstd * (g - sum_g / count - xhat * sum_g_xhat / count)``, in g's dtype."""
+    m = max(count, 1)
+    gz = g - _per_channel(sum_g / m, g) - xhat * _per_channel(sum_g_xhat / m, g)
+    return gz * _per_channel(gamma.to(g.dtype) * invstd.to(g.dtype), g)
+
+
 def _input_grads(parts: tuple, x: Tensor, weight: Tensor, gamma: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int,
                  stride: Sequence[int], padding: Sequence[int]) -> tuple[Tensor, Tensor]:
     xp, w, z, g, xhat, invstd = parts
-    m = max(count, 1)
-    gz = g - _per_channel(sum_g / m, z) - xhat * _per_channel(sum_g_xhat / m, z)
-    gz = gz * (gamma.to(z.dtype) * invstd)[None, :, None, None]
+    gz = _bn_input_grad(g, xhat, gamma, invstd, sum_g_xhat, sum_g, count)
     return _dwconv_input_grads(gz, xp, w, x, weight, stride, padding)
 
 
@@ -268,9 +275,7 @@ def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor
     u = xhat * _per_channel(gamma, xhat) + _per_channel(beta, xhat)
     g = _grad_at_activation(grad_y, None, u, activation)
     grad_gamma, grad_beta = _grad_sums(g, xhat)
-    m = max(h.shape[0] * h.shape[2] * h.shape[3], 1)
-    gh = (g - _per_channel(grad_beta / m, g) - xhat * _per_channel(grad_gamma / m, g)) * _per_channel(
-        gamma.to(cdt) * invstd.to(cdt), g)
+    gh = _bn_input_grad(g, xhat, gamma, invstd, grad_gamma, grad_beta, h.shape[0] * h.shape[2] * h.shape[3])
     return (gh.to(h.dtype).contiguous(memory_format=memory_format_of(h)), grad_gamma.to(gamma.dtype),
             grad_beta.to(beta.dtype))
 

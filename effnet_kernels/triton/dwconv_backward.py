@@ -192,12 +192,17 @@ def _empty_grads(g: Geometry, weight: Tensor, *per_channel_like: Tensor) -> tupl
             *(torch.zeros_like(t) for t in per_channel_like))
 
 
+def _chan(center: Tensor, invstd: Tensor, a: Tensor, b: Tensor, k1: Optional[Tensor] = None) -> Tensor:
+    """The float32 per-channel rows ``_grad_u_kernel`` reads: (center, invstd, a, b, k1, k2, k3), k2 = k3 = 0
+    and k1 given (eval mode: known up front) or 0 (train mode: :func:`_train_gz` sets the three)."""
+    rows = [t.to(torch.float32) for t in (center, invstd, a, b)]
+    zeros = torch.zeros_like(rows[0])
+    return torch.stack(rows + [zeros if k1 is None else k1.to(torch.float32), zeros, zeros])
+
+
 def _train_chan(g: Geometry, mean: Tensor, var: Tensor, eps: float, gamma: Tensor, beta: Tensor) -> Tensor:
-    """The per-channel rows ``_grad_u_kernel`` reads in train mode: (center, invstd, a, b, k1, k2, k3), k unset."""
-    f32 = torch.float32
-    zeros = torch.zeros_like(gamma, dtype=f32)
-    invstd = torch.rsqrt(var.to(f32) + eps)
-    return torch.stack([mean.to(f32), invstd, gamma.to(f32), beta.to(f32), zeros, zeros, zeros])
+    """The per-channel rows ``_grad_u_kernel`` reads in train mode (:func:`_chan`), from the variance."""
+    return _chan(mean, torch.rsqrt(var.to(torch.float32) + eps), gamma, beta)
 
 
 def _train_gz(g: Geometry, w_tap: Tensor, grad_y, grad_pooled, chan: Tensor, activation: str, sum_g_xhat: Tensor,
@@ -218,15 +223,14 @@ def _backward(grad_y, grad_pooled, x, weight, center, invstd, a, b, stride, padd
     if g.m == 0 or g.x.numel() == 0:
         return _empty_grads(g, weight, a, b)
     w_tap = tap_major(weight)
-    zeros = torch.zeros_like(a)
     with device_guard(g.x):
         if train:
-            chan = torch.stack([center, invstd, a, b, zeros, zeros, zeros])
+            chan = _chan(center, invstd, a, b)
             sums = _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, True, None)
             gz = _train_gz(g, w_tap, grad_y, grad_pooled, chan, activation, sums[1], sums[0], g.m)
         else:
             gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=torch.float32)
-            chan = torch.stack([center, invstd, a, b, a, zeros, zeros])
+            chan = _chan(center, invstd, a, b, k1=a)
             sums = _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, True, gz)
         grad_x, grad_w = _input_grads(g, w_tap, gz, weight)
     return grad_x, grad_w, sums[1], sums[0]
@@ -328,10 +332,8 @@ def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor
         grad_h = empty_in_layout((g.n, g.c, g.h, g.w), g.layout, g.x).zero_()
         return grad_h, torch.zeros_like(gamma), torch.zeros_like(beta)
     w_tap = tap_major(ones)
-    f32 = torch.float32
-    zeros = torch.zeros_like(gamma, dtype=f32)
     with device_guard(g.x):
-        chan = torch.stack([mean.to(f32), invstd.to(f32), gamma.to(f32), beta.to(f32), zeros, zeros, zeros])
+        chan = _chan(mean, invstd, gamma, beta)
         sums = _grad_u(g, w_tap, grad_y, None, chan, activation, True, None)
         grad_h = _train_gz(g, w_tap, grad_y, None, chan, activation, sums[1], sums[0], g.m, dtype=h.dtype)
     # the two sums are rows of one buffer: outputs of an op must not alias
