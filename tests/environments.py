@@ -1,11 +1,12 @@
-"""Contexts tests run code in: the Triton interpreter, a gloo process group of spawned workers."""
+"""Contexts tests run code in: the Triton interpreter, a gloo process group of spawned workers, backend
+implementations wrapped to count their calls."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch.distributed as dist
 
@@ -49,3 +50,17 @@ def gloo_group(rank: int, world: int, init_file: str) -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def count_backend_calls(monkeypatch, backend: str, ops: Sequence[str]) -> dict[str, int]:
+    """Wrap ``backend``'s implementations of ``ops`` (``monkeypatch``: undone after the test) to count the calls
+    each serves; returns the counts, op name -> calls, filled in as they happen."""
+    backends._ensure_registered()
+    impls = backends._REGISTRY[backend].impls()
+    calls: dict[str, int] = {}
+    for op in ops:
+        def counted(*args, _op=op, _impl=impls[op]):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _impl(*args)
+        monkeypatch.setitem(impls, op, counted)
+    return calls

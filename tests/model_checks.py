@@ -9,8 +9,10 @@ expect them to fail.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+from unittest import mock
 
 import torch
 from torch import nn
@@ -74,3 +76,19 @@ def assert_converted_matches(eager: nn.Module, converted: nn.Module, x: torch.Te
     assert_network_parity(eager, converted, x, reference=reference)
     for dtype in dtypes:
         assert_blockwise_parity(eager, converted, x, dtype, reference=reference, expect_blocks=expect_blocks)
+
+
+@contextlib.contextmanager
+def folded_expand_calls() -> Iterator[list]:
+    """Inside the block, every training forward that runs its expand step as the folded GEMM
+    (``effnet_kernels._train_block._folded_expand_forward``) appends to the list it yields."""
+    from effnet_kernels import _train_block
+
+    real, calls = _train_block._folded_expand_forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(_train_block, "_folded_expand_forward", counted):
+        yield calls

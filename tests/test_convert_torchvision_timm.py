@@ -26,7 +26,7 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels import testing
 
-from .model_checks import assert_converted_matches, assert_train_parity, calibrated
+from .model_checks import assert_converted_matches, assert_train_parity, calibrated, folded_expand_calls
 
 pytestmark = pytest.mark.adapters
 
@@ -128,8 +128,6 @@ def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: in
     dropout draws as the original (:func:`check_same_draws`). With ``autocast`` (a half dtype) the
     steps run under CPU autocast against eager's autocast error, and every block with an expand conv
     runs it as the folded GEMM (``_train_block._folded_expand_forward``, counted)."""
-    if autocast is not None:
-        return _check_autocast_train_step(model, size, batch, steps, autocast)
     x = torch.randn(batch, 3, size, size)
     ref_model = calibrated(model, x).train()
     fused = ek.convert(copy.deepcopy(ref_model), backend="torch").train()
@@ -137,31 +135,18 @@ def check_train_step(model: nn.Module, size: int = 32, batch: int = 4, steps: in
     assert names, "nothing fused: the train step would compare a model with itself"
     eager_trained = {n: fused.get_submodule(n).train_unfused_reason() for n in names}
     assert not any(eager_trained.values()), {n: r for n, r in eager_trained.items() if r}
-    check_same_draws(ref_model, fused, x)
+    forward = lambda m, t: _output(m(t))  # noqa: E731
     testing.assert_sensitive(copy.deepcopy(ref_model).train(), x, testing.FP32_RELATIVE[testing.BACKWARD_FACTOR])
-    assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, forward=lambda m, t: _output(m(t)))
-
-
-def _check_autocast_train_step(model: nn.Module, size: int, batch: int, steps: int, dtype: torch.dtype) -> None:
-    from unittest import mock
-
-    from effnet_kernels import _train_block
-
-    x = torch.randn(batch, 3, size, size)
-    ref_model = calibrated(model, x).train()
-    fused = ek.convert(copy.deepcopy(ref_model), backend="torch").train()
-    expanding = [n for n in testing.fused_block_names(fused) if fused.get_submodule(n).plan.pre]
-    assert expanding, "no fused block with an expand conv"
-    real, calls = _train_block._folded_expand_forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    with mock.patch.object(_train_block, "_folded_expand_forward", counted):
-        assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, dtype=dtype,
-                            context=lambda: torch.autocast("cpu", dtype=dtype), forward=lambda m, t: _output(m(t)))
-    assert len(calls) >= steps * len(expanding), (len(calls), len(expanding))
+    if autocast is not None:
+        expanding = [n for n in names if fused.get_submodule(n).plan.pre]
+        assert expanding, "no fused block with an expand conv"
+        with folded_expand_calls() as calls:
+            assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, dtype=autocast,
+                                context=lambda: torch.autocast("cpu", dtype=autocast), forward=forward)
+        assert len(calls) >= steps * len(expanding), (len(calls), len(expanding))
+        return
+    check_same_draws(ref_model, fused, x)
+    assert_train_parity(ref_model, fused, x, steps=steps, per_tensor=False, forward=forward)
 
 
 def check_same_draws(eager: nn.Module, fused: nn.Module, x: torch.Tensor, seed: int = 7) -> None:

@@ -31,8 +31,9 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels import _train_block, ops, testing
 from effnet_kernels.blocks import MBConvBlock
-from tests.model_checks import assert_train_parity
-from tests.test_train_fused import BLOCKS
+from tests.environments import count_backend_calls, triton_interpreted
+from tests.model_checks import assert_train_parity, folded_expand_calls
+from tests.test_train_fused import BLOCKS, BN_SETTINGS, _pair, set_batchnorm
 
 CL = torch.channels_last
 
@@ -47,35 +48,6 @@ def _half_parity(eager: nn.Module, fused: nn.Module, x: torch.Tensor, *, dtype=t
     rule at some seeds whichever way the expand step runs, folded or native_batch_norm)."""
     return assert_train_parity(eager, fused, x, steps=steps, dtype=dtype, per_tensor=False,
                                context=context or _fp16_autocast)
-
-
-def _pair(cfg: dict, batch: int = 4, size: int = 12, fmt=torch.contiguous_format, seed: int = 0):
-    torch.manual_seed(seed)
-    block = MBConvBlock(**cfg)
-    x = torch.randn(batch, cfg["in_channels"], size, size).contiguous(memory_format=fmt)
-    testing.calibrate_batchnorm(block.eval(), x)
-    return block.train(), ek.convert(copy.deepcopy(block), backend="torch").train(), x
-
-
-class _Spy:
-    """Counts the block forwards that fold their expand step."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __enter__(self):
-        real = _train_block._folded_expand_forward
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        self._patch = mock.patch.object(_train_block, "_folded_expand_forward", counted)
-        self._patch.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._patch.__exit__(*exc)
 
 
 # ---------------------------------------------------------------- the moments
@@ -129,16 +101,16 @@ def test_moments_ignore_autocast():
 # ---------------------------------------------------------------- which blocks fold
 def test_only_half_precision_batches_of_this_process_fold():
     _, fused, x = _pair(BLOCKS["k5_s2_se"])
-    with _Spy() as spy:
+    with folded_expand_calls() as calls:
         fused(x).sum().backward()  # float32: the native_batch_norm path
-    assert spy.calls == 0
-    with _Spy() as spy, _fp16_autocast():
+    assert len(calls) == 0
+    with folded_expand_calls() as calls, _fp16_autocast():
         fused(x).float().sum().backward()
-    assert spy.calls == 1
+    assert len(calls) == 1
     _, fused, x = _pair(BLOCKS["no_expand_se"])
-    with _Spy() as spy, _fp16_autocast():
+    with folded_expand_calls() as calls, _fp16_autocast():
         fused(x).float().sum().backward()
-    assert spy.calls == 0, "a block without an expand conv has nothing to fold"
+    assert len(calls) == 0, "a block without an expand conv has nothing to fold"
 
 
 # ---------------------------------------------------------------- blocks by the rule
@@ -148,34 +120,26 @@ EXPANDING = [name for name, cfg in BLOCKS.items() if cfg.get("expand_ratio", 6) 
 @pytest.mark.parametrize("name", EXPANDING)
 def test_block_trains_folded_by_the_rule_under_fp16_autocast(name):
     eager, fused, x = _pair(BLOCKS[name], size=16)
-    with _Spy() as spy:
+    with folded_expand_calls() as calls:
         _half_parity(eager, fused, x)
-    assert spy.calls >= 2
+    assert len(calls) >= 2
 
 
 def test_block_trains_folded_channels_last_under_bf16_autocast():
     eager, fused, x = _pair(BLOCKS["k5_s2_se"], size=16, fmt=CL)
-    with _Spy() as spy:
+    with folded_expand_calls() as calls:
         _half_parity(eager, fused, x, dtype=torch.bfloat16, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert spy.calls >= 2
+    assert len(calls) >= 2
 
 
-@pytest.mark.parametrize("setting", ["momentum_none", "no_running_stats", "no_affine"])
+@pytest.mark.parametrize("setting", BN_SETTINGS)
 def test_batchnorm_settings_under_fp16_autocast(setting):
     eager, fused, x = _pair(BLOCKS["expand_se_residual_drop"], size=16)
     for model in (eager, fused):
-        bn = model.get_submodule("expand_bn")
-        if setting == "momentum_none":
-            bn.momentum = None
-        elif setting == "no_running_stats":
-            bn.track_running_stats = False
-            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
-        else:
-            bn.weight = bn.bias = None
-            bn.affine = False
-    with _Spy() as spy:
+        set_batchnorm(model.get_submodule("expand_bn"), setting)
+    with folded_expand_calls() as calls:
         _half_parity(eager, fused, x)
-    assert spy.calls >= 2
+    assert len(calls) >= 2
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -194,11 +158,11 @@ def test_running_statistics_are_batchnorms(momentum):
     with torch.no_grad():  # the float64 twin of the expand BatchNorm, fed the exact conv outputs
         for t in xs:
             bn0(F.conv2d(t.double(), w))
-    with _Spy() as spy:
+    with folded_expand_calls() as calls:
         for t in xs:
             for m in models:
                 m(t.clone().requires_grad_()).float().sum().backward()
-    assert spy.calls == 2
+    assert len(calls) == 2
     e, f = (m.get_submodule("expand_bn") for m in models)
     assert int(f.num_batches_tracked) == int(e.num_batches_tracked) == int(bn0.num_batches_tracked)
     assert int(f.num_batches_tracked) == before + 2
@@ -211,28 +175,16 @@ def test_running_statistics_are_batchnorms(momentum):
 
 def test_fp16_parameters_train_folded():
     eager, fused, x = _pair(BLOCKS["expand_se_residual_drop"], size=16)
-    with _Spy() as spy:
+    with folded_expand_calls() as calls:
         assert_train_parity(eager.half(), fused.half(), x.half(), steps=2, dtype=torch.float16, per_tensor=False)
-    assert spy.calls >= 2
+    assert len(calls) >= 2
 
 
 # ---------------------------------------------------------------- the Triton backend
 def test_triton_serves_the_folded_gemm_in_training(monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from effnet_kernels import backends
-
-    backends._reset_caches()
-    try:
-        impls = backends._REGISTRY["triton"].impls()
-        calls = {"n": 0}
-        real = impls["pointwise_conv"]
-
-        def counted(*args):
-            calls["n"] += 1
-            return real(*args)
-
-        monkeypatch.setitem(impls, "pointwise_conv", counted)
+    with triton_interpreted():
+        calls = count_backend_calls(monkeypatch, "triton", ["pointwise_conv"])
         torch.manual_seed(0)
         block = MBConvBlock(in_channels=8, out_channels=8, kernel_size=3, stride=1, expand_ratio=6,
                             drop_path_rate=0.0)
@@ -240,9 +192,8 @@ def test_triton_serves_the_folded_gemm_in_training(monkeypatch):
         testing.calibrate_batchnorm(block.eval(), x)
         fused = ek.convert(copy.deepcopy(block), backend="triton").train()
         _half_parity(block.train(), fused, x, steps=1)
-        assert calls["n"] >= 3, calls  # forward a; recompute a and b (fp64 and eager twins are unconverted)
-    finally:
-        backends._reset_caches()
+        # forward a and the projection; recompute both (the fp64 and eager twins are unconverted)
+        assert calls["pointwise_conv"] >= 3, calls
 
 
 # ---------------------------------------------------------------- fewer bytes

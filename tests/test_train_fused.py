@@ -169,20 +169,29 @@ def test_block_trains_fused_under_bf16_autocast():
                         context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("setting", ["momentum_none", "no_running_stats", "no_affine"])
+BN_SETTINGS = ["momentum_none", "no_running_stats", "no_affine"]
+
+
+def set_batchnorm(bn: nn.BatchNorm2d, setting: str) -> None:
+    """Give ``bn`` one of :data:`BN_SETTINGS`: ``momentum=None`` (cumulative average), no running statistics,
+    or no affine parameters."""
+    if setting == "momentum_none":
+        bn.momentum = None
+    elif setting == "no_running_stats":
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    else:
+        bn.weight = bn.bias = None
+        bn.affine = False
+
+
+@pytest.mark.parametrize("setting", BN_SETTINGS)
 def test_batchnorm_settings(setting):
     eager, fused, x = _pair(BLOCKS["k5_s2_se"])
     for model in (eager, fused):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                if setting == "momentum_none":
-                    m.momentum = None
-                elif setting == "no_running_stats":
-                    m.track_running_stats = False
-                    m.running_mean = m.running_var = m.num_batches_tracked = None
-                else:
-                    m.weight = m.bias = None
-                    m.affine = False
+                set_batchnorm(m, setting)
     assert fused.train_unfused_reason(x) is None
     assert_train_parity(eager, fused, x)
 

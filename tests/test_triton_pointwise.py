@@ -304,22 +304,15 @@ def test_backward_is_served_by_the_triton_backend(monkeypatch, dtype, pool):
     gradient is within the backward rule of the fp64 truth."""
     from effnet_kernels import _aten_convs, backends
 
+    from .environments import count_backend_calls
     from .test_ops_pointwise import autograd_backward, check_backward
 
-    impls = backends._REGISTRY["triton"].impls()
-    calls = {"backward": 0}
-    served = impls["pointwise_conv_backward"]
-
-    def counted(*args):
-        calls["backward"] += 1
-        return served(*args)
-
-    monkeypatch.setitem(impls, "pointwise_conv_backward", counted)
+    calls = count_backend_calls(monkeypatch, "triton", ["pointwise_conv_backward"])
     # neither aten's excite backward nor the torch reference: the gate's gradients are the Triton kernel's
     monkeypatch.setattr(_aten_convs, "_aten_excite_backward", lambda *a: pytest.fail("aten's excite backward ran"))
     monkeypatch.setattr(backends._REGISTRY["torch"], "impls", lambda: pytest.fail("the torch reference served"))
     check_backward(autograd_backward("triton"), "cpu", dtype, pool=pool)
-    assert calls["backward"] == 1
+    assert calls == {"pointwise_conv_backward": 1}
 
 
 @pytest.mark.parametrize("pool", [False, True])

@@ -35,6 +35,7 @@ from effnet_kernels import backends, reference, testing
 from effnet_kernels.blocks import MBConvBlock
 
 from .defects import planted
+from .environments import count_backend_calls
 from .parity import assert_parity
 from .test_triton_dwconv import triton_interpreter  # noqa: F401  (module-scoped TRITON_INTERPRET=1)
 
@@ -410,15 +411,7 @@ TRAINING_OPS = ("dwconv_bn_act_train", "dwconv_bn_act_train_backward", "pointwis
 @pytest.fixture
 def triton_calls(monkeypatch):
     """Counts the calls each training op's triton implementation serves."""
-    backends._ensure_registered()
-    impls = backends._REGISTRY["triton"].impls()
-    calls = {}
-    for op in TRAINING_OPS:
-        def counted(*args, _op=op, _impl=impls[op]):
-            calls[_op] = calls.get(_op, 0) + 1
-            return _impl(*args)
-        monkeypatch.setitem(impls, op, counted)
-    return calls
+    return count_backend_calls(monkeypatch, "triton", TRAINING_OPS)
 
 
 @pytest.mark.parametrize("cfg,fmt", [(BLOCK, torch.contiguous_format),
