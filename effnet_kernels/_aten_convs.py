@@ -1,7 +1,8 @@
 """``pointwise_conv`` and ``conv_bn_act`` as aten ops in the input's dtype: the ``cuda`` backend's
 implementation of the two (no CUDA C++ GEMM or dense conv is written), and both ops' backward
-(the ``cuda`` and ``triton`` backends', cuDNN's convolution backward with each backend's excite kernels:
-:func:`pointwise_conv_backward_with`).
+(the ``cuda`` backend's, cuDNN's convolution backward with its excite kernels:
+:func:`pointwise_conv_backward_with`; the ``triton`` backend's where its own GEMM backward,
+:mod:`effnet_kernels.triton.pointwise_backward`, does not serve: an activation or the pool, and the stem).
 
 ``pointwise_conv``: cuDNN's 1x1 convolution with the folded BatchNorm's shift as its bias, then the activation,
 the residual add (or the spatial mean) as separate aten ops, and the SE gate as the excite
@@ -65,8 +66,8 @@ def pointwise_conv_backward(
     ``excite_backward(grad_in, x, gate)`` (defaults: aten's ``x * gate`` and its gradients; the cuda backend
     passes its excite kernels, one pass each).
 
-    What a training step with frozen BatchNorm runs for its 1x1 convs on a GPU (tensor cores in fp16 / bf16;
-    no Triton or CUDA C++ GEMM backward is written).
+    What the ``cuda`` backend runs for a training step's 1x1 convs (tensor cores in fp16 / bf16; no CUDA C++
+    GEMM backward is written), and the ``triton`` backend for those with an activation or the pool.
     """
     n, k, h, w = x.shape
     cout = weight.shape[0]
@@ -103,7 +104,7 @@ def pointwise_conv_backward_with(excite: Callable[[Tensor, Tensor], Tensor],
                  residual: Optional[Tensor], activation: str,
                  pool: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """cuDNN's convolution backward and aten's activation backward, the gate by this backend's excite
-        kernels (:func:`effnet_kernels._aten_convs.pointwise_conv_backward`: no GEMM backward of its own)."""
+        kernels (:func:`effnet_kernels._aten_convs.pointwise_conv_backward`)."""
         return pointwise_conv_backward(grad_out, x, weight, bias, gate, residual, activation, pool, excite=excite,
                                        excite_backward=excite_backward)
 

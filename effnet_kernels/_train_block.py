@@ -34,9 +34,10 @@ the library's own stochastic depth):
   more than eager's own float32 error.
   With SE the projection conv takes the gate on load (``pointwise_conv(y, w, gate=gate)``, forward
   and recompute), so the excited tensor is never written there; its backward is
-  ``pointwise_conv_backward`` (the input's, the weight's and the gate's gradients; on the GPU
-  backends cuDNN's convolution backward with the backend's excite kernels, which form the excited
-  tensor once for the weight's gradient).
+  ``pointwise_conv_backward`` (the input's, the weight's and the gate's gradients; on the Triton
+  backend two GEMMs with the gate fused, :mod:`effnet_kernels.triton.pointwise_backward`, which
+  write neither the excited tensor nor its gradient; on the CUDA backend cuDNN's convolution
+  backward with its excite kernels, which form the excited tensor once for the weight's gradient).
 * :func:`composed_forward`: the same block as differentiable ops (the train-mode fused
   depthwise op with its own autograd, the SE ops, the original 1x1 conv / BN modules);
   used under ``torch.compile`` (whose partitioner decides what to recompute) and for an

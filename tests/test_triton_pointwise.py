@@ -298,8 +298,8 @@ def test_negative_control_unwritten_elements_are_seen(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("pool", [False, True])
 def test_backward_is_served_by_the_triton_backend(monkeypatch, dtype, pool):
-    """The triton backend registers ``pointwise_conv_backward`` (cuDNN's convolution backward, the gate by its
-    own excite kernels), so a Triton training step on a GPU without the CUDA extension never falls to the float32
+    """The triton backend registers ``pointwise_conv_backward`` (with an activation or the pool, cuDNN's
+    convolution backward, the gate by its own excite kernels; without, its GEMMs: test_triton_pointwise_backward), so a Triton training step on a GPU without the CUDA extension never falls to the float32
     reference: the op's autograd with ``backend="triton"`` calls it, the Triton excite kernels run, and every
     gradient is within the backward rule of the fp64 truth."""
     from effnet_kernels import _aten_convs, backends

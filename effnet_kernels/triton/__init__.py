@@ -63,6 +63,7 @@ def _training_impls() -> dict:
         dwconv_bn_input_grads,
     )
     from .dwconv_train import dwconv_bn_act_train, dwconv_bn_stats
+    from .pointwise_backward import pointwise_conv_backward_with
     from .se_backward import se_excite_backward, se_gate_backward
     from .se_excite import se_excite
 
@@ -76,8 +77,10 @@ def _training_impls() -> dict:
         "dwconv_bn_act_backward": dwconv_bn_act_backward,
         "se_excite_backward": se_excite_backward,
         "se_gate_backward": se_gate_backward,
-        # the 1x1 convs' and the stem's backward: cuDNN's (no Triton GEMM backward), the gate by the kernels here
-        "pointwise_conv_backward": _aten_convs.pointwise_conv_backward_with(se_excite, se_excite_backward),
+        # the 1x1 convs' backward: two Triton GEMMs with the gate fused where there is no activation or pool, else
+        # cuDNN's with the gate by the excite kernels here; the stem's: cuDNN's
+        "pointwise_conv_backward": pointwise_conv_backward_with(
+            _aten_convs.pointwise_conv_backward_with(se_excite, se_excite_backward)),
         "conv_bn_act_backward": _aten_convs.conv_bn_act_backward,
     }
 
