@@ -44,16 +44,16 @@ def triton_backward(fallback=_never):
 
 
 def _inputs(shape, cout, dtype, layout, *, gate=True, bias=True, residual=True, weight_dtype=None,
-            grad_dtype=None):
+            grad_dtype=None, device="cpu"):
     """x ~ N(0, 1) in ``layout``, weight ~ N(0, 1/K), bias ~ N(0, 1) float32, gate in (0, 1) float32, residual and
     the output's gradient ~ N(0, 1) (the gradient in ``grad_dtype``, default x's)."""
     n, k, h, w = shape
-    x = make_input(shape, dtype, layout, "cpu")
-    wt = (torch.randn(cout, k) / max(k, 1) ** 0.5).to(weight_dtype or dtype)
-    b = torch.randn(cout) if bias else None
-    g = torch.rand(n, k) if gate else None
-    r = make_input((n, cout, h, w), dtype, layout, "cpu") if residual else None
-    go = make_input((n, cout, h, w), grad_dtype or dtype, layout, "cpu")
+    x = make_input(shape, dtype, layout, device)
+    wt = (torch.randn(cout, k, device=device) / max(k, 1) ** 0.5).to(weight_dtype or dtype)
+    b = torch.randn(cout, device=device) if bias else None
+    g = torch.rand(n, k, device=device) if gate else None
+    r = make_input((n, cout, h, w), dtype, layout, device) if residual else None
+    go = make_input((n, cout, h, w), grad_dtype or dtype, layout, device)
     return go, x, wt, b, g, r
 
 
@@ -90,7 +90,7 @@ def check_backward(backward, go, x, w, b, g, r, what="pointwise backward"):
     for (i, leaf), rr, pp in zip(present, ref, base):
         out = got[i]
         assert out.dtype == leaf.dtype and out.shape == leaf.shape, f"{what}: grad #{i} {out.dtype} {out.shape}"
-        assert_parity(out, rr, pp.to(leaf.dtype), x.dtype, kind="backward", what=f"{what}: grad #{i}")
+        assert_parity(out.cpu(), rr.cpu(), pp.to(leaf.dtype).cpu(), x.dtype, kind="backward", what=f"{what}: grad #{i}")
     assert got[0].is_contiguous(memory_format=memory_format_of(x)) and got[1].is_contiguous()
     return got
 
