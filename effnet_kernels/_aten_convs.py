@@ -176,6 +176,23 @@ def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor
     return gh.contiguous(memory_format=memory_format_of(h)), gg.to(gamma.dtype), gb.to(beta.dtype)
 
 
+def expand_bn_act_train_backward(grad_a: Tensor, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+                                 mean: Tensor, invstd: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.expand_bn_act_train_backward``'s gradients as eager autograd computes them, in x's dtype: the
+    conv output recomputed by cuDNN (rounded to x's dtype, as eager's is), :func:`bn_act_train_backward`, then
+    cuDNN's convolution backward for x and the weight (the ``cuda`` backend's: five kernels, the conv output and
+    its gradient written and read twice each)."""
+    if x.numel() == 0 or weight.shape[0] == 0:
+        return reference.expand_bn_act_train_backward(grad_a, x, weight, gamma, beta, mean, invstd, activation)
+    w = weight.to(x.dtype)[:, :, None, None]
+    h = F.conv2d(x, w)
+    grad_h, grad_gamma, grad_beta = bn_act_train_backward(grad_a, h, gamma, beta, mean, invstd, activation)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad_h, x, w, None, [1, 1], [0, 0], [1, 1], False,
+                                                            [0, 0], 1, [True, True, False])
+    return (grad_x.contiguous(memory_format=memory_format_of(x)), grad_w.reshape(weight.shape).to(weight.dtype),
+            grad_gamma, grad_beta)
+
+
 def activation_backward(grad: Tensor, u: Tensor, kind: str) -> Tensor:
     """``grad * act'(u)`` as eager autograd computes it (the activation's own backward op: one kernel, float32
     inside, u's dtype out)."""

@@ -23,13 +23,15 @@ the library's own stochastic depth):
   covariance (the conv is linear: :func:`conv1x1_moments`, O(C^2) work on a C-channel tensor), so
   the statistics are known before the conv runs and conv + BatchNorm + activation is one
   ``pointwise_conv`` with them folded in; neither the conv output nor the normalised tensor is
-  written. The backward recomputes the activation with the same call and the conv output with the
-  plain conv, and runs the BatchNorm + activation backward as one op from the conv output
-  (``effnet::bn_act_train_backward``: the BatchNorm output and the activation's input are never
-  formed). Per element of the expanded tensor, fp16, with real kernels' passes: the forward's
-  expand step moved ~12 B (conv write, BatchNorm's two reads and write, activation) and now ~2 B
-  plus ~16 B per element of x (the moments; x has 1/6 the channels); the recompute ~12 B and now
-  ~4 B; the BatchNorm + activation backward ~16 B and now ~10 B. Float32
+  written. The backward recomputes the activation with the same call, and runs the conv + BatchNorm +
+  activation backward as one op from the conv's input (``effnet::expand_bn_act_train_backward``: on
+  the Triton backend the conv output, the BatchNorm output and their gradients are never written;
+  each of its three kernels recomputes the conv output tile by tile from x). Per element of the
+  expanded tensor, fp16, with real kernels' passes: the forward's expand step moved ~12 B (conv
+  write, BatchNorm's two reads and write, activation) and now ~2 B plus ~16 B per element of x (the
+  moments; x has 1/6 the channels); the recompute ~12 B and now ~2 B; the conv + BatchNorm +
+  activation backward ~20 B (activation and BatchNorm backward, then the conv's two reads of its
+  gradient) and now ~6 B (grad_a read three times) on Triton, ~16 B on the CUDA backend. Float32
   keeps the native path: the Gram matrix's float32 sum over all pixels rounds at ~sqrt(NHW) 2^-24,
   more than eager's own float32 error.
   With SE the projection conv takes the gate on load (``pointwise_conv(y, w, gate=gate)``, forward
@@ -580,9 +582,9 @@ def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
 
     # ---- recompute the block's large tensors, under the forward's autocast state
     with torch.no_grad(), run_under(step.autocast):
-        if step.folded_expand:  # a as the forward computed it, and the conv output for the gradients
-            a = ops.pointwise_conv(autocast_input(x), fold_w, fold_b, activation=pre_act, backend=backend)
-            h0 = _conv1x1(x, p["pre_w"])
+        if step.folded_expand:  # a as the forward computed it (the backward recomputes the conv output itself)
+            xh = autocast_input(x)
+            a = ops.pointwise_conv(xh, fold_w, fold_b, activation=pre_act, backend=backend)
         elif has_pre:
             h0 = _conv1x1(x, p["pre_w"])
             b = _bn_recompute(h0, p["pre_g"], p["pre_b"], em, es, pre_eps, pre_group, pre_count)
@@ -620,13 +622,14 @@ def _recomputed_backward(ctx: Any, grad_out: Tensor) -> tuple:
         grads["dw_g"] = ggamma.to(p["dw_g"].dtype)
     if p["dw_b"] is not None:
         grads["dw_b"] = gbeta.to(p["dw_b"].dtype)
-    if step.folded_expand:  # the expand BatchNorm + activation backward as one op, from the conv output
-        pre_gamma, pre_beta = _affine(p["pre_g"], p["pre_b"], h0.shape[1], h0)
-        gh0, ggamma, gbeta = torch.ops.effnet.bn_act_train_backward.default(ga.to(h0.dtype), h0, pre_gamma, pre_beta,
-                                                                            em, es, pre_act, backend)
+    if step.folded_expand:  # the expand conv + BatchNorm + activation backward as one op, from the conv's input
+        pw = p["pre_w"]
+        pre_gamma, pre_beta = _affine(p["pre_g"], p["pre_b"], pw.shape[0], xh)
+        gxh, gpw, ggamma, gbeta = torch.ops.effnet.expand_bn_act_train_backward.default(
+            ga, xh, pw.reshape(pw.shape[0], -1), pre_gamma, pre_beta, em, es, pre_act, backend)
         grads["pre_g"] = ggamma.to(p["pre_g"].dtype) if p["pre_g"] is not None else None
         grads["pre_b"] = gbeta.to(p["pre_b"].dtype) if p["pre_b"] is not None else None
-        gx, grads["pre_w"] = _conv1x1_backward(gh0, x, p["pre_w"])
+        gx, grads["pre_w"] = gxh.to(x.dtype), gpw.reshape(pw.shape)
     elif has_pre:
         gb = activation_backward(ga, b, pre_act)
         gh0, grads["pre_g"], grads["pre_b"] = _bn_backward(gb, h0, p["pre_g"], p["pre_b"], em, es, pre_eps,

@@ -612,6 +612,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "conv_bn_act": conv_bn_act,
     "conv_bn_act_backward": _aten_convs.conv_bn_act_backward,
     "bn_act_train_backward": _aten_convs.bn_act_train_backward,
+    "expand_bn_act_train_backward": _aten_convs.expand_bn_act_train_backward,
     "se_gate": se_gate,
     "se_excite": se_excite,
     "dwconv_bn_act_train": dwconv_bn_act_train,

@@ -270,14 +270,37 @@ def bn_act_train_backward(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor
     h's batch statistics over (N, H, W): with ``g`` the gradient at the activation's input and
     ``xhat = (h - mean) * invstd``, ``grad_beta = sum(g)``, ``grad_gamma = sum(g * xhat)``,
     ``grad_h = gamma * invstd * (g - grad_beta / M - xhat * grad_gamma / M)`` (M = N H W)."""
-    cdt = _compute_dtype(h)
-    xhat = (h.to(cdt) - mean.to(cdt)[None, :, None, None]) * invstd.to(cdt)[None, :, None, None]
+    gh, grad_gamma, grad_beta = _bn_act_grads(grad_y, h.to(_compute_dtype(h)), gamma, beta, mean, invstd, activation)
+    return (gh.to(h.dtype).contiguous(memory_format=memory_format_of(h)), grad_gamma.to(gamma.dtype),
+            grad_beta.to(beta.dtype))
+
+
+def _bn_act_grads(grad_y: Tensor, h: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor,
+                  activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_h, grad_gamma, grad_beta) of :func:`bn_act_train_backward` in h's (compute) dtype."""
+    xhat = (h - mean.to(h.dtype)[None, :, None, None]) * invstd.to(h.dtype)[None, :, None, None]
     u = xhat * _per_channel(gamma, xhat) + _per_channel(beta, xhat)
     g = _grad_at_activation(grad_y, None, u, activation)
     grad_gamma, grad_beta = _grad_sums(g, xhat)
-    gh = _bn_input_grad(g, xhat, gamma, invstd, grad_gamma, grad_beta, h.shape[0] * h.shape[2] * h.shape[3])
-    return (gh.to(h.dtype).contiguous(memory_format=memory_format_of(h)), grad_gamma.to(gamma.dtype),
-            grad_beta.to(beta.dtype))
+    return _bn_input_grad(g, xhat, gamma, invstd, grad_gamma, grad_beta, h.shape[0] * h.shape[2] * h.shape[3]), \
+        grad_gamma, grad_beta
+
+
+def expand_bn_act_train_backward(grad_a: Tensor, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+                                 mean: Tensor, invstd: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``act(batch_norm(conv1x1(x, weight)))`` w.r.t. (x, weight, gamma, beta), ``mean`` / ``invstd``
+    the conv output's batch statistics over (N, H, W): the conv output ``h`` recomputed from x (the weight's
+    values in x's dtype, the product in the compute dtype, not rounded), then :func:`bn_act_train_backward`'s
+    ``grad_h`` and the 1x1 conv's ``grad_x = grad_h W``, ``grad_weight = grad_h^T x``."""
+    cdt = _compute_dtype(x)
+    xc = x.to(cdt)
+    w = weight.to(x.dtype).to(cdt)
+    h = F.conv2d(xc, w[:, :, None, None])
+    gh, grad_gamma, grad_beta = _bn_act_grads(grad_a, h, gamma, beta, mean, invstd, activation)
+    grad_x = torch.einsum("nohw,ok->nkhw", gh, w)
+    grad_w = torch.einsum("nohw,nkhw->ok", gh, xc)
+    return (grad_x.to(x.dtype).contiguous(memory_format=memory_format_of(x)), grad_w.to(weight.dtype).contiguous(),
+            grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype))
 
 
 def _se_hidden(pooled: Tensor, w_reduce: Tensor, b_reduce: Tensor) -> tuple[Tensor, Tensor]:
@@ -448,6 +471,7 @@ IMPLEMENTATIONS = {
     "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
     "dwconv_bn_input_grads": dwconv_bn_input_grads,
     "bn_act_train_backward": bn_act_train_backward,
+    "expand_bn_act_train_backward": expand_bn_act_train_backward,
     "se_gate": se_gate,
     "se_gate_backward": se_gate_backward,
     "se_excite": se_excite,

@@ -56,12 +56,12 @@ def launches(recorded_launches, monkeypatch):  # noqa: F811
     return recorded_launches
 
 
-def check_compiled(rec, capsys=None) -> list[tuple[str, str]]:
-    """Compile every recorded GEMM launch; assert the resource invariants; (line, ptx) per launch."""
+def check_compiled(rec, capsys=None, kernels=GEMMS) -> list[tuple[str, str]]:
+    """Compile every recorded launch of ``kernels``; assert the resource invariants; (line, ptx) per launch."""
     out = []
     for what, compiled in rec.compile_all():
         name = what.split()[0]
-        if name not in GEMMS:  # the fixed-order partial sums (audited with the squeeze)
+        if name not in kernels:  # the fixed-order partial sums (audited with the squeeze)
             continue
         ptx = compiled.asm["ptx"]
         regs, spills = ptxas_usage(ptx)

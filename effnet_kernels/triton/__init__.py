@@ -63,6 +63,7 @@ def _training_impls() -> dict:
         dwconv_bn_input_grads,
     )
     from .dwconv_train import dwconv_bn_act_train, dwconv_bn_stats
+    from .expand_backward import expand_bn_act_train_backward
     from .pointwise_backward import pointwise_conv_backward_with
     from .se_backward import se_excite_backward, se_gate_backward
     from .se_excite import se_excite
@@ -74,6 +75,7 @@ def _training_impls() -> dict:
         "dwconv_bn_grad_sums": dwconv_bn_grad_sums,
         "dwconv_bn_input_grads": dwconv_bn_input_grads,
         "bn_act_train_backward": bn_act_train_backward,
+        "expand_bn_act_train_backward": expand_bn_act_train_backward,
         "dwconv_bn_act_backward": dwconv_bn_act_backward,
         "se_excite_backward": se_excite_backward,
         "se_gate_backward": se_gate_backward,

@@ -210,11 +210,18 @@ def _train_gz(g: Geometry, w_tap: Tensor, grad_y, grad_pooled, chan: Tensor, act
     """Pass 2 (train mode): ``gz = gamma invstd (g - sum_g / count - xhat sum_g_xhat / count)``, float32
     (the depthwise input gradient's input) or, for :func:`bn_act_train_backward`, x's dtype."""
     gz = empty_in_layout((g.n, g.c, g.ho, g.wo), g.layout, g.x, dtype=dtype)
+    set_train_rows(chan, sum_g_xhat, sum_g, count)
+    _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, False, gz)
+    return gz
+
+
+def set_train_rows(chan: Tensor, sum_g_xhat: Tensor, sum_g: Tensor, count: int) -> None:
+    """Fill rows 4-6 of :func:`_chan`'s rows so that ``k1 g + k2 xhat + k3`` is train-mode BatchNorm's input
+    gradient through statistics over ``count`` values: ``k1 = gamma invstd``, ``k2 = -k1 sum_g_xhat / count``,
+    ``k3 = -k1 sum_g / count``."""
     m = max(count, 1)
     k1 = chan[2] * chan[1]
     chan[4], chan[5], chan[6] = k1, -k1 * sum_g_xhat.to(torch.float32) / m, -k1 * sum_g.to(torch.float32) / m
-    _grad_u(g, w_tap, grad_y, grad_pooled, chan, activation, False, gz)
-    return gz
 
 
 def _backward(grad_y, grad_pooled, x, weight, center, invstd, a, b, stride, padding, activation, train):

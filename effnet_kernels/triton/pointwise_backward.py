@@ -298,11 +298,18 @@ def wgrad_tiles(lp: PointwiseBackwardLaunch, cfg: _tuning.Config) -> tuple[int, 
     ``BLOCK_M`` (:func:`_wgrad_pixel_step`), split over enough programs that the grid has ``2 MIN_PROGRAMS``
     (``CHUNK`` tiles each, at least one)."""
     bm = _pixel_tile(lp, _wgrad_pixel_step(lp))
-    tiles = lp.n * triton.cdiv(lp.h * lp.w, bm)
     out_tiles = triton.cdiv(lp.cout, cfg.block_a) * triton.cdiv(lp.k, cfg.block_b)
+    return (bm, *pixel_splits(lp.n, lp.h * lp.w, bm, out_tiles))
+
+
+def pixel_splits(n: int, hw: int, block_m: int, out_tiles: int) -> tuple[int, int, int]:
+    """``(TILES, SPLITS, CHUNK)`` of a reduction over pixels (split-K): the ``n * cdiv(hw, block_m)`` per-sample
+    pixel tiles in consecutive chunks of ``CHUNK``, one chunk per split, enough splits that ``out_tiles`` output
+    tiles per split give the grid ``2 MIN_PROGRAMS`` programs (at least one tile per split)."""
+    tiles = n * triton.cdiv(hw, block_m)
     splits = max(1, min(tiles, triton.cdiv(2 * MIN_PROGRAMS, out_tiles)))
     chunk = triton.cdiv(tiles, splits)
-    return bm, tiles, triton.cdiv(tiles, chunk), chunk
+    return tiles, triton.cdiv(tiles, chunk), chunk
 
 
 def _scalar_pixels(lp: PointwiseBackwardLaunch) -> bool:
