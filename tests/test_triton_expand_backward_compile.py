@@ -50,7 +50,7 @@ def launches(recorded_launches, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)  # bf16: the int64 and 128-bit tests
 def test_b0_expands_compile(launches, capsys, dtype, channels_last):
     for shape, j in B0_EXPANDS:
         run_backward(shape, j, dtype, channels_last)

@@ -80,7 +80,7 @@ def check_compiled(rec, capsys=None, kernels=GEMMS) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)  # bf16: the int64 and 128-bit tests
 def test_b0_projections_compile(launches, capsys, dtype, channels_last):
     """Every candidate of both GEMMs at B0's projections: no spills, >= 8 warps/SM; 16-bit dots on the tensor
     cores, float32 on IEEE FMA."""
