@@ -13,20 +13,13 @@ import torch
 
 from .test_ops_expand_backward import OP, _autograd, _inputs, _planted, _skew_mean
 from .parity import assert_parity
+from .test_triton_pointwise_backward_gpu import untuned  # noqa: F401  (fixture: skipped without a GPU, untuned)
 
 pytest.importorskip("triton")
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-HAVE_GPU = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True)
-def untuned(monkeypatch):
-    if not HAVE_GPU:
-        pytest.skip("no CUDA GPU")
-    monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "0")
 
 
 def _expands() -> list[tuple]:

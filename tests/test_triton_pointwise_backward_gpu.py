@@ -9,7 +9,6 @@ test, whose every candidate must give the same gradients.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ HAVE_GPU = torch.cuda.is_available()
 
 @pytest.fixture(autouse=True)
 def untuned(monkeypatch):
+    """Skipped without a GPU; one config per shape class (``EFFNET_KERNELS_TRITON_TUNE=0``)."""
     if not HAVE_GPU:
         pytest.skip("no CUDA GPU")
     monkeypatch.setenv("EFFNET_KERNELS_TRITON_TUNE", "0")

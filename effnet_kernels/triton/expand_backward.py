@@ -46,37 +46,15 @@ import triton.language as tl
 from .._launch import as_layout, empty_in_layout, layout_of, needs_int64
 from . import _tuning
 from ._activation_grad import activation_grad
-from ._jit import (SUM, device_function, device_guard, device_kernel, interpreted, loop_bound, multiple_of,
-                   needs_bf16_rtne, needs_dot_upcast, next_pow2, round_bf16_rtne, vector_width)
+from ._jit import (SUM, device_function, device_guard, device_kernel, interpreted, loop_bound, needs_bf16_rtne,
+                   needs_dot_upcast, next_pow2)
 from ._partials import sum_rows
 from .dwconv_backward import _chan, set_train_rows
 from .pointwise import MIN_DOT
-from .pointwise_backward import pixel_splits
+from .pointwise_backward import gemm_dot, pair_vectors, pixel_splits, round_like, vector_hints
 from ..ops._checks import ACT_CODES
 
 Tensor = torch.Tensor
-
-
-@device_function
-def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` (float32): interpreted bfloat16 upcast first (see _jit.needs_dot_upcast), float32 IEEE."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@device_function
-def _to_x_dtype(v, x_ptr, BF16_RTNE: tl.constexpr):
-    """float32 ``v`` rounded to x's dtype (to nearest even by hand where the interpreter would truncate bf16)."""
-    if BF16_RTNE:
-        out = round_bf16_rtne(v)
-    else:
-        out = v.to(x_ptr.dtype.element_ty)
-    return out
 
 
 @device_function
@@ -94,7 +72,7 @@ def _grad_at_bn(x_ptr, w_ptr, ga_ptr, chan_ptr, n, p, p_ok, j, HW, K, J, sxn, sx
         k_ok = k < K
         a = tl.load(x_rows + k[None, :] * sxc, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + j[None, :] * K + k[:, None], mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # W^T
-        h = _dot(a, b, h, IEEE, UPCAST)
+        h = gemm_dot(a, b, h, IEEE, UPCAST)
     mean = tl.load(chan_ptr + j, mask=j_ok, other=0.0)
     invstd = tl.load(chan_ptr + J + j, mask=j_ok, other=0.0)
     gamma = tl.load(chan_ptr + 2 * J + j, mask=j_ok, other=0.0)
@@ -116,25 +94,7 @@ def _grad_h(g, xhat, p_ok, chan_ptr, j, J, x_ptr, BF16_RTNE: tl.constexpr):
     k2 = tl.load(chan_ptr + 5 * J + j, mask=j_ok, other=0.0)
     k3 = tl.load(chan_ptr + 6 * J + j, mask=j_ok, other=0.0)
     gh = tl.where(p_ok[:, None], g * k1[None, :] + xhat * k2[None, :] + k3[None, :], 0.0)
-    return _to_x_dtype(gh, x_ptr, BF16_RTNE)
-
-
-@device_function
-def _vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST: tl.constexpr, VEC_X: tl.constexpr,
-                  VEC_A: tl.constexpr):
-    """The extents and strides with the divisibility the launcher guarantees (see pointwise._pointwise_kernel)."""
-    if CHANNELS_LAST:
-        if VEC_X > 1:
-            K = multiple_of(K, VEC_X)
-            sxn, sxp = multiple_of(sxn, VEC_X), multiple_of(sxp, VEC_X)
-        if VEC_A > 1:
-            J = multiple_of(J, VEC_A)
-            san, sap = multiple_of(san, VEC_A), multiple_of(sap, VEC_A)
-    elif VEC_X > 1:  # along the pixels: VEC_X = VEC_A divides H W
-        HW = multiple_of(HW, VEC_X)
-        sxn, sxc = multiple_of(sxn, VEC_X), multiple_of(sxc, VEC_X)
-        san, sac = multiple_of(san, VEC_X), multiple_of(sac, VEC_X)
-    return K, J, HW, sxn, sxc, sxp, san, sac, sap
+    return round_like(gh, x_ptr, BF16_RTNE)
 
 
 @device_kernel(do_not_specialize=("HW", "TILES_M", "TILES", "CHUNK"))
@@ -147,7 +107,7 @@ def _sums_kernel(
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``part[split, 0, j] = sum g``, ``part[split, 1, j] = sum g xhat`` over this split's CHUNK pixel tiles."""
-    K, J, HW, sxn, sxc, sxp, san, sac, sap = _vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
+    K, J, HW, sxn, sxc, sxp, san, sac, sap = vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
                                                            VEC_X, VEC_A)
     pid = tl.program_id(0)
     if INT64:
@@ -179,7 +139,7 @@ def _dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     """grad_x tile ``[BLOCK_M pixels of sample n, BLOCK_CI of x's channels] = sum over j of grad_h W[j, ci]``."""
-    K, J, HW, sxn, sxc, sxp, san, sac, sap = _vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
+    K, J, HW, sxn, sxc, sxp, san, sac, sap = vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
                                                            VEC_X, VEC_A)
     pid = tl.program_id(0)
     if INT64:
@@ -197,9 +157,9 @@ def _dgrad_kernel(
                               ACT, IEEE, UPCAST, BLOCK_M, BLOCK_J, BLOCK_K)
         gh = _grad_h(g, xhat, p_ok, chan_ptr, j, J, x_ptr, BF16_RTNE)
         w = tl.load(w_ptr + j[:, None] * K + ci[None, :], mask=(j < J)[:, None] & ci_ok[None, :], other=0.0)
-        acc = _dot(gh, w, acc, IEEE, UPCAST)
+        acc = gemm_dot(gh, w, acc, IEEE, UPCAST)
     ok = p_ok[:, None] & ci_ok[None, :]
-    tl.store(gx_ptr + n * sxn + ci[None, :] * sxc + p[:, None] * sxp, _to_x_dtype(acc, x_ptr, BF16_RTNE), mask=ok)
+    tl.store(gx_ptr + n * sxn + ci[None, :] * sxc + p[:, None] * sxp, round_like(acc, x_ptr, BF16_RTNE), mask=ok)
 
 
 @device_kernel(do_not_specialize=("HW", "TILES_M", "TILES", "CHUNK"))
@@ -212,7 +172,7 @@ def _wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     """``part[split, j, ci] = sum over this split's CHUNK pixel tiles of grad_h[p, j] x[p, ci]``."""
-    K, J, HW, sxn, sxc, sxp, san, sac, sap = _vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
+    K, J, HW, sxn, sxc, sxp, san, sac, sap = vector_hints(K, J, HW, sxn, sxc, sxp, san, sac, sap, CHANNELS_LAST,
                                                            VEC_X, VEC_A)
     pid = tl.program_id(0)
     if INT64:
@@ -234,7 +194,7 @@ def _wgrad_kernel(
         # x's tile as [BLOCK_CI, BLOCK_M] (its transpose, by the pointers)
         xt = tl.load(x_ptr + n * sxn + ci[:, None] * sxc + p[None, :] * sxp, mask=ci_ok[:, None] & p_ok[None, :],
                      other=0.0)
-        acc = _dot(xt, gh, acc, IEEE, UPCAST)
+        acc = gemm_dot(xt, gh, acc, IEEE, UPCAST)
     tl.store(part_ptr + split * J * K + j[None, :] * K + ci[:, None], acc, mask=ci_ok[:, None] & (j < J)[None, :])
 
 
@@ -274,10 +234,7 @@ def prepare(grad_a: Tensor, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tens
 
 def vectors(lp: ExpandBackwardLaunch) -> tuple[int, int]:
     """``(VEC_X, VEC_A)``: elements per aligned vector along x's and grad_a's contiguous axis."""
-    if lp.layout == "nhwc":
-        return vector_width(lp.x.element_size(), lp.k), vector_width(lp.grad_a.element_size(), lp.j)
-    v = vector_width(max(lp.x.element_size(), lp.grad_a.element_size()), lp.h * lp.w)
-    return v, v
+    return pair_vectors(lp.layout, lp.x, lp.k, lp.grad_a, lp.j, lp.h * lp.w)
 
 
 def _common(lp: ExpandBackwardLaunch) -> tuple[list, dict]:

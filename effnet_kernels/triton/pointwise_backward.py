@@ -49,13 +49,66 @@ import triton.language as tl
 
 from .._launch import as_layout, empty_in_layout, layout_of, needs_int64
 from . import _tuning
-from ._jit import (SUM, device_guard, device_kernel, interpreted, loop_bound, multiple_of, needs_bf16_rtne,
+from ._jit import (SUM, device_function, device_guard, device_kernel, interpreted, loop_bound, multiple_of, needs_bf16_rtne,
                    needs_dot_upcast, next_pow2, round_bf16_rtne, vector_width)
 from ._partials import sum_rows
 from .dwconv import MIN_PROGRAMS
 from .pointwise import MIN_DOT
 
 Tensor = torch.Tensor
+
+
+@device_function
+def gemm_dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (float32): interpreted bfloat16 upcast first (see _jit.needs_dot_upcast), float32 on IEEE FMA
+    (no TF32)."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@device_function
+def round_like(v, ptr, BF16_RTNE: tl.constexpr):
+    """float32 ``v`` rounded to ``ptr``'s element dtype (to nearest even by hand where the interpreter would
+    truncate bfloat16: see _jit.needs_bf16_rtne)."""
+    if BF16_RTNE:
+        out = round_bf16_rtne(v)
+    else:
+        out = v.to(ptr.dtype.element_ty)
+    return out
+
+
+@device_function
+def vector_hints(K, C, HW, sxn, sxc, sxp, son, soc, sop, CHANNELS_LAST: tl.constexpr, VEC_X: tl.constexpr,
+                 VEC_O: tl.constexpr):
+    """x's (K channels) and a second tensor's (C channels) extents and strides, both dense in one layout, with the
+    divisibility the launcher guarantees (:func:`pair_vectors`; see pointwise._pointwise_kernel): along the
+    channels on channels_last, along the pixels (``VEC_X = VEC_O`` divides H W) on NCHW."""
+    if CHANNELS_LAST:
+        if VEC_X > 1:
+            K = multiple_of(K, VEC_X)
+            sxn, sxp = multiple_of(sxn, VEC_X), multiple_of(sxp, VEC_X)
+        if VEC_O > 1:
+            C = multiple_of(C, VEC_O)
+            son, sop = multiple_of(son, VEC_O), multiple_of(sop, VEC_O)
+    elif VEC_X > 1:
+        HW = multiple_of(HW, VEC_X)
+        sxn, sxc = multiple_of(sxn, VEC_X), multiple_of(sxc, VEC_X)
+        son, soc = multiple_of(son, VEC_X), multiple_of(soc, VEC_X)
+    return K, C, HW, sxn, sxc, sxp, son, soc, sop
+
+
+def pair_vectors(layout: str, x: Tensor, k: int, other: Tensor, c: int, hw: int) -> tuple[int, int]:
+    """``(VEC_X, VEC_O)`` of :func:`vector_hints`: elements per aligned vector along x's (K channels) and
+    ``other``'s (C channels) contiguous axis: K and C on channels_last, H W for both on NCHW."""
+    if layout == "nhwc":
+        return vector_width(x.element_size(), k), vector_width(other.element_size(), c)
+    v = vector_width(max(x.element_size(), other.element_size()), hw)
+    return v, v
 
 
 @device_kernel(do_not_specialize=("HW", "TILES_M"))
@@ -69,17 +122,8 @@ def _dgrad_kernel(
 ):
     """grad_x tile ``[BLOCK_M pixels of one sample, BLOCK_K channels]`` = ``(g W) * gate``, and the gate's
     gradient partial ``sum_p (g W)[p, k] x[p, k]`` of this tile into ``part[n * TILES_M + tile, k]``."""
-    if CHANNELS_LAST:  # VEC_*: see pointwise._pointwise_kernel (vectors along x's and g's channels)
-        if VEC_X > 1:
-            K = multiple_of(K, VEC_X)
-            sxn, sxp = multiple_of(sxn, VEC_X), multiple_of(sxp, VEC_X)
-        if VEC_G > 1:
-            COUT = multiple_of(COUT, VEC_G)
-            sgn, sgp = multiple_of(sgn, VEC_G), multiple_of(sgp, VEC_G)
-    elif VEC_X > 1:  # along the pixels: VEC_X = VEC_G divides H W
-        HW = multiple_of(HW, VEC_X)
-        sxn, sxc = multiple_of(sxn, VEC_X), multiple_of(sxc, VEC_X)
-        sgn, sgc = multiple_of(sgn, VEC_X), multiple_of(sgc, VEC_X)
+    K, COUT, HW, sxn, sxc, sxp, sgn, sgc, sgp = vector_hints(K, COUT, HW, sxn, sxc, sxp, sgn, sgc, sgp,
+                                                             CHANNELS_LAST, VEC_X, VEC_G)
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -96,12 +140,7 @@ def _dgrad_kernel(
         c_ok = c < COUT
         a = tl.load(g_rows + c[None, :] * sgc, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_ptr + c[:, None] * K + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # interpreted bfloat16 (see _jit.needs_dot_upcast)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:  # float32: IEEE FMA, no TF32
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = gemm_dot(a, b, acc, IEEE, UPCAST)
     ok = p_ok[:, None] & k_ok[None, :]
     offs = n * sxn + k[None, :] * sxc + p[:, None] * sxp  # grad_x is dense in x's layout: x's strides
     out = acc
@@ -110,9 +149,7 @@ def _dgrad_kernel(
         xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(part_ptr + mt * K + k, tl.reduce(acc * xv, 0, SUM), mask=k_ok)
         out = acc * gate[None, :]
-    if BF16_RTNE:  # round to nearest even by hand: see _jit.needs_bf16_rtne
-        out = round_bf16_rtne(out)
-    tl.store(gx_ptr + offs, out.to(gx_ptr.dtype.element_ty), mask=ok)
+    tl.store(gx_ptr + offs, round_like(out, gx_ptr, BF16_RTNE), mask=ok)
 
 
 @device_kernel(do_not_specialize=("HW", "TILES_M", "TILES", "CHUNK"))
@@ -126,17 +163,8 @@ def _wgrad_kernel(
 ):
     """``part[split, c, k] = sum over this split's CHUNK pixel tiles of g[p, c] round(x[p, k] gate[n, k])``:
     (sample, pixel tile) pairs ``t`` in ``[split CHUNK, (split + 1) CHUNK)`` of the ``TILES`` in all."""
-    if CHANNELS_LAST:  # VEC_*: see pointwise._pointwise_kernel (vectors along x's and g's channels)
-        if VEC_X > 1:
-            K = multiple_of(K, VEC_X)
-            sxn, sxp = multiple_of(sxn, VEC_X), multiple_of(sxp, VEC_X)
-        if VEC_G > 1:
-            COUT = multiple_of(COUT, VEC_G)
-            sgn, sgp = multiple_of(sgn, VEC_G), multiple_of(sgp, VEC_G)
-    elif VEC_X > 1:  # along the pixels: VEC_X = VEC_G divides H W
-        HW = multiple_of(HW, VEC_X)
-        sxn, sxc = multiple_of(sxn, VEC_X), multiple_of(sxc, VEC_X)
-        sgn, sgc = multiple_of(sgn, VEC_X), multiple_of(sgc, VEC_X)
+    K, COUT, HW, sxn, sxc, sxp, sgn, sgc, sgp = vector_hints(K, COUT, HW, sxn, sxc, sxp, sgn, sgc, sgp,
+                                                             CHANNELS_LAST, VEC_X, VEC_G)
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -159,17 +187,8 @@ def _wgrad_kernel(
                     other=0.0)
         if HAS_GATE:  # the excited input as the forward's prologue formed it, rounded to x's dtype
             gate = tl.load(gate_ptr + n * K + k, mask=k_ok & (t < TILES), other=0.0).to(tl.float32)
-            b32 = b.to(tl.float32) * gate[None, :]
-            if BF16_RTNE:
-                b = round_bf16_rtne(b32)
-            else:
-                b = b32.to(x_ptr.dtype.element_ty)
-        if UPCAST:
-            acc = tl.dot(at.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(at, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(at, b, acc)
+            b = round_like(b.to(tl.float32) * gate[None, :], x_ptr, BF16_RTNE)
+        acc = gemm_dot(at, b, acc, IEEE, UPCAST)
     tl.store(part_ptr + split * COUT * K + c[:, None] * K + k[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
 
 
@@ -211,11 +230,7 @@ def _pixel_strides(t: Tensor) -> tuple[int, int, int]:
 def vectors(lp: PointwiseBackwardLaunch) -> tuple[int, int]:
     """``(VEC_X, VEC_G)``: elements per aligned vector along x's and g's contiguous axis (channels_last: K and
     Cout; NCHW: H W for both)."""
-    es = lp.x.element_size()
-    if lp.layout == "nhwc":
-        return vector_width(es, lp.k), vector_width(es, lp.cout)
-    v = vector_width(es, lp.h * lp.w)
-    return v, v
+    return pair_vectors(lp.layout, lp.x, lp.k, lp.g, lp.cout, lp.h * lp.w)
 
 
 def _flags(lp: PointwiseBackwardLaunch) -> dict:
