@@ -171,9 +171,11 @@ def run_plan(cases: Sequence[TuneCase], tune_one: Callable[[TuneCase], str], tim
     return counts
 
 
-def compile_in_workers(cmd: Sequence[str], jobs: int, seconds: float, log: Callable[[str], None]) -> None:
+def compile_in_workers(cmd: Sequence[str], jobs: int, seconds: float, log: Callable[[str], None],
+                       report: bool = False) -> None:
     """Run ``jobs`` workers ``cmd + ["--worker", "i/jobs"]`` at once; kill those still running after
-    ``seconds`` (0: wait for all). A worker's failure is logged (with its last stderr line), never raised."""
+    ``seconds`` (0: wait for all). A worker's failure is logged (with its last stderr line), never raised;
+    with ``report``, so is the last stderr line of every worker that ended by itself."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +191,7 @@ def compile_in_workers(cmd: Sequence[str], jobs: int, seconds: float, log: Calla
                 p.wait()
                 log(f"compile worker {i}: stopped after {seconds:.0f} s (its shapes compile in the timing pass)")
                 continue
-            if p.returncode:
+            if p.returncode or report:
                 errs[i].seek(0)
                 last = (errs[i].read().strip().splitlines() or [""])[-1]
                 log(f"compile worker {i}: exit {p.returncode}: {last[:300]}")

@@ -15,17 +15,24 @@
 #   build    90  effnet_kernels._C for sm_90 only (EFFNET_KERNELS_CUDA_ARCHS=90); if no
 #                usable _C comes out, the fused-cuda* providers (and the ops' cuda) are dropped
 #                from every later step, and the tests do not JIT-build it again
-#   pretune  45  python -m benchmarks.tune: the Triton configs of every B0-B7 depthwise, 1x1
+#   precompile 40  python -m benchmarks.precompile: every Triton kernel the fused-triton rows of
+#                net256, net1 and train will launch (their gate forwards, the tuner's candidates and
+#                the training step's backward kernels included), compiled in PRECOMPILE_JOBS worker
+#                processes at once into Triton's on-disk cache (each distinct kernel in one worker, no
+#                kernel launched), so those steps load kernels instead of compiling them one by one
+#                inside their own slots; the plan follows NET_MODELS, NET256_BATCHES and the
+#                fused-triton groups of TRAIN_PLAN (PRECOMPILE_PLAN replaces it)
+#   pretune  35  python -m benchmarks.tune: the Triton configs of every B0-B7 depthwise, 1x1
 #                (expand, projection, head) and stem conv shape at the batches net256, net1 and
 #                ops use (TUNE_BATCHES; each batch's heaviest shapes first) into the tuning
 #                store (candidates compiled in TUNE_JOBS workers, then timed in one process), so
 #                the benchmarks read measured configs instead of tuning within their own 30 s;
 #                the store comes back as $OUT/tuning_store.json (rows: triton_tune classes=...)
-#   net256  155  the headline: B0-B7 bs256 fp16 channels_last, eager, eager-folded,
+#   net256  140  the headline: B0-B7 bs256 fp16 channels_last, eager, eager-folded,
 #                fused-triton, fused-cuda (model by model, so a cut keeps whole models)
 #   compile  80  torch.compile at bs256: B0 with compile, fused-triton+compile,
 #                fused-cuda+compile, then B4 with compile (~a minute per compile)
-#   net1     45  B0-B7 at batch 1, eager and CUDA-graph replay, the net256 providers
+#   net1     30  B0-B7 at batch 1, eager and CUDA-graph replay, the net256 providers
 #   train    40  one training step (forward, backward, SGD) of B0 and B4 at bs128 fp16
 #                channels_last: eager, fused-triton, fused-cuda (img/s and peak memory), then
 #                B0 with torch.compile and fused-triton+compile if the slot has time left
@@ -53,10 +60,12 @@
 # Knobs (environment variables; defaults in brackets):
 #   EFFNET_COMMIT      commit recorded in the CSVs (the device copy has no .git) [unknown]
 #   EFFNET_RUN_ID      run id of every row and of --resume [UTC time + random, per session]
-#   STEPS              which steps (always run in the order above) [env,build,pretune,net256,compile,net1,train,tests,ops]
+#   STEPS              which steps (always run in the order above) [env,build,precompile,pretune,net256,compile,net1,train,tests,ops]
 #   SESSION_BUDGET     seconds for the whole script [570] (device tool: timeout_s=600)
-#   T_ENV T_BUILD T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TRAIN T_TESTS T_OPS T_SANITIZER T_MICRO
-#                      slots [15, 90, 45, 155, 80, 45, 40, 60, 20, 60, 60]
+#   T_ENV T_BUILD T_PRECOMPILE T_PRETUNE T_NET256 T_COMPILE T_NET1 T_TRAIN T_TESTS T_OPS T_SANITIZER T_MICRO
+#                      slots [15, 90, 40, 35, 140, 80, 30, 40, 60, 20, 60, 60]
+#   PRECOMPILE_PLAN    MODELS:PROVIDERS:BATCHES:MODES groups [from NET_MODELS, NET256_BATCHES, TRAIN_PLAN]
+#   PRECOMPILE_JOBS    precompile's worker processes [8]
 #   TRAIN_PLAN ["b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile"] (or
 #   TRAIN_MODELS [b0,b4] + TRAIN_PROVIDERS [eager,fused-triton,fused-cuda] for one group)  TRAIN_BATCHES [128]
 #   TUNE_BATCHES       batches pretune tunes, in order [$NET256_BATCHES,1,32 = 256,1,32]
@@ -96,7 +105,7 @@ OUT="${OUT:-$PWD/out}"
 PY="${PYTHON:-python3}"
 LOGS="$(mktemp -d /tmp/effnet_logs.XXXXXX)/logs"
 mkdir -p "$OUT" "$LOGS"
-STEPS="${STEPS:-env,build,pretune,net256,compile,net1,train,tests,ops}"
+STEPS="${STEPS:-env,build,precompile,pretune,net256,compile,net1,train,tests,ops}"
 [[ "${SANITIZER:-0}" != 0 ]] && STEPS+=",sanitizer"
 [[ "${MICROBENCH:-0}" != 0 ]] && STEPS+=",microbench"
 SESSION_START=$SECONDS
@@ -247,6 +256,30 @@ save_store() {
     return 0
 }
 
+# precompile_plan: benchmarks.precompile's --plan for the fused-triton rows net256, net1 and train will run
+precompile_plan() {
+    local plan="" group
+    if [[ ",${NET_PROVIDERS:-eager,eager-folded,fused-triton,fused-cuda}," == *",fused-triton,"* ]]; then
+        plan="${NET_MODELS:-b0,b1,b2,b3,b4,b5,b6,b7}:fused-triton:${NET256_BATCHES:-256},1:infer"
+    fi
+    for group in $(train_plan); do
+        [[ ",${group#*:}," == *",fused-triton,"* ]] && plan+="${plan:+ }${group%%:*}:fused-triton:${TRAIN_BATCHES:-128}:train"
+    done
+    echo "$plan"
+}
+
+precompile_step() {
+    # the workers are stopped 5 s before the slot ends; what they compiled is in Triton's cache
+    local left=$(( DEADLINE - SECONDS )) plan
+    plan="${PRECOMPILE_PLAN:-$(precompile_plan)}"
+    if [[ -z "$plan" ]]; then
+        echo "not run: no fused-triton rows in this session's plan" >>"$LOG"
+        return 0
+    fi
+    run "$PY" -m benchmarks.precompile --plan "$plan" --dtypes "${NET_DTYPES:-fp16}" \
+        --jobs "${PRECOMPILE_JOBS:-8}" --time-budget $(( left > 10 ? left - 5 : left / 2 ))
+}
+
 pretune_step() {
     # stops starting shapes 10 s before its end: a shape whose candidates did not get compiled by
     # the workers compiles 4-5 kernels (seconds each); what it tuned before is in the store already
@@ -306,17 +339,20 @@ net1_step() {
         --warmup-s 0.1 --min-iters 10 --min-time-s 0.25
 }
 
+# train_plan: the train step's "models:providers" groups, in order
+train_plan() {
+    if [[ -n "${TRAIN_MODELS:-}${TRAIN_PROVIDERS:-}" ]]; then
+        echo "${TRAIN_MODELS:-b0,b4}:${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}"
+    else
+        echo "${TRAIN_PLAN:-b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile}"
+    fi
+}
+
 train_step() {
     # groups "models:providers" in order; torch.compile of a training step (forward and
     # backward graphs, ~a minute) comes last, so the uncompiled rows are measured first and
     # it runs when the slot has time left (TRAIN_PLAN / T_TRAIN to give it the time)
-    local plan
-    if [[ -n "${TRAIN_MODELS:-}${TRAIN_PROVIDERS:-}" ]]; then
-        plan="${TRAIN_MODELS:-b0,b4}:${TRAIN_PROVIDERS:-eager,fused-triton,fused-cuda}"
-    else
-        plan="${TRAIN_PLAN:-b0,b4:eager,fused-triton,fused-cuda b0:compile,fused-triton+compile}"
-    fi
-    run_groups 15 "$plan" --batches "${TRAIN_BATCHES:-128}" \
+    run_groups 15 "$(train_plan)" --batches "${TRAIN_BATCHES:-128}" \
         --modes train --warmup-iters 2 --warmup-s 0.2 --min-iters 5 --min-time-s 0.5
 }
 
@@ -380,10 +416,11 @@ microbench_step() {
 
 step env "${T_ENV:-15}" env_step
 step build "${T_BUILD:-90}" build_step
-step pretune "${T_PRETUNE:-45}" pretune_step
-step net256 "${T_NET256:-155}" net256_step
+step precompile "${T_PRECOMPILE:-40}" precompile_step
+step pretune "${T_PRETUNE:-35}" pretune_step
+step net256 "${T_NET256:-140}" net256_step
 step compile "${T_COMPILE:-80}" compile_step
-step net1 "${T_NET1:-45}" net1_step
+step net1 "${T_NET1:-30}" net1_step
 step train "${T_TRAIN:-40}" train_step
 step tests "${T_TESTS:-60}" tests_step
 step ops "${T_OPS:-20}" ops_step

@@ -148,12 +148,13 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     summary = (out / "summary.txt").read_text()
     assert "commit cafe1234" in summary and ", done" in summary
     # the headline first, the tests and op benchmarks after it
-    steps = ("env", "build", "pretune", "net256", "compile", "net1", "train", "tests", "ops")
+    steps = ("env", "build", "precompile", "pretune", "net256", "compile", "net1", "train", "tests", "ops")
     assert _summary_steps(summary) == list(steps), summary
     for step in ("env", "compile", "net1", "train", "tests", "ops"):
         assert re.search(rf"^{step}\s+rc=0\b", summary, re.M), summary
     assert re.search(r"^build\s+rc=1\b", summary, re.M), summary  # the fake nvcc fails
     assert re.search(r"^pretune\s+rc=69\b", summary, re.M), summary  # no GPU here: nothing tuned
+    assert re.search(r"^precompile\s+rc=69\b", summary, re.M), summary  # nor compiled
     assert re.search(r"^net256\s+rc=0 .*\(exit 75: resumed 1x\)", summary, re.M), summary
     assert "NOTE: fused-cuda* providers and the ops' cuda provider dropped" in summary
 
@@ -163,12 +164,18 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
     assert len(files) <= 8
     assert {"summary.txt", "logs.tar.gz", "junit_gpu.xml", "ops.csv"} <= set(files)
     logs = _logs(out)
+    all_models = "b0,b1,b2,b3,b4,b5,b6,b7"
     assert set(logs) == {f"{s}.log" for s in steps}
     assert "fake nvidia-smi" in logs["env.log"] and "commit cafe1234" in logs["env.log"]
     assert "archs 90" in logs["env.log"]
     assert "fake build: nvcc failed" in logs["build.log"]
     assert "no CUDA GPU is visible" in logs["pretune.log"] and "--batches 256,1,32" in logs["pretune.log"]
     assert "tuning_store.json" not in files, "no measured configs, no store"
+    # the precompile plan: the fused-triton rows of net256, net1 and train (fused-cuda's build failure
+    # does not touch it), in the precision of the network steps
+    assert "no CUDA GPU is visible: nothing was compiled" in logs["precompile.log"]
+    assert (f'--plan {all_models}:fused-triton:256,1:infer b0,b4:fused-triton:128:train --dtypes fp16 --jobs 8'
+            in logs["precompile.log"]), logs["precompile.log"]
 
     # network runs: one run id for the session; the 75 is rerun with --resume, same command
     calls = _net_calls(env)
@@ -183,7 +190,6 @@ def test_session_runs_every_step_in_order_and_returns_what_the_device_tool_can_f
         assert _arg(argv, "--out") == f"{out}/results.csv" and _arg(argv, "--dtypes") == "fp16"
         assert "fused-cuda" not in _arg(argv, "--providers"), argv  # dropped after the failed build
         assert float(_arg(argv, "--time-budget")) > 0
-    all_models = "b0,b1,b2,b3,b4,b5,b6,b7"
     assert (_arg(first, "--models"), _arg(first, "--batches"), _arg(first, "--providers")) == (
         all_models, "256", "eager,eager-folded,fused-triton")
     assert (_arg(compile_b0, "--models"), _arg(compile_b0, "--providers")) == ("b0", "compile,fused-triton+compile")
@@ -255,7 +261,7 @@ def test_session_budget_ends_the_script_30_s_before_the_device_command_limit():
     assert 'SESSION_BUDGET="${SESSION_BUDGET:-570}"' in text
     slots = dict(re.findall(r'^step (\w+) "\$\{T_\w+:-(\d+)\}"', text, re.M))
     default = re.search(r'STEPS="\$\{STEPS:-([\w,]+)\}"', text).group(1).split(",")
-    assert default == ["env", "build", "pretune", "net256", "compile", "net1", "train", "tests", "ops"]
+    assert default == ["env", "build", "precompile", "pretune", "net256", "compile", "net1", "train", "tests", "ops"]
     assert sum(int(slots[s]) for s in default) == 570 - 20  # 20 s for the summary
 
 
