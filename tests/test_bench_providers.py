@@ -16,6 +16,9 @@ from .test_convert_lookalikes import BatchNormAct2d, Conv2dSame  # timm's layout
 FAST = ["--device", "cpu", "--copy-mb", "1", "--warmup-iters", "1", "--warmup-s", "0", "--min-time-s", "0",
         "--min-iters", "2", "--max-iters", "2", "--quiet", "--buffers", "2"]
 NEW = ("eager-folded", "compile-freeze", "fused-triton+compile", "fused-cuda+compile", "fused-torch+compile")
+# On the CPU the triton and cuda providers run the torch backend (BACKEND_SUBSTITUTES): the three fused+compile
+# providers are then one code path, so one of them runs end to end and the other two are only built.
+SAME_ON_CPU = ("fused-triton+compile", "fused-cuda+compile")
 
 
 @pytest.fixture(autouse=True)
@@ -100,19 +103,36 @@ def test_new_providers_run_end_to_end_on_tiny_and_freezing_does_not_leak(tmp_pat
     # on the CPU the triton and cuda providers run the torch backend, so every provider runs here
     monkeypatch.setattr(providers, "BACKEND_SUBSTITUTES", {"triton": "torch", "cuda": "torch"})
     out = tmp_path / "r.csv"
-    argv = ["--models", "tiny", "--batches", "2", "--dtypes", "fp32", "--providers", "eager," + ",".join(NEW),
+    run = [name for name in NEW if name not in SAME_ON_CPU]
+    argv = ["--models", "tiny", "--batches", "2", "--dtypes", "fp32", "--providers", "eager," + ",".join(run),
             "--out", str(out)] + FAST
     code = network.main(argv)
     rows = {r["provider"]: r for r in read_rows(out)}
     assert inductor_config.freezing is False
     assert code == 0, rows
-    for name in NEW:
+    for name in run:
         r = rows[name]
         assert r["status"] == "ok", r
         assert float(r["max_rel_err"]) < 1e-4 and float(r["img_per_s"]) > 0
         if "fused" in name:
             assert "fp32 " in r["checks"] and "blocks 7/7 ok" in r["checks"], r["checks"]
     assert rows["eager-folded"]["note"].endswith("22 BatchNorms folded")
+
+
+def test_the_other_fused_compile_providers_build_a_compiled_converted_model(monkeypatch):
+    """What the end-to-end test leaves out on the CPU: each builds torch.compile over a converted model
+    whose blocks use its backend (here its substitute), not compiled until first called."""
+    from benchmarks.jobs import has_fused_blocks
+    from effnet_kernels.nn import MBConv
+
+    monkeypatch.setattr(providers, "BACKEND_SUBSTITUTES", {"triton": "torch", "cuda": "torch"})
+    model, _ = models.build_model("tiny", calibrated=False)
+    for name in SAME_ON_CPU:
+        built = providers.get_provider(name).prepare(copy.deepcopy(model), torch.device("cpu"))
+        assert providers.get_provider(name).compiles
+        assert isinstance(built, torch._dynamo.eval_frame.OptimizedModule), type(built)
+        assert has_fused_blocks(built)
+        assert {m.backend for m in providers.unwrap(built).modules() if isinstance(m, MBConv)} == {"torch"}
 
 
 def test_inference_only_providers_skip_training(tmp_path):

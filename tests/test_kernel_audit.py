@@ -401,6 +401,25 @@ def test_committed_audit_keeps_every_invariant():
     assert audit_invariant_violations(rows) == []
 
 
+H100_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90
+
+
+def test_committed_audit_covers_every_triton_launch_of_b0_to_b7():
+    """Every B0-B7 workload (each op, batch 1 and 256, fp16/bf16/fp32, NHWC and NCHW) has its Triton row, and
+    fits sm_90's shared memory: the full sweep that the live compile tests (tests/test_triton_*compile.py)
+    sample; with the staleness test, a kernel change cannot land without these rows recompiled."""
+    rows = _after_rows()
+    have = {(r["op"], r["shape_class"], r["dtype"], r["layout"]) for r in rows if r["backend"] == "triton"}
+    wls = network_workloads()
+    assert {w.op for w in wls} == {"dwconv_bn_act", "se_gate", "se_excite", "pointwise_conv", "conv_bn_act"}
+    assert {w.n for w in wls} == {1, 256} and {w.dtype for w in wls} == {"fp16", "bf16", "fp32"}
+    missing = [w for w in wls if (w.op, w.shape_class, w.dtype, w.layout) not in have]
+    assert not missing, f"{len(missing)} workloads without a Triton row, first {missing[0]}"
+    for r in rows:
+        smem = int(r["static_smem_B"] or 0) + int(r["dynamic_smem_B"] or 0)
+        assert smem <= H100_MAX_SHARED, f"{r['kernel']} {r['shape_class']}: {smem} B shared"
+
+
 def test_committed_audit_is_not_older_than_the_kernels():
     """The audit records the commit its kernel sources are from; no audited source changed since (git)."""
     md = (ROOT / "benchmarks" / "results" / "kernel_audit.md").read_text()
