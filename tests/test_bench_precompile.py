@@ -238,17 +238,15 @@ def test_workloads_run_each_call_once_and_survive_failures(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour: this machine has a GPU")
-def test_cli_on_a_cpu_says_so_dry_run_lists_and_bad_args_are_named():
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "benchmarks.precompile", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-    out = cli("--jobs", "2", "--plan", "b0:fused-triton:2:infer")
-    assert out.returncode == 69 and "no CUDA GPU is visible: nothing was compiled" in out.stderr
-    out = cli("--dry-run")
-    assert out.returncode == 0 and out.stdout.splitlines()[0] == "b0 fused-triton batch 256 infer fp16 channels_last"
-    assert out.stdout.splitlines()[-1] == "18 workloads"
-    out = cli("--plan", "b0:fused-triton:x:infer")
-    assert out.returncode == 2 and "--plan" in out.stderr and "batches" in out.stderr
-    out = cli("--time-budget", "-1")
-    assert out.returncode == 2 and "--time-budget" in out.stderr
+def test_cli_on_a_cpu_says_so_dry_run_lists_and_bad_args_are_named(capsys):
+    assert pc.main(["--jobs", "2", "--plan", "b0:fused-triton:2:infer"]) == 69
+    assert "no CUDA GPU is visible: nothing was compiled" in capsys.readouterr().err
+    assert pc.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "b0 fused-triton batch 256 infer fp16 channels_last" and lines[-1] == "18 workloads"
+    for argv, words in ((["--plan", "b0:fused-triton:x:infer"], ("--plan", "batches")),
+                        (["--time-budget", "-1"], ("--time-budget",)), (["--worker", "3/2"], ("--worker",))):
+        with pytest.raises(SystemExit) as exc:
+            pc.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and all(w in err for w in words), err

@@ -166,9 +166,12 @@ class LaunchRecorder:
             options, signature, constexprs, attrs = jf._pack_args(self.backend, kwargs, bound, specialization, options)
             self.launches[key] = jf, signature, constexprs, attrs, options
 
-    def compile_all(self):
-        """Compile every distinct launch for sm_90; yields (what, CompiledKernel)."""
+    def compile_all(self, only=None):
+        """Compile every distinct launch (of the kernels named in ``only``, if given) for sm_90; yields
+        (what, CompiledKernel)."""
         for (name, _), (jf, signature, constexprs, attrs, options) in self.launches.items():
+            if only is not None and name not in only:
+                continue
             src = triton.compiler.ASTSource(fn=jf, signature=signature, constexprs=constexprs, attrs=attrs)
             consts = {jf.arg_names[path[0]]: v for path, v in constexprs.items()}
             yield f"{name} {signature} {consts} num_warps={options.num_warps}", triton.compile(

@@ -1,8 +1,8 @@
 """The Triton training kernels compile for an H100 (sm_90) without a GPU: no spills, registers reported.
 
 The real launchers (``effnet_kernels.triton.dwconv_train`` / ``dwconv_backward`` / ``se_backward``)
-run on uninitialised CPU tensors of every B0 depthwise and SE shape (fp16, channels_last, batch 1
-and 256) while every kernel launch is bound by Triton's own binder and recorded instead of run
+run on uninitialised CPU tensors of every B0 depthwise and SE shape (fp16, channels_last, batch
+256; batch 1 differs only by Triton's ``== 1`` constant for N, which cannot add registers) while every kernel launch is bound by Triton's own binder and recorded instead of run
 (``tests/test_triton_compile.py``'s ``LaunchRecorder``: the same specialisation and constexprs as a
 GPU launch); each distinct launch is compiled to a cubin and read with ``ptxas -v``. Run without
 ``TRITON_INTERPRET`` (this module skips when Triton was imported in interpreter mode).
@@ -36,7 +36,7 @@ def train_launches(recorded_launches, monkeypatch):
     return recorded_launches
 
 
-def _b0_training_step(batches=(1, 256)) -> None:
+def _b0_training_step(batches=(256,)) -> None:
     """Every training launcher at every B0 depthwise / SE shape class, fp16 channels_last, SiLU / sigmoid."""
     dt = torch.float16
     for c, h, w, k, stride in models.depthwise_shapes(("b0",)):
@@ -63,14 +63,13 @@ def _b0_training_step(batches=(1, 256)) -> None:
 
 
 def test_b0_training_kernels_compile_without_spills(train_launches, capsys):
-    """Every distinct training-kernel launch of a B0 step (batch 1 and 256): compiles, 0 spill bytes,
-    <= MAX_REGISTERS registers; the registers of each are printed (``pytest -s``)."""
+    """Every distinct training-kernel launch of a B0 step (batch 256): compiles, 0 spill bytes,
+    <= MAX_REGISTERS registers; the registers of each are printed (``pytest -s``). (The eval kernel the
+    train forward applies with is compiled by tests/test_triton_compile.py, not here.)"""
     _b0_training_step()
     seen, report = set(), []
-    for what, compiled in train_launches.compile_all():
+    for what, compiled in train_launches.compile_all(only=TRAIN_KERNELS):
         name = what.split()[0]
-        if name not in TRAIN_KERNELS:
-            continue
         seen.add(name)
         regs, spills = ptxas_usage(compiled.asm["ptx"])
         report.append((name, regs, spills, what))
@@ -94,7 +93,8 @@ def test_nchw_and_int64_variants_compile_without_spills(train_launches, monkeypa
         monkeypatch.setattr(se_backward, "needs_int64", lambda *tensors: True)
     cases = [(torch.float16, 3, 1, "relu6"), (torch.bfloat16, 5, 2, "hardswish"), (torch.float32, 7, 1, "silu")]
     for channels_last in (False, True) if int64 else (False,):
-        for dt, k, stride, act in cases:
+        # 64-bit offsets: every case on NCHW, the widest (fp32, k7) on channels_last
+        for dt, k, stride, act in cases if not (int64 and channels_last) else cases[2:]:
             x = cpu_input((8, 144, 28, 28), dt, channels_last)
             c, pad = 144, (k // 2, k // 2 + stride - 1, k // 2, k // 2 + stride - 1)
             weight, g, b = torch.empty(c, 1, k, k, dtype=dt), torch.ones(c), torch.zeros(c)
@@ -106,9 +106,7 @@ def test_nchw_and_int64_variants_compile_without_spills(train_launches, monkeypa
             dwconv_backward.dwconv_bn_act_backward(gy, None, x, weight, g, b, (stride,) * 2, pad, act)
             se_backward.se_excite_backward(gy, gy, torch.empty(8, c))
     count = 0
-    for what, compiled in train_launches.compile_all():
-        if what.split()[0] not in TRAIN_KERNELS:
-            continue
+    for what, compiled in train_launches.compile_all(only=TRAIN_KERNELS):
         count += 1
         regs, spills = ptxas_usage(compiled.asm["ptx"])
         # 64-bit offsets (tensors past 2^31 elements, rare) double the address registers: no spills is the bar
