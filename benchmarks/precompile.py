@@ -144,9 +144,10 @@ def launch_key(jit: Any, args: Sequence[Any], kwargs: dict) -> str:
 
     Tensors count by dtype and 16-byte alignment, constexprs by value, other integers by the
     ``== 1`` and ``% 16 == 0`` classes Triton specialises on (none for ``do_not_specialize``),
-    launch options (``num_warps``, ``num_stages``) by value. Two launches that compile the
-    same binary get the same key; keys that coincide for different binaries only put both
-    compiles in one worker.
+    launch options (``num_warps``, ``num_stages``) by value. Launches that compile the same
+    binary get the same key (non-constexpr ``bool`` arguments, keyed by value, are the exception:
+    at worst one binary compiles in two workers); keys that coincide for different binaries only
+    put both compiles in one worker.
     """
     fn = jit.fn
     params = list(jit.params)
