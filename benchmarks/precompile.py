@@ -252,7 +252,7 @@ def run_workloads(loads: Sequence[Workload], device: torch.device, log: Callable
     ``torch.compile``, or cannot be built here). The model of a (model, provider, layout) is
     built once, uncalibrated (values do not matter here), and reused for its batches and modes.
     """
-    from .jobs import LAYOUTS, free_memory
+    from .jobs import LAYOUTS, first_line, free_memory
     from .models import build_model
     from .providers import ProviderSkipped, get_provider
 
@@ -280,19 +280,20 @@ def run_workloads(loads: Sequence[Workload], device: torch.device, log: Callable
                 log(f"{w}: skipped: {exc}")
                 built[key] = None
             except Exception as exc:
-                log(f"{w}: failed to build: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                log(f"{w}: failed to build: {first_line(exc)}")
                 built[key] = None
         if built[key] is None:
             counts["skipped"] += 1
             continue
         model, resolution = built[key]
         t0 = time.perf_counter()
+        what = "building the calls"
         try:
             for what, call in _calls(w, model, device, resolution):
                 call()
         except Exception as exc:
             counts["failed"] += 1
-            log(f"{w}: {what}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            log(f"{w}: {what}: failed: {first_line(exc)}")
         else:
             counts["done"] += 1
             log(f"{w}: done in {time.perf_counter() - t0:.1f} s")
@@ -302,7 +303,7 @@ def run_workloads(loads: Sequence[Workload], device: torch.device, log: Callable
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from .tune import LAYOUTS
+    from .jobs import LAYOUTS
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.precompile", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default=DEFAULT_PLAN,

@@ -401,9 +401,6 @@ def test_committed_audit_keeps_every_invariant():
     assert audit_invariant_violations(rows) == []
 
 
-H100_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90
-
-
 def test_committed_audit_covers_every_triton_launch_of_b0_to_b7():
     """Every B0-B7 workload (each op, batch 1 and 256, fp16/bf16/fp32, NHWC and NCHW) has its Triton row, and
     fits sm_90's shared memory: the full sweep that the live compile tests (tests/test_triton_*compile.py)
@@ -417,7 +414,7 @@ def test_committed_audit_covers_every_triton_launch_of_b0_to_b7():
     assert not missing, f"{len(missing)} workloads without a Triton row, first {missing[0]}"
     for r in rows:
         smem = int(r["static_smem_B"] or 0) + int(r["dynamic_smem_B"] or 0)
-        assert smem <= H100_MAX_SHARED, f"{r['kernel']} {r['shape_class']}: {smem} B shared"
+        assert smem <= hardware.SMEM_PER_CTA, f"{r['kernel']} {r['shape_class']}: {smem} B shared"
 
 
 def test_committed_audit_is_not_older_than_the_kernels():

@@ -1,8 +1,8 @@
 """The Triton training kernels compile for an H100 (sm_90) without a GPU: no spills, registers reported.
 
 The real launchers (``effnet_kernels.triton.dwconv_train`` / ``dwconv_backward`` / ``se_backward``)
-run on uninitialised CPU tensors of every B0 depthwise and SE shape (fp16, channels_last, batch
-256; batch 1 differs only by Triton's ``== 1`` constant for N, which cannot add registers) while every kernel launch is bound by Triton's own binder and recorded instead of run
+run on uninitialised CPU tensors of every B0 depthwise and SE shape (fp16, channels_last, batch 1
+and 256) while every kernel launch is bound by Triton's own binder and recorded instead of run
 (``tests/test_triton_compile.py``'s ``LaunchRecorder``: the same specialisation and constexprs as a
 GPU launch); each distinct launch is compiled to a cubin and read with ``ptxas -v``. Run without
 ``TRITON_INTERPRET`` (this module skips when Triton was imported in interpreter mode).
@@ -36,7 +36,7 @@ def train_launches(recorded_launches, monkeypatch):
     return recorded_launches
 
 
-def _b0_training_step(batches=(256,)) -> None:
+def _b0_training_step(batches=(1, 256)) -> None:
     """Every training launcher at every B0 depthwise / SE shape class, fp16 channels_last, SiLU / sigmoid."""
     dt = torch.float16
     for c, h, w, k, stride in models.depthwise_shapes(("b0",)):
@@ -63,9 +63,9 @@ def _b0_training_step(batches=(256,)) -> None:
 
 
 def test_b0_training_kernels_compile_without_spills(train_launches, capsys):
-    """Every distinct training-kernel launch of a B0 step (batch 256): compiles, 0 spill bytes,
+    """Every distinct training-kernel launch of a B0 step (batch 1 and 256): compiles, 0 spill bytes,
     <= MAX_REGISTERS registers; the registers of each are printed (``pytest -s``). (The eval kernel the
-    train forward applies with is compiled by tests/test_triton_compile.py, not here.)"""
+    train forward applies with is compiled by tests/test_triton_compile.py and the kernel audit, not here.)"""
     _b0_training_step()
     seen, report = set(), []
     for what, compiled in train_launches.compile_all(only=TRAIN_KERNELS):
