@@ -46,15 +46,15 @@ Padding = Union[tuple[int, int, int, int], str]  # (left, right, top, bottom) or
 __all__ = ["MBConv", "SqueezeExcite", "FusedDWConvBNAct", "fold_batchnorm", "tf_same_padding"]
 
 
-def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` in float32 such that ``bn(z + conv_bias) == z * scale + shift`` in eval.
+def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None, *,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` in ``dtype`` (float32) such that ``bn(z + conv_bias) == z * scale + shift`` in eval.
 
     ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``
     (+ ``conv_bias * scale``). Differentiable w.r.t. gamma, beta and the conv bias.
     """
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
-    dtype = torch.float32
     var = bn.running_var.to(dtype)
     mean = bn.running_mean.to(dtype)
     inv_std = torch.rsqrt(var + bn.eps)
@@ -69,10 +69,15 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> tu
 
 def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """``(weight * scale, shift)`` of ``conv`` + ``bn`` (see :func:`fold_batchnorm`): the weight in its own
-    dtype and shape, the shift (the conv's bias folded in) in float32."""
-    scale, shift = fold_batchnorm(bn, conv.bias)
+    dtype and shape, the shift (the conv's bias folded in) in float32.
+
+    Computed in float64 and rounded once, each weight on its own: a float32 ``scale`` carries one
+    rounding error per channel, the same for every pixel of that channel, which no global pool
+    averages away (a deep network's logits drift by several times eager's own error with it)."""
+    wide = torch.float64 if conv.weight.device.type != "mps" else torch.float32
+    scale, shift = fold_batchnorm(bn, conv.bias, dtype=wide)
     w = conv.weight
-    return (w.to(torch.float32) * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype), shift
+    return (w.to(wide) * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype), shift.to(torch.float32)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -169,6 +170,53 @@ def test_unfusable_containers_are_left_alone():
         assert type(ek.convert(c)) is ConvBNAct
     with pytest.raises(ValueError, match="cannot fuse"):
         FusedConvBNAct.from_container(gelu)
+
+
+def _padded_container(pad: nn.Module) -> nn.Sequential:
+    """Hugging Face's stem layout: a pad module, then an unpadded stride-2 conv, BN and SiLU."""
+    return nn.Sequential(pad, nn.Conv2d(3, 8, 3, 2, padding=0, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+
+
+def test_a_leading_zero_pad_is_part_of_the_one_op():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 9, 10)  # odd and even sizes: the asymmetric pad lands on different edges
+    eager = calibrated(_padded_container(nn.ZeroPad2d((0, 1, 0, 1))), x)
+    fused = FusedConvBNAct.from_container(copy.deepcopy(eager), backend="torch")
+    names, y = _ops_of(fused, x)
+    assert names == ["effnet.conv_bn_act"]
+    with torch.no_grad():
+        want = eager(x)
+    assert y.shape == want.shape == (2, 8, 4, 5)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # the pad is honoured, not assumed: the same container with the pad on the other edges differs
+    other = copy.deepcopy(eager)
+    other[0] = nn.ZeroPad2d((1, 0, 1, 0))
+    with torch.no_grad():
+        assert not torch.allclose(other(x), want, atol=1e-3)
+        torch.testing.assert_close(FusedConvBNAct.from_container(other, backend="torch")(x), other(x),
+                                   rtol=1e-5, atol=1e-5)
+    assert list(fused.state_dict()) == list(eager.state_dict())
+
+
+@pytest.mark.parametrize("pad, why", [(nn.ConstantPad2d((0, 1, 0, 1), 1.0), "not a ZeroPad2d"),
+                                      (nn.ReflectionPad2d(1), "not .*conv, BatchNorm"),
+                                      (nn.ZeroPad2d((0, -1, 0, 1)), "non-negative")])
+def test_a_pad_that_is_not_a_zero_pad_is_refused(pad, why):
+    container = _padded_container(pad)
+    assert re.search(why, fusable_reason(container))
+    with pytest.raises(ValueError, match="cannot fuse"):
+        FusedConvBNAct.from_container(container)
+
+
+def test_a_constant_zero_pad_counts_as_a_zero_pad():
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 8, 8)
+    eager = calibrated(_padded_container(nn.ConstantPad2d((1, 1, 1, 1), 0.0)), x)
+    fused = FusedConvBNAct.from_container(copy.deepcopy(eager), backend="torch")
+    names, y = _ops_of(fused, x)
+    assert names == ["effnet.conv_bn_act"]
+    with torch.no_grad():
+        torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_converted_model_fullgraph(b0_pair):
