@@ -18,6 +18,7 @@ from torch import nn
 from .backends import check_backend_name
 from .integrations._common import NotFusable
 from .nn import MBConv
+from .sibling_stems import FusedMethod, MethodSpec, fused_methods, static_reason
 from .stem_head import FusedConvBNAct, container_types, fusable_reason
 
 logger = logging.getLogger("effnet_kernels")
@@ -58,6 +59,16 @@ def _adapters():
         yield importlib.import_module(f".integrations.{name}", __package__)
 
 
+def _method_specs(adapters) -> list[MethodSpec]:
+    specs: list[MethodSpec] = []
+    for adapter in adapters:
+        try:
+            specs.extend(getattr(adapter, "method_specs", tuple)())
+        except Exception as exc:  # as in _match
+            logger.debug("effnet_kernels: adapter %s cannot list its method specs: %r", adapter.__name__, exc)
+    return specs
+
+
 def _match(module: nn.Module, adapters) -> Optional[Callable]:
     for adapter in adapters:
         try:
@@ -78,8 +89,11 @@ def convert(
 ) -> nn.Module:
     """Swap every fusable MBConv block of ``model`` for a fused :class:`effnet_kernels.MBConv`, in place,
     and every conv + BatchNorm + activation container outside the blocks (the stem and head of
-    :mod:`effnet_kernels.models` and torchvision's models) for a
-    :class:`~effnet_kernels.stem_head.FusedConvBNAct`.
+    :mod:`effnet_kernels.models` and torchvision's models, transformers' stem) for a
+    :class:`~effnet_kernels.stem_head.FusedConvBNAct`. timm's and efficientnet_pytorch's stems and
+    heads, whose conv, norm and activation are the model's own attributes, run as one op each
+    through a :class:`~effnet_kernels.sibling_stems.FusedMethod` set on the model in place of the
+    method that calls them (``forward_features``, ``extract_features``); their modules stay.
 
     Recognised blocks: :class:`effnet_kernels.blocks.MBConvBlock`, efficientnet_pytorch
     ``MBConvBlock``, torchvision ``MBConv`` / ``FusedMBConv`` / MobileNetV2 and V3
@@ -94,7 +108,8 @@ def convert(
         backend: ``"auto"`` (defer to :func:`effnet_kernels.use_backend`, then
             ``EFFNET_KERNELS_BACKEND``, then the fastest available), ``"torch"``,
             ``"triton"`` or ``"cuda"``.
-        filter_fn: ``filter_fn(module, qualified_name) -> bool``; blocks it rejects stay.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; blocks and containers it rejects
+            stay; for a stem or head of model attributes it is asked with the conv and its name.
 
     Returns:
         ``model`` itself (converted in place), or the replacement when ``model`` is
@@ -108,6 +123,30 @@ def convert(
     adapters = list(_adapters())
     report = ConversionReport()
     containers = container_types()
+    specs = _method_specs(adapters)
+
+    def fuse_chains(module: nn.Module, name: str) -> None:
+        for spec in specs:
+            if not spec.matches(module):
+                continue
+            labels = {c.name: f"{name}.{c.conv}" if name else c.conv for c in spec.chains}
+            if isinstance(module.__dict__.get(spec.method), FusedMethod):
+                report.already_fused.extend(labels.values())
+                return
+            excluded, fusable = set(), []
+            for chain in spec.chains:
+                reason = static_reason(spec, chain, module)
+                if filter_fn is not None and not filter_fn(getattr(module, chain.conv), labels[chain.name]):
+                    report.filtered_out.append(labels[chain.name])
+                    excluded.add(chain.name)
+                elif reason is not None:
+                    report.skipped[labels[chain.name]] = reason
+                else:
+                    fusable.append(labels[chain.name])
+            if fusable:
+                setattr(module, spec.method, FusedMethod(module, spec, backend, frozenset(excluded)))
+                report.fused_convs.extend(fusable)
+            return
 
     def visit(module: nn.Module, name: str) -> nn.Module:
         if isinstance(module, (MBConv, FusedConvBNAct)):
@@ -134,6 +173,7 @@ def convert(
                 return module
             report.swapped.append(name or "<model>")
             return fused
+        fuse_chains(module, name)
         for child_name, child in list(module.named_children()):
             new = visit(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
@@ -152,7 +192,8 @@ def conversion_report(model: nn.Module) -> Optional[ConversionReport]:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Give back the original blocks (their classes and modules) in place of fused ones.
+    """Give back the original blocks (their classes and modules) in place of fused ones, and the
+    library's own methods in place of :class:`~effnet_kernels.sibling_stems.FusedMethod` ones.
 
     For export (ONNX, TorchScript) or to compare. The Parameters and buffers are the
     same objects throughout. Returns ``model`` (or the original block when ``model``
@@ -171,6 +212,8 @@ def revert(model: nn.Module) -> nn.Module:
     if isinstance(model, (MBConv, FusedConvBNAct)):
         return unwrap(model)
     for parent in list(model.modules()):
+        for method in fused_methods(parent):
+            delattr(parent, method)
         for child_name, child in list(parent.named_children()):
             if isinstance(child, (MBConv, FusedConvBNAct)):
                 setattr(parent, child_name, unwrap(child))

@@ -150,10 +150,13 @@ def test_convert_twice_changes_nothing_and_revert_restores():
     with torch.no_grad():
         ref = model(x)
     ek.convert(model)
+    assert ek.conversion_report(model).fused_convs == ["_conv_stem", "_conv_head"]  # via extract_features
     fused_blocks = list(model._blocks)
     ek.convert(model)
     report = ek.conversion_report(model)
-    assert report.swapped == [] and len(report.already_fused) == len(fused_blocks)
+    assert report.swapped == [] and report.fused_convs == []
+    assert sorted(report.already_fused) == sorted([f"_blocks.{i}" for i in range(len(fused_blocks))]
+                                                  + ["_conv_stem", "_conv_head"])
     assert all(a is b for a, b in zip(model._blocks, fused_blocks))
     ek.revert(model)
     assert all(type(b) is MBConvBlock for b in model._blocks)

@@ -98,7 +98,8 @@ def test_timm_freeze_batch_norm_2d_efficientnet_b0():
     x = _x()
     eager = timm_frozen_b0(x)
     assert sum(isinstance(m, FrozenBatchNormAct2d) for m in eager.modules()) == 49
-    converted = _check_eval(eager, x, 16, [])
+    converted = _check_eval(eager, x, 16, ["conv_stem", "conv_head"])  # FrozenBatchNormAct2d: BN, then its SiLU
+    assert [converted.forward_features.unfused_reason(c, x) for c in ("stem", "head")] == [None, None]
     block = converted.blocks[1][0]
     assert block.plan.pre[0].activation == "silu" and block.plan.dw.activation == "silu"
 
@@ -125,8 +126,12 @@ def test_timm_freeze_after_convert_replans_and_unfreeze_goes_back():
 
 
 def test_timm_frozen_efficientnet_b0_trains_fused():
+    """The blocks, and the stem and head (conv + FrozenBatchNormAct2d: one op with autograd through the fold)."""
     x = _x()
-    _check_train(timm_frozen_b0(x), x)
+    eager = timm_frozen_b0(x)
+    _check_train(eager, x)
+    fused = ek.convert(copy.deepcopy(eager), backend="torch").train()
+    assert [fused.forward_features.unfused_reason(c, x) for c in ("stem", "head")] == [None, None]
 
 
 # ---------------------------------------------------------------- torchvision
@@ -154,7 +159,7 @@ def test_torchvision_mobilenet_v3_small_with_frozen_norm_layer():
 def test_negative_control_timm_frozen_eval(defect):
     x = _x()
     eager = timm_frozen_b0(x)
-    converted = _convert(eager, x, 16, [])
+    converted = _convert(eager, x, 16, ["conv_stem", "conv_head"])
     assert_converted_matches(eager, converted, x)  # clean: passes
     with planted(defect), pytest.raises(AssertionError):
         assert_converted_matches(eager, converted, x)

@@ -50,9 +50,10 @@ def test_efficientnet_pytorch_b0_converted_with_triton_matches(b0_pair):
         assert_converted_matches(eager, model, x, expect_blocks=16)
     # one network forward + one block-by-block pass: every fused op ran in Triton, twice per block:
     # the depthwise step, the gate, the projection (taking the gate on load: no se_excite) and the
-    # expand conv in the 15 blocks that have one
+    # expand conv in the 15 blocks that have one; the stem and the head once (the network forward,
+    # through the fused extract_features)
     assert calls.count("dwconv_bn_act") == 32 and calls.count("se_gate") == 32 and calls.count("se_excite") == 0
-    assert calls.count("pointwise_conv") == 2 * (16 + 15)
+    assert calls.count("pointwise_conv") == 2 * (16 + 15) + 1 and calls.count("conv_bn_act") == 1
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "gate_skew", "excite_skip", "residual_shift"])

@@ -3,14 +3,22 @@
 Handles static and dynamic TF "same" padding (``Conv2dStaticSamePadding`` with its
 ``static_padding`` module, ``Conv2dDynamicSamePadding``), ``forward(x, drop_connect_rate)``
 and the block's residual rule (``id_skip and stride == 1 and in == out``).
+
+Stem and head (:func:`method_specs`, :mod:`effnet_kernels.sibling_stems`): ``EfficientNet.extract_features``'s
+``_swish(_bn0(_conv_stem(x)))`` and ``_swish(_bn1(_conv_head(x)))``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .._norms import normalises_only
 from ..nn import MBConvPlan
-from ._common import NotFusable, activation_kind, conv_padding, dw_spec, loaded_module, pointwise, require_activation, se_spec
+from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts
+from ._common import (
+    NotFusable, activation_kind, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation,
+    se_spec,
+)
 
 NAME = "efficientnet_pytorch"
 
@@ -60,3 +68,45 @@ def _drop_connect(t, drop_connect_rate=None):
     if not drop_connect_rate:
         return t
     return loaded_module("efficientnet_pytorch.utils").drop_connect(t, p=drop_connect_rate, training=True)
+
+
+# ---------------------------------------------------------------- stem and head
+_CONV_CLASSES = ("Conv2dStaticSamePadding", "Conv2dDynamicSamePadding")
+
+
+def _chain_parts(chain: Chain, conv, norm, act) -> PartsResult:
+    def resolve():
+        if not is_plain_conv(conv) and not (type(conv).__name__ in _CONV_CLASSES
+                                            and type(conv).__module__.startswith(NAME)):
+            raise NotFusable(f"{chain.name} conv {type(conv).__name__} has a forward of its own (unknown padding)")
+        if not normalises_only(norm):
+            raise NotFusable(f"{chain.name} norm {type(norm).__name__} is not a BatchNorm2d")
+        return activation_kind(act), _padding(conv)
+
+    return make_parts(conv, norm, resolve)
+
+
+def _extract_features(model: nn.Module, run_chain, inputs):
+    """efficientnet_pytorch 0.7's ``EfficientNet.extract_features``: stem, blocks (each given its
+    drop-connect rate), head."""
+    x = run_chain("stem", inputs)
+    for idx, block in enumerate(model._blocks):
+        drop_connect_rate = model._global_params.drop_connect_rate
+        if drop_connect_rate:
+            drop_connect_rate *= float(idx) / len(model._blocks)
+        x = block(x, drop_connect_rate=drop_connect_rate)
+    return run_chain("head", x)
+
+
+METHOD_SPECS = (
+    MethodSpec(NAME, "efficientnet_pytorch.model", "EfficientNet", "extract_features",
+               ("_swish", "_bn0", "_conv_stem", "enumerate", "_blocks", "_global_params", "drop_connect_rate", "float",
+                "len", "_bn1", "_conv_head"),
+               (Chain("stem", "_conv_stem", "_bn0", "_swish"), Chain("head", "_conv_head", "_bn1", "_swish")),
+               _extract_features, _chain_parts),
+)
+
+
+def method_specs() -> tuple[MethodSpec, ...]:
+    """The efficientnet_pytorch model methods whose stem and head chains ``convert`` fuses."""
+    return METHOD_SPECS

@@ -7,14 +7,22 @@ SE with ReLU / hard-sigmoid (MobileNetV3). Left alone, with the reason: space-to
 anti-aliasing, ``MixedConv2d`` depthwise convs (MixNet: one conv per kernel size on channel
 splits), activations or SE kinds the kernels do not compute, ``EdgeResidual`` and
 ``CondConvResidual``.
+
+Stems and heads (:func:`method_specs`, :mod:`effnet_kernels.sibling_stems`): ``EfficientNet``'s
+(also MobileNetV2, MixNet, MNASNet, EfficientNet-Lite, TinyNet) ``conv_stem`` + ``bn1`` and
+``conv_head`` + ``bn2`` in ``forward_features``, ``MobileNetV3``'s ``conv_stem`` + ``bn1`` (its head
+conv runs after the pool, on one pixel) and the ``ConvBnAct`` block's ``conv`` + ``bn1`` (MobileNetV3's
+last stage: a 1x1 conv to 960 channels) in its ``forward``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .._norms import normalises_only
 from ..nn import MBConvPlan
+from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts
 from ._common import (
     NotFusable, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
 )
@@ -125,3 +133,54 @@ def plan(block: nn.Module) -> MBConvPlan:
         pre, post = (), _folded(block.conv_pw, block.bn2, "project")
     return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=bool(block.has_skip), original=block, source=NAME,
                       drop=lambda t: block.drop_path(t))  # DropPath (per sample) or nn.Identity
+
+
+# ---------------------------------------------------------------- stems and heads
+def _chain_parts(chain: Chain, conv, norm, act) -> PartsResult:
+    """A timm conv (plain, ``Conv2dSame``, ``Conv2dSameExport``) + norm-act layer (``act`` is None: the norm applies it)."""
+    return make_parts(conv, norm, lambda: (_norm_act(norm, chain.name), _padding(conv)))
+
+
+def _stem_and_blocks(model: nn.Module, run_chain, x: torch.Tensor) -> torch.Tensor:
+    x = run_chain("stem", x)
+    if model.grad_checkpointing and not torch.jit.is_scripting():
+        checkpoint_seq = type(model).forward_features.__globals__["checkpoint_seq"]  # the library's own
+        return checkpoint_seq(model.blocks, x, flatten=True)
+    return model.blocks(x)
+
+
+def _efficientnet_forward_features(model: nn.Module, run_chain, x: torch.Tensor) -> torch.Tensor:
+    """timm 1.0's ``EfficientNet.forward_features``: stem, blocks (checkpointed if asked), head."""
+    return run_chain("head", _stem_and_blocks(model, run_chain, x))
+
+
+def _mobilenetv3_forward_features(model: nn.Module, run_chain, x: torch.Tensor) -> torch.Tensor:
+    """timm 1.0's ``MobileNetV3.forward_features``: stem, blocks (checkpointed if asked)."""
+    return _stem_and_blocks(model, run_chain, x)
+
+
+def _conv_bn_act_forward(block: nn.Module, run_chain, x: torch.Tensor) -> torch.Tensor:
+    """timm 1.0's ``ConvBnAct.forward``: conv + norm-act, anti-aliasing, the residual (with drop path) if any."""
+    shortcut = x
+    x = block.aa(run_chain("conv", x))
+    if block.has_skip:
+        x = block.drop_path(x) + shortcut
+    return x
+
+
+_STEM = Chain("stem", "conv_stem", "bn1")
+_NAMES = ("conv_stem", "bn1", "grad_checkpointing", "torch", "jit", "is_scripting", "checkpoint_seq", "blocks")
+METHOD_SPECS = (
+    MethodSpec(NAME, "timm.models.efficientnet", "EfficientNet", "forward_features", _NAMES + ("conv_head", "bn2"),
+               (_STEM, Chain("head", "conv_head", "bn2")), _efficientnet_forward_features, _chain_parts),
+    MethodSpec(NAME, "timm.models.mobilenetv3", "MobileNetV3", "forward_features", _NAMES, (_STEM,),
+               _mobilenetv3_forward_features, _chain_parts),
+    MethodSpec(NAME, "timm.models._efficientnet_blocks", "ConvBnAct", "forward",
+               ("conv", "bn1", "aa", "has_skip", "drop_path"), (Chain("conv", "conv", "bn1"),), _conv_bn_act_forward,
+               _chain_parts),
+)
+
+
+def method_specs() -> tuple[MethodSpec, ...]:
+    """The timm model and block methods whose conv + norm-act chains ``convert`` fuses."""
+    return METHOD_SPECS

@@ -1,0 +1,167 @@
+"""Stems and heads whose conv, BatchNorm and activation are attributes of the model, as one op each.
+
+timm's ``EfficientNet`` calls ``self.conv_stem`` then ``self.bn1`` (a ``BatchNormAct2d``: BN and its
+activation) in ``forward_features``, and ``self.conv_head`` then ``self.bn2`` after the blocks;
+efficientnet_pytorch's ``extract_features`` calls ``self._swish(self._bn0(self._conv_stem(x)))``.
+No module holds such a chain, so none can be swapped for a fused one without changing the
+``state_dict`` keys or the modules the user holds. :func:`effnet_kernels.convert` sets instead, on
+the model instance, an attribute named like the method: a :class:`FusedMethod` that runs the
+library's method body (a copy the adapter keeps, checked against the library's own function:
+the same function on the model's class, the same names in its code) with each chain as one op
+where it can (:func:`effnet_kernels.stem_head.run_fused`). So:
+
+* every module stays where it was, the same object: keys, Parameters, hooks and direct calls
+  (``model.conv_stem(x)``) are unchanged;
+* each chain's modules are read from the model at call time: a replaced one is honoured, and a
+  chain that no longer fits (or trains with batch statistics, or gets float64) runs its modules
+  in sequence as the library does;
+* :func:`effnet_kernels.revert` deletes the attribute; ``copy.deepcopy`` and pickle keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .integrations._common import NotFusable, loaded_types
+from .nn import KERNEL_DTYPES, _refuse_kernel_backend, pinned_backend
+from .stem_head import ConvBNActParts, parts_reason, run_fused, run_reason
+
+Tensor = torch.Tensor
+PartsResult = tuple[Optional[ConvBNActParts], Optional[str]]
+
+__all__ = ["Chain", "FusedMethod", "MethodSpec", "fused_methods", "make_parts", "static_reason"]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A conv, its norm and (``act``, when the norm does not apply it) its activation, by attribute name
+    on the model; ``name`` is the handle the method body runs it by (``"stem"``, ``"head"``)."""
+
+    name: str
+    conv: str
+    norm: str
+    act: Optional[str] = None
+
+    def modules(self, owner: nn.Module) -> tuple[Any, Any, Any]:
+        return (getattr(owner, self.conv), getattr(owner, self.norm),
+                getattr(owner, self.act) if self.act is not None else None)
+
+    def run_unfused(self, owner: nn.Module, x: Tensor) -> Tensor:
+        """The modules in sequence, as the library's method calls them."""
+        conv, norm, act = self.modules(owner)
+        x = norm(conv(x))
+        return act(x) if act is not None else x
+
+
+def make_parts(conv: Any, bn: Any, resolve: Callable[[], tuple[Optional[str], Any]]) -> PartsResult:
+    """:class:`ConvBNActParts` of ``conv`` and ``bn``, or why not: ``resolve()`` gives ``(activation kind,
+    padding)`` as the library computes them (raising :class:`~effnet_kernels.integrations._common.NotFusable`
+    where it cannot say)."""
+    try:
+        activation, padding = resolve()
+    except NotFusable as exc:
+        return None, str(exc)
+    reason = parts_reason(conv, bn, activation, padding)
+    return (None, reason) if reason is not None else (ConvBNActParts(conv, bn, activation, padding), None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A library model's method that runs sibling chains, and the adapter's copy of its body.
+
+    ``body(model, run_chain, *args, **kwargs)`` computes what the library's function does, with
+    ``run_chain(name, x)`` in place of each chain's calls; ``names`` are that function's
+    ``__code__.co_names`` (a library version whose method differs is left alone).
+    ``parts(chain, conv, norm, act)`` resolves a chain's modules as the library computes them."""
+
+    library: str
+    module: str
+    cls: str
+    method: str
+    names: tuple[str, ...]
+    chains: tuple[Chain, ...]
+    body: Callable[..., Any]
+    parts: Callable[[Chain, Any, Any, Any], PartsResult]
+
+    def library_function(self) -> Optional[Callable]:
+        found = loaded_types(self.module, self.cls)
+        return found[0].__dict__.get(self.method) if found else None
+
+    def matches(self, model: nn.Module) -> bool:
+        """``model`` is of the class (or a subclass keeping its method) and the method is the one copied."""
+        fn = self.library_function()
+        if fn is None or not isinstance(model, loaded_types(self.module, self.cls)):
+            return False
+        return getattr(type(model), self.method, None) is fn and tuple(fn.__code__.co_names) == self.names
+
+    def chain(self, name: str) -> Chain:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        raise KeyError(f"{self.cls}.{self.method} has no chain {name!r}")
+
+
+class _FoldCache:
+    """Where :func:`~effnet_kernels.nn.cached_fold` keeps one chain's folded weight."""
+
+
+class FusedMethod:
+    """Stands in for ``model.<spec.method>`` (an instance attribute): the library's method with each of
+    its chains as one op where it can (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, spec: MethodSpec, backend: Optional[str] = None,
+                 excluded: frozenset[str] = frozenset()) -> None:
+        self.model = model
+        self.spec = spec
+        self.backend = pinned_backend(backend)
+        #: chains that always run their modules in sequence (``convert``'s ``filter_fn`` rejected them)
+        self.excluded = frozenset(excluded)
+        self._caches = {chain.name: _FoldCache() for chain in spec.chains}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.spec.body(self.model, self.run_chain, *args, **kwargs)
+
+    def _parts(self, chain: Chain, x: Optional[Tensor]) -> PartsResult:
+        if chain.name in self.excluded:
+            return None, "excluded by convert's filter_fn"
+        parts, reason = self.spec.parts(chain, *chain.modules(self.model))
+        if parts is not None:
+            reason = run_reason(parts, self.model.training, x)
+        return (parts, None) if reason is None else (None, reason)
+
+    def unfused_reason(self, name: str, x: Optional[Tensor] = None) -> Optional[str]:
+        """Why chain ``name``'s next forward (of ``x``, if given) runs its modules in sequence, or None."""
+        return self._parts(self.spec.chain(name), x)[1]
+
+    def run_chain(self, name: str, x: Tensor) -> Tensor:
+        """Chain ``name`` of ``x``: one op, or its modules in sequence (:meth:`unfused_reason` says why)."""
+        chain = self.spec.chain(name)
+        parts, _ = self._parts(chain, x)
+        if parts is None:
+            if x.dtype not in KERNEL_DTYPES and not self.model.training:
+                _refuse_kernel_backend(self.backend, x)
+            return chain.run_unfused(self.model, x)
+        return run_fused(parts, x, self.backend, self._caches[name])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_caches"] = {name: _FoldCache() for name in self._caches}  # folded tensors are recomputed
+        return state
+
+    def __repr__(self) -> str:
+        chains = ", ".join(f"{c.name}: {c.conv}" for c in self.spec.chains)
+        return f"FusedMethod({self.spec.cls}.{self.spec.method}; {chains}; backend={self.backend or 'auto'})"
+
+
+def static_reason(spec: MethodSpec, chain: Chain, model: nn.Module) -> Optional[str]:
+    """Why ``chain``'s modules on ``model`` can never run as one op as they are (None: they can, in eval)."""
+    return spec.parts(chain, *chain.modules(model))[1]
+
+
+def fused_methods(module: nn.Module) -> dict[str, FusedMethod]:
+    """The :class:`FusedMethod` attributes ``convert`` set on ``module``, by method name."""
+    return {k: v for k, v in vars(module).items() if isinstance(v, FusedMethod)}

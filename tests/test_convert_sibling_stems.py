@@ -1,0 +1,298 @@
+"""Stems and heads of model attributes (second CI env, ``-m adapters``): timm's ``conv_stem`` + ``bn1``
+and ``conv_head`` + ``bn2`` (``forward_features``), efficientnet_pytorch's ``_conv_stem`` + ``_bn0`` +
+``_swish`` and ``_conv_head`` + ``_bn1`` + ``_swish`` (``extract_features``), and transformers' stem
+container (``EfficientNetEmbeddings``: zero pad, conv, BN, activation).
+
+Calibrated models at random init: each chain is one op (counted at dispatch), its output by the
+DESIGN rule against fp64 in fp32 and bf16 (chain by chain: the precise check; the network end to end
+is in the adapters' own suites), the modules the same objects and the keys unchanged; a replaced
+module is honoured; training with batch statistics runs the modules (running statistics as eager);
+gradient checkpointing, convert twice, revert, deepcopy, pickle, filter_fn, float64, a subclass that
+overrides the method, torch.compile(fullgraph=True). Negative controls: the stem one pixel off, the
+head without its activation, TF "same" on the wrong side.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import effnet_kernels as ek
+from effnet_kernels import testing
+from effnet_kernels.sibling_stems import FusedMethod, fused_methods
+
+from .defects import planted
+from .model_checks import calibrated
+from .test_ops_pointwise import _calls
+
+pytestmark = pytest.mark.adapters
+
+timm = pytest.importorskip("timm")
+efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
+transformers = pytest.importorskip("transformers")
+from timm.models.efficientnet import EfficientNet as TimmEfficientNet  # noqa: E402
+
+from .test_convert_huggingface import b0_config, build as build_hf  # noqa: E402
+
+# name -> (builder, method, {chain: conv attribute}, input size)
+MODELS = {
+    "timm_b0": (lambda: timm.create_model("efficientnet_b0"), "forward_features",
+                {"stem": "conv_stem", "head": "conv_head"}, 64),
+    "timm_tf_b0": (lambda: timm.create_model("tf_efficientnet_b0"), "forward_features",  # Conv2dSame stem
+                   {"stem": "conv_stem", "head": "conv_head"}, 64),
+    "timm_mobilenetv3": (lambda: timm.create_model("mobilenetv3_large_100"), "forward_features",
+                         {"stem": "conv_stem"}, 64),  # + its last stage's ConvBnAct block (CONV_BN_ACT)
+    "timm_mixnet_s": (lambda: timm.create_model("mixnet_s"), "forward_features",
+                      {"stem": "conv_stem", "head": "conv_head"}, 64),
+    "ep_b0_static": (lambda: efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0"), "extract_features",
+                     {"stem": "_conv_stem", "head": "_conv_head"}, 64),
+    "ep_b0_dynamic": (lambda: efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0", image_size=None),
+                      "extract_features", {"stem": "_conv_stem", "head": "_conv_head"}, 46),  # even: the stem pads (0, 1)
+}
+#: timm ConvBnAct blocks (conv + BatchNormAct2d, fused in their forward) -> their conv's name
+CONV_BN_ACT = {"timm_mobilenetv3": ["blocks.6.0.conv"]}
+
+
+def _pair(name: str, seed: int = 0):
+    build, method, chains, size = MODELS[name]
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, size, size)
+    eager = calibrated(build(), x)
+    return eager, ek.convert(copy.deepcopy(eager), backend="torch"), x
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _pair(name)
+        return cache[name]
+
+    return get
+
+
+def _chain_input(model: nn.Module, chain: str, x: torch.Tensor) -> torch.Tensor:
+    """What the chain sees in the model's forward: the image (stem), the last block's output (head)."""
+    if chain == "stem":
+        return x
+    with torch.no_grad():
+        if hasattr(model, "_blocks"):  # efficientnet_pytorch: the head's input is the last block's output
+            feats = {}
+            handle = model._blocks[-1].register_forward_hook(lambda m, i, o: feats.setdefault("h", o))
+            model(x)
+            handle.remove()
+            return feats["h"]
+        return model.blocks(model.bn1(model.conv_stem(x)))
+
+
+class _Chain(nn.Module):
+    """One chain of a model as a module: the fused method's op, or the modules in sequence (unconverted)."""
+
+    def __init__(self, model: nn.Module, method: str, chain: str) -> None:
+        super().__init__()
+        self.model, self.method, self.chain = model, method, chain
+
+    def forward(self, x):
+        fused = fused_methods(self.model).get(self.method)
+        if fused is not None:
+            return fused.run_chain(self.chain, x)
+        from effnet_kernels.convert import _adapters, _method_specs
+
+        spec = next(s for s in _method_specs(list(_adapters())) if s.matches(self.model))
+        return spec.chain(self.chain).run_unfused(self.model, x)
+
+
+def _chain_parity(eager, converted, name: str, chain: str, x, dtype=torch.float32) -> testing.ParityResult:
+    method = MODELS[name][1]
+    h = _chain_input(eager, chain, x)
+    e, c = _Chain(eager, method, chain), _Chain(converted, method, chain)
+    ref = copy.deepcopy(e).to(torch.float64)
+    if dtype != torch.float32:
+        e, c = copy.deepcopy(e).to(dtype), copy.deepcopy(c).to(dtype)
+    return testing.model_parity(e, c, h.to(dtype), dtype=dtype, reference=ref)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_chain_is_one_op_and_the_modules_stay(name, pairs):
+    eager, converted, x = pairs(name)
+    _, method, chains, _ = MODELS[name]
+    report = ek.conversion_report(converted)
+    assert report.fused_convs == list(chains.values()) + CONV_BN_ACT.get(name, []), report
+    assert all(k.startswith(("blocks.", "_blocks.")) for k in report.skipped), report  # MixNet's MixedConv2d blocks
+    assert list(converted.state_dict()) == list(eager.state_dict())
+    fused = vars(converted)[method]
+    assert isinstance(fused, FusedMethod) and fused.model is converted and method not in vars(eager)
+    for chain, conv in chains.items():
+        assert fused.unfused_reason(chain, x) is None
+        assert type(getattr(converted, conv)) is type(getattr(eager, conv))  # the modules are not swapped
+        names, _ = _calls(_Chain(converted, method, chain), _chain_input(eager, chain, x))
+        assert names == ["effnet.conv_bn_act" if chain == "stem" else "effnet.pointwise_conv"], names
+    if not report.skipped:
+        names, _ = _calls(converted, x)
+        assert not [n for n in names if "batch_norm" in n], names  # every BatchNorm is inside an op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chain_parity(name, dtype, pairs):
+    eager, converted, x = pairs(name)
+    for chain in MODELS[name][2]:
+        result = _chain_parity(eager, converted, name, chain, x, dtype)
+        assert result.ok, f"{chain}: {result}"
+
+
+@pytest.mark.parametrize("name, chain, defect", [
+    ("timm_b0", "stem", "conv_pad_shift"), ("ep_b0_static", "stem", "conv_pad_shift"),
+    ("timm_b0", "head", "pointwise_skip_act"), ("ep_b0_dynamic", "head", "pointwise_skip_act"),
+    ("timm_tf_b0", "stem", "tf_same_swap"), ("ep_b0_dynamic", "stem", "tf_same_swap"),
+])
+def test_negative_control_chain_check_rejects_defect(name, chain, defect, pairs):
+    eager, converted, x = pairs(name)
+    assert _chain_parity(eager, converted, name, chain, x).ok
+    with planted(defect):
+        result = _chain_parity(eager, converted, name, chain, x)
+    assert not result.ok, result
+
+
+def test_huggingface_stem_is_one_op():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    eager = calibrated(build_hf(b0_config()), x)
+    converted = ek.convert(copy.deepcopy(eager), backend="torch")
+    assert "efficientnet.embeddings" in ek.conversion_report(converted).fused_convs
+    stem, eager_stem = converted.efficientnet.embeddings, eager.efficientnet.embeddings
+    assert isinstance(stem, ek.FusedConvBNAct) and stem.padding.padding == (0, 1, 0, 1) and stem.out_dim == 32
+    assert _calls(stem, x)[0] == ["effnet.conv_bn_act"]
+    assert list(converted.state_dict()) == list(eager.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        e, c = (eager_stem, stem) if dtype == torch.float32 else (copy.deepcopy(eager_stem).to(dtype),
+                                                                   copy.deepcopy(stem).to(dtype))
+        result = testing.model_parity(e, c, x.to(dtype), dtype=dtype, reference=copy.deepcopy(eager_stem).double())
+        assert result.ok, result
+    with planted("conv_pad_shift"):
+        assert not testing.model_parity(eager_stem, stem, x).ok
+    back = ek.revert(converted)
+    assert type(back.efficientnet.embeddings).__name__ == "EfficientNetEmbeddings"
+
+
+def test_a_replaced_module_is_honoured():
+    eager, converted, x = _pair("timm_b0")
+    for m in (eager, converted):
+        m.bn1.act = nn.ReLU6()
+        m.conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+    torch.nn.init.normal_(eager.conv_head.weight, std=0.05)
+    converted.conv_head.weight.data.copy_(eager.conv_head.weight)
+    assert converted.forward_features.unfused_reason("stem", x) is None  # still one op, now with relu6
+    assert converted.forward_features.unfused_reason("head", x) is None
+    assert testing.model_parity(eager, converted, x).ok
+    for m in (eager, converted):
+        m.bn1.act = nn.GELU()
+    assert "GELU" in converted.forward_features.unfused_reason("stem", x)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), eager(x), rtol=1e-4, atol=1e-4 * eager(x).abs().max().item())
+
+
+def test_training_with_batch_statistics_runs_the_modules():
+    eager, converted, x = _pair("ep_b0_static")
+    eager.train(), converted.train()
+    assert converted.extract_features.unfused_reason("stem", x) == "training"
+    torch.manual_seed(5)
+    eager(x)
+    torch.manual_seed(5)
+    converted(x)
+    for bn in ("_bn0", "_bn1"):
+        torch.testing.assert_close(getattr(converted, bn).running_var, getattr(eager, bn).running_var)
+        assert int(getattr(converted, bn).num_batches_tracked) == int(getattr(eager, bn).num_batches_tracked)
+
+
+def test_gradient_checkpointing_is_honoured():
+    """timm's set_grad_checkpointing: the copied body checkpoints the blocks as timm's does (frozen stem fused)."""
+    eager, converted, x = _pair("timm_b0")
+    for m in (eager, converted):
+        m.train()
+        m.set_grad_checkpointing(True)
+        m.bn1.eval()  # the stem's BatchNorm frozen: the fused op runs in training, with autograd
+    assert converted.forward_features.unfused_reason("stem", x) is None
+    calls = []
+    checkpoint_seq = TimmEfficientNet.forward_features.__globals__["checkpoint_seq"]
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint_seq(*args, **kwargs)
+
+    TimmEfficientNet.forward_features.__globals__["checkpoint_seq"] = counting
+    try:
+        grads = []
+        for m in (eager, converted):
+            torch.manual_seed(7)
+            m(x).square().mean().backward()
+            grads.append(m.conv_stem.weight.grad)
+    finally:
+        TimmEfficientNet.forward_features.__globals__["checkpoint_seq"] = checkpoint_seq
+    assert len(calls) == 2
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * grads[0].abs().max().item())
+
+
+def test_convert_twice_revert_deepcopy_pickle_filter():
+    eager, converted, x = _pair("ep_b0_static")
+    with torch.no_grad():
+        want = converted(x)
+    again = ek.convert(converted, backend="torch")
+    assert {"_conv_stem", "_conv_head"} <= set(ek.conversion_report(again).already_fused)
+    for other in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        assert other.extract_features.model is other
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), want)
+    ek.revert(converted)
+    assert "extract_features" not in vars(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), eager(x))
+    filtered = ek.convert(copy.deepcopy(eager), backend="torch", filter_fn=lambda m, n: n != "_conv_stem")
+    report = ek.conversion_report(filtered)
+    assert report.filtered_out == ["_conv_stem"] and report.fused_convs == ["_conv_head"]
+    assert "filter_fn" in filtered.extract_features.unfused_reason("stem", x)
+    assert _calls(_Chain(filtered, "extract_features", "stem"), x)[0][0] != "effnet.conv_bn_act"
+
+
+def test_float64_runs_the_modules_and_a_pinned_kernel_backend_refuses_it():
+    eager, converted, x = _pair("timm_mobilenetv3")
+    eager64, converted64 = copy.deepcopy(eager).double(), copy.deepcopy(converted).double()
+    assert "float64" in converted64.forward_features.unfused_reason("stem", x.double())
+    with torch.no_grad():
+        torch.testing.assert_close(converted64(x.double()), eager64(x.double()))
+    pinned = ek.convert(copy.deepcopy(eager).double(), backend="triton")
+    with pytest.raises(ek.BackendUnavailableError, match="float64"):
+        pinned(x.double())
+
+
+def test_a_changed_method_is_left_alone():
+    """A subclass overriding forward_features, or a library function whose names differ from the copy's."""
+    class Custom(TimmEfficientNet):
+        def forward_features(self, x):
+            return super().forward_features(x) * 2
+
+    torch.manual_seed(0)
+    base = timm.create_model("efficientnet_b0")
+    model = Custom.__new__(Custom)
+    model.__dict__ = copy.deepcopy(base).__dict__
+    ek.convert(model, backend="torch")
+    assert not fused_methods(model) and not ek.conversion_report(model).fused_convs
+    from effnet_kernels.integrations import timm as timm_adapter
+
+    spec = timm_adapter.METHOD_SPECS[0]
+    assert spec.matches(base) and not dataclasses.replace(spec, names=spec.names + ("forward_head",)).matches(base)
+
+
+def test_compiled_converted_model_fullgraph(pairs):
+    _, converted, x = pairs("timm_b0")
+    with torch.no_grad():
+        want = converted(x)
+        got = torch.compile(converted, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
