@@ -596,10 +596,10 @@ def traffic_table(rows: list[dict], mode: str = "eval") -> str:
         groups.setdefault((r["device"], r["dtype"], r["layout"], r["batch"]), []).append(r)
     parts = []
     for (device, dtype, layout, batch), group in groups.items():
-        first = group[0]
+        torches = ", ".join(sorted({r.get("torch") or "?" for r in group}))
         commits = ", ".join(sorted({r.get("commit") or "?" for r in group}))
         parts.append(f"#### {device} · {dtype} · {layout} · {mode} · batches {batch} and {2 * int(batch)}\n\n"
-                     + _intro(mode, device, batch, f"torch {first.get('torch') or '?'}, commit {commits}"))
+                     + _intro(mode, device, batch, f"torch {torches}, commit {commits}"))
         header = ["model", "resolution", "kernels eager", "kernels converted", "ratio", "act MB/img eager",
                   "act MB/img converted", "ratio", "total MB/img eager", "total MB/img converted",
                   "effnet:: kernels (converted)"]

@@ -213,6 +213,11 @@ def test_converted_b0_moves_less_in_fewer_kernels_and_rows_round_trip(tmp_path):
     assert float(back[1]["act_bytes_per_img"]) == conv.activation_bytes_per_image
     table = traffic.traffic_table(back)
     assert f"| b0 | 64 | {eager.kernels} | {conv.kernels} | {conv.kernels / eager.kernels:.2f} |" in table
+    # rows counted under another torch (the adapters environment's library models): both named
+    other = traffic.rows_for("timm-b0", 64, {"eager": eager, "converted": conv}, blocks, batch=1, dtype="fp16",
+                             layout="channels_last", wall_s=0.1, versions={"torch": "t2", "commit": "def"})
+    append_rows(path, other, traffic.TRAFFIC_COLUMNS)
+    assert "(torch t, t2, commit abc, def)" in traffic.traffic_table(read_rows(path))
 
 
 def test_cli_writes_csv_md_and_readme_for_b0(tmp_path, capsys):
