@@ -91,9 +91,10 @@ def convert(
     and every conv + BatchNorm + activation container outside the blocks (the stem and head of
     :mod:`effnet_kernels.models` and torchvision's models, transformers' stem) for a
     :class:`~effnet_kernels.stem_head.FusedConvBNAct`. timm's and efficientnet_pytorch's stems and
-    heads, whose conv, norm and activation are the model's own attributes, run as one op each
-    through a :class:`~effnet_kernels.sibling_stems.FusedMethod` set on the model in place of the
-    method that calls them (``forward_features``, ``extract_features``); their modules stay.
+    heads and transformers' head, whose conv, norm and activation are the model's own attributes,
+    run as one op each through a :class:`~effnet_kernels.sibling_stems.FusedMethod` set on the
+    model in place of the method that calls them (``forward_features``, ``extract_features``, the
+    encoder's ``forward``); their modules stay.
 
     Recognised blocks: :class:`effnet_kernels.blocks.MBConvBlock`, efficientnet_pytorch
     ``MBConvBlock``, torchvision ``MBConv`` / ``FusedMBConv`` / MobileNetV2 and V3

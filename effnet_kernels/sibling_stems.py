@@ -2,7 +2,8 @@
 
 timm's ``EfficientNet`` calls ``self.conv_stem`` then ``self.bn1`` (a ``BatchNormAct2d``: BN and its
 activation) in ``forward_features``, and ``self.conv_head`` then ``self.bn2`` after the blocks;
-efficientnet_pytorch's ``extract_features`` calls ``self._swish(self._bn0(self._conv_stem(x)))``.
+efficientnet_pytorch's ``extract_features`` calls ``self._swish(self._bn0(self._conv_stem(x)))``;
+transformers' ``EfficientNetEncoder.forward`` ends with ``top_conv``, ``top_bn``, ``top_activation``.
 No module holds such a chain, so none can be swapped for a fused one without changing the
 ``state_dict`` keys or the modules the user holds. :func:`effnet_kernels.convert` sets instead, on
 the model instance, an attribute named like the method: a :class:`FusedMethod` that runs the
@@ -26,14 +27,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .integrations._common import NotFusable, loaded_types
+from ._norms import normalises_only
+from .integrations._common import NotFusable, activation_kind, conv_padding, is_plain_conv, loaded_types
 from .nn import KERNEL_DTYPES, _refuse_kernel_backend, pinned_backend
 from .stem_head import ConvBNActParts, parts_reason, run_fused, run_reason
 
 Tensor = torch.Tensor
 PartsResult = tuple[Optional[ConvBNActParts], Optional[str]]
 
-__all__ = ["Chain", "FusedMethod", "MethodSpec", "fused_methods", "make_parts", "static_reason"]
+__all__ = ["Chain", "FusedMethod", "MethodSpec", "fused_methods", "make_parts", "module_chain_parts", "static_reason"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,23 @@ def make_parts(conv: Any, bn: Any, resolve: Callable[[], tuple[Optional[str], An
         return None, str(exc)
     reason = parts_reason(conv, bn, activation, padding)
     return (None, reason) if reason is not None else (ConvBNActParts(conv, bn, activation, padding), None)  # type: ignore[arg-type]
+
+
+def module_chain_parts(chain: Chain, conv: Any, norm: Any, act: Any, *,
+                       conv_ok: Callable[[Any], bool] = is_plain_conv,
+                       padding: Callable[[Any], Any] = conv_padding) -> PartsResult:
+    """:func:`make_parts` of a chain of modules: a conv ``conv_ok`` accepts (by default a plain
+    ``nn.Conv2d``), padded as ``padding(conv)`` says, a BatchNorm that only normalises and an
+    activation module (``act``) of a kind the kernels compute."""
+
+    def resolve() -> tuple[Optional[str], Any]:
+        if not conv_ok(conv):
+            raise NotFusable(f"{chain.name} conv {type(conv).__name__} has a forward of its own (unknown padding)")
+        if not normalises_only(norm):
+            raise NotFusable(f"{chain.name} norm {type(norm).__name__} is not a BatchNorm2d")
+        return activation_kind(act), padding(conv)
+
+    return make_parts(conv, norm, resolve)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Stems and heads of model attributes (second CI env, ``-m adapters``): timm's ``conv_stem`` + ``bn1``
 and ``conv_head`` + ``bn2`` (``forward_features``), efficientnet_pytorch's ``_conv_stem`` + ``_bn0`` +
-``_swish`` and ``_conv_head`` + ``_bn1`` + ``_swish`` (``extract_features``), and transformers' stem
-container (``EfficientNetEmbeddings``: zero pad, conv, BN, activation).
+``_swish`` and ``_conv_head`` + ``_bn1`` + ``_swish`` (``extract_features``), transformers' stem
+container (``EfficientNetEmbeddings``: zero pad, conv, BN, activation) and its head (``top_conv`` +
+``top_bn`` + ``top_activation``, ``EfficientNetEncoder.forward``).
 
 Calibrated models at random init: each chain is one op (counted at dispatch), its output by the
 DESIGN rule against fp64 in fp32 and bf16 (chain by chain: the precise check; the network end to end
@@ -161,25 +162,80 @@ def test_negative_control_chain_check_rejects_defect(name, chain, defect, pairs)
     assert not result.ok, result
 
 
-def test_huggingface_stem_is_one_op():
+@pytest.fixture(scope="module")
+def hf_pair():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     eager = calibrated(build_hf(b0_config()), x)
-    converted = ek.convert(copy.deepcopy(eager), backend="torch")
-    assert "efficientnet.embeddings" in ek.conversion_report(converted).fused_convs
+    return eager, ek.convert(copy.deepcopy(eager), backend="torch"), x
+
+
+def _dtype_parity(e: nn.Module, c: nn.Module, h: torch.Tensor, dtype: torch.dtype) -> testing.ParityResult:
+    ref = copy.deepcopy(e).double()
+    if dtype != torch.float32:
+        e, c = copy.deepcopy(e).to(dtype), copy.deepcopy(c).to(dtype)
+    return testing.model_parity(e, c, h.to(dtype), dtype=dtype, reference=ref)
+
+
+def test_huggingface_stem_is_one_op(hf_pair):
+    eager, converted, x = hf_pair
+    assert ek.conversion_report(converted).fused_convs == ["efficientnet.embeddings", "efficientnet.encoder.top_conv"]
     stem, eager_stem = converted.efficientnet.embeddings, eager.efficientnet.embeddings
     assert isinstance(stem, ek.FusedConvBNAct) and stem.padding.padding == (0, 1, 0, 1) and stem.out_dim == 32
     assert _calls(stem, x)[0] == ["effnet.conv_bn_act"]
     assert list(converted.state_dict()) == list(eager.state_dict())
     for dtype in (torch.float32, torch.bfloat16):
-        e, c = (eager_stem, stem) if dtype == torch.float32 else (copy.deepcopy(eager_stem).to(dtype),
-                                                                   copy.deepcopy(stem).to(dtype))
-        result = testing.model_parity(e, c, x.to(dtype), dtype=dtype, reference=copy.deepcopy(eager_stem).double())
+        result = _dtype_parity(eager_stem, stem, x, dtype)
         assert result.ok, result
     with planted("conv_pad_shift"):
         assert not testing.model_parity(eager_stem, stem, x).ok
-    back = ek.revert(converted)
+    back = ek.revert(copy.deepcopy(converted))
     assert type(back.efficientnet.embeddings).__name__ == "EfficientNetEmbeddings"
+
+
+def _hf_head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The head's input: the last block's output."""
+    feats = {}
+    handle = model.efficientnet.encoder.blocks[-1].register_forward_hook(lambda m, i, o: feats.setdefault("h", o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return feats["h"]
+
+
+def test_huggingface_head_is_one_op_in_the_encoders_forward(hf_pair):
+    """top_conv + top_bn + top_activation: siblings the encoder's forward runs, fused through it."""
+    eager, converted, x = hf_pair
+    encoder, eager_encoder = converted.efficientnet.encoder, eager.efficientnet.encoder
+    assert isinstance(vars(encoder)["forward"], FusedMethod) and "forward" not in vars(eager_encoder)
+    assert type(encoder.top_conv) is nn.Conv2d and type(encoder.top_bn) is nn.BatchNorm2d  # not swapped
+    h = _hf_head_input(eager, x)
+    c, e = _Chain(encoder, "forward", "head"), _Chain(eager_encoder, "forward", "head")
+    assert _calls(c, h)[0] == ["effnet.pointwise_conv"]
+    for dtype in (torch.float32, torch.bfloat16):
+        result = _dtype_parity(e, c, h, dtype)
+        assert result.ok, result
+    with planted("pointwise_skip_act"):
+        assert not testing.model_parity(e, c, h).ok
+    with torch.no_grad():  # the encoder's other outputs: every block's output, the tuple form
+        want, got = eager(x, output_hidden_states=True), converted(x, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == 17
+        for a, b in zip(want.hidden_states, got.hidden_states):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+        plain = converted(x, return_dict=False)
+        assert isinstance(plain, tuple) and torch.equal(plain[0], converted(x).logits)
+    back = ek.revert(copy.deepcopy(converted))
+    assert "forward" not in vars(back.efficientnet.encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, eager(x).logits)
+
+
+def test_huggingface_compiled_fullgraph(hf_pair):
+    _, converted, x = hf_pair
+    with torch.no_grad():
+        want = converted(x).logits
+        got = torch.compile(converted, fullgraph=True, backend="aot_eager")(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_a_replaced_module_is_honoured():

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._norms import normalises_only
 from ..nn import MBConvPlan
-from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts
+from ..sibling_stems import Chain, MethodSpec, PartsResult, module_chain_parts
 from ._common import (
     NotFusable, activation_kind, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation,
     se_spec,
@@ -74,16 +73,13 @@ def _drop_connect(t, drop_connect_rate=None):
 _CONV_CLASSES = ("Conv2dStaticSamePadding", "Conv2dDynamicSamePadding")
 
 
-def _chain_parts(chain: Chain, conv, norm, act) -> PartsResult:
-    def resolve():
-        if not is_plain_conv(conv) and not (type(conv).__name__ in _CONV_CLASSES
-                                            and type(conv).__module__.startswith(NAME)):
-            raise NotFusable(f"{chain.name} conv {type(conv).__name__} has a forward of its own (unknown padding)")
-        if not normalises_only(norm):
-            raise NotFusable(f"{chain.name} norm {type(norm).__name__} is not a BatchNorm2d")
-        return activation_kind(act), _padding(conv)
+def _known_conv(conv) -> bool:
+    """A plain conv, or one of the library's own "same"-padding convs (whose padding ``_padding`` reads)."""
+    return is_plain_conv(conv) or (type(conv).__name__ in _CONV_CLASSES and type(conv).__module__.startswith(NAME))
 
-    return make_parts(conv, norm, resolve)
+
+def _chain_parts(chain: Chain, conv, norm, act) -> PartsResult:
+    return module_chain_parts(chain, conv, norm, act, conv_ok=_known_conv, padding=_padding)
 
 
 def _extract_features(model: nn.Module, run_chain, inputs):

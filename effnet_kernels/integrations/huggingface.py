@@ -13,6 +13,10 @@ residual). Quirks:
   conv pads itself (``padding="same"``: ``k//2`` on every side) and the pad module is unused;
 * the residual is taken when ``projection.apply_dropout`` (``stride == 1 and not id_skip``),
   after an ``nn.Dropout`` that is the identity in eval (training runs the block's own forward).
+
+The stem (``EfficientNetEmbeddings``: zero pad, conv, BN, activation) is a container that
+:mod:`effnet_kernels.stem_head` fuses; the head (``top_conv``, ``top_bn``, ``top_activation``,
+siblings in ``EfficientNetEncoder.forward``) is fused through :func:`method_specs`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import MBConvPlan
+from ..sibling_stems import Chain, MethodSpec, module_chain_parts
 from ._common import (
     NotFusable, activation_kind, conv_padding, dw_spec, is_plain_conv, loaded_types, pointwise,
     require_activation, se_spec, zero_pad,
@@ -86,3 +91,31 @@ def _dropout(proj: nn.Module, t):
     if not dropout.training or dropout.p == 0.0:
         return t
     return dropout(t)
+
+
+# ---------------------------------------------------------------- the head
+def _encoder_forward(encoder: nn.Module, run_chain, hidden_states, output_hidden_states=False, return_dict=True):
+    """transformers 5's ``EfficientNetEncoder.forward``: the blocks, then the head (``top_conv``,
+    ``top_bn``, ``top_activation``); the output class is the library's own."""
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    for block in encoder.blocks:
+        hidden_states = block(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+    hidden_states = run_chain("head", hidden_states)
+    if not return_dict:
+        return tuple(v for v in [hidden_states, all_hidden_states] if v is not None)
+    output = type(encoder).forward.__globals__["BaseModelOutputWithNoAttention"]
+    return output(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+METHOD_SPECS = (
+    MethodSpec(NAME, _MODULE, "EfficientNetEncoder", "forward",
+               ("blocks", "top_conv", "top_bn", "top_activation", "tuple", "BaseModelOutputWithNoAttention"),
+               (Chain("head", "top_conv", "top_bn", "top_activation"),), _encoder_forward, module_chain_parts),
+)
+
+
+def method_specs() -> tuple[MethodSpec, ...]:
+    """The transformers method whose head chain ``convert`` fuses (the stem is a container: ``stem_head``)."""
+    return METHOD_SPECS
