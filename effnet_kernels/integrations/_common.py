@@ -10,14 +10,25 @@ activation must be in ``effnet_kernels.ops._checks.ACTIVATIONS``, the SE path's 
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
 from .._norms import is_batchnorm, num_features
 from ..nn import DWConvSpec, Padding, PointwiseSpec, SESpec
 from ..ops import _checks
+
+def _call_child(owner: nn.Module, name: str, t):
+    return getattr(owner, name)(t)
+
+
+def child_call(owner: nn.Module, name: str) -> Callable:
+    """``t -> owner.<name>(t)``, the child looked up at each call (a replaced one is honoured), for a
+    plan's ``drop``: a ``functools.partial`` of a module-level function, so a converted model pickles."""
+    return functools.partial(_call_child, owner, name)
+
 
 # torch.nn classes whose forward is exactly the named function
 _TORCH_KINDS: tuple[tuple[type, str], ...] = (

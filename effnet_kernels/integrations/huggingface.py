@@ -21,6 +21,8 @@ siblings in ``EfficientNetEncoder.forward``) is fused through :func:`method_spec
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from ..nn import MBConvPlan
@@ -82,7 +84,7 @@ def plan(block: nn.Module) -> MBConvPlan:
     if residual and not isinstance(getattr(proj, "dropout", None), nn.Dropout):
         raise NotFusable(f"projection dropout is {type(getattr(proj, 'dropout', None)).__name__}, not nn.Dropout")
     return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=residual, original=block, source=NAME,
-                      drop=lambda t: _dropout(proj, t), drop_per_sample=False)
+                      drop=functools.partial(_dropout, proj), drop_per_sample=False)
 
 
 def _dropout(proj: nn.Module, t):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from ..nn import MBConvPlan, SESpec
@@ -23,6 +25,11 @@ def drop_path(t, p: float, training: bool):
     return block_drop_path(t, p, training)
 
 
+def _drop_path(block: nn.Module, t):
+    """The block's drop path of ``t`` at its ``drop_path_rate`` (read at each call), in training."""
+    return drop_path(t, block.drop_path_rate, True)
+
+
 def plan_native(block: nn.Module) -> MBConvPlan:
     """Describe an :class:`effnet_kernels.blocks.MBConvBlock` for fusion."""
     pre: tuple = ()
@@ -37,7 +44,7 @@ def plan_native(block: nn.Module) -> MBConvPlan:
         pre=pre, dw=dw, se=se,
         post=pointwise(block.project_conv, block.project_bn, "identity", (block.project_conv, block.project_bn)),
         residual=bool(block.has_residual), original=block, source=NAME,
-        drop=lambda t: drop_path(t, block.drop_path_rate, True),  # called in training only
+        drop=functools.partial(_drop_path, block),  # called in training only
     )
 
 

@@ -24,7 +24,7 @@ from .._norms import normalises_only
 from ..nn import MBConvPlan
 from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts
 from ._common import (
-    NotFusable, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
+    NotFusable, child_call, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
 )
 
 NAME = "timm"
@@ -132,7 +132,7 @@ def plan(block: nn.Module) -> MBConvPlan:
     else:
         pre, post = (), _folded(block.conv_pw, block.bn2, "project")
     return MBConvPlan(pre=pre, dw=dw, se=se, post=post, residual=bool(block.has_skip), original=block, source=NAME,
-                      drop=lambda t: block.drop_path(t))  # DropPath (per sample) or nn.Identity
+                      drop=child_call(block, "drop_path"))  # DropPath (per sample) or nn.Identity
 
 
 # ---------------------------------------------------------------- stems and heads

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nn import MBConvPlan
 from ._common import (
-    NotFusable, conv_bn_act, dw_spec, is_activation, is_batchnorm, loaded_types,
+    NotFusable, child_call, conv_bn_act, dw_spec, is_activation, is_batchnorm, loaded_types,
     plain_conv_padding, require_activation, se_spec,
 )
 
@@ -128,7 +128,7 @@ def plan(block: nn.Module) -> MBConvPlan:
                          "nothing for the depthwise kernel to fuse")
     if kind == "MBConv":  # EfficientNet: StochasticDepth on the residual branch
         return _plan_sequence(list(block.block.children()), block.use_res_connect, block,
-                              drop=lambda t: block.stochastic_depth(t))
+                              drop=child_call(block, "stochastic_depth"))
     if kind == "MobileNetV3":
         return _plan_sequence(list(block.block.children()), block.use_res_connect, block)
     if kind == "MobileNetV2":
