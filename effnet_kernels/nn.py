@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._hooks import hooks_reason
 from ._norms import bn_uses_running_stats
 from ._train_block import UNKNOWN_DROP, autocast_input, train_blocker, train_forward
 from .reference import ACTIVATION_FNS
@@ -449,7 +450,14 @@ class MBConv(nn.Module):
         self.refresh()
         if self.training or self.unfusable_reason is not None or not bn_uses_running_stats(self.plan.dw.bn):
             return False
+        if self.hooks_reason() is not None:
+            return False
         return x is None or x.dtype in KERNEL_DTYPES
+
+    def hooks_reason(self) -> Optional[str]:
+        """Why the block runs its original forward because a submodule has a module hook that the fused
+        ops would not call (:mod:`effnet_kernels._hooks`), or None. Checked on every forward."""
+        return hooks_reason(m for _, m in self._watched)
 
     def train_unfused_reason(self, x: Optional[Tensor] = None) -> Optional[str]:
         """Why the next training forward (of ``x``, if given) runs the original eager forward, or None
@@ -459,7 +467,7 @@ class MBConv(nn.Module):
             return self.unfusable_reason
         if x is not None and x.dtype not in KERNEL_DTYPES:
             return f"inputs of dtype {x.dtype} train eagerly"
-        return train_blocker(self.plan)
+        return self.hooks_reason() or train_blocker(self.plan)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Fused forward in eval and in training (see the module docstring).

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ._hooks import hooks_reason, submodules
 from ._norms import normalises_only
 from .integrations._common import NotFusable, activation_kind, conv_padding, is_plain_conv, loaded_types
 from .nn import KERNEL_DTYPES, _refuse_kernel_backend, pinned_backend
@@ -147,9 +148,10 @@ class FusedMethod:
     def _parts(self, chain: Chain, x: Optional[Tensor]) -> PartsResult:
         if chain.name in self.excluded:
             return None, "excluded by convert's filter_fn"
-        parts, reason = self.spec.parts(chain, *chain.modules(self.model))
+        modules = chain.modules(self.model)
+        parts, reason = self.spec.parts(chain, *modules)
         if parts is not None:
-            reason = run_reason(parts, self.model.training, x)
+            reason = hooks_reason(submodules(modules)) or run_reason(parts, self.model.training, x)
         return (parts, None) if reason is None else (None, reason)
 
     def unfused_reason(self, name: str, x: Optional[Tensor] = None) -> Optional[str]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import nn as ek_nn
 from . import ops
+from ._hooks import hooks_reason, submodules
 from ._norms import is_batchnorm, normalises_only, num_features
 from .nn import (
     KERNEL_DTYPES, Padding, _refuse_kernel_backend, autocast_input, bn_uses_running_stats, cached_fold,
@@ -203,7 +204,7 @@ class FusedConvBNAct(nn.Sequential):
     def _parts(self, x: Optional[Tensor]) -> tuple[Optional[ConvBNActParts], Optional[str]]:
         parts, reason = _container_parts(self)
         if parts is not None:
-            reason = run_reason(parts, self.training, x)
+            reason = hooks_reason(submodules(self.children())) or run_reason(parts, self.training, x)
         return (parts, None) if reason is None else (None, reason)
 
     def unfused_reason(self, x: Optional[Tensor] = None) -> Optional[str]:

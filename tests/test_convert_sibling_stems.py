@@ -2,7 +2,8 @@
 and ``conv_head`` + ``bn2`` (``forward_features``), efficientnet_pytorch's ``_conv_stem`` + ``_bn0`` +
 ``_swish`` and ``_conv_head`` + ``_bn1`` + ``_swish`` (``extract_features``), transformers' stem
 container (``EfficientNetEmbeddings``: zero pad, conv, BN, activation) and its head (``top_conv`` +
-``top_bn`` + ``top_activation``, ``EfficientNetEncoder.forward``).
+``top_bn`` + ``top_activation``, ``EfficientNetEncoder.forward``); timm's ``features_only`` stems (with
+``feature_location="expansion"``: the feature hooks still collect).
 
 Calibrated models at random init: each chain is one op (counted at dispatch), its output by the
 DESIGN rule against fp64 in fp32 and bf16 (chain by chain: the precise check; the network end to end
@@ -352,3 +353,41 @@ def test_compiled_converted_model_fullgraph(pairs):
         want = converted(x)
         got = torch.compile(converted, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+class _Feature(nn.Module):
+    """Feature map ``index`` of a timm ``features_only`` model, as a module the parity helpers take."""
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, x):
+        return self.model(x)[self.index]
+
+
+@pytest.mark.parametrize("location", ["", "expansion"])
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100"])
+def test_timm_features_only(name, location):
+    """EfficientNetFeatures / MobileNetV3Features: the stem fused in their forward; with
+    feature_location="expansion" the feature hooks on the expand convs still collect (those blocks
+    run their modules), every feature map by the rule."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    kwargs = {"feature_location": location} if location else {}
+    eager = calibrated(timm.create_model(name, features_only=True, **kwargs), x)
+    converted = ek.convert(copy.deepcopy(eager), backend="torch")
+    assert ek.conversion_report(converted).fused_convs[0] == "conv_stem"
+    assert _calls(_Chain(converted, "forward", "stem"), x)[0] == ["effnet.conv_bn_act"]
+    blocks = [m for m in converted.modules() if isinstance(m, ek.MBConv)]
+    hooked = [b for b in blocks if b.hooks_reason() is not None]
+    assert (len(hooked) > 0) == (location == "expansion")
+    assert all("forward pre hook" in b.hooks_reason() or "forward hook" in b.hooks_reason() for b in hooked)
+    with torch.no_grad():
+        n = len(eager(x))
+        assert len(converted(x)) == n == 5
+    for i in range(n):
+        result = testing.model_parity(_Feature(eager, i), _Feature(converted, i), x)
+        assert result.ok, f"feature {i}: {result}"
+    with planted("conv_pad_shift"):
+        assert not testing.model_parity(_Feature(eager, 0), _Feature(converted, 0), x).ok

@@ -11,8 +11,9 @@ splits), activations or SE kinds the kernels do not compute, ``EdgeResidual`` an
 Stems and heads (:func:`method_specs`, :mod:`effnet_kernels.sibling_stems`): ``EfficientNet``'s
 (also MobileNetV2, MixNet, MNASNet, EfficientNet-Lite, TinyNet) ``conv_stem`` + ``bn1`` and
 ``conv_head`` + ``bn2`` in ``forward_features``, ``MobileNetV3``'s ``conv_stem`` + ``bn1`` (its head
-conv runs after the pool, on one pixel) and the ``ConvBnAct`` block's ``conv`` + ``bn1`` (MobileNetV3's
-last stage: a 1x1 conv to 960 channels) in its ``forward``.
+conv runs after the pool, on one pixel), the ``features_only`` models' stems (``EfficientNetFeatures``:
+``conv_stem`` + ``bn1``; ``MobileNetV3Features``: + ``act1``) in their ``forward``, and the ``ConvBnAct``
+block's ``conv`` + ``bn1`` (MobileNetV3's last stage: a 1x1 conv to 960 channels) in its ``forward``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from .._norms import normalises_only
 from ..nn import MBConvPlan
-from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts
+from ..sibling_stems import Chain, MethodSpec, PartsResult, make_parts, module_chain_parts
 from ._common import (
     NotFusable, child_call, conv_padding, dw_spec, is_plain_conv, loaded_module, pointwise, require_activation, se_spec,
 )
@@ -137,7 +138,10 @@ def plan(block: nn.Module) -> MBConvPlan:
 
 # ---------------------------------------------------------------- stems and heads
 def _chain_parts(chain: Chain, conv, norm, act) -> PartsResult:
-    """A timm conv (plain, ``Conv2dSame``, ``Conv2dSameExport``) + norm-act layer (``act`` is None: the norm applies it)."""
+    """A timm conv (plain, ``Conv2dSame``, ``Conv2dSameExport``) + norm-act layer (``act`` is None: the norm
+    applies it), or + a norm and an activation module of its own (``MobileNetV3Features``' ``act1``)."""
+    if chain.act is not None:
+        return module_chain_parts(chain, conv, norm, act, conv_ok=lambda c: True, padding=_padding)  # _padding checks it
     return make_parts(conv, norm, lambda: (_norm_act(norm, chain.name), _padding(conv)))
 
 
@@ -159,6 +163,22 @@ def _mobilenetv3_forward_features(model: nn.Module, run_chain, x: torch.Tensor) 
     return _stem_and_blocks(model, run_chain, x)
 
 
+def _features_forward(model: nn.Module, run_chain, x: torch.Tensor) -> list:
+    """timm 1.0's ``EfficientNetFeatures.forward`` / ``MobileNetV3Features.forward`` (``features_only``):
+    the stem, then the blocks, collecting each stage's output (or the feature hooks' outputs)."""
+    x = run_chain("stem", x)
+    if model.feature_hooks is None:
+        checkpoint = type(model).forward.__globals__["checkpoint"]  # the library's own
+        features = [x] if 0 in model._stage_out_idx else []
+        for i, b in enumerate(model.blocks):
+            x = checkpoint(b, x) if model.grad_checkpointing and not torch.jit.is_scripting() else b(x)
+            if i + 1 in model._stage_out_idx:
+                features.append(x)
+        return features
+    model.blocks(x)
+    return list(model.feature_hooks.get_output(x.device).values())
+
+
 def _conv_bn_act_forward(block: nn.Module, run_chain, x: torch.Tensor) -> torch.Tensor:
     """timm 1.0's ``ConvBnAct.forward``: conv + norm-act, anti-aliasing, the residual (with drop path) if any."""
     shortcut = x
@@ -170,11 +190,17 @@ def _conv_bn_act_forward(block: nn.Module, run_chain, x: torch.Tensor) -> torch.
 
 _STEM = Chain("stem", "conv_stem", "bn1")
 _NAMES = ("conv_stem", "bn1", "grad_checkpointing", "torch", "jit", "is_scripting", "checkpoint_seq", "blocks")
+_FEATURES = ("feature_hooks", "_stage_out_idx", "append", "enumerate", "blocks", "grad_checkpointing", "torch", "jit",
+             "is_scripting", "checkpoint", "get_output", "device", "list", "values")
 METHOD_SPECS = (
     MethodSpec(NAME, "timm.models.efficientnet", "EfficientNet", "forward_features", _NAMES + ("conv_head", "bn2"),
                (_STEM, Chain("head", "conv_head", "bn2")), _efficientnet_forward_features, _chain_parts),
     MethodSpec(NAME, "timm.models.mobilenetv3", "MobileNetV3", "forward_features", _NAMES, (_STEM,),
                _mobilenetv3_forward_features, _chain_parts),
+    MethodSpec(NAME, "timm.models.efficientnet", "EfficientNetFeatures", "forward", ("conv_stem", "bn1") + _FEATURES,
+               (_STEM,), _features_forward, _chain_parts),
+    MethodSpec(NAME, "timm.models.mobilenetv3", "MobileNetV3Features", "forward", ("conv_stem", "bn1", "act1") + _FEATURES,
+               (Chain("stem", "conv_stem", "bn1", "act1"),), _features_forward, _chain_parts),
     MethodSpec(NAME, "timm.models._efficientnet_blocks", "ConvBnAct", "forward",
                ("conv", "bn1", "aa", "has_skip", "drop_path"), (Chain("conv", "conv", "bn1"),), _conv_bn_act_forward,
                _chain_parts),
