@@ -20,6 +20,7 @@ from .._norms import is_batchnorm, num_features
 from ..nn import DWConvSpec, Padding, PointwiseSpec, SESpec
 from ..ops import _checks
 
+
 def _call_child(owner: nn.Module, name: str, t):
     return getattr(owner, name)(t)
 
