@@ -388,6 +388,7 @@ def test_timm_features_only(name, location):
         assert len(converted(x)) == n == 5
     for i in range(n):
         result = testing.model_parity(_Feature(eager, i), _Feature(converted, i), x)
+        testing.assert_sensitive(_Feature(eager, i), x, result.limit / max(result.ref_scale, 1e-30))
         assert result.ok, f"feature {i}: {result}"
     with planted("conv_pad_shift"):
         assert not testing.model_parity(_Feature(eager, 0), _Feature(converted, 0), x).ok
