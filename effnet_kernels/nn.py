@@ -27,6 +27,7 @@ synchronising under torch.compile) trains through its eager forward.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._folded_weights import capturing, tensor_state
 from ._hooks import hooks_reason
 from ._norms import bn_uses_running_stats
 from ._train_block import UNKNOWN_DROP, autocast_input, train_blocker, train_forward
@@ -123,26 +125,52 @@ def tf_same_padding(h: int, w: int, kernel_size: int, stride: Sequence[int]) -> 
     return (left, right, top, bottom)
 
 
+class _FoldEntry:
+    """One owner's cached fold: the sources' :func:`~effnet_kernels._folded_weights.tensor_state`,
+    weak references to the source tensors, and the result.
+
+    A copy or an unpickled entry comes back empty (it never matches), so a deep copy or a
+    loaded model folds its own tensors afresh and pickling carries no weak references.
+    """
+
+    __slots__ = ("state", "refs", "value")
+
+    def __init__(self, state: tuple = (), refs: tuple = (), value: Any = None) -> None:
+        self.state, self.refs, self.value = state, refs, value
+
+    def serves(self, state: tuple, sources: Sequence[Optional[Tensor]]) -> bool:
+        """True when this entry was folded from these very tensors, unchanged since."""
+        return self.state == state and len(self.refs) == len(sources) and all(
+            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(self.refs, sources))
+
+    def __reduce__(self) -> tuple:
+        return (_FoldEntry, ())
+
+
 def cached_fold(owner: object, conv: nn.Conv2d, bn: nn.BatchNorm2d, compute: Callable[[], Any]) -> Any:
     """``compute()`` (a fold of ``conv`` + ``bn``), cached on ``owner`` while no tensor it reads changes.
 
-    The cache is keyed on each source tensor's storage and version counter (bumped by every
-    in-place update: optimizer steps, ``load_state_dict``, ``.to()``), and is bypassed when
-    autograd needs the graph, under ``torch.compile`` / ``torch.export`` and under
-    ``torch.jit.trace`` (a traced graph computes the fold from the parameters, it never bakes
-    in a cached result).
+    An entry serves only the very tensor objects it was folded from (held by weak reference, so
+    a new tensor reusing a freed one's memory, at the same address with the same version, is
+    folded afresh), while each keeps its storage, version counter (bumped by every in-place
+    update: optimizer steps, ``load_state_dict``, ``.to()``), shape, stride, dtype and device.
+    The cache is bypassed when autograd needs the graph, under ``torch.compile`` /
+    ``torch.export``, under ``torch.jit.trace`` (a traced graph computes the fold from the
+    parameters, it never bakes in a cached result) and while a CUDA graph is being captured
+    (the graph folds on every replay, so it sees in-place updates of the parameters).
     """
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or capturing(conv.weight) or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
     ):
         return compute()
-    key = (bn.eps,) + tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in sources)
-    cache = owner.__dict__.get("_fold_cache")
-    if cache is None or cache[0] != key:
-        cache = (key, compute())
-        owner.__dict__["_fold_cache"] = cache
-    return cache[1]
+    state = (bn.eps,) + tuple(None if t is None else tensor_state(t) for t in sources)
+    entry = owner.__dict__.get("_fold_cache")
+    if not isinstance(entry, _FoldEntry) or not entry.serves(state, sources):
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        entry = _FoldEntry(state, refs, compute())
+        owner.__dict__["_fold_cache"] = entry
+    return entry.value
 
 
 @dataclass
