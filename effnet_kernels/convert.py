@@ -18,7 +18,7 @@ from torch import nn
 from .backends import check_backend_name
 from .integrations._common import NotFusable
 from .nn import MBConv
-from .sibling_stems import FusedMethod, MethodSpec, fused_methods, static_reason
+from .sibling_stems import FusedMethod, MethodSpec, remove_fused_methods, set_fused_method, static_reason
 from .stem_head import FusedConvBNAct, container_types, fusable_reason
 
 logger = logging.getLogger("effnet_kernels")
@@ -145,7 +145,7 @@ def convert(
                 else:
                     fusable.append(labels[chain.name])
             if fusable:
-                setattr(module, spec.method, FusedMethod(module, spec, backend, frozenset(excluded)))
+                set_fused_method(module, FusedMethod(module, spec, backend, frozenset(excluded)))
                 report.fused_convs.extend(fusable)
             return
 
@@ -213,8 +213,7 @@ def revert(model: nn.Module) -> nn.Module:
     if isinstance(model, (MBConv, FusedConvBNAct)):
         return unwrap(model)
     for parent in list(model.modules()):
-        for method in fused_methods(parent):
-            delattr(parent, method)
+        remove_fused_methods(parent)
         for child_name, child in list(parent.named_children()):
             if isinstance(child, (MBConv, FusedConvBNAct)):
                 setattr(parent, child_name, unwrap(child))

@@ -16,7 +16,9 @@ where it can (:func:`effnet_kernels.stem_head.run_fused`). So:
 * each chain's modules are read from the model at call time: a replaced one is honoured, and a
   chain that no longer fits (or trains with batch statistics, or gets float64) runs its modules
   in sequence as the library does;
-* :func:`effnet_kernels.revert` deletes the attribute; ``copy.deepcopy`` and pickle keep it.
+* :func:`effnet_kernels.revert` deletes the attribute; ``copy.deepcopy`` and pickle keep it;
+* ``nn.DataParallel``'s replicas (shallow copies of each module) get their own, bound to the
+  replica (:class:`ReplicaBinding`), so each device runs its replica's modules.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from .stem_head import ConvBNActParts, parts_reason, run_fused, run_reason
 Tensor = torch.Tensor
 PartsResult = tuple[Optional[ConvBNActParts], Optional[str]]
 
-__all__ = ["Chain", "FusedMethod", "MethodSpec", "fused_methods", "make_parts", "module_chain_parts", "static_reason"]
+__all__ = ["Chain", "FusedMethod", "MethodSpec", "ReplicaBinding", "fused_methods", "make_parts", "module_chain_parts",
+           "remove_fused_methods", "set_fused_method", "static_reason"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,10 @@ class FusedMethod:
             return chain.run_unfused(self.model, x)
         return run_fused(parts, x, self.backend, self._caches[name])
 
+    def bound_to(self, model: nn.Module) -> "FusedMethod":
+        """The same method (spec, backend, exclusions) for ``model``, with caches of its own."""
+        return FusedMethod(model, self.spec, self.backend, self.excluded)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_caches"] = {name: _FoldCache() for name in self._caches}  # folded tensors are recomputed
@@ -186,3 +193,41 @@ def static_reason(spec: MethodSpec, chain: Chain, model: nn.Module) -> Optional[
 def fused_methods(module: nn.Module) -> dict[str, FusedMethod]:
     """The :class:`FusedMethod` attributes ``convert`` set on ``module``, by method name."""
     return {k: v for k, v in vars(module).items() if isinstance(v, FusedMethod)}
+
+
+_REPLICATE = "_replicate_for_data_parallel"
+
+
+class ReplicaBinding:
+    """Stands in for ``module._replicate_for_data_parallel`` (an instance attribute) on a module with
+    :class:`FusedMethod` attributes.
+
+    ``nn.DataParallel`` replicates each module as a shallow copy of its ``__dict__``, so without this
+    every replica would share the original's fused methods, which run the original's modules. The
+    replica here is the class's own copy with each fused method bound to the replica.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        for method in fused_methods(self.module).values():
+            set_fused_method(replica, method.bound_to(replica))
+        return replica
+
+
+def set_fused_method(module: nn.Module, method: FusedMethod) -> None:
+    """Set ``method`` on ``module`` (its model) under the method's name, replicas bound (:class:`ReplicaBinding`)."""
+    if method.model is not module:
+        raise ValueError(f"the FusedMethod is bound to another module ({type(method.model).__name__})")
+    module.__dict__[method.spec.method] = method
+    module.__dict__[_REPLICATE] = ReplicaBinding(module)
+
+
+def remove_fused_methods(module: nn.Module) -> None:
+    """Give ``module`` its class's methods back (what :func:`set_fused_method` set is deleted)."""
+    for name in fused_methods(module):
+        del module.__dict__[name]
+    if isinstance(module.__dict__.get(_REPLICATE), ReplicaBinding):
+        del module.__dict__[_REPLICATE]

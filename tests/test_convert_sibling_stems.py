@@ -10,8 +10,9 @@ DESIGN rule against fp64 in fp32 and bf16 (chain by chain: the precise check; th
 is in the adapters' own suites), the modules the same objects and the keys unchanged; a replaced
 module is honoured; training with batch statistics runs the modules (running statistics as eager);
 gradient checkpointing, convert twice, revert, deepcopy, pickle, filter_fn, float64, a subclass that
-overrides the method, torch.compile(fullgraph=True). Negative controls: the stem one pixel off, the
-head without its activation, TF "same" on the wrong side.
+overrides the method, torch.compile(fullgraph=True), ``nn.DataParallel``'s replicas (PyTorch's replicate
+with the broadcast emulated on the CPU). Negative controls: the stem one pixel off, the head without its
+activation, TF "same" on the wrong side, replicas sharing the original's fused methods.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import sys
+import zlib
+from unittest import mock
 
 import pytest
 import torch
@@ -392,3 +396,74 @@ def test_timm_features_only(name, location):
         assert result.ok, f"feature {i}: {result}"
     with planted("conv_pad_shift"):
         assert not testing.model_parity(_Feature(eager, 0), _Feature(converted, 0), x).ok
+
+
+def _replicate(model: nn.Module, copies: int = 2) -> list[nn.Module]:
+    """``torch.nn.parallel.replicate`` (what ``nn.DataParallel`` runs each forward) on the CPU: the
+    broadcast to each device is a clone per replica, the rest is PyTorch's own code."""
+    replicate = sys.modules["torch.nn.parallel.replicate"]
+
+    def broadcast(tensors, devices, detach=False):
+        return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+    with mock.patch.object(replicate, "_broadcast_coalesced_reshape", broadcast), \
+            mock.patch.object(replicate, "_get_device_index", lambda device, optional=False: 0):
+        return replicate.replicate(model, list(range(copies)), detach=True)
+
+
+def _jitter_running_var(model: nn.Module) -> None:
+    """Each BatchNorm's running variance times factors in [0.7, 1.4], the same for the same module name."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            factor = 2.0 ** (torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var = m.running_var * factor  # a replica's buffers are plain attributes
+
+
+def _changed_replica_parity(eager: nn.Module, converted: nn.Module, x: torch.Tensor) -> testing.ParityResult:
+    """Replica 1 of ``converted`` with its BatchNorms changed, against ``eager`` changed alike."""
+    replicas = _replicate(converted)
+    changed = copy.deepcopy(eager)
+    _jitter_running_var(changed)
+    _jitter_running_var(replicas[1])
+    result = testing.model_parity(changed, replicas[1], x)
+    testing.assert_sensitive(changed, x, result.limit / max(result.ref_scale, 1e-30))
+    assert testing.model_parity(eager, replicas[0], x).ok and not testing.model_parity(eager, changed, x).ok
+    return result
+
+
+@pytest.mark.parametrize("name", ["timm_b0", "timm_mobilenetv3", "ep_b0_static", "hf"])
+def test_data_parallel_replicas_run_their_own_modules(name, pairs, hf_pair):
+    """Each replica's fused methods are bound to the replica: with its BatchNorms changed, a replica
+    matches an eager model changed alike, by the rule, and the original is untouched."""
+    eager, converted, x = hf_pair if name == "hf" else pairs(name)
+    with torch.no_grad():
+        before = testing._first_tensor(converted(x))
+    for replica in _replicate(converted):
+        owners = [m for m in replica.modules() if fused_methods(m)]
+        assert owners and all(f.model is m for m in owners for f in fused_methods(m).values())
+    result = _changed_replica_parity(eager, converted, x)
+    assert result.ok, result
+    with torch.no_grad():
+        torch.testing.assert_close(testing._first_tensor(converted(x)), before, rtol=0, atol=0)
+
+
+def test_negative_control_shared_fused_methods_are_caught(pairs):
+    """Without the replica binding (every replica sharing the original's fused methods, as a plain
+    shallow copy does), the replica's parity check fails."""
+    from effnet_kernels.sibling_stems import ReplicaBinding
+
+    def unbound(self):
+        return type(self.module)._replicate_for_data_parallel(self.module)
+
+    eager, converted, x = pairs("timm_b0")
+    with mock.patch.object(ReplicaBinding, "__call__", unbound):
+        result = _changed_replica_parity(eager, converted, x)
+    assert not result.ok, result
+
+
+def test_revert_removes_the_replica_binding(pairs):
+    _, converted, _ = pairs("timm_mobilenetv3")
+    back = ek.revert(copy.deepcopy(converted))
+    assert not any("_replicate_for_data_parallel" in vars(m) or fused_methods(m) for m in back.modules())
+    assert "_replicate_for_data_parallel" in vars(converted)
