@@ -19,6 +19,9 @@ Parameters and optimizer state are those of the eager module it replaces.
   through the folds, the running statistics untouched, the block's stochastic depth applied
   (:mod:`effnet_kernels._frozen_block`).
 
+Under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) every fused module runs its
+modules as they are (:func:`transform_reason`): the ops have no functorch rules.
+
 A block whose parts are not all plain (some BatchNorms frozen and others training, conv biases,
 an adapter that does not describe the drop; a SyncBatchNorm where PyTorch's raises, or
 synchronising under torch.compile) trains through its eager forward.
@@ -84,6 +87,17 @@ def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TRANSFORM_REASON = ("under a torch.func transform (grad, vmap, jvp, jacrev, ...): the fused ops have no "
+                    "functorch rules, so the modules run as they are")
+
+
+def transform_reason() -> Optional[str]:
+    """:data:`TRANSFORM_REASON` while a ``torch.func`` transform is active, else None. The ops are
+    ``torch.library`` ops with autograd formulas but no functorch rules, so under ``torch.func.grad``
+    or ``vmap`` a fused module runs its modules (eager PyTorch, which the transforms support)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return TRANSFORM_REASON if active is not None and active() else None
 
 
 def _refuse_kernel_backend(backend: Optional[str], x: Tensor) -> None:
@@ -478,7 +492,7 @@ class MBConv(nn.Module):
         self.refresh()
         if self.training or self.unfusable_reason is not None or not bn_uses_running_stats(self.plan.dw.bn):
             return False
-        if self.hooks_reason() is not None:
+        if self.hooks_reason() is not None or transform_reason() is not None:
             return False
         return x is None or x.dtype in KERNEL_DTYPES
 
@@ -495,7 +509,7 @@ class MBConv(nn.Module):
             return self.unfusable_reason
         if x is not None and x.dtype not in KERNEL_DTYPES:
             return f"inputs of dtype {x.dtype} train eagerly"
-        return self.hooks_reason() or train_blocker(self.plan)
+        return self.hooks_reason() or transform_reason() or train_blocker(self.plan)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Fused forward in eval and in training (see the module docstring).
@@ -571,7 +585,8 @@ class FusedDWConvBNAct(nn.Module):
 
     def forward(self, x: Tensor, squeeze: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         bn = self.bn
-        if not self.training and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn_uses_running_stats(bn):
+        if (not self.training and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn_uses_running_stats(bn)
+                and transform_reason() is None):
             return self.spec.fused(autocast_input(x), squeeze, self.backend)
         z = F.conv2d(F.pad(x, self.spec.resolve_padding(x)), self.conv.weight, self.conv.bias,
                      self.conv.stride, groups=self.conv.groups)

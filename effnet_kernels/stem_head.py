@@ -34,7 +34,7 @@ from ._hooks import hooks_reason, submodules
 from ._norms import is_batchnorm, normalises_only, num_features
 from .nn import (
     KERNEL_DTYPES, Padding, _refuse_kernel_backend, autocast_input, bn_uses_running_stats, cached_fold,
-    fold_into_conv, pinned_backend,
+    fold_into_conv, pinned_backend, transform_reason,
 )
 
 Tensor = torch.Tensor
@@ -93,12 +93,13 @@ def parts_reason(conv: Any, bn: Any, activation: Optional[str], padding: Any) ->
 
 def run_reason(parts: ConvBNActParts, training: bool, x: Optional[Tensor] = None) -> Optional[str]:
     """Why the next forward (of ``x``, if given) of fusable ``parts`` runs them in sequence, or None: the
-    BatchNorm normalises with the batch's statistics, or ``x`` is of a dtype the kernels do not take."""
+    BatchNorm normalises with the batch's statistics, ``x`` is of a dtype the kernels do not take, or a
+    ``torch.func`` transform is active (:func:`~effnet_kernels.nn.transform_reason`)."""
     if not bn_uses_running_stats(parts.bn):
         return "training" if training else "the BatchNorm does not use running statistics"
     if x is not None and x.dtype not in KERNEL_DTYPES:
         return f"inputs of dtype {x.dtype} run eagerly"
-    return None
+    return transform_reason()
 
 
 def run_fused(parts: ConvBNActParts, x: Tensor, backend: Optional[str], cache_owner: object, *,
