@@ -29,7 +29,9 @@ synchronising under torch.compile) trains through its eager forward.
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -484,7 +486,33 @@ class MBConv(nn.Module):
             plan = self.__dict__.get("plan")
             if plan is None or name.startswith("__"):
                 raise
-            return getattr(plan.original, name)
+            value = getattr(plan.original, name)
+            if isinstance(value, types.MethodType) and value.__self__ is plan.original:
+                return functools.partial(self._call_on_original, value)
+            return value
+
+    def _call_on_original(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method`` (one of the original block's, e.g. efficientnet_pytorch's ``set_swish``) called
+        on the original with this block's current children, and whatever children it sets or removes
+        taken back (the next forward re-plans)."""
+        self._sync_original()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._adopt_original()
+
+    def _adopt_original(self) -> None:
+        """Take the original block's children, Parameters and buffers (the inverse of :meth:`_sync_original`)."""
+        original = self.plan.original
+        for name in [n for n in self._modules if n not in original._modules]:
+            delattr(self, name)
+        for name, child in original._modules.items():
+            if self._modules.get(name) is not child:
+                setattr(self, name, child)
+        for mine, theirs in ((self._parameters, original._parameters), (self._buffers, original._buffers)):
+            for name in [n for n in mine if n not in theirs]:
+                del mine[name]
+            mine.update({n: t for n, t in theirs.items() if mine.get(n) is not t})
 
     def fused_active(self, x: Optional[Tensor] = None) -> bool:
         """True when the next forward (of ``x``, if given) runs through the fused ops: eval with

@@ -467,3 +467,22 @@ def test_revert_removes_the_replica_binding(pairs):
     back = ek.revert(copy.deepcopy(converted))
     assert not any("_replicate_for_data_parallel" in vars(m) or fused_methods(m) for m in back.modules())
     assert "_replicate_for_data_parallel" in vars(converted)
+
+
+@pytest.mark.parametrize("name", ["timm_b0", "ep_b0_static"])
+def test_torch_func_grad_runs_the_chains_modules(name, pairs):
+    """Under ``torch.func.grad`` the fused methods' chains run their modules (the ops have no functorch
+    rules): the converted model's parameter gradients are eager's."""
+    from torch.func import functional_call, grad
+
+    eager, converted, x = (copy.deepcopy(m) for m in pairs(name))
+    if name.startswith("ep_"):  # its memory-efficient swish is an autograd.Function without functorch support
+        eager.set_swish(memory_efficient=False), converted.set_swish(memory_efficient=False)
+
+    def loss(params, model):
+        return functional_call(model, params, (x,)).square().mean()
+
+    want = grad(loss)({k: v.detach() for k, v in eager.named_parameters()}, eager)
+    got = grad(loss)({k: v.detach() for k, v in converted.named_parameters()}, converted)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6 * float(want[key].abs().max()))

@@ -183,3 +183,21 @@ def test_training_after_surgery_uses_the_new_modules(pair):
     out = converted(x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(converted._blocks[4]._bn0.running_mean, eager._blocks[4]._bn0.running_mean)
+
+
+def test_a_blocks_own_method_that_replaces_children_is_seen(pair):
+    """efficientnet_pytorch's ``set_swish`` (called before ONNX export or torch.func) sets each block's
+    ``_swish``: the fused block takes the new child, and revert gives it back with it."""
+    from efficientnet_pytorch.utils import MemoryEfficientSwish, Swish
+
+    eager, converted, x = pair
+    for model in (eager, converted):
+        model.set_swish(memory_efficient=False)
+    for block in fused_blocks(converted):
+        assert type(block._swish) is Swish and block.plan.original._swish is block._swish
+    assert_converted_matches(eager, converted, x)
+    converted.set_swish(memory_efficient=True)
+    assert all(type(b._swish) is MemoryEfficientSwish for b in fused_blocks(converted))
+    converted.set_swish(memory_efficient=False)
+    back = ek.revert(copy.deepcopy(converted))
+    assert all(type(b._swish) is Swish for b in back._blocks)

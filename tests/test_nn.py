@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -238,3 +239,32 @@ def test_pointwise_folding_is_skipped_for_non_plain_convs():
     assert pointwise(conv3, bn, "silu", (conv3, bn)) == (conv3, bn)
     assert pointwise(nn.Conv2d(4, 8, 1), bn, None, (conv, bn)) == (conv, bn)
     assert len(pointwise(nn.Conv2d(4, 8, 1), bn, "identity", (conv, bn))) == 1
+
+
+def _use_relu(self, *, fail: bool = False) -> str:
+    self.dw_act = nn.ReLU()
+    if fail:
+        raise RuntimeError("after the swap")
+    return "relu"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_method_of_the_original_block_that_swaps_a_child_is_seen(fail):
+    """Methods reached through the fused block run on the original block with the current children;
+    children they set come back to the fused block (also when the method raises), which re-plans."""
+    x = torch.randn(2, 16, 9, 9)
+    eager = calibrated(MBConvBlock(16, 16, 3, 1, 4), x)
+    fused = ek.convert(copy.deepcopy(eager), backend="torch")
+    eager.use_relu = types.MethodType(_use_relu, eager)  # a method of the block (bound to it)
+    fused.plan.original.use_relu = types.MethodType(_use_relu, fused.plan.original)
+    assert isinstance(fused, ek.MBConv) and fused.plan.dw.activation == "silu"
+    for m in (eager, fused):
+        if fail:
+            with pytest.raises(RuntimeError, match="after the swap"):
+                m.use_relu(fail=True)
+        else:
+            assert m.use_relu() == "relu"
+    assert type(fused.dw_act) is nn.ReLU and fused.plan.original.dw_act is fused.dw_act
+    assert_converted_matches(eager, fused, x)
+    assert fused.plan.dw.activation == "relu" and fused.fused_active(x)
+    assert type(ek.revert(fused).dw_act) is nn.ReLU
