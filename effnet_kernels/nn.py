@@ -338,6 +338,20 @@ def folded_forward(plan: MBConvPlan, x: Tensor, backend: Optional[str],
     return y
 
 
+def _mirror(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the children, Parameters and buffers of ``src`` (the same objects, under the same
+    names; names ``src`` lacks are removed from ``dst``)."""
+    for name in [n for n in dst._modules if n not in src._modules]:
+        delattr(dst, name)
+    for name, child in src._modules.items():
+        if dst._modules.get(name) is not child:
+            setattr(dst, name, child)
+    for mine, theirs in ((dst._parameters, src._parameters), (dst._buffers, src._buffers)):
+        for name in [n for n in mine if n not in theirs]:
+            del mine[name]
+        mine.update({n: t for n, t in theirs.items() if mine.get(n) is not t})
+
+
 class MBConv(nn.Module):
     """Fused MBConv (inverted residual) block: expand -> dwconv+BN+SiLU -> SE -> project (+ residual).
 
@@ -433,17 +447,7 @@ class MBConv(nn.Module):
     def _sync_original(self) -> nn.Module:
         """Give the original block this block's current children, Parameters and buffers."""
         original = self.plan.original
-        for name in [n for n in original._modules if n not in self._modules]:
-            delattr(original, name)
-        for name, child in self._modules.items():
-            if original._modules.get(name) is not child:
-                setattr(original, name, child)
-        for name, param in self._parameters.items():
-            if original._parameters.get(name) is not param:
-                original._parameters[name] = param
-        for name, buf in self._buffers.items():
-            if original._buffers.get(name) is not buf:
-                original._buffers[name] = buf
+        _mirror(self, original)
         original.training = self.training
         return original
 
@@ -503,16 +507,7 @@ class MBConv(nn.Module):
 
     def _adopt_original(self) -> None:
         """Take the original block's children, Parameters and buffers (the inverse of :meth:`_sync_original`)."""
-        original = self.plan.original
-        for name in [n for n in self._modules if n not in original._modules]:
-            delattr(self, name)
-        for name, child in original._modules.items():
-            if self._modules.get(name) is not child:
-                setattr(self, name, child)
-        for mine, theirs in ((self._parameters, original._parameters), (self._buffers, original._buffers)):
-            for name in [n for n in mine if n not in theirs]:
-                del mine[name]
-            mine.update({n: t for n, t in theirs.items() if mine.get(n) is not t})
+        _mirror(self.plan.original, self)
 
     def fused_active(self, x: Optional[Tensor] = None) -> bool:
         """True when the next forward (of ``x``, if given) runs through the fused ops: eval with
