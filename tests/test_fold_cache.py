@@ -107,3 +107,32 @@ def test_nothing_is_cached_while_a_cuda_graph_is_captured():
         first, second = _fold(owner, conv, bn), _fold(owner, conv, bn)
     assert first is not second and "_fold_cache" not in owner.__dict__
     assert ek_nn.capturing(conv.weight) is False  # a CPU tensor is never captured
+
+
+class _Scale(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 1.25
+
+
+def test_parametrized_weights_are_folded_from_their_current_value():
+    """``torch.nn.utils.parametrize`` (new-style weight_norm, spectral_norm, ...) computes a fresh weight
+    on every access: the fused block folds the current one, also after the parametrization's
+    original tensor changes in place."""
+    import torch.nn.utils.parametrize as parametrize
+    from effnet_kernels.blocks import MBConvBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 9)
+    eager = calibrated(MBConvBlock(16, 16, 3, 1, 4), x)
+    fused = ek.convert(copy.deepcopy(eager), backend="torch")
+    for m in (eager, fused):
+        for conv in (m.dw_conv, m.project_conv, m.expand_conv):
+            parametrize.register_parametrization(conv, "weight", _Scale())
+    assert fused.fused_active(x)
+    assert_converted_matches(eager, fused, x)
+    with torch.no_grad():
+        fused(x)  # folds cached
+        for m in (eager, fused):
+            m.dw_conv.parametrizations.weight.original.mul_(0.8)
+            m.project_conv.parametrizations.weight.original.mul_(1.2)
+    assert_converted_matches(eager, fused, x)
