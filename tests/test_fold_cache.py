@@ -136,3 +136,22 @@ def test_parametrized_weights_are_folded_from_their_current_value():
             m.dw_conv.parametrizations.weight.original.mul_(0.8)
             m.project_conv.parametrizations.weight.original.mul_(1.2)
     assert_converted_matches(eager, fused, x)
+
+
+def test_folds_cached_under_inference_mode_serve_later_calls():
+    """A fold cached under ``torch.inference_mode`` (an inference tensor) serves no_grad calls after it,
+    and a forward and backward with autograd after it match eager's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 48, 48)
+    eager = calibrated(ek.models.efficientnet("b0", num_classes=10), x)
+    converted = ek.convert(copy.deepcopy(eager), backend="torch").eval()
+    with torch.inference_mode():
+        first = converted(x)
+        assert first.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), first, rtol=0, atol=0)
+    assert_converted_matches(eager, converted, x)
+    for m in (eager, converted):
+        m(x).square().mean().backward()
+    for (name, p), q in zip(converted.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * float(q.grad.abs().max()), msg=name)
