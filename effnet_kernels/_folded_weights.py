@@ -24,7 +24,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["fold_tap_major", "tensor_state", "capturing", "FoldedWeightCache"]
+__all__ = ["fold_tap_major", "tensor_state", "FoldedWeightCache"]
 
 
 def fold_tap_major(weight: Tensor, scale: Tensor, *, row_align: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -50,8 +50,7 @@ def tensor_state(t: Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def capturing(t: Tensor) -> bool:
-    """True while ``t``'s device (CUDA) is capturing a CUDA graph on the current stream."""
+def _capturing(t: Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -74,7 +73,7 @@ class FoldedWeightCache:
 
     def get(self, weight: Tensor, scale: Tensor) -> Tensor:
         """The prepared array for these sources (folded on a miss; uncached during graph capture)."""
-        if capturing(weight):
+        if _capturing(weight):
             return self.fold(weight, scale)
         key = (id(weight), id(scale))
         state = (self.state(weight), self.state(scale))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._folded_weights import capturing, tensor_state
+from ._folded_weights import _capturing as capturing, tensor_state
 from ._hooks import hooks_reason
 from ._norms import bn_uses_running_stats
 from ._train_block import UNKNOWN_DROP, autocast_input, train_blocker, train_forward
