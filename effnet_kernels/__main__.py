@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "the fused kernels are GPU kernels, so CPU times say nothing about their speed).")
     torch.manual_seed(0)
     size = args.resolution
-    x = torch.randn(max(args.batch, 2), 3, size, size, device=device)
+    x = torch.randn(args.batch, 3, size, size, device=device)
     model = calibrate_batchnorm(models.efficientnet("b0").to(device).eval(), x)
     ok = _compare("effnet_kernels.models B0", model, x, args.repeats)
     if importlib.util.find_spec("efficientnet_pytorch") is not None:
@@ -122,6 +122,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print("\nefficientnet_pytorch is not installed: skipping its B0")
     return 0 if ok else 1
+
+
+#: BatchNorm statistics calibrated on fewer values per channel at B0's last stage (batch x its H x W)
+#: make fp32 rounding grow through the network until the parity verdict is noise (at 32 px, batch 2:
+#: 2 values, and the fused error swung to 4x eager's)
+MIN_LAST_STAGE_VALUES = 8
+
+
+def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` (exit 2) naming the argument when the demo's batch or resolution cannot give a
+    meaningful parity check."""
+    if args.batch < 2:
+        parser.error(f"--batch must be at least 2 (BatchNorm is calibrated on the batch), got {args.batch}")
+    if args.resolution < 32:
+        parser.error(f"--resolution must be at least 32 (B0 downsamples 32x), got {args.resolution}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    last = -(-args.resolution // 32)
+    if args.batch * last * last < MIN_LAST_STAGE_VALUES:
+        parser.error(f"--batch {args.batch} at --resolution {args.resolution} calibrates B0's last stage "
+                     f"({last}x{last} maps) on {args.batch * last * last} values per channel; it needs at least "
+                     f"{MIN_LAST_STAGE_VALUES} (batch x ceil(resolution / 32)^2) for the parity check to mean "
+                     f"anything: raise --batch or --resolution")
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -144,11 +167,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and backend availability")
     demo = sub.add_parser("demo", help="parity and time of converted B0 per backend (safe on a CPU)")
-    demo.add_argument("--batch", type=int, default=2, help="batch size (at least 2: BatchNorm is calibrated on it)")
+    demo.add_argument("--batch", type=int, default=2, help="batch size (at least 2: BatchNorm is calibrated on it; batch x ceil(resolution / 32)^2 >= 8)")
     demo.add_argument("--resolution", type=int, default=64)
     demo.add_argument("--repeats", type=int, default=5)
     sub.add_parser("bench", help="full-network GPU benchmark (CPU: the demo)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        _check_demo_args(parser, args)
     if args.command == "bench":
         return cmd_bench(args, rest)
     if rest:

@@ -21,7 +21,7 @@ def test_info_lists_every_backend(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
 def test_demo_says_no_gpu_and_reports_parity(capsys):
-    assert cli.main(["demo", "--batch", "2", "--resolution", "32", "--repeats", "1"]) == 0
+    assert cli.main(["demo", "--batch", "2", "--resolution", "64", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "No GPU is visible" in out
     assert "16 blocks fused" in out
@@ -38,8 +38,26 @@ def test_negative_control_demo_reports_a_planted_defect(capsys):
     from .defects import planted
 
     with planted("gate_skew"):
-        assert cli.main(["demo", "--batch", "2", "--resolution", "32", "--repeats", "1"]) == 1
+        assert cli.main(["demo", "--batch", "2", "--resolution", "64", "--repeats", "1"]) == 1
     assert "parity FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch", "1"], "--batch must be at least 2"),
+    (["--resolution", "16"], "--resolution must be at least 32"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--batch", "2", "--resolution", "32"], "on 2 values per channel"),
+])
+def test_demo_refuses_arguments_that_make_the_check_blind(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *argv])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_smallest_allowed_demo_runs(capsys):
+    """batch 8 at 32 px: 8 values per channel at the last stage, the least the check allows."""
+    assert cli.main(["demo", "--batch", "8", "--resolution", "32", "--repeats", "1"]) == 0
+    assert "parity ok" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

@@ -34,12 +34,16 @@ def build(name: str, image_size=None, x: torch.Tensor | None = None) -> nn.Modul
 
 
 LOW_PRECISION = {"b0": (torch.bfloat16, torch.float16), "b3": (torch.bfloat16,)}
+#: B7 at 64 px ends on 2x2 maps (8 values per channel to calibrate on at batch 2), and its last block's
+#: fp32 error swung to 1.03x the limit on an AVX2 CPU (0.40-0.61x at seeds 0-2); at 96: 0.26-0.29x
+SIZES = {"b7": 96}
 
 
 @pytest.mark.parametrize("name", ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"])
 def test_converted_logits_match(name):
-    x = torch.randn(2, 3, 64, 64)
-    model = build(name, image_size=64, x=x)
+    size = SIZES.get(name, 64)
+    x = torch.randn(2, 3, size, size)
+    model = build(name, image_size=size, x=x)
     eager = copy.deepcopy(model)
     keys = list(model.state_dict())
     n_blocks = len(model._blocks)
@@ -63,10 +67,12 @@ def test_dynamic_same_padding_and_odd_input():
 
 @pytest.fixture(scope="module")
 def dynamic_b0_pair():
-    """(eager, converted, x): a calibrated dynamic-padding B0 at 32x32, where every stride-2
-    block pads asymmetrically (TF "same"), and its conversion with the torch backend."""
+    """(eager, converted, x): a calibrated dynamic-padding B0 at 64x64, where every stride-2
+    block pads asymmetrically (TF "same": every map is of even size), and its conversion with the
+    torch backend. At 32x32 the last stage is 1x1 (2 values per channel to calibrate on), and fp32
+    rounding is amplified enough that the error ratio to eager's reached 3.6 on an AVX2 CPU."""
     torch.manual_seed(1234)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)
     eager = build("b0", x=x)
     return eager, ek.convert(copy.deepcopy(eager), backend="torch"), x
 
@@ -82,6 +88,7 @@ def test_negative_control_network_check_rejects_defect(dynamic_b0_pair, defect):
     from .model_checks import assert_network_parity
 
     eager, converted, x = dynamic_b0_pair
+    assert_network_parity(eager, converted, x)  # clean: passes
     with planted(defect), pytest.raises(AssertionError, match="network output"):
         assert_network_parity(eager, converted, x)
 
@@ -89,13 +96,16 @@ def test_negative_control_network_check_rejects_defect(dynamic_b0_pair, defect):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("defect", [d for d in DEFECTS if d != "grad_drop_squeeze"])
 def test_negative_control_blockwise_check_rejects_defect(dynamic_b0_pair, defect, dtype):
-    """... and the block-by-block check, in fp32 and in bf16 (except a 1% squeeze skew, which
-    moves a block's output by less than bf16 rounding does: only the fp32 checks can see it)."""
+    """... and the block-by-block check, in fp32 and in bf16 (except a 1% squeeze or gate skew, which
+    moves a block's output by less than bf16 rounding does: only the fp32 checks can see them; the
+    gate skew takes the worst bf16 block from 0.48 to 0.97 of its limit). The clean check passes
+    first, so a failure is the defect's."""
     from .model_checks import assert_blockwise_parity
 
-    if defect == "squeeze_skew" and dtype == torch.bfloat16:
+    if defect in ("squeeze_skew", "gate_skew") and dtype == torch.bfloat16:
         pytest.skip("below bf16 resolution by construction; the fp32 variant of this test must catch it")
     eager, converted, x = dynamic_b0_pair
+    assert_blockwise_parity(eager, converted, x, dtype)
     with planted(defect), pytest.raises(AssertionError, match="break the parity rule"):
         assert_blockwise_parity(eager, converted, x, dtype)
 
