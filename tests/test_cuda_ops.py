@@ -424,6 +424,8 @@ def test_negative_control_se_gate_check_rejects_defect():
     pooled = torch.randn(n, c, device=DEV)
     wr, br = torch.randn(r, c, device=DEV) / c**0.5, torch.randn(r, device=DEV)
     we, be = torch.randn(c, r, device=DEV) / r**0.5, torch.randn(c, device=DEV)
+    gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")  # clean: passes
+    assert_parity(gate.cpu(), gate_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")
     with planted("gate_skew", "cuda"), pytest.raises(AssertionError, match="gate"):
         gate = ek.ops.se_gate(pooled, wr, br, we, be, backend="cuda")
         assert_parity(gate.cpu(), gate_truth(pooled, wr, br, we, be), None, torch.float32, what="gate")

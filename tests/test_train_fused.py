@@ -326,5 +326,6 @@ def test_negative_controls(defect):
     TF "same" padding, which this package's blocks do not use; the 1x1 convs' residual_shift lives
     in the eval path only)."""
     eager, fused, x = _pair(dict(BLOCKS["expand_se_residual_drop"], drop_path_rate=0.0))
+    assert_train_parity(copy.deepcopy(eager), copy.deepcopy(fused), x, steps=1)  # clean: passes
     with planted(defect), pytest.raises(AssertionError):
         assert_train_parity(eager, fused, x, steps=1)

@@ -275,6 +275,7 @@ def test_negative_control_kernel_tap_shift_is_caught(monkeypatch):
     from effnet_kernels.triton import conv
 
     real = conv.launch_args
+    run_case((1, 3, 9, 8), 16, 3, 2, TF_SAME, torch.float32, "nchw")  # clean: passes
 
     def shifted(lp, cfg):
         grid, args, consts = real(lp, cfg)

@@ -246,6 +246,7 @@ def test_negative_control_wrong_channel_vector_is_caught(poisoned_outputs, monke
     unwritten (NaN from the poisoning), which the check above must reject."""
     from effnet_kernels.triton import dwconv
 
+    run_dwconv_case("triton", "cpu", (2, 24, 7, 6), 3, 1, None, torch.float32, "channels_last", "silu", True)  # clean
     monkeypatch.setattr(dwconv, "channel_vector", lambda lp: 16)
     with pytest.raises(AssertionError):
         run_dwconv_case("triton", "cpu", (2, 24, 7, 6), 3, 1, None, torch.float32, "channels_last", "silu", True)

@@ -272,6 +272,7 @@ def _drop_bias(lp):
 def test_negative_control_planted_defects_are_rejected(monkeypatch, defect, dtype):
     """A kernel that drops the gate, reads the residual one pixel off, skips the activation or the bias fails."""
     inputs = pw_inputs((2, 24, 5, 6), 17, dtype, "channels_last")
+    check_pointwise(*inputs)  # clean: passes
     planted_launch(monkeypatch, defect)
     with pytest.raises(AssertionError, match="pointwise"):
         check_pointwise(*inputs)
@@ -282,6 +283,8 @@ def test_negative_control_unwritten_elements_are_seen(monkeypatch):
     from effnet_kernels.triton import pointwise
 
     real = pointwise._launch
+    inputs = pw_inputs((2, 24, 5, 6), 17, torch.float16, "nchw")
+    check_pointwise(*inputs)  # clean: passes
 
     def short(lp, cfg):
         lp.cout -= 1  # the kernel now covers Cout - 1 channels; the last output channel stays unwritten
@@ -289,7 +292,7 @@ def test_negative_control_unwritten_elements_are_seen(monkeypatch):
 
     monkeypatch.setattr(pointwise, "_launch", short)
     with pytest.raises(AssertionError, match="non-finite"):
-        check_pointwise(*pw_inputs((2, 24, 5, 6), 17, torch.float16, "nchw"))
+        check_pointwise(*inputs)
 
 
 # ----------------------------------------------------------------------------- autograd, opcheck

@@ -73,7 +73,8 @@ def test_every_tuned_candidate_is_right(monkeypatch):
 
 
 def test_negative_control_a_skewed_gate_is_rejected(monkeypatch):
+    inputs = _inputs((4, 672, 14, 14), 112, torch.float16, "channels_last", device=DEV)
+    check_backward(triton_backward(), *inputs)  # clean: passes
     _planted(monkeypatch, _skew_gate)
     with pytest.raises(AssertionError, match="pointwise backward"):
-        check_backward(triton_backward(), *_inputs((4, 672, 14, 14), 112, torch.float16, "channels_last",
-                                                   device=DEV))
+        check_backward(triton_backward(), *inputs)

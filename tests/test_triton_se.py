@@ -60,6 +60,9 @@ def test_se_gate_variants(activation, gate, dtype):
 
 
 def test_negative_control_se_gate_variants_reject_swapped_functions():
+    torch.manual_seed(0)
+    check_gate(3, 37, 5, torch.float32, activation="relu", gate="hardsigmoid", bias_std=3.0)  # clean: passes
+    torch.manual_seed(0)
     with planted("se_act_swap", "triton"), pytest.raises(AssertionError, match="gate"):
         check_gate(3, 37, 5, torch.float32, activation="relu", gate="hardsigmoid", bias_std=3.0)
 

@@ -441,21 +441,33 @@ def test_converted_block_trains_with_triton_by_the_rule(triton_calls, cfg, fmt):
 
 # ---------------------------------------------------------------- negative controls
 def test_negative_control_pad_shift_fails_the_forward_check():
+    torch.manual_seed(0)
+    check_train_forward((2, 6, 9, 8), 5, 2, (1, 2, 1, 2), torch.float32, True, "silu")  # clean: passes
+    torch.manual_seed(0)
     with planted("pad_shift", "triton"), pytest.raises(AssertionError):
         check_train_forward((2, 6, 9, 8), 5, 2, (1, 2, 1, 2), torch.float32, True, "silu")
 
 
 def test_negative_control_dropped_squeeze_gradient_fails_the_backward_check():
+    torch.manual_seed(0)
+    check_train_backward((2, 6, 9, 8), 3, 1, (1, 1, 1, 1), torch.float16, False, "silu")  # clean: passes
+    torch.manual_seed(0)
     with planted("grad_drop_squeeze", "triton"), pytest.raises(AssertionError):
         check_train_backward((2, 6, 9, 8), 3, 1, (1, 1, 1, 1), torch.float16, False, "silu")
 
 
 def test_negative_control_dropped_squeeze_gradient_fails_the_eval_backward_check():
+    torch.manual_seed(0)
+    check_eval_backward(3, 2, (0, 1, 0, 1), torch.float32, True, "silu")  # clean: passes
+    torch.manual_seed(0)
     with planted("grad_drop_squeeze", "triton"), pytest.raises(AssertionError):
         check_eval_backward(3, 2, (0, 1, 0, 1), torch.float32, True, "silu")
 
 
 def test_negative_control_skipped_derivative_fails_the_backward_check():
+    torch.manual_seed(0)
+    check_train_backward((2, 6, 9, 8), 3, 1, (1, 1, 1, 1), torch.float32, True, "relu6")  # clean: passes
+    torch.manual_seed(0)
     with planted("grad_skip_act", "triton"), pytest.raises(AssertionError):
         check_train_backward((2, 6, 9, 8), 3, 1, (1, 1, 1, 1), torch.float32, True, "relu6")
 
@@ -463,6 +475,8 @@ def test_negative_control_skipped_derivative_fails_the_backward_check():
 def test_negative_control_skewed_squeeze_fails_the_block_check():
     eager, x = _block_pair(BLOCK)
     fused = ek.convert(copy.deepcopy(eager), backend="triton").train()
+    assert not testing.failures(testing.train_step_parity(copy.deepcopy(eager), copy.deepcopy(fused), x, steps=1,
+                                                          lr=0.01))  # clean: passes
     with planted("squeeze_skew", "triton"):
         bad = testing.failures(testing.train_step_parity(eager, fused, x, steps=1, lr=0.01))
     assert bad
