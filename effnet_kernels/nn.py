@@ -156,7 +156,7 @@ class _FoldEntry:
 
     def serves(self, state: tuple, sources: Sequence[Optional[Tensor]]) -> bool:
         """True when this entry was folded from these very tensors, unchanged since."""
-        return self.state == state and len(self.refs) == len(sources) and all(
+        return self.state == state and all(
             (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(self.refs, sources))
 
     def __reduce__(self) -> tuple:
@@ -340,7 +340,7 @@ def folded_forward(plan: MBConvPlan, x: Tensor, backend: Optional[str],
 
 def _mirror(src: nn.Module, dst: nn.Module) -> None:
     """Give ``dst`` the children, Parameters and buffers of ``src`` (the same objects, under the same
-    names; names ``src`` lacks are removed from ``dst``)."""
+    names, each buffer persistent or not as in ``src``; names ``src`` lacks are removed from ``dst``)."""
     for name in [n for n in dst._modules if n not in src._modules]:
         delattr(dst, name)
     for name, child in src._modules.items():
@@ -350,6 +350,7 @@ def _mirror(src: nn.Module, dst: nn.Module) -> None:
         for name in [n for n in mine if n not in theirs]:
             del mine[name]
         mine.update({n: t for n, t in theirs.items() if mine.get(n) is not t})
+    dst._non_persistent_buffers_set = {n for n in src._non_persistent_buffers_set if n in dst._buffers}
 
 
 class MBConv(nn.Module):

@@ -486,3 +486,11 @@ def test_torch_func_grad_runs_the_chains_modules(name, pairs):
     got = grad(loss)({k: v.detach() for k, v in converted.named_parameters()}, converted)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6 * float(want[key].abs().max()))
+
+
+def test_set_fused_method_refuses_a_method_of_another_module(pairs):
+    from effnet_kernels.sibling_stems import set_fused_method
+
+    _, converted, _ = pairs("timm_b0")
+    with pytest.raises(ValueError, match="bound to another module"):
+        set_fused_method(copy.deepcopy(converted), converted.forward_features)

@@ -268,3 +268,17 @@ def test_a_method_of_the_original_block_that_swaps_a_child_is_seen(fail):
     assert_converted_matches(eager, fused, x)
     assert fused.plan.dw.activation == "relu" and fused.fused_active(x)
     assert type(ek.revert(fused).dw_act) is nn.ReLU
+
+
+def _register_counter(self) -> None:
+    self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+
+def test_a_buffer_a_method_registers_keeps_its_persistence():
+    """A non-persistent buffer the original's method registers stays out of the fused block's state_dict."""
+    eager = MBConvBlock(16, 16, 3, 1, 4).eval()
+    fused = ek.convert(copy.deepcopy(eager), backend="torch")
+    eager.count = types.MethodType(_register_counter, eager)
+    fused.plan.original.count = types.MethodType(_register_counter, fused.plan.original)
+    eager.count(), fused.count()
+    assert "calls" in dict(fused.named_buffers()) and list(fused.state_dict()) == list(eager.state_dict())
