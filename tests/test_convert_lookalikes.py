@@ -184,8 +184,9 @@ def test_negative_control_lookalike_checks_reject_defect(lookalike_libraries, de
     x = torch.randn(2, 16, 11, 10)
     model = nn.Sequential(DepthwiseSeparableConv(16, 16, 3, 1, True), InvertedResidual(16, 24, 5, 2, 6, True),
                           InvertedResidual(24, 24, 3, 1, 6, True))
-    model = _check(model, x, 3)  # clean: passes
+    model = _check(model, x, 3)
     eager = ek.revert(copy.deepcopy(model))
+    assert_converted_matches(eager, model, x)  # clean, against the same reverted copy: passes
     with planted(defect), pytest.raises(AssertionError):
         assert_converted_matches(eager, model, x)
 

@@ -60,5 +60,6 @@ def test_frozen_block_trains_with_triton_by_the_rule(triton_calls, name):
 @pytest.mark.parametrize("defect", ["residual_shift", "excite_skip", "gate_skew", "grad_drop_squeeze"])
 def test_negative_controls(defect):
     eager, fused, x = frozen_pair(FROZEN_BLOCKS["expand_se_residual"], batch=4, size=6, backend="triton")
+    assert_frozen_step(eager, fused, x)  # clean, the same pair and seed: passes
     with planted(defect, "triton"), pytest.raises(AssertionError):
         assert_frozen_step(eager, fused, x)
