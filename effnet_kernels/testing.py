@@ -384,8 +384,8 @@ def train_step_parity(
     """Training parity over ``steps`` SGD steps against an fp64 twin of ``eager`` trained alongside.
 
     Judged by the rule (in fp32 also DESIGN.md's relative one, :data:`FP32_RELATIVE`, whichever
-    allows more; forward factor for outputs; backward factor for gradients and for the
-    state the optimizer steps leave): each step's output and every parameter gradient, and after
+    allows more; forward factor for the first step's output; backward factor for gradients, for the
+    state the optimizer steps leave and for the outputs of later steps, which that state computes): each step's output and every parameter gradient, and after
     the last step every parameter and floating BatchNorm buffer; integer buffers
     (``num_batches_tracked``) must be equal. With ``per_tensor=False`` the many tensors of a kind are judged together, the
     worst relative error of the model against the worst of eager (a deep network's training
@@ -434,8 +434,10 @@ def train_step_parity(
             outs[key] = out.detach()
             grads[key] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
             opts[key].step()
+        # step 0's output is a forward of the given state; every later one is a forward of parameters
+        # the optimizer made of gradients (as the state after the last step): the backward factor
         results.append(_judge_train(f"step {step} output", outs["model"], outs["eager"], outs["fp64"], dtype,
-                                    FORWARD_FACTOR))
+                                    FORWARD_FACTOR if step == 0 else BACKWARD_FACTOR))
         if grads["model"].keys() != grads["fp64"].keys():
             missing = sorted(set(grads["fp64"]) ^ set(grads["model"]))
             results.append(ParityResult(f"step {step} gradients of {missing}", math.inf, 0.0, 0.0, 1.0))

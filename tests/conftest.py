@@ -1,7 +1,23 @@
-"""Shared test configuration: GPU tests skip cleanly where no CUDA GPU is visible."""
+"""Shared test configuration: GPU tests skip cleanly where no CUDA GPU is visible; under
+pytest-xdist (`-n N`) each worker takes its share of the cores instead of all of them."""
+
+import os
 
 import pytest
-import torch
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # Each of N workers gets cores // N intra-op threads (torch defaults to all cores per process:
+    # N workers would oversubscribe them). Set before torch is imported so that subprocesses the
+    # tests start (gloo ranks, the kernel audit) inherit it too.
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+    os.environ.setdefault("MKL_NUM_THREADS", _THREADS)
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

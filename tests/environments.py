@@ -1,5 +1,5 @@
 """Contexts tests run code in: the Triton interpreter, a gloo process group of spawned workers, backend
-implementations wrapped to count their calls."""
+implementations wrapped to count their calls, the environment of a pytest run a test starts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from typing import Iterator, Sequence
 import torch.distributed as dist
 
 from effnet_kernels import backends
+
+
+def child_pytest_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a pytest session a test starts as a subprocess, with ``extra``
+    set: without pytest-xdist's worker variables, which would make the child take itself for an
+    xdist worker (pytest-benchmark then disables its benchmarks)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return {**env, **extra}
 
 
 @contextlib.contextmanager

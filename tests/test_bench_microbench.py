@@ -1,12 +1,13 @@
 """benchmarks/microbench runs (on the CPU with MICROBENCH_DEVICE=cpu) and writes GB/s into the JSON."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.environments import child_pytest_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_microbench_smoke_on_cpu(tmp_path):
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "mb.json"
-    env = {**os.environ, "MICROBENCH_DEVICE": "cpu", "MICROBENCH_MODELS": "b0", "MICROBENCH_BATCH": "1",
-           "MICROBENCH_DTYPE": "fp32", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_pytest_env(MICROBENCH_DEVICE="cpu", MICROBENCH_MODELS="b0", MICROBENCH_BATCH="1",
+                           MICROBENCH_DTYPE="fp32", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/microbench",
            "-k", "(se-1x96x56x56 and not pointwise) or dwconv-1x96x112x112 or pointwise-1x16x112x112",
            f"--benchmark-json={out}"]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.environments import child_pytest_env
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_session.sh"
 
@@ -277,7 +279,7 @@ def _run_pytest(tmp_path: Path, deadline: float | str | None) -> tuple[subproces
         "    time.sleep(0.1)\n"
         "def test_second():\n    pass\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_pytest_env(PYTHONPATH=str(REPO))
     env.pop("EFFNET_PYTEST_DEADLINE", None)
     if deadline is not None:
         env["EFFNET_PYTEST_DEADLINE"] = str(deadline)
@@ -308,7 +310,7 @@ def test_deadline_plugin_is_inert_without_a_passed_deadline(tmp_path, deadline):
 def test_deadline_plugin_works_under_xdist(tmp_path):
     pytest.importorskip("xdist")
     (tmp_path / "test_x.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EFFNET_PYTEST_DEADLINE": str(time.time() - 1)}
+    env = child_pytest_env(PYTHONPATH=str(REPO), EFFNET_PYTEST_DEADLINE=str(time.time() - 1))
     junit = tmp_path / "junit.xml"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "-p", "benchmarks.pytest_deadline",
@@ -328,7 +330,7 @@ def test_no_cuda_build_switch_stops_jit_builds_in_every_test_process(tmp_path):
         "    with pytest.raises(_build.BuildError, match='build step failed'):\n"
         "        _build.jit_build(['90'], builder=lambda cfg: pytest.fail('built'))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EFFNET_PYTEST_NO_CUDA_BUILD": "the build step failed"}
+    env = child_pytest_env(PYTHONPATH=str(REPO), EFFNET_PYTEST_NO_CUDA_BUILD="the build step failed")
     env.pop("EFFNET_PYTEST_DEADLINE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.pytest_deadline",
