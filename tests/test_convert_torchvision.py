@@ -19,7 +19,7 @@ import effnet_kernels as ek
 
 from .defects import planted
 from .model_checks import assert_converted_matches, calibrated
-from .test_convert_torchvision_timm import EFFNET, Sig, check_model, check_train_step
+from .test_convert_torchvision_timm import EFFNET, Sig, check_blockwise_train_step, check_model, check_train_step
 
 pytestmark = pytest.mark.adapters
 
@@ -83,8 +83,14 @@ def test_torchvision_train_step(name):
     # off fp64 at seeds 1-6, converted and eager errors a ratio of two random numbers that went past 3x at
     # this test's seed after a rounding-level change of the BatchNorm ops); at 64x64 both are ~1e-4 off
     # fp64 and the converted model is 0.5-0.8 of the limit at every seed tried: the precise check.
+    # MNASNet (ReLU everywhere) trains block by block: as a whole network at 32x32 eager fp32's own
+    # step-2 gradient was up to 8x its scale off fp64 (a blind check), and 2-5x at 64x64 or batch 8
+    # (check_blockwise_train_step).
+    if name == "mnasnet1_0":
+        check_blockwise_train_step(getattr(tvm, name)(), size=64)
+        return
     small = name == "mobilenet_v3_small"
-    check_train_step(getattr(tvm, name)(), size=32 if name == "mnasnet1_0" else 64, steps=1 if small else 2)
+    check_train_step(getattr(tvm, name)(), size=64, steps=1 if small else 2)
 
 
 @pytest.mark.parametrize("defect", ["pad_shift", "skip_silu", "squeeze_skew", "gate_skew", "excite_skip", "drop_residual"])

@@ -116,3 +116,57 @@ def test_blockwise_parity_feeds_each_block_its_eager_input():
     assert [r.ok for r in results] == [True, False, True]
     with pytest.raises(ValueError, match="not in both models"):
         testing.blockwise_parity(eager, model, x, names=["7"])
+
+
+# ---------------------------------------------------------------- checks that cannot fail are failures
+def test_a_result_whose_limit_is_not_finite_fails():
+    """eager (or the reference) overflowed: every error is within an infinite limit, nothing was checked."""
+    r = testing.ParityResult("step 1 output", math.inf, math.inf, math.inf, 1.0)
+    assert not r.ok and "blind check" in str(r)
+    assert testing.ParityResult("x", 1.0, 1.0, 3.0, 10.0).ok
+    assert testing.max_abs_err(torch.ones(2), torch.tensor([1.0, math.inf], dtype=torch.float64)) == math.inf
+
+
+def _overflowing_net() -> nn.Sequential:
+    """A net whose fp32 output overflows (1e22 squared) while its fp64 twin's does not."""
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1e22)
+        net[1].weight.fill_(1e22)
+    return net
+
+
+def test_train_step_parity_fails_runs_that_overflow():
+    """The runs in fp32 give inf (the model under test as well as eager): inf <= 3 x inf once passed."""
+    net = _overflowing_net()
+    results = testing.train_step_parity(net, copy.deepcopy(net), torch.ones(2, 4), steps=1, lr=0.0)
+    output = next(r for r in results if r.what == "step 0 output")
+    assert not output.ok and "blind check" in str(output)
+    # the same with finite weights passes: the failure is the overflow
+    finite = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    assert not testing.failures(testing.train_step_parity(finite, copy.deepcopy(finite), torch.randn(2, 4), steps=1))
+
+
+def test_a_training_result_is_blind_where_eager_and_the_model_are_both_far_off():
+    scale = 2.0
+    clean = testing.ParityResult("g", 0.1 * scale, 0.1 * scale, 0.3 * scale, scale)
+    diverged = testing.ParityResult("g", 0.5 * scale, 0.4 * scale, 1.2 * scale, scale)
+    precise = testing.ParityResult("g", 0.001 * scale, 0.4 * scale, 1.2 * scale, scale)  # eager alone imprecise
+    assert testing._unless_blind(clean) == clean and testing._unless_blind(precise) == precise
+    marked = testing._unless_blind(diverged)
+    assert diverged.ok and not marked.ok and "both over 0.25" in str(marked)
+
+
+def test_worst_of_measures_analytically_zero_tensors_against_the_median():
+    """A tensor zero in fp64 (1e-16: a BatchNorm bias into another BatchNorm) whose fp32 rounding is
+    1e-6 of the typical tensor's scale: it does not decide the worst-of result (1e-3 of the median
+    used to stand in for its scale, making that rounding a 1e-3 relative error)."""
+    typical = [torch.full((3,), 1.0, dtype=torch.float64) for _ in range(4)]
+    pairs = [(t.float() + 1e-7, t.float() + 2e-7, t) for t in typical]
+    zero = torch.full((3,), 1e-16, dtype=torch.float64)
+    pairs.append((zero.float() + 1e-6, zero.float() + 1e-6, zero))
+    r = testing._worst("grad", pairs, torch.float32, testing.BACKWARD_FACTOR)
+    assert r.eager_err == pytest.approx(1e-6, rel=1e-3) and r.err == pytest.approx(1e-6, rel=1e-3)
+    # a defect on the zero tensor (1e-2 of the typical scale) still fails
+    pairs[-1] = (zero.float() + 1e-2, zero.float() + 1e-6, zero)
+    assert not testing._worst("grad", pairs, torch.float32, testing.BACKWARD_FACTOR).ok

@@ -399,7 +399,9 @@ def test_b0_with_frozen_batchnorm_trains_fused():
     # (pointwise_conv: 15 expand convs, 16 projections, the head)
     assert rec.names.count("effnet.conv_bn_act") == 1 and rec.names.count("effnet.pointwise_conv") == 32, rec.names
     assert "aten.native_batch_norm" not in rec.names
-    assert_train_parity(model, fused, x, steps=2, per_tensor=False, forward=frozen_run)
+    # one step: at lr 0.01 the second overflowed in every run (it compared inf with inf: blind), and at
+    # lr 1e-3 - 1e-4 it is chaotic (eager fp32 up to 130x off fp64); the blocks take two (above)
+    assert_train_parity(model, fused, x, steps=1, per_tensor=False, forward=frozen_run)
 
 
 # ---------------------------------------------------------------- negative controls
