@@ -1,4 +1,4 @@
-"""``python -m benchmarks.kernel_audit [--quick] [--ops OPS] [--out-dir DIR] [--csv FILE] [--md FILE]``."""
+"""``python -m benchmarks.kernel_audit [--train] [--quick] [--ops OPS] [--out-dir DIR] [--csv FILE] [--md FILE]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from . import cache as cache_mod
 from .audit import BACKENDS, run_audit
 from .invariants import audit_invariant_violations
 from .report import read_csv, write_csv, write_markdown
+from .train_workloads import TRAIN_OPS, quick_training_workloads, training_workloads
+from .triton_train_audit import capture_training
+from .triton_audit import capture
 from .workloads import OPS, network_workloads, quick_workloads
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -20,6 +23,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Audit every Triton and CUDA launch of EfficientNet B0-B7 for sm_90 and write the CSV and markdown."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_audit", description=main.__doc__)
+    p.add_argument("--train", action="store_true",
+                   help="the Triton training kernels instead (B0-B7 at batch 128, fp16/bf16, NHWC: the training "
+                        "target; default files kernel_audit_train.csv/.md)")
     p.add_argument("--quick", action="store_true", help="a small subset (B0, fp16, 2 layers): for tests")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where kernel_audit.csv/.md go (default %(default)s)")
     p.add_argument("--csv", type=Path, default=None, help="CSV path (default OUT_DIR/kernel_audit.csv)")
@@ -41,18 +47,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_markdown(rows, a.md or a.out_dir / "kernel_audit.md", a.title)
         return 1 if a.check and audit_invariant_violations(rows) else 0
     backends = [b for b in a.backends.split(",") if b]
+    if a.train and backends != ["triton"]:
+        backends = ["triton"]  # the CUDA training kernels are not audited here (issue #11's note)
     t0 = time.perf_counter()
-    wls = quick_workloads() if a.quick else network_workloads()
+    known = TRAIN_OPS if a.train else OPS
+    if a.train:
+        wls = quick_training_workloads() if a.quick else training_workloads()
+    else:
+        wls = quick_workloads() if a.quick else network_workloads()
     if a.ops:
         ops = {o for o in a.ops.split(",") if o}
-        unknown = sorted(ops - set(OPS))
+        unknown = sorted(ops - set(known))
         if unknown:
-            p.error(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
+            p.error(f"unknown ops {unknown}; choose from {', '.join(known)}")
         wls = [wl for wl in wls if wl.op in ops]
     rows = run_audit(wls, backends, None if a.no_cache else a.cache_dir, cuda_dtypes=("fp16",) if a.quick else None,
-                     jobs=a.jobs)
-    csv_path = a.csv or a.out_dir / "kernel_audit.csv"
-    md_path = a.md or a.out_dir / "kernel_audit.md"
+                     jobs=a.jobs, capture=capture_training if a.train else capture)
+    stem = "kernel_audit_train" if a.train else "kernel_audit"
+    csv_path = a.csv or a.out_dir / f"{stem}.csv"
+    md_path = a.md or a.out_dir / f"{stem}.md"
     write_csv(rows, csv_path)
     write_markdown(rows, md_path, a.title)
     violations = audit_invariant_violations(rows)

@@ -19,9 +19,11 @@ def _say(msg: str) -> None:
     print(f"kernel_audit: {msg}", file=sys.stderr, flush=True)
 
 
-def triton_rows(workloads: Sequence[Workload], cache: DiskCache, say: Callable[[str], None] = _say) -> list[dict]:
-    """Rows of every Triton launch of ``workloads`` (each distinct variant compiled once)."""
-    captured = [(wl, triton_audit.capture(wl)) for wl in workloads]
+def triton_rows(workloads: Sequence[Workload], cache: DiskCache, say: Callable[[str], None] = _say,
+                capture: Callable[[Workload], list] = triton_audit.capture) -> list[dict]:
+    """Rows of every Triton launch of ``workloads`` (each distinct variant compiled once); ``capture``
+    records a workload's launches (the training ops': :func:`.triton_train_audit.capture_training`)."""
+    captured = [(wl, capture(wl)) for wl in workloads]
     variants = {l.key: l for _, ls in captured for l in ls}
     say(f"triton: {sum(len(ls) for _, ls in captured)} launches, {len(variants)} distinct compiled variants")
     compiled = {}
@@ -66,15 +68,17 @@ def cuda_rows(workloads: Sequence[Workload], cache: DiskCache, dtypes: Optional[
 
 def run_audit(workloads: Sequence[Workload], backends: Sequence[str] = BACKENDS, cache_dir: Optional[Path] = None,
               cuda_dtypes: Optional[Sequence[str]] = None, jobs: int = 2,
-              say: Callable[[str], None] = _say) -> list[dict]:
-    """Audit rows of ``workloads`` for ``backends``; a backend whose tools are missing yields a note, not a crash."""
+              say: Callable[[str], None] = _say,
+              capture: Callable[[Workload], list] = triton_audit.capture) -> list[dict]:
+    """Audit rows of ``workloads`` for ``backends``; a backend whose tools are missing yields a note, not a crash.
+    ``capture``: how the Triton launches of a workload are recorded (see :func:`triton_rows`)."""
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     cache = DiskCache(cache_dir)
     rows: list[dict] = []
     if "triton" in backends:
-        rows += triton_rows(workloads, cache, say)
+        rows += triton_rows(workloads, cache, say, capture)
     if "cuda" in backends:
         try:
             rows += cuda_rows(workloads, cache, cuda_dtypes, jobs, say)

@@ -20,14 +20,15 @@ COLUMNS = (
 )
 
 
-_STRIDED_OPS = ("dwconv_bn_act", "conv_bn_act")  # ops whose output size differs from the input's
+# ops whose output size differs from the input's
+_STRIDED_OPS = ("dwconv_bn_act", "conv_bn_act", "dwconv_bn_act_train", "dwconv_bn_act_train_backward")
 
 
 def _base(wl: Workload, backend: str, kernel: str) -> dict:
     return {
         "backend": backend, "kernel": kernel, "op": wl.op, "shape_class": wl.shape_class, "N": wl.n, "C": wl.c,
         "Cout": wl.cout or "",
-        "H": wl.h if wl.op != "se_gate" else "", "W": wl.w if wl.op != "se_gate" else "",
+        "H": wl.h if not wl.op.startswith("se_gate") else "", "W": wl.w if not wl.op.startswith("se_gate") else "",
         "Ho": wl.ho if wl.op in _STRIDED_OPS else "", "Wo": wl.wo if wl.op in _STRIDED_OPS else "",
         "k": wl.k or "", "stride": wl.stride if wl.op in _STRIDED_OPS else "", "R": wl.r or "",
         "dtype": wl.dtype, "layout": wl.layout, "used_by": " ".join(wl.used_by),

@@ -61,12 +61,12 @@ class Workload:
 
     @property
     def shape_class(self) -> str:
-        """``N,C,H,W,k,stride`` (se_gate: ``N,C,R``)."""
-        if self.op == "se_gate":
+        """``N,C,H,W,k,stride`` (se_gate: ``N,C,R``; the training ops as the eval op they belong to)."""
+        if self.op.startswith("se_gate"):
             return f"{self.n},{self.c},R={self.r}"
-        if self.op == "se_excite":
+        if self.op.startswith("se_excite"):
             return f"{self.n},{self.c},{self.h},{self.w}"
-        if self.op == "pointwise_conv":
+        if self.op.startswith(("pointwise_conv", "expand_bn_act")):
             parts = [p for p, on in (("gate", self.gate), ("res", self.residual), ("pool", self.pool)) if on]
             return ",".join([f"{self.n},{self.c}->{self.cout},{self.h},{self.w}", self.activation, *parts])
         if self.op == "conv_bn_act":
@@ -100,6 +100,10 @@ class Workload:
             from effnet_kernels.triton import conv as triton_conv
 
             return triton_conv.compulsory_bytes(n, c, self.h, self.w, self.cout, self.ho, self.wo, self.k, s)
+        from . import train_workloads  # the training ops (that module builds on this one)
+
+        if self.op in train_workloads.TRAIN_OPS:
+            return train_workloads.compulsory_bytes(self)
         raise ValueError(f"unknown op {self.op!r}")
 
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .._launch import as_layout, layout_of, needs_int64
 from . import dwconv as _dwconv
-from ._jit import SUM, device_function, device_guard, device_kernel, interpreted, next_pow2
+from ._jit import SUM, device_function, device_guard, device_kernel, interpreted, multiple_of, next_pow2, vector_width
 from ._partials import combine_moments
 from ._weights import fold_tap_major
 
@@ -227,9 +227,14 @@ def _dwconv_stats_kernel(
     C, WC, H, W, HO, WO, TILES_W, TILES,
     sxn, sxc, sxh, sxw, pad_top, pad_left,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
 ):
     """part[row, 0:3, c] = (count, mean, M2) of z over this program's tile (row = sample * TILES + tile)."""
+    if VEC > 1:  # channels_last: VEC divides C and x's pixel strides (see _jit.vector_width): aligned channel
+        # vectors, which Triton's specialisation sees only when C % 16 == 0 (C = 40, 56: 255 registers and
+        # 36 B of spills at B3's / B6's first block without it, benchmarks/results/kernel_audit_train.md)
+        C = multiple_of(C, VEC)
+        sxn, sxh, sxw = multiple_of(sxn, VEC), multiple_of(sxh, VEC), multiple_of(sxw, VEC)
     n, tile, row = program_tile(TILES, INT64)
     oh, ow, c, c1, ok = tile_index(tile, TILES_W, HO, WO, C, CHANNELS_LAST, INT64, BLOCK_H, BLOCK_W, BLOCK_C)
     z = conv_tile(x_ptr, w_ptr, WC, n, oh, ow, c, ok, C, H, W, sxn, sxc, sxh, sxw, pad_top, pad_left, K, SH, SW)
@@ -258,6 +263,15 @@ def conv_constexprs(g: Geometry, tile: Tile) -> dict:
     return dict(K=g.k, SH=g.sh, SW=g.sw, CHANNELS_LAST=g.channels_last, INT64=g.int64, **tile.constexprs())
 
 
+def channel_vector(g: Geometry) -> int:
+    """The statistics kernel's ``VEC``: channels per aligned 128-bit vector of x (channels_last; 1 for NCHW,
+    whose taps shift W by one element), dividing C and x's pixel strides."""
+    if not g.channels_last:
+        return 1
+    sx = g.x.stride()
+    return vector_width(g.x.element_size(), g.c, sx[0], sx[2], sx[3])
+
+
 def batch_statistics(g: Geometry, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float32 ``[C]``) of ``z = dwconv(pad(x), weight)`` over (N, Ho, Wo)."""
     if g.m == 0:
@@ -268,7 +282,7 @@ def batch_statistics(g: Geometry, weight: Tensor) -> tuple[Tensor, Tensor]:
     part = torch.empty((tile.rows(g), 3, g.c), dtype=torch.float32, device=g.x.device)
     with device_guard(g.x):
         _dwconv_stats_kernel.on(g.x)[tile.grid(g)](g.x, w_tap, part, *conv_args(g, w_tap, tile),
-                                                  **conv_constexprs(g, tile))
+                                                  **conv_constexprs(g, tile), VEC=channel_vector(g))
         return combine_moments(part)
 
 
