@@ -50,11 +50,11 @@ import triton.language as tl
 from .._launch import INT32_MAX, empty_in_layout
 from ..ops._checks import ACT_CODES
 from ._activation_grad import activation_grad
-from ._jit import device_guard, device_kernel, needs_bf16_rtne, round_bf16_rtne
+from ._jit import device_guard, device_kernel, multiple_of, needs_bf16_rtne, round_bf16_rtne
 from ._partials import sum_rows
 from .dwconv_train import (
-    DWCONV_DO_NOT_SPECIALIZE, Geometry, choose_tile, conv_args, conv_constexprs, conv_tile, geometry, per_channel,
-    pixel_sum, program_tile, tap_major, tile_index,
+    DWCONV_DO_NOT_SPECIALIZE, Geometry, channel_vector, choose_tile, conv_args, conv_constexprs, conv_tile, geometry,
+    per_channel, pixel_sum, program_tile, tap_major, tile_index,
 )
 
 Tensor = torch.Tensor
@@ -76,12 +76,18 @@ def _grad_u_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ACT: tl.constexpr, HAS_GY: tl.constexpr, HAS_GP: tl.constexpr, REDUCE: tl.constexpr, WRITE: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    BF16_RTNE: tl.constexpr, VEC: tl.constexpr,
 ):
     """g at the BatchNorm output over one tile: its per-channel sums (REDUCE) and/or gz (WRITE, in gz's dtype).
 
-    ``chan_ptr``: float32 ``[7, C]`` rows (center, invstd, a, b, k1, k2, k3).
+    ``chan_ptr``: float32 ``[7, C]`` rows (center, invstd, a, b, k1, k2, k3). ``VEC`` > 1 (channels_last):
+    it divides C and the pixel strides of x, grad_y and gz (dwconv_train.channel_vector).
     """
+    if VEC > 1:
+        C = multiple_of(C, VEC)
+        sxn, sxh, sxw = multiple_of(sxn, VEC), multiple_of(sxh, VEC), multiple_of(sxw, VEC)
+        sgn, sgh, sgw = multiple_of(sgn, VEC), multiple_of(sgh, VEC), multiple_of(sgw, VEC)
+        szn, szh, szw = multiple_of(szn, VEC), multiple_of(szh, VEC), multiple_of(szw, VEC)
     n, tile, row = program_tile(TILES, INT64)
     oh, ow, c, c1, ok = tile_index(tile, TILES_W, HO, WO, C, CHANNELS_LAST, INT64, BLOCK_H, BLOCK_W, BLOCK_C)
     c_ok = c1 < C
@@ -121,8 +127,18 @@ def _dwconv_input_grad_kernel(
     szn, szc, szh, szw, son, soc, soh, sow,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BF16_RTNE: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    """grad_x over a tile of input pixels, and its per-tap weight-gradient partials part[row, tap, c]."""
+    """grad_x over a tile of input pixels, and its per-tap weight-gradient partials part[row, tap, c].
+
+    ``VEC`` > 1 (channels_last): it divides C and the pixel strides of x, gz and grad_x
+    (dwconv_train.channel_vector; C = 40 took 209 registers without it, 8 warps per SM).
+    """
+    if VEC > 1:
+        C = multiple_of(C, VEC)
+        sxn, sxh, sxw = multiple_of(sxn, VEC), multiple_of(sxh, VEC), multiple_of(sxw, VEC)
+        szn, szh, szw = multiple_of(szn, VEC), multiple_of(szh, VEC), multiple_of(szw, VEC)
+        son, soh, sow = multiple_of(son, VEC), multiple_of(soh, VEC), multiple_of(sow, VEC)
     n, tile, row = program_tile(TILES, INT64)
     ih, iw, c, c1, ok = tile_index(tile, TILES_W, H, W, C, CHANNELS_LAST, INT64, BLOCK_H, BLOCK_W, BLOCK_C)
     c_ok = c < C
@@ -166,6 +182,7 @@ def _grad_u(g: Geometry, w_tap: Tensor, grad_y: Optional[Tensor], grad_pooled: O
         *conv_args(g, w_tap, tile), *gy_strides, *gz_strides, 1.0 / (g.ho * g.wo),
         **conv_constexprs(g, tile), ACT=ACT_CODES[activation], HAS_GY=grad_y is not None, HAS_GP=has_gp,
         REDUCE=reduce, WRITE=gz is not None, BF16_RTNE=gz is not None and needs_bf16_rtne(gz),
+        VEC=channel_vector(g, grad_y, gz),
     )
     return sum_rows(part)[0].view(2, g.c) if reduce else None
 
@@ -180,7 +197,7 @@ def _input_grads(g: Geometry, w_tap: Tensor, gz: Tensor, weight: Tensor) -> tupl
         g = dataclasses.replace(g, int64=True)
     _dwconv_input_grad_kernel.on(g.x)[tile.grid(g)](
         gz, w_tap, g.x, grad_x, part, *conv_args(g, w_tap, tile), *gz.stride(), *grad_x.stride(),
-        **conv_constexprs(g, tile), BF16_RTNE=needs_bf16_rtne(grad_x),
+        **conv_constexprs(g, tile), BF16_RTNE=needs_bf16_rtne(grad_x), VEC=channel_vector(g, gz, grad_x),
     )
     grad_w = sum_rows(part)[0].view(kk, g.c).t().reshape(g.c, 1, g.k, g.k)
     return grad_x, grad_w.to(weight.dtype)

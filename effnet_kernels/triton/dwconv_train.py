@@ -263,13 +263,14 @@ def conv_constexprs(g: Geometry, tile: Tile) -> dict:
     return dict(K=g.k, SH=g.sh, SW=g.sw, CHANNELS_LAST=g.channels_last, INT64=g.int64, **tile.constexprs())
 
 
-def channel_vector(g: Geometry) -> int:
-    """The statistics kernel's ``VEC``: channels per aligned 128-bit vector of x (channels_last; 1 for NCHW,
-    whose taps shift W by one element), dividing C and x's pixel strides."""
+def channel_vector(g: Geometry, *others: Optional[Tensor]) -> int:
+    """A conv-recomputing kernel's ``VEC``: channels per aligned 128-bit vector of x (channels_last; 1 for
+    NCHW, whose taps shift W by one element), dividing C and the pixel strides of x and of the ``others``
+    (the per-pixel tensors the kernel also reads or writes; None: absent)."""
     if not g.channels_last:
         return 1
-    sx = g.x.stride()
-    return vector_width(g.x.element_size(), g.c, sx[0], sx[2], sx[3])
+    strides = [s for t in (g.x, *others) if t is not None for s in (t.stride(0), t.stride(2), t.stride(3))]
+    return vector_width(g.x.element_size(), g.c, *strides)
 
 
 def batch_statistics(g: Geometry, weight: Tensor) -> tuple[Tensor, Tensor]:
