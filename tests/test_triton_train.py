@@ -24,6 +24,7 @@ Triton imported without ``TRITON_INTERPRET``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -480,3 +481,18 @@ def test_negative_control_skewed_squeeze_fails_the_block_check():
     with planted("squeeze_skew", "triton"):
         bad = testing.failures(testing.train_step_parity(eager, fused, x, steps=1, lr=0.01))
     assert bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channel_vector_hint_at_an_unspecialised_channel_count(dtype):
+    """C = 40 channels_last (B3's first block): the statistics, gradient and input-gradient kernels take
+    ``VEC`` = 8 (40 is not a multiple of 16, which is all Triton's specialisation sees); forward and
+    backward by the rule against fp64. A poisoned-output check runs in check_train_forward."""
+    from effnet_kernels.triton import dwconv_train
+
+    x = _input((2, 40, 5, 6), dtype, True)
+    g = dwconv_train.geometry(x, torch.empty(40, 1, 3, 3, dtype=dtype), (1, 1), (1, 1, 1, 1))
+    assert dwconv_train.channel_vector(g) == 8
+    assert dwconv_train.channel_vector(dataclasses.replace(g, int64=True)) == 1
+    check_train_forward((2, 40, 5, 6), 3, 1, (1, 1, 1, 1), dtype, True, "silu")
+    check_train_backward((2, 40, 5, 6), 3, 1, (1, 1, 1, 1), dtype, True, "silu")

@@ -264,13 +264,20 @@ def conv_constexprs(g: Geometry, tile: Tile) -> dict:
 
 
 def channel_vector(g: Geometry, *others: Optional[Tensor]) -> int:
-    """A conv-recomputing kernel's ``VEC``: channels per aligned 128-bit vector of x (channels_last; 1 for
-    NCHW, whose taps shift W by one element), dividing C and the pixel strides of x and of the ``others``
-    (the per-pixel tensors the kernel also reads or writes; None: absent)."""
-    if not g.channels_last:
+    """A conv-recomputing kernel's ``VEC``: channels per aligned 128-bit vector of x, dividing C and the pixel
+    strides of x and of the ``others`` (the per-pixel tensors the kernel also reads or writes; None: absent).
+
+    Only where Triton's launch specialisation cannot see the alignment itself (an extent not a multiple
+    of 16: C = 40, 56), channels_last and 32-bit offsets; else 1, the kernel without the hint. Where every
+    extent is a multiple of 16 the hint only re-derives what Triton knows, and it cost registers there (B0's
+    k5 s2 input gradient: 146 against 113); with 64-bit offsets the fp32 k7 statistics kernel spilled 17 KB.
+    """
+    if not g.channels_last or g.int64:
         return 1
-    strides = [s for t in (g.x, *others) if t is not None for s in (t.stride(0), t.stride(2), t.stride(3))]
-    return vector_width(g.x.element_size(), g.c, *strides)
+    extents = [g.c] + [s for t in (g.x, *others) if t is not None for s in (t.stride(0), t.stride(2), t.stride(3))]
+    if all(e % 16 == 0 for e in extents):
+        return 1
+    return vector_width(g.x.element_size(), *extents)
 
 
 def batch_statistics(g: Geometry, weight: Tensor) -> tuple[Tensor, Tensor]:
