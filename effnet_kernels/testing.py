@@ -57,10 +57,11 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.b
 # more than 3x in the tail of hundreds of tensors; 1e-4 is still far below any planted defect).
 FP32_RELATIVE = {FORWARD_FACTOR: 1e-5, BACKWARD_FACTOR: 1e-4}
 # A training check is blind where eager's own error and the model's are both over this fraction of
-# the quantity's max |fp64| (a quarter: under two bits agree): the runs have diverged (a chaotic step: batch statistics
-# over a few values, ReLU kinks crossed in one run and not another, a step that overflows) and a
-# ratio of two such errors tells nothing of a defect. The suite's informative training checks have
-# eager within 0.15 (fp32 networks at most 0.06, fp16 autocast B0 0.09-0.15, bf16 blocks 0.09).
+# the quantity's max |fp64| (a quarter: under two bits agree): the runs have diverged (a chaotic
+# step: batch statistics over a few values, ReLU kinks crossed in one run and not another, a step
+# that overflows) and a ratio of two such errors tells nothing of a defect. The suite's informative
+# training checks have eager within 0.25 (fp32 networks at most 0.06, fp16 autocast B0 0.09-0.15,
+# bf16 blocks 0.09, MobileNetV3's blocks under fp16 autocast 0.23 where the model is as far off).
 BLIND_EAGER_FRACTION = 0.25
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -405,12 +406,14 @@ def train_step_parity(
 
     Judged by the rule (in fp32 also DESIGN.md's relative one, :data:`FP32_RELATIVE`, whichever
     allows more; forward factor for the first step's output; backward factor for gradients, for the
-    state the optimizer steps leave and for the outputs of later steps, which that state computes): each step's output and every parameter gradient, and after
-    the last step every parameter and floating BatchNorm buffer; integer buffers
-    (``num_batches_tracked``) must be equal. With ``per_tensor=False`` the many tensors of a kind are judged together, the
-    worst relative error of the model against the worst of eager (a deep network's training
-    amplifies rounding, and the ratio of two random errors has a tail: per tensor is the precise
-    check for a block, the worst-of comparison the robust one for a whole network).
+    state the optimizer steps leave and for the outputs of later steps, which that state computes):
+    each step's output and every parameter gradient, and after the last step every parameter and
+    floating BatchNorm buffer; integer buffers (``num_batches_tracked``) must be equal. With
+    ``per_tensor=False`` the many tensors of a kind are judged together, the worst relative error of
+    the model against the worst of eager (a deep network's training amplifies rounding, and the ratio
+    of two random errors has a tail: per tensor is the precise check for a block, the worst-of
+    comparison the robust one for a whole network). A result where eager and the model are both far
+    off fp64 is blind, and fails (:data:`BLIND_EAGER_FRACTION`).
 
     All three models run in train mode from the same state, each step under the same seed
     (stochastic depth draws the same samples in every dtype where the library draws with
