@@ -38,6 +38,7 @@ __all__ = [
     "max_abs_err",
     "model_parity",
     "blockwise_parity",
+    "block_inputs",
     "fused_block_names",
     "train_step_parity",
     "BLIND_EAGER_FRACTION",
@@ -310,6 +311,31 @@ def blockwise_parity(
         raise ValueError(f"names: blocks {missing} are not in both models")
     ref_model = reference if reference is not None else _fp64_twin(eager)
     ref_blocks = dict(ref_model.named_modules())
+    seen = block_inputs(eager, x, names, context)
+    results = []
+    with torch.no_grad():
+        for n in names:
+            args, kwargs = seen[n]
+            ref64 = _first_tensor(ref_blocks[n](*_to64(args), **kwargs)).double()
+            with context():
+                plain = _first_tensor(eager_blocks[n](*args, **kwargs))
+                out = _first_tensor(model_blocks[n](*args, **kwargs))
+            results.append(_judge(n, out, plain, ref64, dtype, factor))
+    return results
+
+
+def block_inputs(model: nn.Module, x: Tensor, names: Sequence[str],
+                 context: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` each block named in ``names`` is first called with in one forward of
+    ``model`` on ``x`` (no grad, under ``context``), by forward pre-hooks removed afterwards.
+
+    Raises:
+        ValueError: a name that is not a module of ``model``, or a block that did not run.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"names: blocks {missing} are not in the model")
     seen: dict[str, tuple[tuple, dict]] = {}
 
     def recorder(name: str):
@@ -318,25 +344,17 @@ def blockwise_parity(
 
         return hook
 
-    handles = [eager_blocks[n].register_forward_pre_hook(recorder(n), with_kwargs=True) for n in names]
+    handles = [modules[n].register_forward_pre_hook(recorder(n), with_kwargs=True) for n in names]
     try:
         with torch.no_grad(), context():
-            eager(x)
+            model(x)
     finally:
         for h in handles:
             h.remove()
-    results = []
-    with torch.no_grad():
-        for n in names:
-            if n not in seen:
-                raise ValueError(f"names: block {n!r} did not run in the eager forward")
-            args, kwargs = seen[n]
-            ref64 = _first_tensor(ref_blocks[n](*_to64(args), **kwargs)).double()
-            with context():
-                plain = _first_tensor(eager_blocks[n](*args, **kwargs))
-                out = _first_tensor(model_blocks[n](*args, **kwargs))
-            results.append(_judge(n, out, plain, ref64, dtype, factor))
-    return results
+    for n in names:
+        if n not in seen:
+            raise ValueError(f"names: block {n!r} did not run in the eager forward")
+    return seen
 
 
 def failures(results: Sequence[ParityResult]) -> list[ParityResult]:

@@ -166,14 +166,7 @@ def check_blockwise_train_step(model: nn.Module, size: int = 64, batch: int = 4,
     fused = ek.convert(copy.deepcopy(ref_model), backend="torch").train()
     names = testing.fused_block_names(fused)
     assert names, "nothing fused: the train step would compare a model with itself"
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [ref_model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
-             for n in names]
-    with torch.no_grad():
-        ref_model.eval()(x)
-    for h in hooks:
-        h.remove()
-    assert inputs.keys() == set(names)
+    inputs = {n: args[0] for n, (args, _) in testing.block_inputs(ref_model.eval(), x, names).items()}
     kwargs = {} if autocast is None else dict(dtype=autocast, context=lambda: torch.autocast("cpu", dtype=autocast))
     with folded_expand_calls() as calls:
         for name in names:

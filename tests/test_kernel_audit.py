@@ -417,9 +417,11 @@ def test_committed_audit_covers_every_triton_launch_of_b0_to_b7():
         assert smem <= hardware.SMEM_PER_CTA, f"{r['kernel']} {r['shape_class']}: {smem} B shared"
 
 
-def test_committed_audit_is_not_older_than_the_kernels():
-    """The audit records the commit its kernel sources are from; no audited source changed since (git)."""
-    md = (ROOT / "benchmarks" / "results" / "kernel_audit.md").read_text()
+def assert_audit_not_older_than_the_kernels(md_name: str, rerun: str) -> None:
+    """The committed audit ``benchmarks/results/<md_name>`` records the commit its kernel sources are from;
+    no audited source changed since (git; skipped without git history). ``rerun``: the command that
+    regenerates it, named in the failure."""
+    md = (ROOT / "benchmarks" / "results" / md_name).read_text()
     line = next(ln for ln in md.splitlines() if "kernel sources" in ln)
     commit = line.split("as of")[-1].strip().rstrip(".").split()[0]
     try:
@@ -427,5 +429,10 @@ def test_committed_audit_is_not_older_than_the_kernels():
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:  # a source tarball without git history
         pytest.skip(f"no git history to compare the audit's commit {commit} with: {exc}")
-    assert out.strip() == "", f"kernel sources changed since the committed audit ({commit}); rerun " \
-                              f"python -m benchmarks.kernel_audit:\n{out}"
+    assert out.strip() == "", f"kernel sources changed since the committed audit {md_name} ({commit}); rerun " \
+                              f"{rerun}:\n{out}"
+
+
+def test_committed_audit_is_not_older_than_the_kernels():
+    """The audit records the commit its kernel sources are from; no audited source changed since (git)."""
+    assert_audit_not_older_than_the_kernels("kernel_audit.md", "python -m benchmarks.kernel_audit")

@@ -28,7 +28,7 @@ from benchmarks.kernel_audit.triton_train_audit import capture_training  # noqa:
 from benchmarks.kernel_audit.workloads import Workload  # noqa: E402
 from effnet_kernels import models  # noqa: E402
 
-from .test_kernel_audit import AUDITED_SOURCES  # noqa: E402
+from .test_kernel_audit import assert_audit_not_older_than_the_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "kernel_audit_train.csv"
@@ -122,11 +122,4 @@ def test_committed_training_audit_is_not_older_than_the_kernels():
     md = (ROOT / "benchmarks" / "results" / "kernel_audit_train.md").read_text()
     line = next(ln for ln in md.splitlines() if "kernel sources" in ln)
     assert "uncommitted" not in line, line
-    commit = line.split("as of")[-1].strip().rstrip(".").split()[0]
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "diff", "--stat", commit, "HEAD", "--", *AUDITED_SOURCES],
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:  # a source tarball without git history
-        pytest.skip(f"no git history to compare the audit's commit {commit} with: {exc}")
-    assert out.strip() == "", f"kernel sources changed since the committed training audit ({commit}); rerun " \
-                              f"python -m benchmarks.kernel_audit --train:\n{out}"
+    assert_audit_not_older_than_the_kernels("kernel_audit_train.md", "python -m benchmarks.kernel_audit --train")

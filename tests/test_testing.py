@@ -118,6 +118,23 @@ def test_blockwise_parity_feeds_each_block_its_eager_input():
         testing.blockwise_parity(eager, model, x, names=["7"])
 
 
+def test_block_inputs_records_each_blocks_first_call_and_removes_its_hooks():
+    x = torch.randn(2, 3, 5, 5)
+    net = small_net()
+    seen = testing.block_inputs(net, x, ["0", "4"])
+    assert torch.equal(seen["0"][0][0], x) and seen["0"][1] == {}
+    with torch.no_grad():
+        assert torch.equal(seen["4"][0][0], net[:4](x))
+    assert not any(m._forward_pre_hooks for m in net.modules())
+    with pytest.raises(ValueError, match=r"names: blocks \['9'\] are not in the model"):
+        testing.block_inputs(net, x, ["9"])
+    net.eval()
+    skipped = nn.Sequential(net, nn.Identity())
+    skipped.forward = lambda t: net(t)  # the Identity never runs
+    with pytest.raises(ValueError, match="names: block '1' did not run"):
+        testing.block_inputs(skipped, x, ["1"])
+
+
 # ---------------------------------------------------------------- checks that cannot fail are failures
 def test_a_result_whose_limit_is_not_finite_fails():
     """eager (or the reference) overflowed: every error is within an infinite limit, nothing was checked."""

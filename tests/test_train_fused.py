@@ -308,13 +308,8 @@ def test_b0_trains_fused_end_to_end(b0):
 
 def test_b0_blocks_train_fused_by_the_rule(b0):
     model, fused, x = b0
-    inputs = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
-             for n in testing.fused_block_names(fused)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
+    recorded = testing.block_inputs(model.eval(), x, testing.fused_block_names(fused))
+    inputs = {n: args[0] for n, (args, _) in recorded.items()}
     for name, inp in inputs.items():
         assert_train_parity(copy.deepcopy(model.get_submodule(name)), copy.deepcopy(fused.get_submodule(name)),
                             inp, steps=1)

@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_markdown(rows, a.md or a.out_dir / "kernel_audit.md", a.title)
         return 1 if a.check and audit_invariant_violations(rows) else 0
     backends = [b for b in a.backends.split(",") if b]
-    if a.train and backends != ["triton"]:
+    if a.train:
         backends = ["triton"]  # the CUDA training kernels are not audited here (issue #11's note)
     t0 = time.perf_counter()
     known = TRAIN_OPS if a.train else OPS
