@@ -104,6 +104,20 @@ def test_negative_control_torchvision_check_rejects_defect(defect):
         assert_converted_matches(eager, converted, x)
 
 
+@pytest.mark.parametrize("defect", ["pad_shift", "drop_residual"])
+def test_negative_control_blockwise_train_step_rejects_defect(defect):
+    """MNASNet's block-by-block training check (test_torchvision_train_step): clean, then with a
+    planted defect of the fused training path, on the same model and input."""
+    for plant in (False, True):
+        torch.manual_seed(0)
+        model = tvm.mnasnet1_0()
+        if not plant:
+            check_blockwise_train_step(model, size=64)
+            continue
+        with planted(defect), pytest.raises(AssertionError, match="break the rule"):
+            check_blockwise_train_step(model, size=64)
+
+
 MV3_DEFECTS = ["pad_shift", "skip_silu", "gate_skew", "drop_residual", "se_act_swap"]
 
 
