@@ -13,12 +13,13 @@
 //   backward  bwd_reduce_kernel     read x, grad_y: s*(E_in + E_out)  write 8*P
 //             sum_rows_kernel x 2   read 8*P                          write 8*C (grad_beta, grad_gamma)
 //             gz_kernel             read x, grad_y: s*(E_in + E_out)  write gz: 4*E_out
-//             grad_x_kernel         read gz: 4*E_out                  write grad_x: s*E_in
-//             grad_w_kernel         read gz, x: 4*E_out + s*E_in      write 4*K*K*P
-//             sum_rows_kernel       read 4*K*K*P                      write 4*K*K*C
+//             input_grads_kernel    read gz, x: 4*E_out + s*E_in      write grad_x: s*E_in, 4*K*K*P_in
+//             sum_rows_kernel       read 4*K*K*P_in                   write 4*K*K*C
 //
-// (+ 4*N*C of grad_pooled wherever grad_y is read.) Template instances: stats, bwd_reduce, gz,
-// grad_x, grad_w for k in {3, 5, 7} x {fp32, fp16, bf16}: 5 x 9 = 45 kernels, plus 2 untemplated
+// (+ 4*N*C of grad_pooled wherever grad_y is read; P_in = input chunks * C.) The backward moves
+// 4*s*E_in + 2*s*E_out + 8*E_out bytes besides the partials: at stride 1 in fp16 20 per element,
+// where grad_x and grad_w as two passes (each reading gz, grad_w x again) moved 24. Template instances: stats, bwd_reduce, gz,
+// input_grads for k in {3, 5, 7} x {fp32, fp16, bf16}: 4 x 9 = 36 kernels, plus 2 untemplated
 // combine kernels. Strides and the activation are runtime values (the activation's derivative
 // is a uniform branch, activate_grad_rt); every reduction is deterministic (no atomics).
 #include "device_utils.cuh"
@@ -186,67 +187,62 @@ __global__ void __launch_bounds__(kThreads) gz_kernel(const Args a) {
   }
 }
 
-// grad_x = the transposed depthwise conv of gz: grad_x[n, c, hi, wi] = sum of gz[n, c, ho, wo] *
-// w[c, kh, kw] over ho * stride_h + kh = hi + pad_top, wo * stride_w + kw = wi + pad_left.
+// The input's two gradients in one pass over tiles of *input* positions (the tile of the
+// reduction kernels, its chunks over N * H * W): for each of the K x K taps, the output
+// position (ho, wo) that tap fed from this input (hi, wi) -- ho * stride_h + kh = hi + pad_top,
+// where that divides exactly and lands in range --
+//   grad_x[n, c, hi, wi] = sum over those taps of gz[n, c, ho, wo] * w[c, tap]
+//   per-(chunk, tap, channel) partial of grad_w[c, tap] = sum of gz[n, c, ho, wo] * x[n, c, hi, wi]
+// (each (output, tap) pair reads exactly one input, so summing over the input positions counts
+// each once; taps that read padding contribute 0). partials[(chunk * K * K + tap) * C + c], tap-
+// major as the grad_weight the combine writes. The block's 32 (NHWC) channels' taps are staged in
+// shared memory tap-major, so a warp's weight reads are one conflict-free 128-byte row. The
+// minimum of 3 blocks per SM (2 at k = 7, whose 49 accumulators take 128 registers) is ptxas's
+// register target: without it, the 16-bit k = 5 instances were held at 64 registers and spilled.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) grad_x_kernel(const Args a) {
-  const int64_t total = a.n * a.c * a.h * a.w;
-  T* __restrict__ gx = static_cast<T*>(a.grad_x);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, hi, wi;
-    decode4(i, a.nhwc, a.c, a.h, a.w, n, c, hi, wi);
-    const float* g = a.gz + n * a.gzs.n + c * a.gzs.c;
-    const float* wt = a.weight + c * (K * K);
-    float acc = 0.0f;
-#pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t th = hi + a.pad_top - kh;
-      if (th < 0 || th % a.stride_h != 0) continue;
-      const int64_t ho = th / a.stride_h;
-      if (ho >= a.ho) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t tw = wi + a.pad_left - kw;
-        if (tw < 0 || tw % a.stride_w != 0) continue;
-        const int64_t wo = tw / a.stride_w;
-        if (wo >= a.wo) continue;
-        acc = fmaf(g[ho * a.gzs.h + wo * a.gzs.w], __ldg(wt + kh * K + kw), acc);
-      }
-    }
-    gx[offset4(a.gxs, n, c, hi, wi)] = from_float<T>(acc);
-  }
-}
-
-// Per-(chunk, tap, channel) sum over the chunk's positions of gz * x at that tap:
-// partials[(chunk * K * K + tap) * C + c] (tap-major, as the grad_weight the combine writes).
-template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) grad_w_kernel(const Args a, int64_t chunk) {
+__global__ void __launch_bounds__(kThreads, K == 7 ? 2 : 3) input_grads_kernel(const Args a, int64_t chunk) {
   __shared__ float red[kThreads];
+  __shared__ float w_s[K * K * kTileChannels];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const ChunkRange range = chunk_range(a.n * a.ho * a.wo, chunk);
+  const ChunkRange range = chunk_range(a.n * a.h * a.w, chunk);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int i = tid; i < K * K * static_cast<int>(blockDim.x); i += blockDim.x * blockDim.y) {
+    const int tap = i / blockDim.x, cx = i - tap * blockDim.x;
+    const int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + cx;
+    w_s[i] = ch < a.c ? __ldg(a.weight + ch * (K * K) + tap) : 0.0f;
+  }
+  __syncthreads();
   const T* __restrict__ x = static_cast<const T*>(a.x);
+  T* __restrict__ gx = static_cast<T*>(a.grad_x);
   float acc[K * K];
 #pragma unroll
   for (int t = 0; t < K * K; ++t) acc[t] = 0.0f;
   if (c < a.c) {
+    const float* __restrict__ wt = w_s + threadIdx.x;  // tap t at wt[t * blockDim.x]
+    const int sh = a.stride_h - 1, sw = a.stride_w - 1;  // strides are 1 or 2 (check_args): shifts, not int64 division
     for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
-      int64_t n, ho, wo;
-      position(a, p, n, ho, wo);
-      const float g = a.gz[offset4(a.gzs, n, c, ho, wo)];
-      const T* base = x + n * a.xs.n + c * a.xs.c;
-      const int64_t hi0 = ho * a.stride_h - a.pad_top, wi0 = wo * a.stride_w - a.pad_left;
+      const int64_t n = p / (a.h * a.w), r = p - n * (a.h * a.w), hi = r / a.w, wi = r - hi * a.w;
+      const float xv = to_float(x[offset4(a.xs, n, c, hi, wi)]);
+      const float* g = a.gz + n * a.gzs.n + c * a.gzs.c;
+      float gxv = 0.0f;
 #pragma unroll
       for (int kh = 0; kh < K; ++kh) {
-        const int64_t hi = hi0 + kh;
-        if (hi < 0 || hi >= a.h) continue;
+        const int64_t th = hi + a.pad_top - kh;
+        if (th < 0 || (th & sh) != 0) continue;
+        const int64_t ho = th >> sh;
+        if (ho >= a.ho) continue;
 #pragma unroll
         for (int kw = 0; kw < K; ++kw) {
-          const int64_t wi = wi0 + kw;
-          if (wi < 0 || wi >= a.w) continue;
-          acc[kh * K + kw] = fmaf(g, to_float(base[hi * a.xs.h + wi * a.xs.w]), acc[kh * K + kw]);
+          const int64_t tw = wi + a.pad_left - kw;
+          if (tw < 0 || (tw & sw) != 0) continue;
+          const int64_t wo = tw >> sw;
+          if (wo >= a.wo) continue;
+          const float gv = g[ho * a.gzs.h + wo * a.gzs.w];
+          gxv = fmaf(gv, wt[(kh * K + kw) * blockDim.x], gxv);
+          acc[kh * K + kw] = fmaf(gv, xv, acc[kh * K + kw]);
         }
       }
+      gx[offset4(a.gxs, n, c, hi, wi)] = from_float<T>(gxv);
     }
   }
   float* rows = a.partials + static_cast<int64_t>(blockIdx.y) * (K * K) * a.c;
@@ -270,12 +266,16 @@ struct TileLaunch {
   int64_t chunk;
 };
 
-TileLaunch tile_launch(const Args& a) {
+// The tile launch over m positions: the output positions N * Ho * Wo (stats, bwd_reduce) or the
+// input positions N * H * W (input_grads).
+TileLaunch tile_launch(const Args& a, int64_t m) {
   const ChannelTile t = channel_tile(a.nhwc);
   const int64_t groups = ceil_div(a.c, t.bx);
-  const Chunking ch = chunking(a.n * a.ho * a.wo, groups, t.by);
+  const Chunking ch = chunking(m, groups, t.by);
   return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(ch.chunks)), dim3(t.bx, t.by), ch.chunk};
 }
+TileLaunch output_tiles(const Args& a) { return tile_launch(a, a.n * a.ho * a.wo); }
+TileLaunch input_tiles(const Args& a) { return tile_launch(a, a.n * a.h * a.w); }
 
 const char* check_args(const Args& a) {
   if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) return "dwconv_bn_act_train: unsupported dtype code";
@@ -285,7 +285,8 @@ const char* check_args(const Args& a) {
   if (a.n < 0 || a.c < 0 || a.h < 0 || a.w < 0 || a.ho < 1 || a.wo < 1) return "dwconv_bn_act_train: invalid sizes";
   if (a.pad_top < 0 || a.pad_left < 0) return "dwconv_bn_act_train: padding must be non-negative";
   if (a.act < kIdentity || a.act > kHardSwish) return "dwconv_bn_act_train: unsupported activation code";
-  if (a.x == nullptr || a.weight == nullptr) return "dwconv_bn_act_train: x and weight are required";
+  // an x of H * W = 0 (every output reads padding alone) has no storage: a null pointer, never read
+  if ((a.x == nullptr && a.h * a.w > 0) || a.weight == nullptr) return "dwconv_bn_act_train: x and weight are required";
   return nullptr;
 }
 
@@ -299,8 +300,10 @@ const char* check_partials(const Args& a) {
 
 int64_t dwconv_train_partials_numel(const DWConvTrainArgs& a) {
   if (check_args(a) != nullptr || a.n == 0 || a.c == 0) return 0;
-  const int64_t per = a.k * a.k > 3 ? a.k * a.k : 3;  // grad_w's rows; the others need 3 or 2
-  return static_cast<int64_t>(tile_launch(a).grid.y) * per * a.c;
+  // stats: 3 rows per output chunk, bwd_reduce 2; input_grads: K * K per input chunk
+  const int64_t out_rows = 3 * static_cast<int64_t>(output_tiles(a).grid.y);
+  const int64_t in_rows = a.k * a.k * static_cast<int64_t>(input_tiles(a).grid.y);
+  return (out_rows > in_rows ? out_rows : in_rows) * a.c;
 }
 
 const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
@@ -311,7 +314,7 @@ const char* dwconv_bn_stats(const DWConvTrainArgs& a) {
   const DeviceGuard device(a.device);
   if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  const TileLaunch t = tile_launch(a);
+  const TileLaunch t = output_tiles(a);
   const char* err = DTYPE_SWITCH(a.dtype, T, [&] {
     return KSIZE_SWITCH(a.k, K, [&] {
       stats_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
@@ -344,18 +347,15 @@ const char* launch_grad_sums(const DWConvTrainArgs& a, const TileLaunch& t, cuda
   return launch_error();
 }
 
-// pass 2: gz from the sums in grad_beta / grad_gamma, then grad_x (transposed conv) and grad_weight
-// (per-tap reduction)
+// pass 2: gz from the sums in grad_beta / grad_gamma, then grad_x (transposed conv) and the
+// grad_weight partials in one pass over the input, and their combine
 template <typename T, int K>
-const char* launch_input_grads(const DWConvTrainArgs& a, const TileLaunch& t, cudaStream_t stream) {
+const char* launch_input_grads(const DWConvTrainArgs& a, cudaStream_t stream) {
   const int64_t kk = a.k * a.k;
   gz_kernel<T, K><<<grid_1d(a.n * a.c * a.ho * a.wo), kThreads, 0, stream>>>(a);
   if (const char* e = launch_error()) return e;
-  if (a.h * a.w > 0) {
-    grad_x_kernel<T, K><<<grid_1d(a.n * a.c * a.h * a.w), kThreads, 0, stream>>>(a);
-    if (const char* e = launch_error()) return e;
-  }
-  grad_w_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
+  const TileLaunch t = input_tiles(a);
+  input_grads_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
   if (const char* e = launch_error()) return e;
   sum_rows_kernel<<<grid_1d(kk * a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, kk * a.c, kk * a.c,
                                                                a.grad_weight);
@@ -368,20 +368,19 @@ const char* run_backward(const DWConvTrainArgs& a, Half half) {
   if (const char* err = check_args(a)) return err;
   if (a.n == 0 || a.c == 0) return nullptr;
   if (const char* err = check_backward_args(a)) return err;
-  if (half != Half::kSums && (a.gz == nullptr || a.grad_x == nullptr || a.grad_weight == nullptr))
+  if (half != Half::kSums && (a.gz == nullptr || (a.grad_x == nullptr && a.h * a.w > 0) || a.grad_weight == nullptr))
     return "dwconv_bn_act_train_backward: the gz scratch and the grad_x and grad_weight outputs are required";
   if (a.count < 0) return "dwconv_bn_input_grads: count must be non-negative";
   const DeviceGuard device(a.device);
   if (const char* err = device.error()) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  const TileLaunch t = tile_launch(a);
   return DTYPE_SWITCH(a.dtype, T, [&] {
     return KSIZE_SWITCH(a.k, K, [&]() -> const char* {
       if (half != Half::kInputGrads) {
-        if (const char* e = launch_grad_sums<T, K>(a, t, stream)) return e;
+        if (const char* e = launch_grad_sums<T, K>(a, output_tiles(a), stream)) return e;
       }
       if (half == Half::kSums) return nullptr;
-      return launch_input_grads<T, K>(a, t, stream);
+      return launch_input_grads<T, K>(a, stream);
     });
   });
 }

@@ -83,7 +83,10 @@ __device__ __forceinline__ float dw_tap_sum(const T* __restrict__ x, const Strid
 struct ChannelTile {
   unsigned bx, by;
 };
-__host__ __forceinline__ ChannelTile channel_tile(bool nhwc) { return nhwc ? ChannelTile{32, 8} : ChannelTile{1, kThreads}; }
+constexpr unsigned kTileChannels = 32;  // the most channels a tile holds (NHWC's bx)
+__host__ __forceinline__ ChannelTile channel_tile(bool nhwc) {
+  return nhwc ? ChannelTile{kTileChannels, kThreads / kTileChannels} : ChannelTile{1, kThreads};
+}
 
 // Chunks of the position range [0, m): enough blocks to fill the GPU twice over, at least
 // kMinPerThread positions per thread, a chunk length that depends on the shape alone (so the

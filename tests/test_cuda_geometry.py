@@ -57,6 +57,35 @@ def test_launch_shape_matches_the_sources(dtype_code, elem, nhwc):
 
 
 @pytest.mark.parametrize("nhwc", [False, True])
+def test_training_chunking_matches_the_sources(nhwc):
+    """cuda_geometry.train_partials_numel (the training kernels' tile_launch and chunking over the output and the
+    input positions, which the audit's CUDA training rows use) == csrc/dwconv_train.cu's dwconv_train_partials_numel in the host build, over
+    shapes that reach each bound of chunking (the GPU-filling target of 2 x 132 x 8 blocks, >= 16 positions per
+    thread, one chunk) and empty work; and the training launches of every B0-B7 block at batch 128 stay within the grid limits."""
+    from effnet_kernels import cuda_host
+    from effnet_kernels.models import MODEL_NAMES, layer_shapes
+
+    from benchmarks.kernel_audit.cuda_geometry import train_partials_numel, train_tile_launch
+
+    C = cuda_host.load().C
+    base = dict(x=16, weight=16, dtype=1, nhwc=nhwc, stride_h=1, stride_w=1, pad_top=1, pad_left=1, act=1)
+    shapes = [(2, 40, 7, 9), (1, 1, 1, 1), (64, 40, 56, 56), (128, 96, 112, 112), (3, 1152, 7, 7), (1, 8, 3000, 3000),
+              (70000, 16, 1, 1), (0, 8, 4, 4), (2, 0, 4, 4)]
+    for n, c, h, w in shapes:
+        for k in (3, 5, 7):
+            for s in (1, 2):  # the input chunks (input_grads) outnumber the output chunks at stride 2
+                ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+                want = C.dwconv_train_partials_numel({**base, "n": n, "c": c, "h": h, "w": w, "ho": ho, "wo": wo,
+                                                      "k": k, "stride_h": s, "stride_w": s})
+                assert train_partials_numel(nhwc, n, c, h, w, ho, wo, k) == want, (n, c, h, w, k, s)
+    for name in MODEL_NAMES:
+        for layer in layer_shapes(name, batch=128):
+            for h, w in ((layer.Ho, layer.Wo), (layer.H, layer.W)):
+                grid, (bx, by), chunk = train_tile_launch(nhwc, 128, layer.mid_channels, h, w)
+                assert bx * by == K_THREADS and grid[1] <= GRID_LIMIT and chunk * grid[1] >= 128 * h * w
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("elem", [4, 2])
 def test_dwconv_launch_shapes_of_efficientnet_are_legal(nhwc, elem):
     """Every B0-B7 depthwise layer (batch 256): block <= 256 threads, grid within limits, smem <= 48 KiB."""

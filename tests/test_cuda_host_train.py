@@ -155,7 +155,7 @@ def backward_case(shape, k, stride, pad4, dtype, layout, activation="silu", with
     # incoming gradients exactly representable in dtype (both sides receive the same values)
     gy = torch.randn(n, c, ho, wo).to(device, dtype) if with_y else None
     gp = torch.randn(n, c).to(dtype).to(device, torch.float32) if with_pooled else None
-    with launched(7, device):  # reduce, 2 combines, gz, grad_x, grad_w, combine
+    with launched(6, device):  # reduce, 2 combines, gz, input_grads (grad_x and grad_w's partials), combine
         got = torch.ops.effnet.dwconv_bn_act_train_backward.default(gy, gp, x, weight, gamma, beta, mean, var, EPS,
                                                                     list(stride), list(pad4), activation, "cuda")
     want = reference.dwconv_bn_act_train_backward(*_cpu64(gy, gp, x, weight, gamma, beta, mean, var), EPS, stride,
@@ -197,6 +197,8 @@ AWKWARD = [
     ((2, 3, 50, 47), 3, 1, (1, 1, 1, 1)),      # NCHW: two chunks of positions (M = 4700)
     ((2, 5, 13, 11), 5, 1, (2, 2, 2, 2)),      # NHWC: several chunks
     ((1, 4, 2, 3), 3, 1, (3, 0, 0, 4)),        # outputs entirely inside the padding
+    ((2, 5, 0, 3), 3, 1, (1, 1, 2, 1)),        # H = 0: x has no elements, every output reads padding alone
+    ((2, 40, 30, 30), 3, 2, (1, 1, 1, 1)),     # stride 2: 15 input chunks (the input gradients' pass) to 4 output ones
 ]
 AWKWARD_IDS = ["x".join(map(str, c[0])) + f"-k{c[1]}s{c[2]}" for c in AWKWARD]
 
@@ -448,7 +450,7 @@ def eval_backward_case(shape, k, stride, pad4, dtype, layout, activation="silu",
     wo = (shape[3] + pad4[0] + pad4[1] - k) // stride[1] + 1
     gy = torch.randn(n, c, ho, wo).to(device, dtype) if with_y else None
     gp = torch.randn(n, c).to(dtype).to(device, torch.float32) if with_pooled else None
-    with launched(5, device):  # the sums' reduce and combine, gz, grad_x, grad_w (+ combines)
+    with launched(5, device):  # the sums' reduce and combines, gz, input_grads, combine
         got = torch.ops.effnet.dwconv_bn_act_backward.default(gy, gp, x, weight, scale, shift, list(stride),
                                                               list(pad4), activation, "cuda")
     want = reference.dwconv_bn_act_backward(*_cpu64(gy, gp, x, weight, scale, shift), stride, pad4, activation)

@@ -1,10 +1,11 @@
-"""The kernel audit of the Triton training kernels (``python -m benchmarks.kernel_audit --train``).
+"""The kernel audit of the Triton and CUDA training kernels (``python -m benchmarks.kernel_audit --train``).
 
 * which launches it covers: every MBConv block of B0-B7 makes the training calls its structure
   implies (depthwise forward and backward always, the expand's backward where it has one, the SE's
   where it has one, the projection's backward GEMMs); the compulsory bytes of each op, hand-counted;
-* that recording them records the real launchers' kernels (meta tensors, nothing run) and that the
-  quick subset compiles for sm_90 without spills;
+* that recording them records the real launchers' kernels (meta tensors, nothing run), that the CUDA
+  launches follow csrc/'s launch code (hand-counted grids; the chunking itself is checked against the
+  sources in tests/test_cuda_geometry.py) and that the quick subset compiles for sm_90 without spills;
 * the committed audit (``benchmarks/results/kernel_audit_train.csv``): one row per launch of every
   B0-B7 training workload at the target (batch 128, fp16 / bf16, channels_last), no invariant
   broken, and not older than the kernel sources.
@@ -21,6 +22,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+from benchmarks.kernel_audit import cuda_train_audit  # noqa: E402
 from benchmarks.kernel_audit import train_workloads as tw  # noqa: E402
 from benchmarks.kernel_audit.audit import run_audit  # noqa: E402
 from benchmarks.kernel_audit.invariants import audit_invariant_violations  # noqa: E402
@@ -40,6 +42,17 @@ TRAINING_KERNELS = {
     "pointwise_backward._dgrad_kernel", "pointwise_backward._wgrad_kernel", "se_backward._rows_times_kernel",
     "se_backward._outer_kernel", "se_backward._se_excite_backward_kernel",
 }
+#: The CUDA kernels of a training step besides the eval audit's (names without template arguments); the
+#: forward's apply pass is the eval depthwise kernel. The 1x1 convs' backward runs in cuDNN: no CUDA rows.
+CUDA_TRAINING_KERNELS = {
+    "stats_kernel", "stats_combine_kernel", "dwconv_nhwc_kernel", "bwd_reduce_kernel", "sum_rows_kernel", "gz_kernel",
+    "input_grads_kernel", "se_excite_bwd_kernel", "se_gate_bwd_sample_kernel", "at_b_kernel",
+}
+CUDNN_TRAINING_OPS = {"expand_bn_act_train_backward", "pointwise_conv_backward"}
+
+
+def _base_name(kernel: str) -> str:
+    return kernel.split("<")[0].split("(")[0]
 
 
 def test_every_block_of_b0_to_b7_makes_the_training_calls_its_structure_implies():
@@ -87,6 +100,48 @@ def test_recording_the_training_launchers_records_every_training_kernel():
         capture_training(Workload("se_gate", 1, 8, r=2))
 
 
+def test_cuda_training_launches_follow_the_launch_code():
+    """B0's 144-channel block at batch 8, fp16, NHWC, hand-counted from csrc/dwconv_train.cu and se_train.cu:
+    the reduction kernels' tile is 32 channels x 8 rows, 5 channel groups; 8 * 56 * 56 = 25088 positions in
+    chunks of 128 (at least 16 per thread of a row of 8 bounds the chunks at 196, below the 2112 / 5 that fill
+    the GPU); the element-wise passes one thread per element; the SE gate's backward one block per sample."""
+    by_op = {w.op: cuda_train_audit.launches(w) for w in tw.quick_training_workloads()}
+    fwd = by_op["dwconv_bn_act_train"]
+    assert [_base_name(l.kernel.split("::")[-1]) for l in fwd] == ["stats_kernel", "stats_combine_kernel",
+                                                                    "dwconv_nhwc_kernel"]
+    assert fwd[0].kernel.endswith("stats_kernel<__half, 3>") and (fwd[0].grid, fwd[0].block) == ((5, 196, 1),
+                                                                                                 (32, 8, 1))
+    assert "chunk=128" in fwd[0].config and fwd[0].channel_slots == 160 and fwd[1].grid == (1, 1, 1)
+    bwd = by_op["dwconv_bn_act_train_backward"]
+    assert [_base_name(l.kernel.split("::")[-1]) for l in bwd] == [
+        "bwd_reduce_kernel", "sum_rows_kernel", "sum_rows_kernel", "gz_kernel", "input_grads_kernel",
+        "sum_rows_kernel"]
+    assert [l.grid for l in bwd] == [(5, 196, 1), (1, 1, 1), (1, 1, 1), (8 * 144 * 56 * 56 // 256, 1, 1), (5, 196, 1),
+                                     (-(-9 * 144 // 256), 1, 1)]
+    # B0's stride-2 k5 block (144 channels, 56 -> 28): the input pass has 4x the positions and 4x the chunks
+    s2 = next(w for w in tw.training_workloads(["b0"], batches=[8], dtypes=["fp16"])
+              if w.op == "dwconv_bn_act_train_backward" and w.stride == 2 and w.c == 144)
+    assert [l.grid[1] for l in cuda_train_audit.launches(s2) if "reduce" in l.kernel or "input" in l.kernel] == [49, 196]
+    (excite,) = by_op["se_excite_backward"]
+    assert excite.kernel.endswith("se_excite_bwd_kernel<__half>") and excite.grid == (5, 8, 1)
+    gate = by_op["se_gate_backward"]
+    assert gate[0].kernel.endswith("se_gate_bwd_sample_kernel<1, 5>") and gate[0].grid == (8, 1, 1)
+    assert gate[0].dynamic_smem == 4 * 3 * 6 and [l.grid[0] for l in gate[1:]] == [4, 1, 4, 1]
+    assert all(not cuda_train_audit.launches(w) for w in tw.quick_training_workloads() if w.op in CUDNN_TRAINING_OPS)
+    with pytest.raises(ValueError, match="unknown training op 'dwconv_bn_act'"):
+        cuda_train_audit.launches(Workload("dwconv_bn_act", 1, 8, 4, 4, 4, 4, k=3))
+
+
+def test_the_quick_cuda_training_audit_finds_every_kernel_in_the_build(tmp_path):
+    """The fp16 sources compiled for sm_90 (nvcc, as CI has it): every CUDA launch of the quick subset has its kernel in the
+    build, registers and no spills."""
+    rows = run_audit(tw.quick_training_workloads(), ["cuda"], tmp_path / "cache", cuda_dtypes=("fp16",),
+                     say=lambda msg: None)
+    assert {_base_name(r["kernel"]) for r in rows} == CUDA_TRAINING_KERNELS
+    assert all(r["regs"] != "" and not r["notes"].startswith("kernel not found") for r in rows)
+    assert audit_invariant_violations(rows) == []
+
+
 def test_the_quick_training_audit_compiles_without_spills(tmp_path):
     """Every launch of the quick subset compiles for sm_90 (a row with registers), keeps every invariant
     (no spills, no local memory) and has its compulsory bytes."""
@@ -114,7 +169,14 @@ def test_committed_training_audit_covers_every_training_launch_and_keeps_every_i
     have = {(r["op"], r["shape_class"], r["dtype"], r["layout"]) for r in rows}
     missing = [w for w in tw.training_workloads() if (w.op, w.shape_class, w.dtype, w.layout) not in have]
     assert not missing, f"{len(missing)} training workloads without rows, e.g. {missing[:3]}"
-    assert {r["kernel"] for r in rows} == TRAINING_KERNELS and {r["backend"] for r in rows} == {"triton"}
+    assert {r["kernel"] for r in rows if r["backend"] == "triton"} == TRAINING_KERNELS
+    assert {_base_name(r["kernel"]) for r in rows if r["backend"] == "cuda"} == CUDA_TRAINING_KERNELS
+    assert {r["backend"] for r in rows} == {"triton", "cuda"}
+    cuda = {(r["op"], r["shape_class"], r["dtype"], r["layout"]) for r in rows if r["backend"] == "cuda"}
+    missing = [w for w in tw.training_workloads()
+               if w.op not in CUDNN_TRAINING_OPS and (w.op, w.shape_class, w.dtype, w.layout) not in cuda]
+    assert not missing, f"{len(missing)} training workloads without CUDA rows, e.g. {missing[:3]}"
+    assert not any(r["notes"].startswith("kernel not found") for r in rows)
     assert audit_invariant_violations(rows) == []
 
 

@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Audit every Triton and CUDA launch of EfficientNet B0-B7 for sm_90 and write the CSV and markdown."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_audit", description=main.__doc__)
     p.add_argument("--train", action="store_true",
-                   help="the Triton training kernels instead (B0-B7 at batch 128, fp16/bf16, NHWC: the training "
+                   help="the training kernels instead (B0-B7 at batch 128, fp16/bf16, NHWC: the training "
                         "target; default files kernel_audit_train.csv/.md)")
     p.add_argument("--quick", action="store_true", help="a small subset (B0, fp16, 2 layers): for tests")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where kernel_audit.csv/.md go (default %(default)s)")
@@ -47,8 +47,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_markdown(rows, a.md or a.out_dir / "kernel_audit.md", a.title)
         return 1 if a.check and audit_invariant_violations(rows) else 0
     backends = [b for b in a.backends.split(",") if b]
-    if a.train:
-        backends = ["triton"]  # the CUDA training kernels are not audited here (issue #11's note)
     t0 = time.perf_counter()
     known = TRAIN_OPS if a.train else OPS
     if a.train:

@@ -122,8 +122,9 @@ class CudaLaunch:
     channel_slots: Optional[int] = None  # channels (NCHW: planes) the grid covers, idle ones included
 
 
-def _dwconv(wl: Workload) -> CudaLaunch:
-    """csrc/dwconv_kernels.cuh ``dwconv_shape`` (:func:`.cuda_geometry.dwconv_shape`); ``launch_dwconv`` picks the kernel."""
+def eval_dwconv_launch(wl: Workload) -> CudaLaunch:
+    """The eval forward kernel's launch with the squeeze (also the training forward's apply pass): csrc/dwconv_kernels.cuh
+    ``dwconv_shape`` (:func:`.cuda_geometry.dwconv_shape`); ``launch_dwconv`` picks the kernel."""
     t = CUDA_TYPES[wl.dtype]
     sw = wl.stride
     tile_w = cg.tile_w(sw)
@@ -149,9 +150,14 @@ def _dwconv(wl: Workload) -> CudaLaunch:
 
 
 def launches(wl: Workload) -> list[CudaLaunch]:
-    """The CUDA launches the extension makes for ``wl`` (deterministic algorithms off, 16-byte aligned tensors)."""
+    """The CUDA launches the extension makes for ``wl`` (deterministic algorithms off, 16-byte aligned tensors);
+    a training op's are :func:`.cuda_train_audit.launches`."""
+    from . import cuda_train_audit
+
+    if wl.op in cuda_train_audit.TRAIN_OPS:
+        return cuda_train_audit.launches(wl)
     if wl.op == "dwconv_bn_act":
-        return [_dwconv(wl)]
+        return [eval_dwconv_launch(wl)]
     warps = THREADS // 32
     if wl.op == "se_gate":  # csrc/se.cu se_gate: pooled fp32, weights in the model's dtype
         tw = CUDA_TYPES[wl.dtype]

@@ -118,3 +118,46 @@ def old_hidden_stage_word(e: int, length: int) -> int:
     Negative control only."""
     t, k = divmod(e, length)
     return t * HIDDEN_CHUNK + k
+
+
+# ------------------------------------------------------------------ the training kernels (dwconv_train.cu, se_train.cu)
+
+MIN_PER_THREAD = 16  # train_kernels.cuh chunking's kMinPerThread
+TARGET_BLOCKS = 2 * 132 * 8  # chunking's kTargetBlocks
+
+
+def channel_tile(nhwc: bool) -> tuple[int, int]:
+    """train_kernels.cuh ``channel_tile``: (blockDim.x, blockDim.y) of the per-channel reduction kernels."""
+    return (32, 8) if nhwc else (1, THREADS)
+
+
+def chunking(m: int, channel_groups: int, by: int) -> tuple[int, int]:
+    """train_kernels.cuh ``chunking``: (chunk, chunks) of the position range [0, m)."""
+    want = ceil_div(TARGET_BLOCKS, max(channel_groups, 1))
+    want = max(1, min(want, ceil_div(m, by * MIN_PER_THREAD), GRID_LIMIT))
+    chunk = max(ceil_div(m, want), 1)
+    return chunk, max(ceil_div(m, chunk), 1)
+
+
+def train_tile_launch(nhwc: bool, n: int, c: int, h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int], int]:
+    """dwconv_train.cu ``tile_launch`` over the ``n * h * w`` positions: (grid, (blockDim.x, blockDim.y), chunk) of
+    the stats and bwd_reduce kernels (over the output: h, w = Ho, Wo) and of input_grads (over the input)."""
+    bx, by = channel_tile(nhwc)
+    groups = ceil_div(c, bx)
+    chunk, chunks = chunking(n * h * w, groups, by)
+    return (groups, chunks, 1), (bx, by), chunk
+
+
+def train_partials_numel(nhwc: bool, n: int, c: int, h: int, w: int, ho: int, wo: int, k: int) -> int:
+    """dwconv_train.cu ``dwconv_train_partials_numel`` (valid arguments): C floats times the larger of 3 rows per
+    output chunk (stats) and k * k per input chunk (input_grads)."""
+    if n == 0 or c == 0:
+        return 0
+    out_rows = 3 * train_tile_launch(nhwc, n, c, ho, wo)[0][1]
+    in_rows = k * k * train_tile_launch(nhwc, n, c, h, w)[0][1]
+    return max(out_rows, in_rows) * c
+
+
+def grid_1d(total: int) -> int:
+    """dwconv_train.cu ``grid_1d`` / se_train.cu ``blocks_1d``: one block per THREADS items, 1 to BLOCKS_CAP."""
+    return max(blocks_for(total, THREADS), 1)
