@@ -170,20 +170,27 @@ sum_rows_kernel(const float* __restrict__ partials, int64_t rows, int64_t row_st
 }
 
 // gz = gamma * invstd * (g_u - grad_beta / M - xhat * grad_gamma / M), the gradient at the conv
-// output, fp32 into the scratch gz (strides gzs); one thread per element, in memory order.
+// output, fp32 into the scratch gz (strides gzs), over the reduction kernels' tile: a thread keeps
+// one channel, its taps in registers and its BatchNorm constants, for a chunk of positions (a
+// thread per element in memory order gathered the taps of 32 channels, K * K floats apart, on
+// every element: NHWC's lanes are consecutive channels). No barrier, so idle channels return.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) gz_kernel(const Args a) {
-  const int64_t total = a.n * a.c * a.ho * a.wo;
+__global__ void __launch_bounds__(kThreads) gz_kernel(const Args a, int64_t chunk) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.c) return;
+  const ChunkRange range = chunk_range(a.n * a.ho * a.wo, chunk);
   const float inv_m = 1.0f / static_cast<float>(a.count > 0 ? a.count : a.n * a.ho * a.wo);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, ho, wo;
-    decode4(i, a.nhwc, a.c, a.ho, a.wo, n, c, ho, wo);
-    const ChannelBN bn = channel_bn(a, c);
+  float wt[K * K];
+  load_taps<K>(a.weight, c, wt);
+  const ChannelBN bn = channel_bn(a, c);
+  const float mean_g = __ldg(a.grad_beta + c) * inv_m, mean_gx = __ldg(a.grad_gamma + c) * inv_m;
+  const float k1 = bn.gamma * bn.invstd;
+  for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
+    int64_t n, ho, wo;
+    position(a, p, n, ho, wo);
     float xhat;
-    const float g = grad_at_u<T, K, GlobalTaps>(a, n, c, ho, wo, GlobalTaps{a.weight + c * (K * K)}, bn, xhat);
-    const float mean_g = __ldg(a.grad_beta + c) * inv_m, mean_gx = __ldg(a.grad_gamma + c) * inv_m;
-    a.gz[offset4(a.gzs, n, c, ho, wo)] = bn.gamma * bn.invstd * (g - mean_g - xhat * mean_gx);
+    const float g = grad_at_u<T, K, float[K * K]>(a, n, c, ho, wo, wt, bn, xhat);
+    a.gz[offset4(a.gzs, n, c, ho, wo)] = k1 * (g - mean_g - xhat * mean_gx);
   }
 }
 
@@ -352,7 +359,8 @@ const char* launch_grad_sums(const DWConvTrainArgs& a, const TileLaunch& t, cuda
 template <typename T, int K>
 const char* launch_input_grads(const DWConvTrainArgs& a, cudaStream_t stream) {
   const int64_t kk = a.k * a.k;
-  gz_kernel<T, K><<<grid_1d(a.n * a.c * a.ho * a.wo), kThreads, 0, stream>>>(a);
+  const TileLaunch out = output_tiles(a);
+  gz_kernel<T, K><<<out.grid, out.block, 0, stream>>>(a, out.chunk);
   if (const char* e = launch_error()) return e;
   const TileLaunch t = input_tiles(a);
   input_grads_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);

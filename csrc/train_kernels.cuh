@@ -1,5 +1,5 @@
 // Device functions shared by the training kernels (dwconv_train.cu, se_train.cu): element
-// addressing for any layout, the depthwise tap loop, the per-channel tile that every
+// addressing, the depthwise tap loop, the per-channel tile that every
 // reduction kernel uses, and its fixed-order (bitwise reproducible) block reduction.
 //
 // The training kernels favour few template instances over register tiling: each thread
@@ -18,27 +18,6 @@ __host__ __device__ __forceinline__ int64_t offset4(const Strides4& s, int64_t n
   return n * s.n + c * s.c + h * s.h + w * s.w;
 }
 
-// (n, c, h, w) of element `idx` of an [N, C, H, W] tensor walked in memory order of the layout
-// (NHWC: c fastest; NCHW: w fastest), so consecutive threads touch consecutive addresses.
-__device__ __forceinline__ void decode4(int64_t idx, bool nhwc, int64_t c_, int64_t h_, int64_t w_, int64_t& n,
-                                        int64_t& c, int64_t& h, int64_t& w) {
-  if (nhwc) {
-    c = idx % c_;
-    idx /= c_;
-    w = idx % w_;
-    idx /= w_;
-    h = idx % h_;
-    n = idx / h_;
-  } else {
-    w = idx % w_;
-    idx /= w_;
-    h = idx % h_;
-    idx /= h_;
-    c = idx % c_;
-    n = idx / c_;
-  }
-}
-
 // The raw taps of channel c ([C, K * K] fp32 weight) in registers.
 template <int K>
 __device__ __forceinline__ void load_taps(const float* __restrict__ weight, int64_t c, float (&wt)[K * K]) {
@@ -46,16 +25,9 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ weight, int6
   for (int t = 0; t < K * K; ++t) wt[t] = __ldg(weight + c * (K * K) + t);
 }
 
-// The taps of channel c read from global memory (through L1) only where the tap loop uses them:
-// for kernels whose threads change channel from one element to the next (gz_kernel).
-struct GlobalTaps {
-  const float* p;  // weight + c * K * K
-  __device__ __forceinline__ float operator[](int t) const { return __ldg(p + t); }
-};
-
 // z = sum over the K x K taps of x[n, c, hi0 + kh, wi0 + kw] * wt[kh * K + kw] (zero padding
 // outside [0, H) x [0, W)), fp32, kh outer and kw inner as the forward kernels accumulate. W:
-// float[K * K] (taps in registers, load_taps) or GlobalTaps.
+// float[K * K] (the taps in registers, load_taps).
 template <typename T, int K, typename W>
 __device__ __forceinline__ float dw_tap_sum(const T* __restrict__ x, const Strides4& xs, int64_t n, int64_t c,
                                             int64_t hi0, int64_t wi0, int64_t h, int64_t w, const W& wt) {

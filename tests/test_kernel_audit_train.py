@@ -104,7 +104,7 @@ def test_cuda_training_launches_follow_the_launch_code():
     """B0's 144-channel block at batch 8, fp16, NHWC, hand-counted from csrc/dwconv_train.cu and se_train.cu:
     the reduction kernels' tile is 32 channels x 8 rows, 5 channel groups; 8 * 56 * 56 = 25088 positions in
     chunks of 128 (at least 16 per thread of a row of 8 bounds the chunks at 196, below the 2112 / 5 that fill
-    the GPU); the element-wise passes one thread per element; the SE gate's backward one block per sample."""
+    the GPU), gz's pass too; the combines one thread per item; the SE gate's backward one block per sample."""
     by_op = {w.op: cuda_train_audit.launches(w) for w in tw.quick_training_workloads()}
     fwd = by_op["dwconv_bn_act_train"]
     assert [_base_name(l.kernel.split("::")[-1]) for l in fwd] == ["stats_kernel", "stats_combine_kernel",
@@ -116,7 +116,7 @@ def test_cuda_training_launches_follow_the_launch_code():
     assert [_base_name(l.kernel.split("::")[-1]) for l in bwd] == [
         "bwd_reduce_kernel", "sum_rows_kernel", "sum_rows_kernel", "gz_kernel", "input_grads_kernel",
         "sum_rows_kernel"]
-    assert [l.grid for l in bwd] == [(5, 196, 1), (1, 1, 1), (1, 1, 1), (8 * 144 * 56 * 56 // 256, 1, 1), (5, 196, 1),
+    assert [l.grid for l in bwd] == [(5, 196, 1), (1, 1, 1), (1, 1, 1), (5, 196, 1), (5, 196, 1),
                                      (-(-9 * 144 // 256), 1, 1)]
     # B0's stride-2 k5 block (144 channels, 56 -> 28): the input pass has 4x the positions and 4x the chunks
     s2 = next(w for w in tw.training_workloads(["b0"], batches=[8], dtypes=["fp16"])

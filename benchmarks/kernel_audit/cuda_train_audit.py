@@ -44,7 +44,7 @@ def launches(wl: Workload) -> list[CudaLaunch]:
     if wl.op == "dwconv_bn_act_train_backward":  # run_backward(kBoth): launch_grad_sums, launch_input_grads
         sums = _flat(f"{_NS}sum_rows_kernel", c, "channels")
         return [_tiled(f"void {_NS}bwd_reduce_kernel<{t}, {k}>", wl, "sum(g), sum(g xhat) partials"), sums, sums,
-                _flat(f"void {_NS}gz_kernel<{t}, {k}>", wl.n * c * wl.ho * wl.wo, "outputs"),
+                _tiled(f"void {_NS}gz_kernel<{t}, {k}>", wl, "gz"),
                 _tiled(f"void {_NS}input_grads_kernel<{t}, {k}>", wl, "grad_x, per-tap partials", over_input=True),
                 _flat(f"{_NS}sum_rows_kernel", k * k * c, "weight taps")]
     if wl.op == "se_excite_backward":
