@@ -111,7 +111,7 @@ def test_cuda_training_launches_follow_the_launch_code():
                                                                     "dwconv_nhwc_kernel"]
     assert fwd[0].kernel.endswith("stats_kernel<__half, 3>") and (fwd[0].grid, fwd[0].block) == ((5, 196, 1),
                                                                                                  (32, 8, 1))
-    assert "chunk=128" in fwd[0].config and fwd[0].channel_slots == 160 and fwd[1].grid == (1, 1, 1)
+    assert fwd[0].note == "chunks of 128 positions" and fwd[0].channel_slots == 160 and fwd[1].grid == (1, 1, 1)
     bwd = by_op["dwconv_bn_act_train_backward"]
     assert [_base_name(l.kernel.split("::")[-1]) for l in bwd] == [
         "bwd_reduce_kernel", "sum_rows_kernel", "sum_rows_kernel", "gz_kernel", "input_grads_kernel",
