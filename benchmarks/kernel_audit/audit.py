@@ -48,10 +48,12 @@ def triton_rows(workloads: Sequence[Workload], cache: DiskCache, say: Callable[[
 
 
 def cuda_rows(workloads: Sequence[Workload], cache: DiskCache, dtypes: Optional[Sequence[str]] = None,
-              jobs: int = 2, say: Callable[[str], None] = _say) -> list[dict]:
-    """Rows of every CUDA launch of ``workloads``; ``dtypes`` limits which per-dtype sources compile."""
+              jobs: int = 2, say: Callable[[str], None] = _say,
+              sources: Optional[Sequence[str]] = None) -> list[dict]:
+    """Rows of every CUDA launch of ``workloads``; ``dtypes`` limits which per-dtype sources compile, ``sources``
+    which files (by name; a launch whose kernel is in none of them gets a "kernel not found" row)."""
     t0 = time.perf_counter()
-    records = cuda_audit.compile_kernels(cache, dtypes, jobs=jobs)
+    records = cuda_audit.compile_kernels(cache, dtypes, jobs=jobs, names=sources)
     say(f"cuda: {len(records)} kernels in the sm_90 build ({time.perf_counter() - t0:.0f} s)")
     rows = []
     for wl in workloads:

@@ -45,8 +45,9 @@ def compile_flags(build_dir: Path) -> list[str]:
     return [*flags, f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}", "-cubin", "-Xptxas=-v"]
 
 
-def kernel_sources(dtypes: Optional[Sequence[str]] = None) -> list[Path]:
-    """The ``.cu`` files of the extension; with ``dtypes``, per-dtype files (``*_f16.cu`` ...) of other dtypes left out."""
+def kernel_sources(dtypes: Optional[Sequence[str]] = None, names: Optional[Sequence[str]] = None) -> list[Path]:
+    """The ``.cu`` files of the extension; with ``dtypes``, per-dtype files (``*_f16.cu`` ...) of other dtypes left out;
+    with ``names``, only the files of those names (``"se_train.cu"``)."""
     src = _build.source_dir()
     if src is None:
         raise FileNotFoundError("the CUDA sources (csrc/) are not part of this checkout")
@@ -55,6 +56,11 @@ def kernel_sources(dtypes: Optional[Sequence[str]] = None) -> list[Path]:
         tags = {"fp16": "f16", "bf16": "bf16", "fp32": "f32"}
         other = {tags[d] for d in tags if d not in dtypes}
         files = [p for p in files if p.stem.rsplit("_", 1)[-1] not in other or "_" not in p.stem]
+    if names is not None:
+        unknown = set(names) - {p.name for p in files}
+        if unknown:
+            raise FileNotFoundError(f"no kernel sources named {sorted(unknown)} in {src}")
+        files = [p for p in files if p.name in names]
     return files
 
 
@@ -78,8 +84,10 @@ def _compile_file(path: Path, flags: list[str], nvcc: str) -> list[dict]:
     return out
 
 
-def compile_kernels(cache: DiskCache, dtypes: Optional[Sequence[str]] = None, jobs: int = 2) -> dict[str, dict]:
-    """``{demangled name: record}`` of every ``__global__`` function in the extension's ``.cu`` files.
+def compile_kernels(cache: DiskCache, dtypes: Optional[Sequence[str]] = None, jobs: int = 2,
+                    names: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """``{demangled name: record}`` of every ``__global__`` function in the extension's ``.cu`` files
+    (:func:`kernel_sources` ``dtypes`` and ``names`` choose which).
 
     ``jobs`` files compile at once (nvcc is single-threaded per file here).
     """
@@ -100,7 +108,7 @@ def compile_kernels(cache: DiskCache, dtypes: Optional[Sequence[str]] = None, jo
             return cache.get_or_make(key, lambda: {"kernels": _compile_file(path, flags, nvcc)})["kernels"]
 
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            per_file = list(pool.map(one, kernel_sources(dtypes)))
+            per_file = list(pool.map(one, kernel_sources(dtypes, names)))
     return {rec["demangled"]: rec for recs in per_file for rec in recs}
 
 
