@@ -32,7 +32,8 @@ namespace {
 
 using Args = DWConvTrainArgs;
 
-// Positions [first, limit) of the reduction range N * Ho * Wo this block's chunk covers.
+// Positions [first, limit) of the range [0, m) this block's chunk covers (m = N * Ho * Wo, or
+// N * H * W for input_grads).
 struct ChunkRange {
   int64_t first, limit;
 };
@@ -42,18 +43,20 @@ __device__ __forceinline__ ChunkRange chunk_range(int64_t m, int64_t chunk) {
   return {first, end < m ? end : m};
 }
 
-__device__ __forceinline__ void position(const Args& a, int64_t p, int64_t& n, int64_t& ho, int64_t& wo) {
-  const int64_t hw = a.ho * a.wo;
+// (n, row, col) of position p of the range N * H * W of an H x W plane (the output's or the input's).
+__device__ __forceinline__ void position(int64_t p, int64_t h, int64_t w, int64_t& n, int64_t& row, int64_t& col) {
+  const int64_t hw = h * w;
   n = p / hw;
   const int64_t r = p - n * hw;
-  ho = r / a.wo;
-  wo = r - ho * a.wo;
+  row = r / w;
+  col = r - row * w;
 }
 
-// z = dwconv(x)[n, c, ho, wo] (fp32); W: the taps (dw_tap_sum).
-template <typename T, int K, typename W>
-__device__ __forceinline__ float conv_at(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt) {
-  return dw_tap_sum<T, K, W>(static_cast<const T*>(a.x), a.xs, n, c, ho * a.stride_h - a.pad_top,
+// z = dwconv(x)[n, c, ho, wo] (fp32); wt: the channel's taps (load_taps).
+template <typename T, int K>
+__device__ __forceinline__ float conv_at(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo,
+                                         const float (&wt)[K * K]) {
+  return dw_tap_sum<T, K>(static_cast<const T*>(a.x), a.xs, n, c, ho * a.stride_h - a.pad_top,
                           wo * a.stride_w - a.pad_left, a.h, a.w, wt);
 }
 
@@ -67,10 +70,10 @@ __device__ __forceinline__ ChannelBN channel_bn(const Args& a, int64_t c) {
 
 // g_u, the gradient at the activation's input u = xhat * gamma + beta, at (n, c, ho, wo):
 // (grad_y + grad_pooled / (Ho * Wo)) * act'(u); xhat = (z - mean) * invstd is returned too.
-template <typename T, int K, typename W>
-__device__ __forceinline__ float grad_at_u(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo, const W& wt,
-                                           const ChannelBN& bn, float& xhat) {
-  xhat = (conv_at<T, K, W>(a, n, c, ho, wo, wt) - bn.mean) * bn.invstd;
+template <typename T, int K>
+__device__ __forceinline__ float grad_at_u(const Args& a, int64_t n, int64_t c, int64_t ho, int64_t wo,
+                                           const float (&wt)[K * K], const ChannelBN& bn, float& xhat) {
+  xhat = (conv_at<T, K>(a, n, c, ho, wo, wt) - bn.mean) * bn.invstd;
   const float u = fmaf(xhat, bn.gamma, bn.beta);
   float g = a.grad_y != nullptr ? to_float(static_cast<const T*>(a.grad_y)[offset4(a.gys, n, c, ho, wo)]) : 0.0f;
   if (a.grad_pooled != nullptr) g += __ldg(a.grad_pooled + n * a.c + c) / static_cast<float>(a.ho * a.wo);
@@ -89,8 +92,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Args a, int64_t c
     load_taps<K>(a.weight, c, wt);
     for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
       int64_t n, ho, wo;
-      position(a, p, n, ho, wo);
-      welford_add(mo, conv_at<T, K, float[K * K]>(a, n, c, ho, wo, wt));
+      position(p, a.ho, a.wo, n, ho, wo);
+      welford_add(mo, conv_at<T, K>(a, n, c, ho, wo, wt));
     }
   }
   const int nthreads = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -142,9 +145,9 @@ __global__ void __launch_bounds__(kThreads) bwd_reduce_kernel(const Args a, int6
     const ChannelBN bn = channel_bn(a, c);
     for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
       int64_t n, ho, wo;
-      position(a, p, n, ho, wo);
+      position(p, a.ho, a.wo, n, ho, wo);
       float xhat;
-      const float g = grad_at_u<T, K, float[K * K]>(a, n, c, ho, wo, wt, bn, xhat);
+      const float g = grad_at_u<T, K>(a, n, c, ho, wo, wt, bn, xhat);
       s_g += g;
       s_gx = fmaf(g, xhat, s_gx);
     }
@@ -187,9 +190,9 @@ __global__ void __launch_bounds__(kThreads) gz_kernel(const Args a, int64_t chun
   const float k1 = bn.gamma * bn.invstd;
   for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
     int64_t n, ho, wo;
-    position(a, p, n, ho, wo);
+    position(p, a.ho, a.wo, n, ho, wo);
     float xhat;
-    const float g = grad_at_u<T, K, float[K * K]>(a, n, c, ho, wo, wt, bn, xhat);
+    const float g = grad_at_u<T, K>(a, n, c, ho, wo, wt, bn, xhat);
     a.gz[offset4(a.gzs, n, c, ho, wo)] = k1 * (g - mean_g - xhat * mean_gx);
   }
 }
@@ -228,7 +231,8 @@ __global__ void __launch_bounds__(kThreads, K == 7 ? 2 : 3) input_grads_kernel(c
     const float* __restrict__ wt = w_s + threadIdx.x;  // tap t at wt[t * blockDim.x]
     const int sh = a.stride_h - 1, sw = a.stride_w - 1;  // strides are 1 or 2 (check_args): shifts, not int64 division
     for (int64_t p = range.first + threadIdx.y; p < range.limit; p += blockDim.y) {
-      const int64_t n = p / (a.h * a.w), r = p - n * (a.h * a.w), hi = r / a.w, wi = r - hi * a.w;
+      int64_t n, hi, wi;
+      position(p, a.h, a.w, n, hi, wi);
       const float xv = to_float(x[offset4(a.xs, n, c, hi, wi)]);
       const float* g = a.gz + n * a.gzs.n + c * a.gzs.c;
       float gxv = 0.0f;
@@ -345,7 +349,8 @@ const char* check_backward_args(const DWConvTrainArgs& a) {
 
 // pass 1: per-channel sum(g_u) -> grad_beta, sum(g_u * xhat) -> grad_gamma
 template <typename T, int K>
-const char* launch_grad_sums(const DWConvTrainArgs& a, const TileLaunch& t, cudaStream_t stream) {
+const char* launch_grad_sums(const DWConvTrainArgs& a, cudaStream_t stream) {
+  const TileLaunch t = output_tiles(a);
   bwd_reduce_kernel<T, K><<<t.grid, t.block, 0, stream>>>(a, t.chunk);
   if (const char* e = launch_error()) return e;
   sum_rows_kernel<<<grid_1d(a.c), kThreads, 0, stream>>>(a.partials, t.grid.y, 2 * a.c, a.c, a.grad_beta);
@@ -385,7 +390,7 @@ const char* run_backward(const DWConvTrainArgs& a, Half half) {
   return DTYPE_SWITCH(a.dtype, T, [&] {
     return KSIZE_SWITCH(a.k, K, [&]() -> const char* {
       if (half != Half::kInputGrads) {
-        if (const char* e = launch_grad_sums<T, K>(a, output_tiles(a), stream)) return e;
+        if (const char* e = launch_grad_sums<T, K>(a, stream)) return e;
       }
       if (half == Half::kSums) return nullptr;
       return launch_input_grads<T, K>(a, stream);

@@ -26,11 +26,12 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ weight, int6
 }
 
 // z = sum over the K x K taps of x[n, c, hi0 + kh, wi0 + kw] * wt[kh * K + kw] (zero padding
-// outside [0, H) x [0, W)), fp32, kh outer and kw inner as the forward kernels accumulate. W:
-// float[K * K] (the taps in registers, load_taps).
-template <typename T, int K, typename W>
+// outside [0, H) x [0, W)), fp32, kh outer and kw inner as the forward kernels accumulate; wt:
+// the taps in registers (load_taps).
+template <typename T, int K>
 __device__ __forceinline__ float dw_tap_sum(const T* __restrict__ x, const Strides4& xs, int64_t n, int64_t c,
-                                            int64_t hi0, int64_t wi0, int64_t h, int64_t w, const W& wt) {
+                                            int64_t hi0, int64_t wi0, int64_t h, int64_t w,
+                                            const float (&wt)[K * K]) {
   const T* base = x + n * xs.n + c * xs.c;
   float acc = 0.0f;
 #pragma unroll
