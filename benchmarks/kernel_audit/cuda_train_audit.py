@@ -9,13 +9,14 @@ Each function mirrors the C++ that launches the kernels, with the geometry of
 
 from __future__ import annotations
 
+from effnet_kernels.ops._checks import ACT_CODES
+
 from . import cuda_geometry as cg
 from .cuda_audit import CUDA_TYPES, CudaLaunch, eval_dwconv_launch
 from .train_workloads import TRAIN_OPS
 from .workloads import Workload
 
 _NS = "effnet::(anonymous namespace)::"
-ACT_SILU, GATE_SIGMOID = 1, 5  # ACT_CODES["silu"], ACT_CODES["sigmoid"]: the SE of every B0-B7 block
 
 
 def _tiled(name: str, wl: Workload, what: str, over_input: bool = False) -> CudaLaunch:
@@ -54,9 +55,10 @@ def launches(wl: Workload) -> list[CudaLaunch]:
         return [CudaLaunch(f"void {_NS}se_excite_bwd_kernel<{t}>", grid, (bx, by, 1), 0,
                            f"block={bx}x{by}: (channel group, sample) over H*W",
                            channel_slots=grid[0] * bx if wl.layout == "nhwc" else None)]
-    if wl.op == "se_gate_backward":  # fp32 throughout: no dtype in the kernels
+    if wl.op == "se_gate_backward":  # fp32 throughout: no dtype in the kernels; SiLU and sigmoid in every B0-B7 SE
         at_b = f"{_NS}at_b_kernel"
-        return [CudaLaunch(f"void {_NS}se_gate_bwd_sample_kernel<{ACT_SILU}, {GATE_SIGMOID}>",
+        act, gate = ACT_CODES["silu"], ACT_CODES["sigmoid"]
+        return [CudaLaunch(f"void {_NS}se_gate_bwd_sample_kernel<{act}, {gate}>",
                            (min(wl.n, cg.GRID_LIMIT), 1, 1), (cg.THREADS, 1, 1), 4 * 3 * wl.r, "block per sample"),
                 _flat(at_b, c * wl.r, "grad_w_expand element"), _flat(at_b, c, "grad_b_expand element"),
                 _flat(at_b, wl.r * c, "grad_w_reduce element"), _flat(at_b, wl.r, "grad_b_reduce element")]
