@@ -393,6 +393,16 @@ def test_training_entry_points_of_the_real_module(jit_module):
     assert C.dwconv_bn_stats({**base, "dtype": 7}) == "dwconv_bn_act_train: unsupported dtype code"
     assert "kernel sizes 3, 5 and 7" in C.dwconv_bn_act_train_backward({**base, "k": 9})
     assert C.dwconv_bn_stats({**base, "act": 5}) == "dwconv_bn_act_train: unsupported activation code"
+    assert C.dwconv_bn_stats({**base, "x": 0}) == "dwconv_bn_act_train: x and weight are required"
+    assert C.dwconv_bn_stats({**base, "weight": 0}) == "dwconv_bn_act_train: x and weight are required"
+    # an x with H * W = 0 (every output inside the padding) has no storage: null passes the argument check
+    empty_x = {**base, "x": 0, "h": 0, "ho": 1, "pad_top": 2}
+    assert "partials buffer" in C.dwconv_bn_stats({**empty_x, "mean": 16, "var": 16})
+    need = "the gz scratch and the grad_x and grad_weight outputs are required"
+    backward = {**base, "gamma": 16, "beta": 16, "in_mean": 16, "in_var": 16, "grad_gamma": 16, "grad_beta": 16,
+                "partials": 16, "partials_numel": 360, "gz": 16, "grad_weight": 16}
+    assert need in C.dwconv_bn_act_train_backward(backward), "grad_x is required where x has elements"
+    assert need not in (C.dwconv_bn_act_train_backward({**backward, **empty_x}) or ""), "not where H * W = 0"
     assert C.dwconv_bn_stats({**base, "n": 0}) is None, "empty work launches nothing"
     assert "partials buffer" in C.dwconv_bn_stats({**base, "mean": 16, "var": 16})
     # NHWC: 2 groups of 32 channels, 126 positions over 8 rows of >= 16 each: 1 chunk; 9 taps per row
